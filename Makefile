@@ -1,0 +1,47 @@
+# expertd: `make run` serves the default config, `make test` runs the tests.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/expertd.conf
+# Root gets the system path; anyone else a socket under ./run/.
+ifeq ($(shell id -u),0)
+RUN_SOCKET ?= /run/expertd/expertd.sock
+else
+RUN_SOCKET ?= $(CURDIR)/run/expertd.sock
+endif
+
+.PHONY: run test lint install clean docs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --editable '.[tensorflow]'
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --editable '.[tensorflow,test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	@echo "expertd on $(RUN_SOCKET); in another shell: export EXPERTD_SOCKET=$(RUN_SOCKET); $(BIN)/expertctl call fib n=5"
+	$(BIN)/expertd --config $(CONFIG) --socket $(RUN_SOCKET)
+
+test: $(VENV)/.installed-test lint
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check expertd tests examples
+	$(BIN)/python -m expertd.config | diff -u docs/config.md - || \
+		(echo "docs/config.md is stale: run 'make docs'"; exit 1)
+
+docs: $(VENV)/.installed-run
+	$(BIN)/python -m expertd.config > docs/config.md
+
+install:
+	$(PYTHON) -m pip install .
+
+clean:
+	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,250 @@
+"""``expertctl``: call experts from the shell.  Standard library + msgpack only.
+
+    expertctl call fib n=5                       # -> 8
+    cat doc.json | expertctl opinion a | expertctl opinion b
+    expertctl opinion --lines sentiment < docs.jsonl > opinions.jsonl
+    expertctl list
+    expertctl ping
+
+Exit status: 0 on success, 1 when the daemon or an expert reports an error or
+the input is bad, 2 for a bad command line, 3 when no daemon can be reached.
+Every failure is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import IO, Any
+
+from expertd.client import Client, default_socket
+from expertd.errors import ConnectError, ExpertdError, RemoteError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class _InputError(Exception):
+    """Bad input on stdin; the message names where."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(value).decode("ascii")}
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=_json_default)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _split_call_arguments(words: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and key.isidentifier():
+            kwargs[key] = _parse_value(value)
+        else:
+            if kwargs:
+                raise _InputError(f"positional argument {word!r} after keyword arguments")
+            args.append(_parse_value(word))
+    return args, kwargs
+
+
+def _load_document(text: str, where: str) -> dict:
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise _InputError(f"{where}: invalid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise _InputError(f"{where}: the document must be a JSON object, not {type(document).__name__}")
+    return document
+
+
+def _add_opinions(client: Client, names: list[str], document: dict, where: str) -> dict:
+    for name in names:
+        result = client.call(name, document)
+        opinions = document.setdefault("opinions", {})
+        if not isinstance(opinions, dict):
+            raise _InputError(f"{where}: the document's 'opinions' is a {type(opinions).__name__}, not an object")
+        opinions[name] = result
+    return document
+
+
+def _cmd_call(client: Client, options: argparse.Namespace) -> int:
+    args, kwargs = _split_call_arguments(options.arguments)
+    print(_dumps(client.call(options.name, *args, **kwargs)))
+    return 0
+
+
+def _cmd_opinion(client: Client, options: argparse.Namespace) -> int:
+    if options.lines:
+        return _opinion_lines(client, options.names, sys.stdin, sys.stdout, options.jobs)
+    document = _load_document(sys.stdin.read(), "stdin")
+    print(_dumps(_add_opinions(client, options.names, document, "stdin")))
+    return 0
+
+
+def _opinion_lines(client: Client, names: list[str], source: IO[str], sink: IO[str], jobs: int) -> int:
+    """Stream JSON Lines: each document gets its opinions; output keeps input order."""
+    progress = _Progress(sys.stderr)
+
+    def handle(numbered: tuple[int, str]) -> str:
+        lineno, line = numbered
+        where = f"stdin line {lineno}"
+        return _dumps(_add_opinions(client, names, _load_document(line, where), where))
+
+    numbered = ((n, line) for n, line in enumerate(source, 1) if line.strip())
+    try:
+        for output in _ordered_map(handle, numbered, jobs):
+            sink.write(output + "\n")
+            sink.flush()
+            progress.tick()
+    finally:
+        progress.done()
+    return 0
+
+
+def _ordered_map(function: Any, items: Iterator, jobs: int) -> Iterator:
+    if jobs <= 1:
+        yield from map(function, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        window: deque = deque()
+        try:
+            for item in items:
+                window.append(pool.submit(function, item))
+                if len(window) >= 2 * jobs:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
+
+
+class _Progress:
+    """A self-overwriting progress line on stderr, only when it is a terminal."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.count = 0
+        self.started = self.shown = time.monotonic()
+
+    def tick(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.enabled and now - self.shown >= 0.2:
+            self.shown = now
+            rate = self.count / max(now - self.started, 1e-9)
+            self.stream.write(f"\r{self.count} documents, {rate:.0f}/s ")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.count:
+            self.stream.write(f"\r{self.count} documents in {time.monotonic() - self.started:.1f}s\n")
+            self.stream.flush()
+
+
+def _cmd_list(client: Client, options: argparse.Namespace) -> int:
+    experts = client.experts()
+    if options.json:
+        print(_dumps(experts))
+        return 0
+    width = max((len(e["signature"]) for e in experts), default=0)
+    for expert in experts:
+        print(f"{expert['signature']:<{width}}  {expert['doc']}".rstrip())
+    return 0
+
+
+def _cmd_ping(client: Client, options: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    info = client.ping()
+    elapsed = (time.perf_counter() - started) * 1000
+    print(f"pong from worker {info['worker']} (pid {info['pid']}), expertd {info['version']}, {elapsed:.2f} ms")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
+    parser.add_argument("--socket", "-s", metavar="PATH",
+                        help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for each reply (default: 60)")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an expert's error, also print the remote traceback")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    call = commands.add_parser("call", help="call an expert; print its result as JSON",
+                               description="Arguments are parsed as JSON where they parse, else taken as "
+                                           "strings; KEY=VALUE passes a keyword argument.")
+    call.add_argument("name", metavar="NAME")
+    call.add_argument("arguments", nargs="*", metavar="ARG | KEY=VALUE")
+    call.set_defaults(run=_cmd_call)
+
+    opinion = commands.add_parser("opinion", help="add experts' opinions to a JSON document on stdin",
+                                  description="Read a JSON object on stdin, ask each expert in turn (each sees "
+                                              "the document as it stands), and write it to stdout with each "
+                                              "result under opinions.NAME.")
+    opinion.add_argument("names", nargs="+", metavar="NAME")
+    opinion.add_argument("--lines", action="store_true", help="stream JSON Lines: one document per line, in order")
+    opinion.add_argument("--jobs", "-j", type=int, default=4, metavar="N",
+                         help="with --lines, documents in flight at once (default: 4)")
+    opinion.set_defaults(run=_cmd_opinion)
+
+    listing = commands.add_parser("list", help="list the experts with their signatures")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=_cmd_list)
+
+    ping = commands.add_parser("ping", help="check that the daemon answers")
+    ping.set_defaults(run=_cmd_ping)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    client = Client(options.socket, timeout=options.timeout)
+    try:
+        return options.run(client, options)
+    except ConnectError as exc:
+        print(f"expertctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except RemoteError as exc:
+        label = f"{exc.expert}: " if exc.expert else ""
+        print(f"expertctl: {label}{exc.message} [{exc.code}]", file=sys.stderr)
+        if options.traceback and exc.remote_traceback:
+            print(exc.remote_traceback.rstrip(), file=sys.stderr)
+        return EXIT_FAILED
+    except (ExpertdError, _InputError) as exc:
+        print(f"expertctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_FAILED  # the reader of our stdout went away, e.g. `| head`
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The client library: call experts on a running expertd.  Standard library + msgpack only.
+
+    from expertd.client import Client
+
+    client = Client()                 # EXPERTD_SOCKET, else /run/expertd/expertd.sock
+    client.call("fib", 5)             # positional ...
+    client.fib(n=5)                   # ... or named arguments, as attribute calls
+    client.opinion("sentiment", {"text": "what a lovely day"})
+
+A :class:`Client` is safe to share between threads: it keeps a small pool of
+connections and gives each call its own.  After ``os.fork()`` the child
+drops the inherited pool and opens its own connections.
+
+Retries (see docs/protocol.md): a call is sent again, once, on a fresh
+connection when a pooled connection turns out to have been closed by the
+daemon before any reply byte arrived (the request was never served), and,
+unless ``retry=False``, once when the daemon reports that the worker serving
+it was lost or that it is shutting down.  Experts are pure opinions, which is
+what makes the second retry safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from expertd import protocol
+from expertd.errors import (
+    ConnectError,
+    ConnectionLost,
+    ExpertdError,
+    ProtocolError,
+    RequestTimeout,
+    error_from_wire,
+)
+
+__all__ = ["Client", "default_socket"]
+
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+_MAX_REPLY = 1 << 30
+
+
+def default_socket() -> str:
+    """The socket a client uses when given none: ``$EXPERTD_SOCKET`` or the daemon's default path."""
+    return os.environ.get(protocol.SOCKET_ENV) or protocol.DEFAULT_SOCKET
+
+
+class Client:
+    """A connection pool to one expertd socket.
+
+    ``timeout`` bounds the wait for each reply (None waits for ever);
+    ``connect_timeout`` bounds connecting; ``retry`` allows one more attempt
+    after a lost worker; ``pool_size`` is how many idle connections are kept.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        retry: bool = True,
+        pool_size: int = 8,
+    ) -> None:
+        self.socket_path = socket or default_socket()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retry = retry
+        self.pool_size = pool_size
+        self._pool: list[Any] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._ids = itertools.count(1)
+
+    # ----------------------------------------------------------- public API
+    def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``expert`` with positional and/or keyword arguments and return its result."""
+        body = protocol.pack([expert, list(args), kwargs])
+        return self._request(protocol.CALL, body)
+
+    def opinion(self, expert: str, document: Any) -> Any:
+        """Ask ``expert`` for its opinion on ``document`` (the expert's one positional argument)."""
+        return self.call(expert, document)
+
+    def ping(self) -> dict:
+        """Round-trip to a worker; returns its pid, number, version and request count."""
+        return self._request(protocol.PING, b"")
+
+    def experts(self) -> list[dict]:
+        """The served experts: name, function, signature and first docstring line."""
+        return self._request(protocol.LIST, b"")
+
+    def close(self) -> None:
+        """Close the pooled connections (calls made later open new ones)."""
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _ExpertMethod(self, name)
+
+    def __repr__(self) -> str:
+        return f"Client(socket={self.socket_path!r})"
+
+    # ------------------------------------------------------------ internals
+    def _request(self, kind: int, body: bytes) -> Any:
+        stale_retry = True
+        lost_retry = self.retry
+        while True:
+            conn, reused = self._checkout()
+            request_id = next(self._ids) & protocol.MAX_REQUEST_ID
+            try:
+                reply_kind, reply = self._round_trip(conn, kind, request_id, body)
+            except _Stale as exc:
+                conn.close()
+                if reused and stale_retry:
+                    stale_retry = False
+                    continue
+                raise ConnectionLost(
+                    f"expertd at {self.socket_path} closed the connection before replying: {exc}"
+                ) from None
+            except BaseException:
+                conn.close()
+                raise
+            if reply_kind == protocol.RESULT:
+                self._checkin(conn)
+                return reply
+            conn.close()  # the daemon may close after an error; never reuse the connection
+            error = error_from_wire(reply)
+            if error.retryable and lost_retry:
+                lost_retry = False
+                continue
+            raise error
+
+    def _round_trip(self, conn: socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            conn.settimeout(self.timeout)
+            conn.sendall(protocol.encode_frame(kind, request_id, body))
+        except TimeoutError:
+            raise RequestTimeout(f"sending to expertd at {self.socket_path} timed out after {self.timeout}s") from None
+        except OSError as exc:
+            # The daemon may have refused the request (too large) and closed: its reply is still readable.
+            early = self._read_early_reply(conn, request_id)
+            if early is not None:
+                return early
+            raise _Stale(exc.strerror or str(exc)) from None
+        try:
+            header = protocol.recv_exact(conn, protocol.HEADER_SIZE, deadline)
+        except ConnectionLost as exc:
+            if exc.received == 0:
+                raise _Stale("closed with no reply") from None
+            raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply") from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise _Stale(exc.strerror or str(exc)) from None
+        except RequestTimeout:
+            raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
+        reply_kind, reply_id, length = protocol.parse_header(bytes(header))
+        if length > _MAX_REPLY:
+            raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
+        try:
+            payload = protocol.recv_exact(conn, length, deadline) if length else b""
+        except (ConnectionLost, ConnectionResetError) as exc:
+            raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
+        except RequestTimeout:
+            raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
+        if reply_id != request_id:
+            raise ProtocolError(f"reply for request {reply_id} arrived while waiting for {request_id}")
+        if reply_kind not in (protocol.RESULT, protocol.ERROR):
+            raise ProtocolError(f"unknown reply kind 0x{reply_kind:02x}")
+        try:
+            return reply_kind, protocol.unpack(payload)
+        except ValueError as exc:
+            raise ProtocolError(f"reply body is not valid msgpack: {exc}") from None
+
+    def _read_early_reply(self, conn: socket.socket, request_id: int) -> tuple[int, Any] | None:
+        try:
+            conn.settimeout(0.5)
+            kind, reply_id, body = protocol.read_frame(conn, _MAX_REPLY, time.monotonic() + 0.5)
+            if kind == protocol.ERROR and reply_id == request_id:
+                return kind, protocol.unpack(body)
+        except (ExpertdError, OSError, ValueError):
+            pass
+        return None
+
+    def _checkout(self) -> tuple[socket.socket, bool]:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the pool belongs to the parent
+                self._pool = []
+                self._pid = os.getpid()
+            if self._pool:
+                return self._pool.pop(), True
+        return self._connect(), False
+
+    def _checkin(self, conn: socket.socket) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._pool) < self.pool_size:
+                self._pool.append(conn)
+                return
+        conn.close()
+
+    def _connect(self) -> socket.socket:
+        path = self.socket_path
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(self.connect_timeout)
+        try:
+            conn.connect(path)
+        except FileNotFoundError:
+            conn.close()
+            raise ConnectError(
+                f"no expertd socket at {path}: is the daemon running? (set EXPERTD_SOCKET or pass socket=)", path
+            ) from None
+        except ConnectionRefusedError:
+            conn.close()
+            raise ConnectError(
+                f"nothing is listening on {path}: the socket file is left from a daemon that stopped", path
+            ) from None
+        except PermissionError:
+            conn.close()
+            raise ConnectError(
+                f"permission denied on {path}: join the socket's group or ask for its socket_mode to be widened", path
+            ) from None
+        except TimeoutError:
+            conn.close()
+            raise ConnectError(
+                f"connecting to {path} timed out after {self.connect_timeout}s: the daemon is not accepting", path
+            ) from None
+        except OSError as exc:
+            conn.close()
+            raise ConnectError(f"cannot connect to {path}: {exc.strerror or exc}", path) from None
+        return conn
+
+
+class _Stale(Exception):
+    """The connection was closed by the daemon before any reply byte: the request was not served."""
+
+
+class _ExpertMethod:
+    """``client.fib`` — calls the expert of that name with whatever arguments it is given."""
+
+    __slots__ = ("_client", "_name")
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.call(self._name, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<expert {self._name!r} on {self._client.socket_path}>"
+

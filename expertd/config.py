@@ -1,0 +1,362 @@
+"""Configuration: every setting declared once, as data.
+
+:data:`SETTINGS` is the single source of truth.  Parsing and validation of the
+INI file, the ``expertd`` command-line flags and ``--help`` text, and the
+reference in docs/config.md (``python -m expertd.config``) are all derived
+from it, so they cannot drift apart.
+
+The file has one ``[expertd]`` section and one ``[expert:NAME]`` section per
+expert.  Relative paths in the file are relative to the file's directory.
+Every problem is reported as one :class:`~expertd.errors.ConfigError` line
+naming the file, the section, the key and what to do.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from expertd.errors import ConfigError
+from expertd.protocol import DEFAULT_MAX_FRAME, DEFAULT_SOCKET
+
+MAIN_SECTION = "expertd"
+EXPERT_PREFIX = "expert:"
+EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+class _Invalid(ValueError):
+    """A value did not parse; the message says what is expected."""
+
+
+@dataclass(frozen=True)
+class _Type:
+    name: str  # shown in docs and --help
+    parse: Callable[[str], Any]
+
+
+def _int_at_least(low: int) -> _Type:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise _Invalid(f"not a whole number; use an integer ≥ {low}") from None
+        if value < low:
+            raise _Invalid(f"must be at least {low}")
+        return value
+
+    return _Type(f"integer ≥ {low}", parse)
+
+
+def _parse_workers(raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    return _int_at_least(1).parse(raw)
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _parse_size(raw: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", raw)
+    if not match:
+        raise _Invalid("not a size; use bytes or a number with K, M or G (e.g. 16M)")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value < 1024:
+        raise _Invalid("must be at least 1K")
+    return value
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parse_duration(raw: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*", raw)
+    if not match:
+        raise _Invalid("not a duration; use seconds or a number with ms, s, m or h (e.g. 30s)")
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if value <= 0:
+        raise _Invalid("must be more than zero")
+    return value
+
+
+def _parse_mode(raw: str) -> int:
+    try:
+        value = int(raw.strip(), 8)
+    except ValueError:
+        raise _Invalid("not an octal file mode; use e.g. 0660") from None
+    if not 0 <= value <= 0o777:
+        raise _Invalid("must be between 0000 and 0777")
+    return value
+
+
+def _parse_words(raw: str) -> list[str]:
+    return [word for word in re.split(r"[\s,]+", raw) if word]
+
+
+def _parse_modules(raw: str) -> list[str]:
+    words = _parse_words(raw)
+    for word in words:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", word):
+            raise _Invalid(f"{word!r} is not a module name; list dotted module names")
+    return words
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parse_log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _LOG_LEVELS:
+        raise _Invalid(f"unknown log level; use one of {', '.join(_LOG_LEVELS)}")
+    return value
+
+
+def _parse_function(raw: str) -> str:
+    value = raw.strip()
+    dotted = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    if not (re.fullmatch(f"{dotted}:{dotted}", value) or re.fullmatch(rf"{dotted}\.[A-Za-z_][A-Za-z0-9_]*", value)):
+        raise _Invalid("not a function reference; use module:function (or Firefly's module.function)")
+    return value
+
+
+def _parse_text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise _Invalid("must not be empty")
+    return value
+
+
+INT_WORKERS = _Type("integer ≥ 1 or auto", _parse_workers)
+SIZE = _Type("size (bytes, K, M, G)", _parse_size)
+DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_duration)
+MODE = _Type("octal mode", _parse_mode)
+PATH = _Type("path", _parse_text)
+PATHS = _Type("list of paths", _parse_words)
+MODULES = _Type("list of modules", _parse_modules)
+LOG_LEVEL = _Type("one of " + ", ".join(_LOG_LEVELS), _parse_log_level)
+FUNCTION = _Type("module:function", _parse_function)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: where it lives, its type, default and documentation."""
+
+    name: str
+    section: str  # MAIN_SECTION, or "expert" for keys of [expert:NAME] sections
+    type: _Type
+    default: str | None  # as written in the file; None means required
+    help: str
+    cli: bool = False  # also settable as --NAME on the expertd command line
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("socket", MAIN_SECTION, PATH, DEFAULT_SOCKET,
+            "Path of the listening Unix socket. Clients find it through EXPERTD_SOCKET or this default. "
+            "A stale socket file left by a dead daemon is replaced; a live daemon on the path is refused.",
+            cli=True),
+    Setting("workers", MAIN_SECTION, INT_WORKERS, "auto",
+            "Number of worker processes forked from the master; auto means one per CPU core.",
+            cli=True),
+    Setting("preload", MAIN_SECTION, MODULES, "",
+            "Modules imported once in the master before the experts (e.g. tensorflow), so that every "
+            "worker shares them copy-on-write. Importing is safe; starting TensorFlow's runtime is not "
+            "(see docs/experts.md)."),
+    Setting("pythonpath", MAIN_SECTION, PATHS, "",
+            "Directories prepended to sys.path before importing experts; relative ones are relative "
+            "to the config file."),
+    Setting("log_level", MAIN_SECTION, LOG_LEVEL, "info",
+            "Logging threshold. debug logs one line per request.", cli=True),
+    Setting("max_frame", MAIN_SECTION, SIZE, "16M",
+            "Largest request body accepted. Checked from the frame header before the body is read; "
+            "a larger request gets a frame_too_large error and the connection is closed."),
+    Setting("socket_mode", MAIN_SECTION, MODE, "0660",
+            "File mode of the socket file. Anyone who can write to the socket can call every expert."),
+    Setting("read_timeout", MAIN_SECTION, DURATION, "10s",
+            "Longest a request may take to arrive once its first byte is in, and a reply to be taken "
+            "by the client. Slower connections are closed so that they cannot hold a worker."),
+    Setting("graceful_timeout", MAIN_SECTION, DURATION, "30s",
+            "On SIGTERM or SIGINT, how long in-flight requests may run before their workers are killed."),
+    Setting("boot_timeout", MAIN_SECTION, DURATION, "120s",
+            "How long a new worker may spend in its after-fork hooks (building models, warming up) "
+            "before it is killed."),
+    Setting("max_connections", MAIN_SECTION, _int_at_least(1), "1000",
+            "Most client connections held open at once; connections past it are closed at once."),
+    Setting("function", "expert", FUNCTION, None,
+            "The expert's callable as module:function (module.function, Firefly's form, also works). "
+            "The module is imported in the master."),
+)
+
+_MAIN_KEYS = {s.name: s for s in SETTINGS if s.section == MAIN_SECTION}
+_EXPERT_KEYS = {s.name: s for s in SETTINGS if s.section == "expert"}
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """An ``[expert:NAME]`` section, validated."""
+
+    name: str
+    function: str
+
+
+@dataclass
+class Config:
+    """A validated configuration.  Attributes mirror the ``[expertd]`` settings."""
+
+    path: str
+    socket: str = DEFAULT_SOCKET
+    workers: int = 1
+    preload: list[str] = field(default_factory=list)
+    pythonpath: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    max_frame: int = DEFAULT_MAX_FRAME
+    socket_mode: int = 0o660
+    read_timeout: float = 10.0
+    graceful_timeout: float = 30.0
+    boot_timeout: float = 120.0
+    max_connections: int = 1000
+    experts: dict[str, ExpertSpec] = field(default_factory=dict)
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "known settings: " + ", ".join(sorted(choices))
+
+
+def _parse_setting(setting: Setting, raw: str, where: str) -> Any:
+    try:
+        return setting.type.parse(raw)
+    except _Invalid as exc:
+        raise ConfigError(f"{where} {setting.name} = {raw.strip()!r}: {exc}") from None
+
+
+def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
+    """Read, validate and return the configuration in ``path``.
+
+    ``overrides`` maps setting names to raw strings from the command line;
+    they win over the file and are parsed by the same rules.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
+    parser.optionxform = str  # keep keys as written so misspellings are reported exactly
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, source=path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: {message}") from None
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+    config = Config(path=os.path.abspath(path))
+    if MAIN_SECTION not in parser:
+        raise ConfigError(f"{path}: no [{MAIN_SECTION}] section; start the file with [{MAIN_SECTION}]")
+
+    for section in parser.sections():
+        if section == MAIN_SECTION:
+            continue
+        if not section.startswith(EXPERT_PREFIX):
+            raise ConfigError(
+                f"{path}: [{section}]: unknown section; use [{MAIN_SECTION}] and one [{EXPERT_PREFIX}NAME] per expert"
+            )
+        name = section[len(EXPERT_PREFIX):]
+        if not EXPERT_NAME.match(name):
+            raise ConfigError(
+                f"{path}: [{section}]: bad expert name {name!r}; use letters, digits, '_', '.', '-', "
+                "starting with a letter or '_'"
+            )
+        values = {}
+        for key, raw in parser.items(section):
+            if key not in _EXPERT_KEYS:
+                raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(_EXPERT_KEYS))}")
+            values[key] = _parse_setting(_EXPERT_KEYS[key], raw, f"{path}: [{section}]")
+        for key, setting in _EXPERT_KEYS.items():
+            if setting.default is None and key not in values:
+                raise ConfigError(f"{path}: [{section}] {key}: missing; add '{key} = module:function'")
+        config.experts[name] = ExpertSpec(name=name, **values)
+
+    main = parser[MAIN_SECTION]
+    for key in main:
+        if key not in _MAIN_KEYS:
+            raise ConfigError(f"{path}: [{MAIN_SECTION}] {key}: unknown setting; {_suggest(key, list(_MAIN_KEYS))}")
+    for name, setting in _MAIN_KEYS.items():
+        if overrides and overrides.get(name) is not None:
+            value = _parse_setting(setting, overrides[name], f"command line {setting.flag}:")
+            if setting.type is PATH:
+                value = os.path.abspath(value)
+        else:
+            raw = main.get(name, setting.default)
+            value = _parse_setting(setting, raw, f"{path}: [{MAIN_SECTION}]")
+            if setting.type is PATH:
+                value = _resolve(value, base_dir)
+            elif setting.type is PATHS:
+                value = [_resolve(item, base_dir) for item in value]
+        setattr(config, name, value)
+
+    if len(os.fsencode(config.socket)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{path}: [{MAIN_SECTION}] socket = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
+            f"Unix sockets allow at most {MAX_SOCKET_PATH}; choose a shorter path"
+        )
+    if not config.experts:
+        raise ConfigError(
+            f"{path}: no [{EXPERT_PREFIX}NAME] sections; add one per expert, with function = module:function"
+        )
+    return config
+
+
+def render_markdown() -> str:
+    """The configuration reference, as committed in docs/config.md."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from expertd/config.py by `python -m expertd.config`; do not edit by hand. -->",
+        "",
+        "expertd reads one INI file (`expertd --config FILE`, default `/etc/expertd.conf`).",
+        "Relative paths in it are relative to the file's directory. A misspelt key, a bad value,",
+        "an unknown section or an expert that fails to import stops start-up with one line naming",
+        "the file, section and key, and a non-zero exit status.",
+        "",
+    ]
+    for section, title in ((MAIN_SECTION, f"[{MAIN_SECTION}]"), ("expert", f"[{EXPERT_PREFIX}NAME]")):
+        lines += [f"## `{title}`", ""]
+        if section == "expert":
+            lines += [
+                "One section per expert. NAME is what clients call; it starts with a letter or `_` and",
+                "holds letters, digits, `_`, `.` and `-`.",
+                "",
+            ]
+        lines += ["| key | type | default | command line | meaning |", "| --- | --- | --- | --- | --- |"]
+        for setting in SETTINGS:
+            if setting.section != section:
+                continue
+            if setting.default is None:
+                default = "(required)"
+            else:
+                default = f"`{setting.default}`" if setting.default else "(empty)"
+            flag = f"`{setting.flag}`" if setting.cli else ""
+            lines.append(f"| `{setting.name}` | {setting.type.name} | {default} | {flag} | {setting.help} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

@@ -1,0 +1,61 @@
+"""The small API an expert module uses to declare its set-up hooks.
+
+A plain function needs nothing: ``function = fibs:fib`` serves it as is.  An
+expert with heavy state splits its set-up in two, because the master forks
+its workers and some libraries' runtimes do not survive fork()::
+
+    from expertd import expert
+
+    def read_weights():            # before fork, once, in the master
+        global WEIGHTS             # import, read files into plain memory:
+        WEIGHTS = numpy.load(...)  # shared copy-on-write by every worker
+
+    def build_model():             # after fork, in every worker
+        global MODEL               # start runtimes, build and warm up models
+        MODEL = make_model(WEIGHTS)
+
+    @expert(before_fork=read_weights, after_fork=build_model)
+    def opinion(doc):
+        return {"label": ...}
+
+A hook shared by several experts runs once.  A worker accepts requests only
+after every ``after_fork`` hook has returned.  Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_HOOKS_ATTR = "__expertd_hooks__"
+
+
+@dataclass(frozen=True)
+class Hooks:
+    before_fork: Callable[[], Any] | None = None
+    after_fork: Callable[[], Any] | None = None
+
+
+def expert(
+    function: Callable | None = None,
+    *,
+    before_fork: Callable[[], Any] | None = None,
+    after_fork: Callable[[], Any] | None = None,
+) -> Any:
+    """Mark ``function`` as an expert with optional set-up hooks (usable bare or with arguments)."""
+    for label, hook in (("before_fork", before_fork), ("after_fork", after_fork)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"expert(): {label} must be callable, not {type(hook).__name__}")
+
+    def mark(target: Callable) -> Callable:
+        setattr(target, _HOOKS_ATTR, Hooks(before_fork, after_fork))
+        return target
+
+    return mark(function) if function is not None else mark
+
+
+def hooks_of(function: Callable) -> Hooks:
+    """The hooks declared on ``function`` (none for a plain function)."""
+    found = getattr(function, _HOOKS_ATTR, None)
+    return found if isinstance(found, Hooks) else Hooks()

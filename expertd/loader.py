@@ -1,0 +1,157 @@
+"""Loading experts: imports, function references, hooks and signatures.
+
+The master calls :func:`load_experts` once: it prepends ``pythonpath``,
+imports the ``preload`` modules, resolves every ``[expert:NAME]`` function and
+runs the ``before_fork`` hooks.  Each worker calls :func:`run_after_fork`
+after fork.  Failures become one-line :class:`ExpertLoadError` messages that
+name the config file, section and key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from expertd.config import MAIN_SECTION, Config, ExpertSpec
+from expertd.errors import ExpertLoadError
+from expertd.expert import hooks_of
+
+
+@dataclass
+class LoadedExpert:
+    """An expert ready to be called: its callable, signature and hooks."""
+
+    name: str
+    reference: str
+    function: Callable[..., Any]
+    signature: inspect.Signature | None
+    summary: str
+    before_fork: Callable[[], Any] | None
+    after_fork: Callable[[], Any] | None
+
+    def describe(self) -> dict[str, Any]:
+        """What ``expertctl list`` shows."""
+        return {
+            "name": self.name,
+            "function": self.reference,
+            "signature": f"{self.name}{self.signature}" if self.signature else f"{self.name}(...)",
+            "doc": self.summary,
+        }
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line: the exception and the innermost frame outside importlib."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" (at {exc.filename}:{exc.lineno})"
+    message = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {message}{where}"
+
+
+def _import(module: str, where: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise ExpertLoadError(
+                f"{where}: no module named {exc.name!r}; check the name, pythonpath and the virtualenv"
+            ) from None
+        raise ExpertLoadError(f"{where}: importing {module!r} failed: {describe_exception(exc)}") from None
+    except BaseException as exc:  # an expert module may raise anything, SystemExit included
+        raise ExpertLoadError(f"{where}: importing {module!r} failed: {describe_exception(exc)}") from None
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    if ":" in reference:
+        module, _, attribute = reference.partition(":")
+    else:  # Firefly's module.function
+        module, _, attribute = reference.rpartition(".")
+    return module, attribute
+
+
+def _resolve(spec: ExpertSpec, where: str) -> Callable[..., Any]:
+    module_name, attribute = _split_reference(spec.function)
+    target: Any = _import(module_name, where)
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ExpertLoadError(
+                f"{where}: module {module_name!r} has no attribute {attribute!r}; check the spelling"
+            ) from None
+    if not callable(target):
+        raise ExpertLoadError(f"{where}: {spec.function} is a {type(target).__name__}, not a function")
+    return target
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return None
+
+
+def _run_hook(hook: Callable[[], Any], where: str) -> None:
+    try:
+        hook()
+    except BaseException as exc:
+        raise ExpertLoadError(f"{where}: {describe_exception(exc)}") from None
+
+
+def load_experts(config: Config) -> dict[str, LoadedExpert]:
+    """Import everything the config names and run the before-fork hooks, in the calling process."""
+    for directory in reversed(config.pythonpath):
+        if not os.path.isdir(directory):
+            raise ExpertLoadError(
+                f"{config.path}: [{MAIN_SECTION}] pythonpath: {directory} is not a directory; fix or remove it"
+            )
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    for module in config.preload:
+        _import(module, f"{config.path}: [{MAIN_SECTION}] preload")
+
+    experts: dict[str, LoadedExpert] = {}
+    for spec in config.experts.values():
+        where = f"{config.path}: [expert:{spec.name}] function = {spec.function}"
+        function = _resolve(spec, where)
+        hooks = hooks_of(function)
+        doc = inspect.getdoc(function) or ""
+        experts[spec.name] = LoadedExpert(
+            name=spec.name,
+            reference=spec.function,
+            function=function,
+            signature=_signature(function),
+            summary=doc.strip().splitlines()[0] if doc.strip() else "",
+            before_fork=hooks.before_fork,
+            after_fork=hooks.after_fork,
+        )
+
+    for hook, names in _distinct_hooks(experts, "before_fork"):
+        _run_hook(hook, f"{config.path}: [expert:{names[0]}] before_fork hook {_hook_name(hook)} failed")
+    return experts
+
+
+def run_after_fork(experts: dict[str, LoadedExpert]) -> None:
+    """Run every distinct after-fork hook once, in the calling (worker) process."""
+    for hook, names in _distinct_hooks(experts, "after_fork"):
+        _run_hook(hook, f"[expert:{names[0]}] after_fork hook {_hook_name(hook)} failed")
+
+
+def _hook_name(hook: Callable[[], Any]) -> str:
+    return f"{getattr(hook, '__module__', '?')}.{getattr(hook, '__qualname__', repr(hook))}"
+
+
+def _distinct_hooks(experts: dict[str, LoadedExpert], kind: str) -> list[tuple[Callable[[], Any], list[str]]]:
+    seen: dict[int, tuple[Callable[[], Any], list[str]]] = {}
+    for expert in experts.values():
+        hook = getattr(expert, kind)
+        if hook is not None:
+            seen.setdefault(id(hook), (hook, []))[1].append(expert.name)
+    return list(seen.values())

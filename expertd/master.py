@@ -1,0 +1,520 @@
+"""The master process: owns the socket and the connections, supervises the workers.
+
+Modelled on gunicorn's arbiter: one plain loop; signal handlers only queue
+the signal (the wakeup fd makes ``epoll`` return), and the loop handles it;
+an explicit worker table.  Unlike gunicorn the master also owns every client
+connection, which is what keeps idle and slow clients from pinning workers:
+
+* connections sit in the master's epoll set, costing nothing while idle;
+* when one has a *complete* request waiting (checked by peeking at the
+  12-byte header and the bytes queued, never by reading), it joins a FIFO
+  queue, and the next idle worker gets its descriptor (:mod:`expertd.ipc`);
+* the worker answers that one request and hands the connection back.
+
+N workers thus serve any number of connected clients fairly, in arrival
+order.  Because the master knows which request each worker holds, a worker
+that dies mid-request still gets its caller a ``worker_lost`` error reply
+instead of a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import termios
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from expertd import ipc, protocol
+from expertd.config import Config
+from expertd.errors import BadRequest, FrameTooLarge, RemoteError, ShuttingDown, WorkerLost
+from expertd.listener import Listener
+from expertd.loader import LoadedExpert
+from expertd.worker import EXIT_BOOT_FAILED, worker_main
+
+log = logging.getLogger("expertd.master")
+
+EXIT_WORKER_BOOT_FAILED = 3
+
+# A request larger than the kernel buffers cannot be complete in the socket
+# before someone reads it.  Past this many queued bytes the client is clearly
+# sending, so the request is dispatched and the worker reads the rest.
+_STREAMING_THRESHOLD = 64 * 1024
+_ET_READ = select.EPOLLIN | select.EPOLLET
+_FIONREAD_BUF = b"\0\0\0\0"
+# A worker that dies within this long of becoming ready counts as a crash loop.
+_FAST_FAILURE = 1.0
+_BACKOFF_MAX = 10.0
+
+_IDLE, _PARTIAL, _QUEUED, _BUSY, _CLOSED = "idle", "partial", "queued", "busy", "closed"
+
+
+@dataclass(eq=False)
+class _Connection:
+    conn_id: int
+    sock: socket.socket
+    fd: int
+    state: str = _IDLE
+    request_id: int = 0
+    partial_since: float = 0.0
+
+
+@dataclass(eq=False)
+class _WorkerSlot:
+    """The master's record of one worker process."""
+
+    number: int
+    pid: int
+    channel: socket.socket
+    born: float
+    ready_at: float | None = None
+    conn: _Connection | None = None
+    busy_since: float = 0.0
+    requests: int = 0
+    failure: str | None = None
+    exit_status: str = ""
+    recent_crashes: list = field(default_factory=list)
+
+
+class Master:
+    """Supervises workers and dispatches requests; :meth:`run` returns the exit status."""
+
+    def __init__(self, config: Config, experts: dict[str, LoadedExpert]) -> None:
+        self.config = config
+        self.experts = experts
+        self.listener: Listener | None = None
+        self.epoll = select.epoll()
+        self.workers: dict[int, _WorkerSlot] = {}  # by pid
+        self._by_channel: dict[int, _WorkerSlot] = {}
+        self._idle_workers: deque[_WorkerSlot] = deque()
+        self.connections: dict[int, _Connection] = {}  # by fd
+        self._queue: deque[_Connection] = deque()
+        self._next_conn_id = 1
+        self._signals: list[int] = []
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop_deadline: float | None = None
+        self._exit_status = 0
+        self._announced_ready = False
+        self._fast_failures = 0
+        self._next_spawn_at = 0.0
+        self._backoff_logged = False
+        self._connections_full_logged = False
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> int:
+        """Bind, fork the workers and serve until stopped."""
+        # Everything loaded so far is shared with the workers; freezing it keeps the
+        # collector from touching (and so copying) those pages in every worker.
+        gc.freeze()
+        self.listener = Listener(self.config.socket, self.config.socket_mode)
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.epoll.register(self._wakeup_r, select.EPOLLIN)
+        self._install_signals()
+        log.info(
+            "expertd master %d listening on %s; starting %d workers for %d experts",
+            os.getpid(), self.config.socket, self.config.workers, len(self.experts),
+        )
+        try:
+            while True:
+                self._maintain_workers()
+                events = self.epoll.poll(self._poll_timeout())
+                for fd, _mask in events:
+                    self._on_event(fd)
+                self._handle_signals()
+                self._dispatch()
+                self._expire()
+                if self._stop_deadline is not None and self._stopped():
+                    break
+        finally:
+            self._shutdown()
+        return self._exit_status
+
+    def _on_event(self, fd: int) -> None:
+        conn = self.connections.get(fd)
+        if conn is not None:
+            if conn.state in (_IDLE, _PARTIAL):
+                self._examine(conn)
+        elif fd in self._by_channel:
+            self._read_reports(self._by_channel[fd])
+        elif fd == self._wakeup_r:
+            try:
+                while os.read(self._wakeup_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        elif self.listener is not None and fd == self.listener.fileno():
+            self._accept()
+
+    def _poll_timeout(self) -> float:
+        if self._stop_deadline is not None:
+            return 0.1
+        if len(self.workers) < self.config.workers:
+            return max(0.0, min(1.0, self._next_spawn_at - time.monotonic()))
+        return 1.0
+
+    # ------------------------------------------------------------- signals
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._begin_stop(graceful=self._stop_deadline is None, reason=signal.Signals(signum).name)
+            elif signum == signal.SIGQUIT:
+                self._begin_stop(graceful=False, reason="SIGQUIT")
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP received: reload is not supported yet; ignoring it")
+        self._reap()  # also catches exits whose SIGCHLD coalesced with another
+
+    # ------------------------------------------------------------- workers
+    def _maintain_workers(self) -> None:
+        if self._stop_deadline is not None:
+            return
+        now = time.monotonic()
+        while len(self.workers) < self.config.workers and now >= self._next_spawn_at:
+            self._spawn()
+            if self._fast_failures:
+                break  # while backing off, bring workers back one at a time
+
+    def _spawn(self) -> None:
+        used = {slot.number for slot in self.workers.values()}
+        number = next(n for n in range(1, len(used) + 2) if n not in used)
+        master_end, worker_end = ipc.channel_pair()
+        inherited = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, master_end.fileno()]
+        inherited += [self.listener.fileno()] if self.listener else []
+        inherited += list(self.connections)
+        inherited += list(self._by_channel)
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.set_wakeup_fd(-1)
+            worker_main(number, self.config, self.experts, worker_end, inherited)
+        worker_end.close()
+        master_end.setblocking(False)
+        slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic())
+        self.workers[pid] = slot
+        self._by_channel[master_end.fileno()] = slot
+        self.epoll.register(master_end.fileno(), select.EPOLLIN)
+        log.debug("worker %d spawned (pid %d)", number, pid)
+
+    def _read_reports(self, slot: _WorkerSlot) -> None:
+        while True:
+            try:
+                report = ipc.receive_report(slot.channel)
+            except RuntimeError as exc:
+                log.error("worker %d (pid %d): %s; killing it", slot.number, slot.pid, exc)
+                self._kill(slot)
+                return
+            if report is None:
+                return
+            op, value = report
+            if op == ipc.DONE:
+                self._on_done(slot, *value)
+            elif op == ipc.READY:
+                slot.ready_at = time.monotonic()
+                log.info("worker %d (pid %d) ready in %.2fs", slot.number, slot.pid, slot.ready_at - slot.born)
+                self._idle_workers.append(slot)
+                self._maybe_announce_ready()
+            elif op == ipc.FAILED:
+                slot.failure = str(value)
+            else:  # the worker's end closed: it is exiting; SIGCHLD will follow
+                self.epoll.unregister(slot.channel.fileno())
+                del self._by_channel[slot.channel.fileno()]
+                return
+
+    def _maybe_announce_ready(self) -> None:
+        if self._announced_ready:
+            return
+        ready = sum(1 for s in self.workers.values() if s.ready_at is not None)
+        if ready >= self.config.workers:
+            self._announced_ready = True
+            log.info("expertd ready: %d workers serving %s", ready, ", ".join(sorted(self.experts)))
+
+    def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool) -> None:
+        conn, slot.conn = slot.conn, None
+        slot.requests += 1
+        self._idle_workers.append(slot)
+        if conn is None or conn.conn_id != conn_id:
+            log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
+            return
+        if close or self._stop_deadline is not None:
+            self._close(conn)
+        else:
+            conn.state = _IDLE
+            # Anything that arrived while the worker held the connection raised
+            # its edge then; look now rather than wait for another.
+            self._examine(conn)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.workers.pop(pid, None)
+            if slot is not None:
+                self._on_worker_exit(slot, status)
+
+    def _on_worker_exit(self, slot: _WorkerSlot, status: int) -> None:
+        now = time.monotonic()
+        fd = slot.channel.fileno()
+        if fd in self._by_channel:
+            self.epoll.unregister(fd)
+            del self._by_channel[fd]
+        slot.channel.close()
+        if slot in self._idle_workers:
+            self._idle_workers.remove(slot)
+        how = _describe_status(status)
+        if slot.conn is not None:
+            conn, slot.conn = slot.conn, None
+            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how, conn.request_id)
+            self._fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+        elif self._stop_deadline is None:
+            log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
+        if self._stop_deadline is not None:
+            return
+
+        booted = slot.ready_at is not None
+        boot_failed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILED
+        if boot_failed and not self._announced_ready:
+            # A bad expert must not half-start the daemon: stop with its message.
+            log.error("%s", slot.failure or f"worker {slot.number} failed in its after_fork hooks")
+            self._exit_status = EXIT_WORKER_BOOT_FAILED
+            self._begin_stop(graceful=False, reason="a worker failed to start")
+            return
+        if not booted or now - (slot.ready_at or now) < _FAST_FAILURE:
+            self._fast_failures += 1
+            delay = min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
+            self._next_spawn_at = now + delay
+            if not self._backoff_logged:
+                log.error("workers are dying right after start; respawning with backoff (up to %.0fs)", _BACKOFF_MAX)
+                self._backoff_logged = True
+        else:
+            if self._backoff_logged:
+                log.info("workers stable again after %d quick failures", self._fast_failures)
+            self._fast_failures = 0
+            self._backoff_logged = False
+            self._next_spawn_at = now
+
+    def _kill(self, slot: _WorkerSlot) -> None:
+        try:
+            os.kill(slot.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # --------------------------------------------------------- connections
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(256):
+            try:
+                sock, _addr = self.listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("cannot accept connections: %s; raise the file limit or lower max_connections", exc)
+                return
+            if len(self.connections) >= self.config.max_connections:
+                if not self._connections_full_logged:
+                    log.warning("max_connections (%d) reached; closing new connections", self.config.max_connections)
+                    self._connections_full_logged = True
+                sock.close()
+                continue
+            self._connections_full_logged = False
+            sock.setblocking(False)
+            conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno())
+            self._next_conn_id += 1
+            self.connections[conn.fd] = conn
+            self.epoll.register(conn.fd, _ET_READ)
+
+    def _examine(self, conn: _Connection) -> None:
+        """Decide, without reading, whether ``conn`` has a whole request waiting."""
+        try:
+            head = conn.sock.recv(protocol.HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not head:
+            self._close(conn)  # the client hung up
+            return
+        if not protocol.MAGIC.startswith(head[:2]):
+            self._refuse(conn, head)
+            return
+        if len(head) < protocol.HEADER_SIZE:
+            self._mark_partial(conn)
+            return
+        try:
+            kind, request_id, length = protocol.parse_header(head)
+        except protocol.ProtocolError as exc:
+            self._fail(conn, BadRequest(str(exc)))
+            return
+        conn.request_id = request_id
+        if kind not in protocol.REQUEST_KINDS:
+            self._fail(conn, BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md"))
+            return
+        if length > self.config.max_frame:
+            self._fail(conn, FrameTooLarge(
+                f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)"
+            ))
+            return
+        queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.FIONREAD, _FIONREAD_BUF))[0]
+        if queued >= protocol.HEADER_SIZE + length or queued >= _STREAMING_THRESHOLD:
+            conn.state = _QUEUED
+            self._queue.append(conn)
+        else:
+            self._mark_partial(conn)
+
+    def _mark_partial(self, conn: _Connection) -> None:
+        if conn.state != _PARTIAL:
+            conn.state = _PARTIAL
+            conn.partial_since = time.monotonic()
+
+    def _dispatch(self) -> None:
+        while self._queue and self._idle_workers:
+            conn = self._queue.popleft()
+            if conn.state != _QUEUED:
+                continue
+            slot = self._idle_workers.popleft()
+            try:
+                ipc.send_serve(slot.channel, conn.conn_id, conn.fd)
+            except OSError:
+                self._queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
+                continue
+            conn.state = _BUSY
+            slot.conn = conn
+            slot.busy_since = time.monotonic()
+
+    def _refuse(self, conn: _Connection, head: bytes) -> None:
+        if protocol.looks_like_http(head):
+            self._send_and_close(conn, protocol.HTTP_REFUSAL)
+        else:
+            self._fail(conn, BadRequest("bad frame magic: this socket speaks the expertd protocol (docs/protocol.md)"))
+
+    def _fail(self, conn: _Connection, error: RemoteError) -> None:
+        """Answer the connection's current request with ``error`` and close it."""
+        frame = protocol.encode_frame(protocol.ERROR, conn.request_id, protocol.pack(error.to_wire()))
+        self._send_and_close(conn, frame)
+
+    def _send_and_close(self, conn: _Connection, data: bytes) -> None:
+        try:
+            conn.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # the client is gone or not reading: closing is all that is left
+        self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.state == _CLOSED:
+            return
+        conn.state = _CLOSED
+        self.connections.pop(conn.fd, None)
+        try:
+            self.epoll.unregister(conn.fd)
+        except (OSError, ValueError):
+            pass
+        conn.sock.close()
+
+    def _expire(self) -> None:
+        """Close connections stuck mid-request and kill workers stuck booting."""
+        now = time.monotonic()
+        for conn in [c for c in self.connections.values() if c.state == _PARTIAL]:
+            if now - conn.partial_since > self.config.read_timeout:
+                log.info("closing connection %d: request incomplete after %.0fs",
+                         conn.conn_id, self.config.read_timeout)
+                self._close(conn)
+        for slot in self.workers.values():
+            if slot.ready_at is None and now - slot.born > self.config.boot_timeout:
+                log.error("worker %d (pid %d) not ready after %.0fs (boot_timeout); killing it",
+                          slot.number, slot.pid, self.config.boot_timeout)
+                slot.failure = f"worker {slot.number} timed out in its after_fork hooks (boot_timeout)"
+                self._kill(slot)
+
+    # ------------------------------------------------------------ stopping
+    def _begin_stop(self, graceful: bool, reason: str) -> None:
+        now = time.monotonic()
+        if self._stop_deadline is None:
+            grace = f" (graceful, up to {self.config.graceful_timeout:.0f}s)" if graceful else ""
+            log.info("%s: stopping%s", reason, grace)
+            if self.listener is not None:
+                self.epoll.unregister(self.listener.fileno())
+                self.listener.close()
+                self.listener = None
+            for conn in list(self.connections.values()):
+                if conn.state in (_IDLE, _PARTIAL):
+                    self._close(conn)
+        self._stop_deadline = now + self.config.graceful_timeout if graceful else now
+
+    def _stopped(self) -> bool:
+        assert self._stop_deadline is not None
+        in_flight = any(slot.conn is not None for slot in self.workers.values())
+        waiting = any(conn.state == _QUEUED for conn in self._queue) and bool(self.workers)
+        return not (in_flight or waiting) or time.monotonic() >= self._stop_deadline
+
+    def _shutdown(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for conn in list(self.connections.values()):
+            if conn.state in (_BUSY, _QUEUED):
+                self._fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+            else:
+                self._close(conn)
+        for slot in list(self.workers.values()):
+            # Past the grace period a busy worker is killed; an idle one exits when its channel closes.
+            busy, slot.conn = slot.conn is not None, None
+            slot.channel.close()
+            try:
+                os.kill(slot.pid, signal.SIGKILL if busy else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+            else:
+                self.workers.pop(pid, None)
+        for slot in list(self.workers.values()):
+            self._kill(slot)
+            try:
+                os.waitpid(slot.pid, 0)
+            except ChildProcessError:
+                pass
+        self.workers.clear()
+        signal.set_wakeup_fd(-1)
+        self.epoll.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+        log.info("expertd stopped")
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"

@@ -1,0 +1,186 @@
+"""Test harness: a real expertd process on a real socket in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from expertd.client import Client
+from expertd.errors import ConnectError
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_EXPERTS = Path(__file__).resolve().parent / "experts"
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+
+DEFAULT_EXPERTS = {
+    "echo": "testexperts:echo",
+    "add": "testexperts:add",
+    "boom": "testexperts:boom",
+    "slow": "testexperts:slow",
+    "pid": "testexperts:pid",
+    "kill_worker": "testexperts:kill_worker",
+    "exit_worker": "testexperts:exit_worker",
+    "unsendable": "testexperts:unsendable",
+    "document_length": "testexperts:document_length",
+    "hooks": "testexperts:hooks",
+    "fib": "fibs:fib",
+    "square": "squares.square",
+    "keywords": "keywords:opinion",
+}
+
+
+def write_config(directory: Path, experts: dict[str, str] | None = None, **settings: object) -> Path:
+    """Write an expertd.conf; settings go into [expertd] verbatim."""
+    lines = ["[expertd]", f"pythonpath = {TEST_EXPERTS} {EXAMPLES}"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    for name, function in (DEFAULT_EXPERTS if experts is None else experts).items():
+        lines += [f"[expert:{name}]", f"function = {function}"]
+    path = directory / "expertd.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """One expertd master process started with ``python -m expertd``."""
+
+    def __init__(self, config: Path, socket_path: Path, workers: int = 2, env: dict | None = None) -> None:
+        self.config = config
+        self.socket = socket_path
+        self.workers = workers
+        self.log_path = config.parent / f"{socket_path.stem}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, *extra: str) -> Daemon:
+        self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "expertd", "--config", str(self.config), "--socket", str(self.socket),
+             "--workers", str(self.workers), *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"expertd exited with {self.proc.returncode}:\n{self.log}")
+            if "expertd ready" in self.log_path.read_bytes()[self._log_start:].decode(errors="replace"):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"expertd not ready after {timeout}s:\n{self.log}")
+
+    def client(self, **options: object) -> Client:
+        return Client(str(self.socket), **options)
+
+    def ctl(self, *args: str, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "expertctl"), "--socket", str(self.socket), *args],
+            input=input, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def worker_pids(self) -> set[int]:
+        return {child.pid for child in psutil.Process(self.proc.pid).children()}
+
+    def wait_workers(self, count: int, exclude: set[int] = frozenset(), timeout: float = 20.0) -> set[int]:
+        """Wait until ``count`` workers exist and answer, none of them in ``exclude``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.worker_pids() - set(exclude)
+            if len(pids) == count and self.log.count(" ready in ") >= count + len(exclude):
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} workers, have {self.worker_pids()}:\n{self.log}")
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def short_dir():
+    """A directory with a short path: Unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="xd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(short_dir):
+    started: list[Daemon] = []
+
+    def factory(experts: dict[str, str] | None = None, workers: int = 2, env: dict | None = None,
+                start: bool = True, **settings: object) -> Daemon:
+        config = write_config(short_dir, experts, **settings)
+        daemon = Daemon(config, short_dir / f"d{len(started)}.sock", workers=workers, env=env)
+        started.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    yield factory
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def daemon(make_daemon) -> Daemon:
+    return make_daemon()
+
+
+def run_expertd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run expertd to completion (for start-up failures)."""
+    return subprocess.run([sys.executable, "-m", "expertd", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def connect_refused(path: str) -> bool:
+    try:
+        Client(path, connect_timeout=1).ping()
+    except ConnectError:
+        return True
+    return False
+
+
+__all__ = ["Daemon", "run_expertd", "wait_until", "write_config", "connect_refused", "textwrap"]

@@ -1,0 +1,69 @@
+"""Experts used by the test-suite: each one exercises a path through the daemon."""
+
+import os
+import signal
+import time
+
+from expertd import expert
+
+BOOTED_IN = {"master": None, "worker": None}
+
+
+def echo(*args, **kwargs):
+    """Return the arguments as received."""
+    return {"args": list(args), "kwargs": kwargs}
+
+
+def add(a, b=0):
+    """a + b."""
+    return a + b
+
+
+def boom(message="kaboom"):
+    """Raise ValueError(message)."""
+    raise ValueError(message)
+
+
+def slow(seconds):
+    """Sleep, then return the worker's pid."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def pid():
+    """The pid of the worker serving the call."""
+    return os.getpid()
+
+
+def kill_worker():
+    """Kill the worker serving the call, mid-request."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_worker():
+    """Call sys.exit() inside an expert (must not kill the worker)."""
+    raise SystemExit(7)
+
+
+def unsendable():
+    """Return something msgpack cannot carry."""
+    return object()
+
+
+def document_length(document):
+    """A document expert: the length of document['text']."""
+    return {"chars": len(document["text"]), "seen_opinions": sorted(document.get("opinions", {}))}
+
+
+def _master_hook():
+    BOOTED_IN["master"] = os.getpid()
+
+
+def _worker_hook():
+    BOOTED_IN["worker"] = os.getpid()
+
+
+@expert(before_fork=_master_hook, after_fork=_worker_hook)
+def hooks():
+    """Where each hook ran, and who answers."""
+    return {"master": BOOTED_IN["master"], "worker": BOOTED_IN["worker"], "me": os.getpid(), "parent": os.getppid()}
