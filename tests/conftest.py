@@ -183,4 +183,4 @@ def connect_refused(path: str) -> bool:
     return False
 
 
-__all__ = ["Daemon", "run_expertd", "wait_until", "write_config", "connect_refused", "textwrap"]
+__all__ = ["Daemon", "connect_refused", "run_expertd", "textwrap", "wait_until", "write_config"]

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from conftest import Daemon, run_expertd, wait_until, write_config
 from expertd.errors import WorkerLost
+
+from conftest import Daemon, run_expertd, wait_until, write_config
 
 
 def test_killed_worker_is_replaced_and_calls_go_on(daemon):

@@ -60,7 +60,7 @@ def test_garbage_bytes_get_an_error_and_close(daemon):
     sock = _raw(daemon)
     sock.sendall(b"\x00\x01\x02garbage that is not a frame at all")
     data = _read_all(sock)
-    kind, _, length = protocol.parse_header(data[: protocol.HEADER_SIZE])
+    kind, _, _length = protocol.parse_header(data[: protocol.HEADER_SIZE])
     assert kind == protocol.ERROR
     assert protocol.unpack(data[protocol.HEADER_SIZE:])["code"] == "bad_request"
     _still_serving(daemon)
