@@ -18,11 +18,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --editable '.[tensorflow]'
+	$(BIN)/pip install --quiet --editable '.[tensorflow]' --config-settings editable_mode=compat
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --editable '.[tensorflow,test]'
+	$(BIN)/pip install --quiet --editable '.[tensorflow,test]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run

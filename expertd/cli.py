@@ -19,11 +19,14 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from typing import IO, Any
 
 from expertd.client import Client, default_socket
 from expertd.errors import ConnectError, ExpertdError, RemoteError
+
+TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import IO, Any
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

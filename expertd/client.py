@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 import time
-from typing import Any
 
 from expertd import protocol
 from expertd.errors import (
@@ -37,6 +36,10 @@ from expertd.errors import (
     RequestTimeout,
     error_from_wire,
 )
+
+TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Client", "default_socket"]
 

@@ -24,17 +24,22 @@ after every ``after_fork`` hook has returned.  Standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+TYPE_CHECKING = False  # typing stays out of the runtime import: clients import this package
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 _HOOKS_ATTR = "__expertd_hooks__"
 
 
-@dataclass(frozen=True)
 class Hooks:
-    before_fork: Callable[[], Any] | None = None
-    after_fork: Callable[[], Any] | None = None
+    """An expert's set-up hooks; either may be None."""
+
+    __slots__ = ("after_fork", "before_fork")
+
+    def __init__(self, before_fork: Callable[[], Any] | None = None, after_fork: Callable[[], Any] | None = None):
+        self.before_fork = before_fork
+        self.after_fork = after_fork
 
 
 def expert(

@@ -18,11 +18,14 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any
 
 import msgpack
 
 from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RequestTimeout
+
+TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 MAGIC = b"XD"
 VERSION = 1

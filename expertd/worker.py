@@ -95,7 +95,7 @@ class Worker:
             if command is None:  # the master closed our channel: time to go
                 return
             _op, conn_id, fd = command
-            conn = socket.socket(fileno=fd)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
             try:
                 close = self._serve_one(conn)
             finally:
