@@ -33,7 +33,7 @@ test: $(VENV)/.installed-test lint
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check expertd tests examples
+	$(BIN)/ruff check expertd tests examples bench
 	$(BIN)/python -m expertd.config | diff -u docs/config.md - || \
 		(echo "docs/config.md is stale: run 'make docs'"; exit 1)
 
@@ -45,3 +45,10 @@ install:
 
 clean:
 	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis
+
+.PHONY: bench bench-quick
+bench: $(VENV)/.installed-run
+	$(BIN)/python bench/calls.py
+
+bench-quick: $(VENV)/.installed-run
+	$(BIN)/python bench/calls.py --quick
