@@ -12,7 +12,7 @@ else
 RUN_SOCKET ?= $(CURDIR)/run/expertd.sock
 endif
 
-.PHONY: run test lint install clean docs
+.PHONY: run test lint install clean docs model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(VENV)/.installed-test
 
 docs: $(VENV)/.installed-run
 	$(BIN)/python -m expertd.config > docs/config.md
+
+# Retrain the example sentiment model (examples/sentiment/) from its corpus.
+model: $(VENV)/.installed-run
+	cd examples && ../$(BIN)/python -m sentiment.train
 
 install:
 	$(PYTHON) -m pip install .

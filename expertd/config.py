@@ -63,6 +63,12 @@ def _parse_workers(raw: str) -> int:
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+def _parse_threads(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None  # resolved per worker: cores // workers
+    return _int_at_least(1).parse(raw)
+
+
 def _parse_size(raw: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", raw)
     if not match:
@@ -134,6 +140,7 @@ def _parse_text(raw: str) -> str:
 
 
 INT_WORKERS = _Type("integer ≥ 1 or auto", _parse_workers)
+THREADS = _Type("integer ≥ 1 or auto", _parse_threads)
 SIZE = _Type("size (bytes, K, M, G)", _parse_size)
 DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_duration)
 MODE = _Type("octal mode", _parse_mode)
@@ -192,6 +199,14 @@ SETTINGS: tuple[Setting, ...] = (
             "before it is killed."),
     Setting("max_connections", MAIN_SECTION, _int_at_least(1), "1000",
             "Most client connections held open at once; connections past it are closed at once."),
+    Setting("intra_op_threads", MAIN_SECTION, THREADS, "auto",
+            "Threads each worker gives TensorFlow (and OpenMP/torch) for one op, set after fork before the "
+            "runtime starts; auto shares the cores among the workers (cores // workers, at least 1)."),
+    Setting("inter_op_threads", MAIN_SECTION, THREADS, "auto",
+            "Threads each worker gives TensorFlow for running independent ops at once; auto as above."),
+    Setting("tf_log_level", MAIN_SECTION, LOG_LEVEL, "error",
+            "Threshold for TensorFlow's own log (native and Python). The default keeps its start-up "
+            "notices out of the log; info or debug lets them through."),
     Setting("function", "expert", FUNCTION, None,
             "The expert's callable as module:function (module.function, Firefly's form, also works). "
             "The module is imported in the master."),
@@ -225,6 +240,9 @@ class Config:
     graceful_timeout: float = 30.0
     boot_timeout: float = 120.0
     max_connections: int = 1000
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    tf_log_level: str = "error"
     experts: dict[str, ExpertSpec] = field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ Messages are tiny fixed-format packets (one message per packet, so no framing):
 
     master -> worker   SERVE conn_id (+ the connection's fd)
     worker -> master   READY pid | DONE conn_id close_flag | FAILED utf-8 text
+                       | MEMORY uss pss rss (bytes, measured once, just after READY)
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ SERVE = b"S"
 READY = b"R"
 DONE = b"D"
 FAILED = b"F"
+MEMORY = b"M"
 
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IB")
+_MEMORY = struct.Struct("!QQQ")
 _MAX_MESSAGE = 4096
 
 
@@ -58,6 +61,10 @@ def send_done(channel: socket.socket, conn_id: int, close: bool) -> None:
     channel.send(DONE + _DONE.pack(conn_id, 1 if close else 0))
 
 
+def send_memory(channel: socket.socket, uss: int, pss: int, rss: int) -> None:
+    channel.send(MEMORY + _MEMORY.pack(uss, pss, rss))
+
+
 def send_failed(channel: socket.socket, message: str) -> None:
     channel.send(FAILED + message.encode("utf-8", "replace")[: _MAX_MESSAGE - 1])
 
@@ -66,6 +73,7 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     """Read one worker report without blocking.
 
     Returns ``(READY, pid)``, ``(DONE, (conn_id, close))``, ``(FAILED, text)``,
+    ``(MEMORY, (uss, pss, rss))``,
     None when nothing is waiting, or ``(b"", None)`` when the worker's end closed.
     """
     try:
@@ -84,4 +92,6 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
         return READY, _U32.unpack_from(data, 1)[0]
     if op == FAILED:
         return FAILED, data[1:].decode("utf-8", "replace")
+    if op == MEMORY:
+        return MEMORY, _MEMORY.unpack_from(data, 1)
     raise RuntimeError(f"unexpected report from a worker: {data!r}")

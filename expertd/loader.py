@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import sys
 import traceback
@@ -18,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from expertd import runtimes
 from expertd.config import MAIN_SECTION, Config, ExpertSpec
 from expertd.errors import ExpertLoadError
 from expertd.expert import hooks_of
+
+log = logging.getLogger("expertd.loader")
 
 
 @dataclass
@@ -55,15 +59,29 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}"
 
 
+def _check_fork_safety(what: str) -> None:
+    """Fail at once, naming the culprit, if a step started a runtime that cannot cross fork()."""
+    started = runtimes.started_runtimes()
+    if started:
+        raise ExpertLoadError(
+            f"{what} started {started[0]} in the master, and workers forked from it would deadlock; "
+            "move model building and loading into an after_fork hook (see docs/experts.md)"
+        )
+
+
 def _import(module: str, where: str) -> Any:
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
+        _check_fork_safety(f"{where}: importing {module!r}")
+        return imported
     except ModuleNotFoundError as exc:
         if exc.name and module.startswith(exc.name):
             raise ExpertLoadError(
                 f"{where}: no module named {exc.name!r}; check the name, pythonpath and the virtualenv"
             ) from None
         raise ExpertLoadError(f"{where}: importing {module!r} failed: {describe_exception(exc)}") from None
+    except ExpertLoadError:
+        raise
     except BaseException as exc:  # an expert module may raise anything, SystemExit included
         raise ExpertLoadError(f"{where}: importing {module!r} failed: {describe_exception(exc)}") from None
 
@@ -114,6 +132,7 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
             )
         if directory not in sys.path:
             sys.path.insert(0, directory)
+    runtimes.set_native_log_level(config.tf_log_level)
     for module in config.preload:
         _import(module, f"{config.path}: [{MAIN_SECTION}] preload")
 
@@ -134,7 +153,16 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
         )
 
     for hook, names in _distinct_hooks(experts, "before_fork"):
-        _run_hook(hook, f"{config.path}: [expert:{names[0]}] before_fork hook {_hook_name(hook)} failed")
+        where = f"{config.path}: [expert:{names[0]}] before_fork hook {_hook_name(hook)}"
+        _run_hook(hook, f"{where} failed")
+        _check_fork_safety(where)
+    runtimes.quiet_python_loggers(config.tf_log_level)
+    threads = runtimes.extra_threads()
+    if threads:
+        log.warning(
+            "threads running in the master will not exist in the workers: %s; start them in an after_fork hook",
+            ", ".join(threads),
+        )
     return experts
 
 

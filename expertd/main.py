@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so that --help and config errors stay fast.
     from expertd.loader import load_experts
+    from expertd.runtimes import quiet_native_logs
 
     try:
-        experts = load_experts(config)
+        with quiet_native_logs(config.tf_log_level in ("warning", "error")):
+            experts = load_experts(config)
     except ExpertLoadError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_EXPERT

@@ -82,6 +82,7 @@ class _WorkerSlot:
     busy_since: float = 0.0
     requests: int = 0
     failure: str | None = None
+    memory: tuple[int, int, int] | None = None  # USS, PSS, RSS in bytes, measured after warm-up
     exit_status: str = ""
     recent_crashes: list = field(default_factory=list)
 
@@ -235,6 +236,11 @@ class Master:
                 self._maybe_announce_ready()
             elif op == ipc.FAILED:
                 slot.failure = str(value)
+            elif op == ipc.MEMORY:
+                slot.memory = value
+                uss, pss, rss = (round(n / 2**20, 1) for n in value)
+                log.info("worker %d (pid %d) memory after warm-up: USS %.1f MiB, PSS %.1f MiB, RSS %.1f MiB",
+                         slot.number, slot.pid, uss, pss, rss)
             else:  # the worker's end closed: it is exiting; SIGCHLD will follow
                 self.epoll.unregister(slot.channel.fileno())
                 del self._by_channel[slot.channel.fileno()]

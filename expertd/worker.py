@@ -20,7 +20,7 @@ import traceback
 from types import FrameType
 from typing import Any, NoReturn
 
-from expertd import __version__, ipc, protocol
+from expertd import __version__, ipc, protocol, runtimes
 from expertd.config import Config
 from expertd.errors import (
     BadRequest,
@@ -55,14 +55,21 @@ class Worker:
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
         self._install_signals()
+        config = self.config
+        runtimes.apply_worker_threads(
+            runtimes.resolve_threads(config.intra_op_threads, config.workers),
+            runtimes.resolve_threads(config.inter_op_threads, config.workers),
+        )
         try:
-            run_after_fork(self.experts)
+            with runtimes.quiet_native_logs(config.tf_log_level in ("warning", "error")):
+                run_after_fork(self.experts)
         except ExpertLoadError as exc:
             message = f"worker {self.number}: {exc}"
             log.error("%s", message)
             _send_quietly(ipc.send_failed, self.channel, message)
             os._exit(EXIT_BOOT_FAILED)
         ipc.send_ready(self.channel, os.getpid())
+        self._report_memory()
         try:
             self._serve_forever()
         except SystemExit:
@@ -71,6 +78,16 @@ class Worker:
             log.exception("worker %d crashed", self.number)
             os._exit(1)
         os._exit(0)
+
+    def _report_memory(self) -> None:
+        # After READY, so that reading /proc/self/smaps does not delay serving.
+        import psutil
+
+        try:
+            info = psutil.Process().memory_full_info()
+            ipc.send_memory(self.channel, info.uss, info.pss, info.rss)
+        except (psutil.Error, OSError, AttributeError) as exc:
+            log.debug("worker %d: memory figures unavailable: %s", self.number, exc)
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(-1)
