@@ -147,4 +147,6 @@ def test_after_fork_hook_failure_stops_start_up_naming_the_expert(short_dir):
     assert time.monotonic() - started < 30
     assert "[expert:broken_model] after_fork hook tfexperts._fail_after_building failed" in done.stderr
     assert "RuntimeError: model file is corrupt" in done.stderr
-    assert done.stderr.count("model file is corrupt") <= 2  # reported, not respawned in a loop
+    # Reported by each of the two first workers and by the master, and never respawned.
+    assert done.stderr.count("model file is corrupt") <= 3
+    assert "respawning" not in done.stderr
