@@ -53,6 +53,7 @@ clean:
 .PHONY: bench bench-quick
 bench: $(VENV)/.installed-run
 	$(BIN)/python bench/calls.py
+	$(BIN)/python bench/memory.py --workers 2 4 --independent 5
 
 bench-quick: $(VENV)/.installed-run
 	$(BIN)/python bench/calls.py --quick
