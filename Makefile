@@ -54,6 +54,7 @@ clean:
 bench: $(VENV)/.installed-run
 	$(BIN)/python bench/calls.py
 	$(BIN)/python bench/memory.py --workers 2 4 --independent 5
+	$(BIN)/python bench/weight_sharing.py
 
 bench-quick: $(VENV)/.installed-run
 	$(BIN)/python bench/calls.py --quick
