@@ -58,3 +58,9 @@ bench: $(VENV)/.installed-run
 
 bench-quick: $(VENV)/.installed-run
 	$(BIN)/python bench/calls.py --quick
+
+# SOAK_SECONDS=300 make soak: load with chaos (workers SIGKILLed at random), every answer checked.
+SOAK_SECONDS ?= 300
+.PHONY: soak
+soak: $(VENV)/.installed-run
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS) --clients 16 --workers 2 --chaos

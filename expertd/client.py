@@ -14,9 +14,9 @@ drops the inherited pool and opens its own connections.
 Retries (see docs/protocol.md): a call is sent again, once, on a fresh
 connection when a pooled connection turns out to have been closed by the
 daemon before any reply byte arrived (the request was never served), and,
-unless ``retry=False``, once when the daemon reports that the worker serving
-it was lost or that it is shutting down.  Experts are pure opinions, which is
-what makes the second retry safe.
+``retries`` times (default once; 0 turns it off) when the daemon reports that
+the worker serving it was lost or that the daemon is shutting down.  Experts
+are pure opinions, which is what makes that retry safe.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 
 from expertd import protocol
 from expertd.errors import (
@@ -57,8 +58,9 @@ class Client:
     """A connection pool to one expertd socket.
 
     ``timeout`` bounds the wait for each reply (None waits for ever);
-    ``connect_timeout`` bounds connecting; ``retry`` allows one more attempt
-    after a lost worker; ``pool_size`` is how many idle connections are kept.
+    ``connect_timeout`` bounds connecting; ``retries`` is how many more attempts
+    a call gets after a lost worker (0 for experts with side effects);
+    ``pool_size`` is how many idle connections are kept.
     """
 
     def __init__(
@@ -67,18 +69,19 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        retry: bool = True,
+        retries: int = 1,
         pool_size: int = 8,
     ) -> None:
         self.socket_path = socket or default_socket()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.retry = retry
+        self.retries = retries
         self.pool_size = pool_size
         self._pool: list[Any] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._ids = itertools.count(1)
+        _clients.add(self)
 
     # ----------------------------------------------------------- public API
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -122,7 +125,7 @@ class Client:
     # ------------------------------------------------------------ internals
     def _request(self, kind: int, body: bytes) -> Any:
         stale_retry = True
-        lost_retry = self.retry
+        lost_retries = self.retries
         while True:
             conn, reused = self._checkout()
             request_id = next(self._ids) & protocol.MAX_REQUEST_ID
@@ -131,7 +134,10 @@ class Client:
             except _Stale as exc:
                 conn.close()
                 if reused and stale_retry:
+                    # The daemon closed idle connections (restart, idle_timeout): the rest
+                    # of the pool is as stale as this one, so retry on a fresh connection.
                     stale_retry = False
+                    self.close()
                     continue
                 raise ConnectionLost(
                     f"expertd at {self.socket_path} closed the connection before replying: {exc}"
@@ -144,8 +150,8 @@ class Client:
                 return reply
             conn.close()  # the daemon may close after an error; never reuse the connection
             error = error_from_wire(reply)
-            if error.retryable and lost_retry:
-                lost_retry = False
+            if error.retryable and lost_retries > 0:
+                lost_retries -= 1
                 continue
             raise error
 
@@ -200,9 +206,18 @@ class Client:
             pass
         return None
 
+    def _after_fork_in_child(self) -> None:
+        # The pool's connections belong to the parent; another thread of the parent
+        # may have held the lock at fork time, so both are replaced, not waited on.
+        self._lock = threading.Lock()
+        for conn in self._pool:
+            conn.close()  # our copies only: the parent's connections stay open
+        self._pool = []
+        self._pid = os.getpid()
+
     def _checkout(self) -> tuple[socket.socket, bool]:
         with self._lock:
-            if self._pid != os.getpid():  # forked: the pool belongs to the parent
+            if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork from C)
                 self._pool = []
                 self._pid = os.getpid()
             if self._pool:
@@ -246,6 +261,17 @@ class Client:
             conn.close()
             raise ConnectError(f"cannot connect to {path}: {exc.strerror or exc}", path) from None
         return conn
+
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _reset_clients_after_fork() -> None:
+    for client in list(_clients):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_clients_after_fork)
 
 
 class _Stale(Exception):

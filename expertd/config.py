@@ -18,11 +18,11 @@ import difflib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from expertd.errors import ConfigError
-from expertd.protocol import DEFAULT_MAX_FRAME, DEFAULT_SOCKET
+from expertd.protocol import DEFAULT_SOCKET
 
 MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
@@ -92,6 +92,52 @@ def _parse_duration(raw: str) -> float:
     return value
 
 
+def _parse_duration_or_off(raw: str) -> float:
+    if raw.strip().lower() in ("0", "off"):
+        return 0.0
+    return _parse_duration(raw)
+
+
+def _parse_size_or_off(raw: str) -> int:
+    if raw.strip().lower() in ("0", "off"):
+        return 0
+    return _parse_size(raw)
+
+
+def _parse_jitter(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None  # a tenth of max_requests
+    return _int_at_least(0).parse(raw)
+
+
+def _parse_ids(kind: str) -> Callable[[str], list[int]]:
+    def parse(raw: str) -> list[int]:
+        import grp
+        import pwd
+
+        ids = []
+        for word in _parse_words(raw):
+            if word.isdigit():
+                ids.append(int(word))
+                continue
+            try:
+                ids.append(pwd.getpwnam(word).pw_uid if kind == "user" else grp.getgrnam(word).gr_gid)
+            except KeyError:
+                raise _Invalid(f"no {kind} named {word!r} on this system; use a name or a numeric id") from None
+        return ids
+
+    return parse
+
+
+def _parse_group(raw: str) -> int | None:
+    if not raw.strip():
+        return None
+    ids = _parse_ids("group")(raw)
+    if len(ids) != 1:
+        raise _Invalid("name one group")
+    return ids[0]
+
+
 def _parse_mode(raw: str) -> int:
     try:
         value = int(raw.strip(), 8)
@@ -143,6 +189,12 @@ INT_WORKERS = _Type("integer ≥ 1 or auto", _parse_workers)
 THREADS = _Type("integer ≥ 1 or auto", _parse_threads)
 SIZE = _Type("size (bytes, K, M, G)", _parse_size)
 DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_duration)
+DURATION_OR_OFF = _Type("duration, or 0 for none", _parse_duration_or_off)
+SIZE_OR_OFF = _Type("size, or 0 for none", _parse_size_or_off)
+JITTER = _Type("integer ≥ 0 or auto", _parse_jitter)
+USERS = _Type("list of user names or uids", _parse_ids("user"))
+GROUPS = _Type("list of group names or gids", _parse_ids("group"))
+GROUP = _Type("group name or gid", _parse_group)
 MODE = _Type("octal mode", _parse_mode)
 PATH = _Type("path", _parse_text)
 PATHS = _Type("list of paths", _parse_words)
@@ -189,6 +241,32 @@ SETTINGS: tuple[Setting, ...] = (
             "a larger request gets a frame_too_large error and the connection is closed."),
     Setting("socket_mode", MAIN_SECTION, MODE, "0660",
             "File mode of the socket file. Anyone who can write to the socket can call every expert."),
+    Setting("socket_group", MAIN_SECTION, GROUP, "",
+            "Group given to the socket file (with socket_mode 0660, its members may call the experts); "
+            "empty keeps the daemon's own group."),
+    Setting("allow_uids", MAIN_SECTION, USERS, "",
+            "If set (with or without allow_gids), only these users may connect, checked with SO_PEERCRED "
+            "on accept; root and the daemon's own user are always allowed. Refused peers are logged."),
+    Setting("allow_gids", MAIN_SECTION, GROUPS, "",
+            "If set, members of these groups (primary or supplementary) may connect too."),
+    Setting("timeout", MAIN_SECTION, DURATION, "60s",
+            "Longest a request may run in an expert. Past it the worker is killed and replaced and the "
+            "caller gets a timeout error. [expert:NAME] timeout overrides it per expert."),
+    Setting("max_requests", MAIN_SECTION, _int_at_least(0), "0",
+            "A worker that has served this many requests finishes the one in hand and is replaced "
+            "(0: never). Guards against slow leaks."),
+    Setting("max_requests_jitter", MAIN_SECTION, JITTER, "auto",
+            "Each worker adds a random 0..jitter to max_requests, so that workers do not all recycle "
+            "at once; auto is a tenth of max_requests."),
+    Setting("max_memory", MAIN_SECTION, SIZE_OR_OFF, "0",
+            "A worker whose private memory (USS) exceeds this after a request is replaced, with no "
+            "request lost (0: never). RSS is checked after every request, USS at most once a second."),
+    Setting("max_depth", MAIN_SECTION, _int_at_least(1), "64",
+            "Deepest nesting of lists and maps accepted in a request's arguments."),
+    Setting("max_args", MAIN_SECTION, _int_at_least(1), "64",
+            "Most positional plus keyword arguments accepted in one call."),
+    Setting("idle_timeout", MAIN_SECTION, DURATION_OR_OFF, "300s",
+            "A client connection idle this long is closed (0: never). Clients reconnect transparently."),
     Setting("read_timeout", MAIN_SECTION, DURATION, "10s",
             "Longest a request may take to arrive once its first byte is in, and a reply to be taken "
             "by the client. Slower connections are closed so that they cannot hold a worker."),
@@ -210,6 +288,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("function", "expert", FUNCTION, None,
             "The expert's callable as module:function (module.function, Firefly's form, also works). "
             "The module is imported in the master."),
+    Setting("timeout", "expert", DURATION, "",
+            "Longest a request to this expert may run; empty means the [expertd] timeout."),
 )
 
 _MAIN_KEYS = {s.name: s for s in SETTINGS if s.section == MAIN_SECTION}
@@ -222,28 +302,50 @@ class ExpertSpec:
 
     name: str
     function: str
+    timeout: float | None = None  # None: the [expertd] timeout
 
 
-@dataclass
 class Config:
-    """A validated configuration.  Attributes mirror the ``[expertd]`` settings."""
+    """A validated configuration.
+
+    Every ``[expertd]`` setting in :data:`SETTINGS` is an attribute, always
+    set by :func:`load_config` (defaults come from SETTINGS alone).
+    """
 
     path: str
-    socket: str = DEFAULT_SOCKET
-    workers: int = 1
-    preload: list[str] = field(default_factory=list)
-    pythonpath: list[str] = field(default_factory=list)
-    log_level: str = "info"
-    max_frame: int = DEFAULT_MAX_FRAME
-    socket_mode: int = 0o660
-    read_timeout: float = 10.0
-    graceful_timeout: float = 30.0
-    boot_timeout: float = 120.0
-    max_connections: int = 1000
-    intra_op_threads: int | None = None
-    inter_op_threads: int | None = None
-    tf_log_level: str = "error"
-    experts: dict[str, ExpertSpec] = field(default_factory=dict)
+    socket: str
+    workers: int
+    preload: list[str]
+    pythonpath: list[str]
+    log_level: str
+    max_frame: int
+    socket_mode: int
+    socket_group: int | None
+    allow_uids: list[int]
+    allow_gids: list[int]
+    timeout: float
+    max_requests: int
+    max_requests_jitter: int | None
+    max_memory: int
+    max_depth: int
+    max_args: int
+    idle_timeout: float
+    read_timeout: float
+    graceful_timeout: float
+    boot_timeout: float
+    max_connections: int
+    intra_op_threads: int | None
+    inter_op_threads: int | None
+    tf_log_level: str
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.experts: dict[str, ExpertSpec] = {}
+
+    def expert_timeout(self, name: str) -> float:
+        """The request timeout of expert ``name`` (its own, else the daemon's)."""
+        spec = self.experts.get(name)
+        return spec.timeout if spec is not None and spec.timeout is not None else self.timeout
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -284,7 +386,7 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: {message}") from None
 
     base_dir = os.path.dirname(os.path.abspath(path))
-    config = Config(path=os.path.abspath(path))
+    config = Config(os.path.abspath(path))
     if MAIN_SECTION not in parser:
         raise ConfigError(f"{path}: no [{MAIN_SECTION}] section; start the file with [{MAIN_SECTION}]")
 
@@ -305,7 +407,8 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         for key, raw in parser.items(section):
             if key not in _EXPERT_KEYS:
                 raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(_EXPERT_KEYS))}")
-            values[key] = _parse_setting(_EXPERT_KEYS[key], raw, f"{path}: [{section}]")
+            if raw.strip() or _EXPERT_KEYS[key].default is None:  # an empty optional key means its default
+                values[key] = _parse_setting(_EXPERT_KEYS[key], raw, f"{path}: [{section}]")
         for key, setting in _EXPERT_KEYS.items():
             if setting.default is None and key not in values:
                 raise ConfigError(f"{path}: [{section}] {key}: missing; add '{key} = module:function'")

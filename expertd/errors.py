@@ -126,6 +126,12 @@ class RequestTimeout(RemoteError, TimeoutError):
     code = "timeout"
 
 
+class AccessDenied(RemoteError):
+    """The daemon refused the connection: the peer's user is not allowed (allow_uids/allow_gids)."""
+
+    code = "access_denied"
+
+
 class ShuttingDown(RemoteError):
     """The daemon is stopping and did not take the request.  Safe to retry elsewhere or later."""
 
@@ -144,6 +150,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         BadResult,
         WorkerLost,
         RequestTimeout,
+        AccessDenied,
         ShuttingDown,
     )
 }

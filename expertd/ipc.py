@@ -1,64 +1,136 @@
 """The channel between the master and one worker: a SOCK_SEQPACKET socket pair.
 
 The master owns every client connection.  When a connection has a complete
-request waiting, the master hands the connection's file descriptor to an idle
-worker (SCM_RIGHTS); the worker reads that one request, replies on the
-connection, closes its copy of the descriptor and reports back.  Idle and
-slow connections therefore never occupy a worker.
+request, the master hands the connection's file descriptor to an idle worker
+(SCM_RIGHTS); the worker answers that one request on the connection, closes
+its copy of the descriptor and reports back.  Idle and slow connections
+therefore never occupy a worker.
+
+A request that arrived whole in the socket is read by the worker.  One that
+arrived in pieces was gathered by the master, which sends it along: inside
+the message when small, else in a memfd.  A reply the client is slow to take
+goes back the same way, for the master to finish writing.
 
 Messages are tiny fixed-format packets (one message per packet, so no framing):
 
-    master -> worker   SERVE conn_id (+ the connection's fd)
-    worker -> master   READY pid | DONE conn_id close_flag | FAILED utf-8 text
-                       | MEMORY uss pss rss (bytes, measured once, just after READY)
+    master -> worker   SERVE conn_id how  (+ connection fd) (+ frame bytes | + memfd)
+    worker -> master   READY pid | WRITING | DONE conn_id flags (+ memfd of unsent reply bytes)
+                       | FAILED utf-8 text | MEMORY uss pss rss
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
 SERVE = b"S"
 READY = b"R"
+WRITING = b"W"  # the worker is about to write its reply: from now on it may be partly delivered
 DONE = b"D"
 FAILED = b"F"
 MEMORY = b"M"
 
+_FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
+_SERVE = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IB")
 _MEMORY = struct.Struct("!QQQ")
+_CLOSE, _RETIRING, _UNSENT = 1, 2, 4
 _MAX_MESSAGE = 4096
+# Frames up to this size travel inside the SERVE message (the default socket buffer holds them).
+MAX_INLINE = 64 * 1024
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
     """A connected (master end, worker end) pair."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_INLINE)
+    return master_end, worker_end
 
 
-def send_serve(channel: socket.socket, conn_id: int, fd: int) -> None:
-    socket.send_fds(channel, [SERVE + _U32.pack(conn_id)], [fd])
+def _to_memfd(name: str, data: bytes | bytearray | memoryview) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
 
 
-def receive_command(channel: socket.socket) -> tuple[bytes, int, int] | None:
-    """Block for the master's next command: ``(op, conn_id, fd)``, or None when the master closed the channel."""
-    data, fds, _flags, _addr = socket.recv_fds(channel, 64, 1)
-    if not data:
+def _from_memfd(fd: int) -> bytearray:
+    try:
+        size = os.fstat(fd).st_size
+        data = bytearray(size)
+        view = memoryview(data)
+        got = 0
+        while got < size:
+            chunk = os.pread(fd, size - got, got)
+            if not chunk:
+                break
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        return data
+    finally:
+        os.close(fd)
+
+
+def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | bytearray | None = None) -> None:
+    """Hand a connection to the worker; ``frame`` is the request when the master already read it."""
+    if frame is None:
+        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _FROM_SOCKET)], [fd])
+    elif len(frame) <= MAX_INLINE:
+        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MESSAGE), frame], [fd])
+    else:
+        memfd = _to_memfd("expertd-request", frame)
+        try:
+            socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MEMFD)], [fd, memfd])
+        finally:
+            os.close(memfd)
+
+
+def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None] | None:
+    """Block for the next connection: ``(conn_id, fd, frame or None)``; None when the master closed the channel."""
+    data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
+    if not data or data[:1] != SERVE or not fds:
         for fd in fds:
-            socket.close(fd)
-        return None
-    if data[:1] != SERVE or len(fds) != 1:
-        for fd in fds:
-            socket.close(fd)
-        raise RuntimeError(f"unexpected message from the master: {data!r}")
-    return SERVE, _U32.unpack_from(data, 1)[0], fds[0]
+            os.close(fd)
+        if not data:
+            return None
+        raise RuntimeError(f"unexpected message from the master: {data[:16]!r}")
+    conn_id, how = _SERVE.unpack_from(data, 1)
+    frame = None
+    if how == _IN_MESSAGE:
+        frame = bytearray(data[1 + _SERVE.size :])
+    elif how == _IN_MEMFD:
+        frame = _from_memfd(fds[1])
+    return conn_id, fds[0], frame
 
 
 def send_ready(channel: socket.socket, pid: int) -> None:
     channel.send(READY + _U32.pack(pid))
 
 
-def send_done(channel: socket.socket, conn_id: int, close: bool) -> None:
-    channel.send(DONE + _DONE.pack(conn_id, 1 if close else 0))
+def send_writing(channel: socket.socket) -> None:
+    channel.send(WRITING)
+
+
+def send_done(channel: socket.socket, conn_id: int, close: bool, retiring: bool = False,
+              unsent: bytes | memoryview | None = None) -> None:
+    """Report a finished request.
+
+    ``retiring``: this worker exits now and takes no more.  ``unsent``: the
+    part of the reply the client has not taken yet, for the master to write.
+    """
+    flags = (_CLOSE if close else 0) | (_RETIRING if retiring else 0) | (_UNSENT if unsent else 0)
+    message = DONE + _DONE.pack(conn_id, flags)
+    if not unsent:
+        channel.send(message)
+        return
+    memfd = _to_memfd("expertd-reply", unsent)
+    try:
+        socket.send_fds(channel, [message], [memfd])
+    finally:
+        os.close(memfd)
 
 
 def send_memory(channel: socket.socket, uss: int, pss: int, rss: int) -> None:
@@ -72,26 +144,34 @@ def send_failed(channel: socket.socket, message: str) -> None:
 def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     """Read one worker report without blocking.
 
-    Returns ``(READY, pid)``, ``(DONE, (conn_id, close))``, ``(FAILED, text)``,
-    ``(MEMORY, (uss, pss, rss))``,
-    None when nothing is waiting, or ``(b"", None)`` when the worker's end closed.
+    Returns ``(READY, pid)``, ``(WRITING, None)``, ``(DONE, (conn_id, close,
+    retiring, unsent bytes or None))``, ``(FAILED, text)``, ``(MEMORY, (uss,
+    pss, rss))``, None when nothing is waiting, or ``(b"", None)`` when the
+    worker's end closed.
     """
     try:
-        data = channel.recv(_MAX_MESSAGE, socket.MSG_DONTWAIT)
+        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE, 1, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return None
     except OSError:
         return b"", None
     if not data:
+        for fd in fds:
+            os.close(fd)
         return b"", None
     op = data[:1]
     if op == DONE:
-        conn_id, close = _DONE.unpack_from(data, 1)
-        return DONE, (conn_id, bool(close))
+        conn_id, flags = _DONE.unpack_from(data, 1)
+        unsent = _from_memfd(fds[0]) if fds else None
+        return DONE, (conn_id, bool(flags & _CLOSE), bool(flags & _RETIRING), unsent)
+    for fd in fds:
+        os.close(fd)
+    if op == WRITING:
+        return WRITING, None
     if op == READY:
         return READY, _U32.unpack_from(data, 1)[0]
     if op == FAILED:
         return FAILED, data[1:].decode("utf-8", "replace")
     if op == MEMORY:
         return MEMORY, _MEMORY.unpack_from(data, 1)
-    raise RuntimeError(f"unexpected report from a worker: {data!r}")
+    raise RuntimeError(f"unexpected report from a worker: {data[:16]!r}")

@@ -24,7 +24,7 @@ class ListenerError(ExpertdError):
 class Listener:
     """A bound, listening, non-blocking Unix stream socket."""
 
-    def __init__(self, path: str, mode: int = 0o660, backlog: int = socket.SOMAXCONN) -> None:
+    def __init__(self, path: str, mode: int = 0o660, group: int | None = None, backlog: int = socket.SOMAXCONN) -> None:
         self.path = path
         directory = os.path.dirname(path) or "."
         try:
@@ -41,7 +41,14 @@ class Listener:
             raise ListenerError(f"cannot bind {path}: {exc.strerror}") from None
         finally:
             os.umask(previous_umask)
-        os.chmod(path, mode)
+        try:
+            if group is not None:
+                os.chown(path, -1, group)
+            os.chmod(path, mode)
+        except OSError as exc:
+            self.sock.close()
+            os.unlink(path)
+            raise ListenerError(f"cannot set group or mode of {path}: {exc.strerror}") from None
         self._inode = os.stat(path).st_ino
         self.sock.listen(backlog)
         self.sock.setblocking(False)

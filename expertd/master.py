@@ -31,32 +31,42 @@ import struct
 import termios
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from expertd import ipc, protocol
 from expertd.config import Config
-from expertd.errors import BadRequest, FrameTooLarge, RemoteError, ShuttingDown, WorkerLost
+from expertd.errors import (
+    AccessDenied,
+    BadRequest,
+    FrameTooLarge,
+    RemoteError,
+    RequestTimeout,
+    ShuttingDown,
+    WorkerLost,
+)
 from expertd.listener import Listener
 from expertd.loader import LoadedExpert
-from expertd.worker import EXIT_BOOT_FAILED, worker_main
+from expertd.worker import worker_main
 
 log = logging.getLogger("expertd.master")
 
 EXIT_WORKER_BOOT_FAILED = 3
 
-# A request larger than the kernel buffers cannot be complete in the socket
-# before someone reads it.  Past this many queued bytes the client is clearly
-# sending, so the request is dispatched and the worker reads the rest.
-_STREAMING_THRESHOLD = 64 * 1024
+# Requests that do not arrive whole are gathered by the master, up to this many bytes in all.
+_GATHER_BUDGET_FRAMES = 4
+_GATHER_CHUNK = 256 * 1024
+_ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _PEEK_SIZE = 4096
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _ET_READ = select.EPOLLIN | select.EPOLLET
 _FIONREAD_BUF = b"\0\0\0\0"
-# A worker that dies within this long of becoming ready counts as a crash loop.
-_FAST_FAILURE = 1.0
+# More unexpected worker deaths than this (or twice the pool) within the window is a crash loop.
+_DEATH_WINDOW = 1.0
+_DEATHS_PER_WINDOW = 10
 _BACKOFF_MAX = 10.0
 _EXPIRY_INTERVAL = 0.25
 
-_IDLE, _PARTIAL, _QUEUED, _BUSY, _CLOSED = "idle", "partial", "queued", "busy", "closed"
+_IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 
 
 @dataclass(eq=False)
@@ -66,7 +76,13 @@ class _Connection:
     fd: int
     state: str = _IDLE
     request_id: int = 0
+    expert: str | None = None  # of the request waiting or in progress, when it is a call
     partial_since: float = 0.0
+    last_active: float = 0.0
+    frame_size: int = 0
+    inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
+    outbuf: memoryview | None = None  # the rest of a reply the client was slow to take
+    write_deadline: float = 0.0
 
 
 @dataclass(eq=False)
@@ -80,11 +96,12 @@ class _WorkerSlot:
     ready_at: float | None = None
     conn: _Connection | None = None
     busy_since: float = 0.0
+    deadline: float = 0.0  # when the request in hand times out
+    writing: bool = False  # the worker began writing its reply (so no error frame may follow)
     requests: int = 0
     failure: str | None = None
     memory: tuple[int, int, int] | None = None  # USS, PSS, RSS in bytes, measured after warm-up
-    exit_status: str = ""
-    recent_crashes: list = field(default_factory=list)
+    leaving: str | None = None  # why the worker is on its way out (retiring, timed out); not a crash
 
 
 class Master:
@@ -111,6 +128,13 @@ class Master:
         self._backoff_logged = False
         self._connections_full_logged = False
         self._next_expiry_check = 0.0
+        self._recent_deaths: deque[float] = deque()
+        self._gathered = 0  # bytes held in connections' inbufs
+        self._accept_paused_until = 0.0
+        # None: no allow-list, anyone who can open the socket may connect.
+        restricted = bool(config.allow_uids or config.allow_gids)
+        self._allowed_uids = set(config.allow_uids) | {0, os.getuid()} if restricted else None
+        self._allowed_gids = set(config.allow_gids)
 
     # ----------------------------------------------------------------- run
     def run(self) -> int:
@@ -118,7 +142,7 @@ class Master:
         # Everything loaded so far is shared with the workers; freezing it keeps the
         # collector from touching (and so copying) those pages in every worker.
         gc.freeze()
-        self.listener = Listener(self.config.socket, self.config.socket_mode)
+        self.listener = Listener(self.config.socket, self.config.socket_mode, self.config.socket_group)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self._wakeup_r, select.EPOLLIN)
         self._install_signals()
@@ -146,6 +170,8 @@ class Master:
         if conn is not None:
             if conn.state in (_IDLE, _PARTIAL):
                 self._examine(conn)
+            elif conn.state == _WRITING:
+                self._flush(conn)
         elif fd in self._by_channel:
             self._read_reports(self._by_channel[fd])
         elif fd == self._wakeup_r:
@@ -160,9 +186,17 @@ class Master:
     def _poll_timeout(self) -> float:
         if self._stop_deadline is not None:
             return 0.1
-        if len(self.workers) < self.config.workers:
-            return max(0.0, min(1.0, self._next_spawn_at - time.monotonic()))
-        return 1.0
+        now = time.monotonic()
+        timeout = 1.0
+        if self._active_workers() < self.config.workers:
+            timeout = min(timeout, self._next_spawn_at - now)
+        for slot in self.workers.values():
+            if slot.conn is not None:
+                timeout = min(timeout, slot.deadline - now)
+        return max(0.0, timeout)
+
+    def _active_workers(self) -> int:
+        return sum(1 for slot in self.workers.values() if slot.leaving is None)
 
     # ------------------------------------------------------------- signals
     def _install_signals(self) -> None:
@@ -191,7 +225,10 @@ class Master:
         if self._stop_deadline is not None:
             return
         now = time.monotonic()
-        while len(self.workers) < self.config.workers and now >= self._next_spawn_at:
+        if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
+            self._accept_paused_until = 0.0
+            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        while self._active_workers() < self.config.workers and now >= self._next_spawn_at:
             self._spawn()
             if self._fast_failures:
                 break  # while backing off, bring workers back one at a time
@@ -199,12 +236,24 @@ class Master:
     def _spawn(self) -> None:
         used = {slot.number for slot in self.workers.values()}
         number = next(n for n in range(1, len(used) + 2) if n not in used)
-        master_end, worker_end = ipc.channel_pair()
+        try:
+            master_end, worker_end = ipc.channel_pair()
+        except OSError as exc:
+            log.error("cannot create a worker channel: %s; retrying in a second", exc.strerror)
+            self._next_spawn_at = time.monotonic() + 1.0
+            return
         inherited = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, master_end.fileno()]
         inherited += [self.listener.fileno()] if self.listener else []
         inherited += list(self.connections)
         inherited += list(self._by_channel)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            master_end.close()
+            worker_end.close()
+            log.error("cannot fork a worker: %s; retrying in a second", exc.strerror)
+            self._next_spawn_at = time.monotonic() + 1.0
+            return
         if pid == 0:  # child
             signal.set_wakeup_fd(-1)
             worker_main(number, self.config, self.experts, worker_end, inherited)
@@ -229,6 +278,8 @@ class Master:
             op, value = report
             if op == ipc.DONE:
                 self._on_done(slot, *value)
+            elif op == ipc.WRITING:
+                slot.writing = True
             elif op == ipc.READY:
                 slot.ready_at = time.monotonic()
                 log.info("worker %d (pid %d) ready in %.2fs", slot.number, slot.pid, slot.ready_at - slot.born)
@@ -242,8 +293,8 @@ class Master:
                 log.info("worker %d (pid %d) memory after warm-up: USS %.1f MiB, PSS %.1f MiB, RSS %.1f MiB",
                          slot.number, slot.pid, uss, pss, rss)
             else:  # the worker's end closed: it is exiting; SIGCHLD will follow
-                self.epoll.unregister(slot.channel.fileno())
-                del self._by_channel[slot.channel.fileno()]
+                if self._by_channel.pop(slot.channel.fileno(), None) is not None:
+                    self.epoll.unregister(slot.channel.fileno())
                 return
 
     def _maybe_announce_ready(self) -> None:
@@ -254,17 +305,32 @@ class Master:
             self._announced_ready = True
             log.info("expertd ready: %d workers serving %s", ready, ", ".join(sorted(self.experts)))
 
-    def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool) -> None:
+    def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool,
+                 unsent: bytearray | None) -> None:
         conn, slot.conn = slot.conn, None
+        slot.writing = False
         slot.requests += 1
-        self._idle_workers.append(slot)
+        if retiring:
+            slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
+        else:
+            self._idle_workers.append(slot)
         if conn is None or conn.conn_id != conn_id:
             log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
             return
-        if close or self._stop_deadline is not None:
+        if close:
+            self._close(conn)
+        elif unsent:
+            # The client is slow to take its reply: finish writing it here, not in the worker.
+            conn.state = _WRITING
+            conn.outbuf = memoryview(unsent)
+            conn.write_deadline = time.monotonic() + self.config.read_timeout
+            self.epoll.modify(conn.fd, _ET_READ_WRITE)
+            self._flush(conn)
+        elif self._stop_deadline is not None:
             self._close(conn)
         else:
             conn.state = _IDLE
+            conn.last_active = time.monotonic()
             # Anything that arrived while the worker held the connection raised
             # its edge then; look now rather than wait for another.
             self._examine(conn)
@@ -283,6 +349,8 @@ class Master:
 
     def _on_worker_exit(self, slot: _WorkerSlot, status: int) -> None:
         now = time.monotonic()
+        if slot.channel.fileno() >= 0:
+            self._read_reports(slot)  # a DONE sent just before dying still counts
         fd = slot.channel.fileno()
         if fd in self._by_channel:
             self.epoll.unregister(fd)
@@ -291,29 +359,50 @@ class Master:
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
         how = _describe_status(status)
-        if slot.conn is not None:
-            conn, slot.conn = slot.conn, None
-            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how, conn.request_id)
-            self._fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+        if slot.leaving is not None:
+            log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
+        elif slot.conn is not None:
+            log.error("worker %d (pid %d) %s while serving request %d",
+                      slot.number, slot.pid, how, slot.conn.request_id)
         elif self._stop_deadline is None:
             log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
+        if slot.conn is not None:
+            conn, slot.conn = slot.conn, None
+            if slot.writing:
+                self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
+            elif slot.leaving == "timed out":
+                limit = self.config.expert_timeout(conn.expert or "")
+                self._fail(conn, RequestTimeout(
+                    f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
+                    "the worker was replaced", expert=conn.expert))
+            elif self._stop_deadline is not None:
+                self._fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+            else:
+                self._fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
         if self._stop_deadline is not None:
             return
 
         booted = slot.ready_at is not None
-        boot_failed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILED
-        if boot_failed and not self._announced_ready:
+        if not booted and not self._announced_ready:
             # A bad expert must not half-start the daemon: stop with its message.
-            log.error("%s", slot.failure or f"worker {slot.number} failed in its after_fork hooks")
+            log.error("%s", slot.failure or f"worker {slot.number} {how} before it was ready")
             self._exit_status = EXIT_WORKER_BOOT_FAILED
             self._begin_stop(graceful=False, reason="a worker failed to start")
             return
-        if not booted or now - (slot.ready_at or now) < _FAST_FAILURE:
+        if slot.leaving is not None:
+            return  # retired or killed on purpose: replaced without backoff
+        # Crash loop: a worker that never became ready, or deaths faster than the
+        # pool could plausibly need (an expert that kills its worker on every call).
+        self._recent_deaths.append(now)
+        while self._recent_deaths and now - self._recent_deaths[0] > _DEATH_WINDOW:
+            self._recent_deaths.popleft()
+        if not booted or len(self._recent_deaths) > max(_DEATHS_PER_WINDOW, 2 * self.config.workers):
             self._fast_failures += 1
             delay = min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
             self._next_spawn_at = now + delay
             if not self._backoff_logged:
-                log.error("workers are dying right after start; respawning with backoff (up to %.0fs)", _BACKOFF_MAX)
+                log.error("workers are dying as fast as they start; respawning with backoff (up to %.0fs)",
+                          _BACKOFF_MAX)
                 self._backoff_logged = True
         else:
             if self._backoff_logged:
@@ -321,6 +410,25 @@ class Master:
             self._fast_failures = 0
             self._backoff_logged = False
             self._next_spawn_at = now
+
+    def _time_out(self, slot: _WorkerSlot) -> None:
+        conn = slot.conn
+        assert conn is not None
+        log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %d); killing and replacing it",
+                  slot.number, slot.pid, self.config.expert_timeout(conn.expert or ""),
+                  conn.expert or "(request)", conn.request_id)
+        slot.leaving = "timed out"
+        self._kill_and_reap(slot)
+
+    def _kill_and_reap(self, slot: _WorkerSlot) -> None:
+        """SIGKILL a worker and handle its exit now, so that nothing it writes can follow our reply."""
+        self._kill(slot)
+        try:
+            _pid, status = os.waitpid(slot.pid, 0)
+        except ChildProcessError:
+            status = 0
+        if self.workers.pop(slot.pid, None) is not None:
+            self._on_worker_exit(slot, status)
 
     def _kill(self, slot: _WorkerSlot) -> None:
         try:
@@ -338,7 +446,11 @@ class Master:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept connections: %s; raise the file limit or lower max_connections", exc)
+                    # Level-triggered, the listener would wake us at once, for ever: pause accepting.
+                    log.error("cannot accept connections: %s; pausing accepts for a second "
+                              "(raise the file limit or lower max_connections)", exc.strerror)
+                    self.epoll.unregister(self.listener.fileno())
+                    self._accept_paused_until = time.monotonic() + 1.0
                 return
             if len(self.connections) >= self.config.max_connections:
                 if not self._connections_full_logged:
@@ -347,14 +459,34 @@ class Master:
                 sock.close()
                 continue
             self._connections_full_logged = False
+            if self._allowed_uids is not None and not self._peer_allowed(sock):
+                continue
             sock.setblocking(False)
-            conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno())
+            conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic())
             self._next_conn_id += 1
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, _ET_READ)
 
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        """Check the peer's credentials against allow_uids/allow_gids; refuse (and log) others."""
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid in self._allowed_uids or gid in self._allowed_gids or self._allowed_gids & _groups_of(pid):
+            return True
+        log.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids", uid, pid)
+        frame = protocol.encode_frame(protocol.ERROR, 0, protocol.pack(AccessDenied(
+            f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids").to_wire()))
+        try:
+            sock.send(frame, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+        return False
+
     def _examine(self, conn: _Connection) -> None:
         """Decide, without reading, whether ``conn`` has a whole request waiting."""
+        if conn.inbuf is not None:
+            self._gather(conn)
+            return
         try:
             # One peek usually sees the whole of a small request, saving the FIONREAD call.
             head = conn.sock.recv(_PEEK_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -378,6 +510,7 @@ class Master:
             self._fail(conn, BadRequest(str(exc)))
             return
         conn.request_id = request_id
+        conn.expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:]) if kind == protocol.CALL else None
         if kind not in protocol.REQUEST_KINDS:
             self._fail(conn, BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md"))
             return
@@ -386,15 +519,61 @@ class Master:
                 f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)"
             ))
             return
-        if len(head) < protocol.HEADER_SIZE + length and len(head) == _PEEK_SIZE:
+        conn.frame_size = protocol.HEADER_SIZE + length
+        if len(head) < conn.frame_size and len(head) == _PEEK_SIZE:
             queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.FIONREAD, _FIONREAD_BUF))[0]
         else:
             queued = len(head)
-        if queued >= protocol.HEADER_SIZE + length or queued >= _STREAMING_THRESHOLD:
-            conn.state = _QUEUED
+        if queued >= conn.frame_size:
+            conn.state = _QUEUED  # whole in the socket: the worker reads it
             self._queue.append(conn)
-        else:
-            self._mark_partial(conn)
+            return
+        # Arriving in pieces. The socket may never hold all of it (a sender writing small
+        # pieces fills the queue's accounting long before its byte count), so gather it here.
+        if self._gathered + conn.frame_size > _GATHER_BUDGET_FRAMES * self.config.max_frame:
+            self._fail(conn, BadRequest("too many large requests are arriving slowly; retry in a moment"))
+            return
+        conn.inbuf = bytearray()
+        self._gathered += conn.frame_size
+        self._gather(conn)
+
+    def _gather(self, conn: _Connection) -> None:
+        assert conn.inbuf is not None
+        while len(conn.inbuf) < conn.frame_size:
+            try:
+                data = conn.sock.recv(min(_GATHER_CHUNK, conn.frame_size - len(conn.inbuf)), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._mark_partial(conn)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            conn.inbuf += data
+        conn.state = _QUEUED
+        self._queue.append(conn)
+
+    def _flush(self, conn: _Connection) -> None:
+        """Write more of a reply the worker handed back; the connection is idle again once it is out."""
+        assert conn.outbuf is not None
+        try:
+            while conn.outbuf:
+                conn.outbuf = conn.outbuf[conn.sock.send(conn.outbuf, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbuf = None
+        self.epoll.modify(conn.fd, _ET_READ)
+        if self._stop_deadline is not None:
+            self._close(conn)
+            return
+        conn.state = _IDLE
+        conn.last_active = time.monotonic()
+        self._examine(conn)
 
     def _mark_partial(self, conn: _Connection) -> None:
         if conn.state != _PARTIAL:
@@ -408,13 +587,16 @@ class Master:
                 continue
             slot = self._idle_workers.popleft()
             try:
-                ipc.send_serve(slot.channel, conn.conn_id, conn.fd)
+                ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf)
             except OSError:
                 self._queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
                 continue
+            self._release_gathered(conn)
             conn.state = _BUSY
             slot.conn = conn
             slot.busy_since = time.monotonic()
+            slot.writing = False
+            slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
 
     def _refuse(self, conn: _Connection, head: bytes) -> None:
         if protocol.looks_like_http(head):
@@ -434,9 +616,16 @@ class Master:
             pass  # the client is gone or not reading: closing is all that is left
         self._close(conn)
 
+    def _release_gathered(self, conn: _Connection) -> None:
+        if conn.inbuf is not None:
+            self._gathered -= conn.frame_size
+            conn.inbuf = None
+
     def _close(self, conn: _Connection) -> None:
         if conn.state == _CLOSED:
             return
+        self._release_gathered(conn)
+        conn.outbuf = None
         conn.state = _CLOSED
         self.connections.pop(conn.fd, None)
         try:
@@ -446,15 +635,26 @@ class Master:
         conn.sock.close()
 
     def _expire(self) -> None:
-        """Close connections stuck mid-request and kill workers stuck booting."""
+        """Kill workers past their request timeout; close stalled and idle connections; kill stuck boots."""
         now = time.monotonic()
+        for slot in list(self.workers.values()):
+            if slot.conn is not None and now > slot.deadline:
+                self._time_out(slot)
         if now < self._next_expiry_check:
             return  # a scan of every connection is too dear to run on every loop iteration
         self._next_expiry_check = now + _EXPIRY_INTERVAL
-        for conn in [c for c in self.connections.values() if c.state == _PARTIAL]:
-            if now - conn.partial_since > self.config.read_timeout:
+        idle_timeout = self.config.idle_timeout
+        for conn in list(self.connections.values()):
+            if conn.state == _PARTIAL and now - conn.partial_since > self.config.read_timeout:
                 log.info("closing connection %d: request incomplete after %.0fs",
                          conn.conn_id, self.config.read_timeout)
+                self._close(conn)
+            elif conn.state == _WRITING and now > conn.write_deadline:
+                log.info("closing connection %d: the client did not take its reply within %.0fs",
+                         conn.conn_id, self.config.read_timeout)
+                self._close(conn)
+            elif conn.state == _IDLE and idle_timeout and now - conn.last_active > idle_timeout:
+                log.debug("closing connection %d: idle for %.0fs", conn.conn_id, idle_timeout)
                 self._close(conn)
         for slot in self.workers.values():
             if slot.ready_at is None and now - slot.born > self.config.boot_timeout:
@@ -523,6 +723,18 @@ class Master:
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         log.info("expertd stopped")
+
+
+def _groups_of(pid: int) -> set[int]:
+    """The supplementary groups of process ``pid`` (empty if it is gone or hidden)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 def _describe_status(status: int) -> str:

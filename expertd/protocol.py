@@ -32,6 +32,7 @@ VERSION = 1
 HEADER = struct.Struct("!2sBBII")
 HEADER_SIZE = HEADER.size
 MAX_REQUEST_ID = 0xFFFFFFFF
+MAX_BODY = 0xFFFFFFFF  # the header's length field is 32 bits
 
 # Request kinds (client -> daemon).
 CALL = 0x01
@@ -76,9 +77,25 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not accepted")
 
 
+# An empty array costs one byte on the wire and ~60 bytes decoded; bounding the
+# number of containers bounds that amplification (a 16 MiB frame of empty arrays
+# would otherwise cost a worker over a gigabyte).
+MAX_CONTAINERS = 1_000_000
+
+
 def unpack(body: bytes | bytearray | memoryview) -> Any:
-    """Decode a body safely: no extension types, str/bytes map keys only, sizes bounded by the body."""
-    return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
+    """Decode a body safely: no extension types, str/bytes map keys only, sizes and container count bounded."""
+    count = 0
+
+    def counted(container: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_CONTAINERS:
+            raise ValueError(f"more than {MAX_CONTAINERS} arrays and maps")
+        return container
+
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext,
+                           list_hook=counted, object_hook=counted)
 
 
 def _to_builtin(value: Any) -> Any:
@@ -121,6 +138,58 @@ def decode_call(body: bytes | bytearray) -> tuple[str, list, dict]:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise BadRequest("kwargs must be a map with string keys")
     return expert, args, kwargs
+
+
+def expert_name_hint(body_prefix: bytes) -> str | None:
+    """The expert named by a CALL body, read from its first bytes without decoding the rest.
+
+    The master uses it to apply the expert's timeout; None when the prefix is
+    too short or not the expected ``[str, ...]`` shape (the worker will say why).
+    """
+    if len(body_prefix) < 2 or body_prefix[0] != 0x93:  # fixarray of 3
+        return None
+    marker = body_prefix[1]
+    if 0xA0 <= marker <= 0xBF:  # fixstr
+        start, length = 2, marker & 0x1F
+    elif marker == 0xD9 and len(body_prefix) >= 3:  # str 8
+        start, length = 3, body_prefix[2]
+    else:
+        return None
+    raw = body_prefix[start : start + length]
+    if len(raw) < length:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# Bytes that can open a msgpack array or map: fixmap, fixarray, map16/32, array16/32.
+_CONTAINER_MARKERS = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
+_NOT_MARKERS = bytes(b for b in range(256) if b not in _CONTAINER_MARKERS)
+
+
+def check_shape(args: list, kwargs: dict, max_args: int, max_depth: int, body: bytes | bytearray = b"") -> None:
+    """Refuse calls with too many arguments or too deeply nested values (BadRequest).
+
+    Nesting cannot be deeper than the number of bytes in ``body`` that could
+    open a container, so most requests are cleared by one C-speed count.
+    """
+    if len(args) + len(kwargs) > max_args:
+        raise BadRequest(f"{len(args) + len(kwargs)} arguments given; the limit is {max_args} (max_args)")
+    if body and len(bytes(body).translate(None, _NOT_MARKERS)) < max_depth:
+        return
+    level, depth = [v for v in (*args, *kwargs.values()) if isinstance(v, (list, dict))], 1
+    while level:  # breadth first: one list of the containers at each depth
+        if depth > max_depth:
+            raise BadRequest(f"arguments nest deeper than {max_depth} levels (max_depth)")
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, (list, dict))
+        ]
+        depth += 1
 
 
 def recv_exact(sock: socket.socket, size: int, deadline: float | None = None) -> bytearray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -51,6 +52,12 @@ class Worker:
         self.requests = 0
         self._idle = True
         self._stop_requested = False
+        self._last_uss_check = 0.0
+        jitter = config.max_requests_jitter
+        if jitter is None:
+            jitter = config.max_requests // 10
+        # Each worker draws its own limit so that workers do not all recycle at once.
+        self._request_limit = config.max_requests + random.randint(0, jitter) if config.max_requests else 0
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
@@ -111,28 +118,64 @@ class Worker:
             self._idle = False
             if command is None:  # the master closed our channel: time to go
                 return
-            _op, conn_id, fd = command
+            conn_id, fd, frame = command
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
             try:
-                close = self._serve_one(conn)
+                close, unsent = self._serve_one(conn, frame)
             finally:
                 conn.close()
             self.requests += 1
-            ipc.send_done(self.channel, conn_id, close)
+            retire = self._retire_reason()
+            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent)
+            if retire is not None:
+                log.info("worker %d (pid %d) retiring after %d requests: %s",
+                         self.number, os.getpid(), self.requests, retire)
+                return
 
-    def _serve_one(self, conn: socket.socket) -> bool:
-        """Read one request from ``conn`` and answer it; return True if the connection must be closed."""
+    def _retire_reason(self) -> str | None:
+        """Why this worker should be replaced now (max_requests, max_memory), or None."""
+        if self._request_limit and self.requests >= self._request_limit:
+            return f"max_requests ({self._request_limit} with jitter)"
+        limit = self.config.max_memory
+        if not limit:
+            return None
+        # RSS (cheap) bounds USS from above: only when it is over the limit is the
+        # costly smaps reading done, and then at most once a second.
+        if _rss() <= limit:
+            return None
+        now = time.monotonic()
+        if now - self._last_uss_check < 1.0:
+            return None
+        self._last_uss_check = now
+        import psutil
+
+        uss = psutil.Process().memory_full_info().uss
+        if uss > limit:
+            return f"max_memory (private memory {uss / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB)"
+        return None
+
+    def _serve_one(self, conn: socket.socket, frame: bytearray | None) -> tuple[bool, memoryview | None]:
+        """Answer one request on ``conn`` (read from it, or ``frame`` if the master read it).
+
+        Returns whether the connection must be closed, and the part of the reply
+        the client did not take in time (for the master to finish writing).
+        """
         started = time.monotonic()
-        deadline = started + self.config.read_timeout
         try:
-            kind, request_id, body = protocol.read_frame(conn, self.config.max_frame, deadline)
+            if frame is None:
+                deadline = started + self.config.read_timeout
+                kind, request_id, body = protocol.read_frame(conn, self.config.max_frame, deadline)
+            else:
+                kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
+                body = memoryview(frame)[protocol.HEADER_SIZE :]
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
             log.info("closing connection: %s", exc)
-            return True
+            return True, None
         expert_name = None
         try:
             if kind == protocol.CALL:
                 expert_name, args, kwargs = protocol.decode_call(body)
+                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, body)
                 reply_kind, reply = protocol.RESULT, self._call(expert_name, args, kwargs)
             elif kind == protocol.PING:
                 reply_kind, reply = protocol.RESULT, protocol.pack(
@@ -146,12 +189,12 @@ class Worker:
         except RemoteError as exc:
             reply_kind, reply = protocol.ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
+        ipc.send_writing(self.channel)
         try:
-            conn.settimeout(self.config.read_timeout)
-            conn.sendall(protocol.encode_frame(reply_kind, request_id, reply))
+            unsent = _send_briefly(conn, protocol.encode_frame(reply_kind, request_id, reply))
         except OSError as exc:
             log.info("could not deliver reply to request %d: %s", request_id, exc)
-            return True
+            return True, None
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %d %s %.3f ms %s",
@@ -160,7 +203,7 @@ class Worker:
                 (time.monotonic() - started) * 1000,
                 outcome,
             )
-        return False
+        return False, unsent
 
     def _call(self, name: str, args: list, kwargs: dict) -> bytes:
         expert = self.experts.get(name)
@@ -176,15 +219,60 @@ class Worker:
             result: Any = expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker
             raise ExpertFailed(
-                f"{type(exc).__name__}: {exc}",
+                f"{type(exc).__name__}: {_safe_str(exc)}",
                 remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                remote_traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)),
+                remote_traceback=_safe_traceback(exc),
                 expert=name,
             ) from None
         try:
-            return protocol.pack(result)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise BadResult(f"{name} returned a value that cannot be sent: {exc}", expert=name) from None
+            body = protocol.pack(result)
+        except BaseException as exc:  # a result's own tolist() or __len__ may raise anything
+            raise BadResult(
+                f"{name} returned a value that cannot be sent: {type(exc).__name__}: {_safe_str(exc)}", expert=name
+            ) from None
+        if len(body) > protocol.MAX_BODY:
+            raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}",
+                            expert=name)
+        return body
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # an exception whose __str__ raises must not take the worker down
+        return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def _safe_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    except BaseException:
+        return f"{type(exc).__name__} (traceback unavailable)"
+
+
+# How long a worker waits for a slow client to take its reply before handing the rest to the master.
+_WRITE_PATIENCE = 0.05
+
+
+def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
+    """Write ``frame``; return what the client did not take within a moment (None when all went)."""
+    view = memoryview(frame)
+    conn.settimeout(_WRITE_PATIENCE)
+    while view:
+        try:
+            sent = conn.send(view)
+        except (TimeoutError, BlockingIOError):
+            return view
+        view = view[sent:]
+    return None
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
 
 
 def _send_quietly(send: Any, *args: Any) -> None:

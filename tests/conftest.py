@@ -34,6 +34,7 @@ DEFAULT_EXPERTS = {
     "unsendable": "testexperts:unsendable",
     "document_length": "testexperts:document_length",
     "hooks": "testexperts:hooks",
+    "leak": "testexperts:leak",
     "fib": "fibs:fib",
     "square": "squares.square",
     "keywords": "keywords:opinion",
@@ -44,8 +45,9 @@ def write_config(directory: Path, experts: dict[str, str] | None = None, **setti
     """Write an expertd.conf; settings go into [expertd] verbatim."""
     lines = ["[expertd]", f"pythonpath = {TEST_EXPERTS} {EXAMPLES}"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
-    for name, function in (DEFAULT_EXPERTS if experts is None else experts).items():
-        lines += [f"[expert:{name}]", f"function = {function}"]
+    for name, spec in (DEFAULT_EXPERTS if experts is None else experts).items():
+        keys = spec if isinstance(spec, dict) else {"function": spec}
+        lines += [f"[expert:{name}]"] + [f"{key} = {value}" for key, value in keys.items()]
     path = directory / "expertd.conf"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -26,7 +26,7 @@ def test_killed_worker_is_replaced_and_calls_go_on(daemon):
 
 
 def test_worker_lost_mid_request_is_reported_not_hung(daemon):
-    client = daemon.client(retry=False, timeout=10)
+    client = daemon.client(retries=0, timeout=10)
     with pytest.raises(WorkerLost) as caught:
         client.call("kill_worker")
     assert caught.value.code == "worker_lost" and caught.value.retryable
@@ -37,7 +37,7 @@ def test_worker_lost_mid_request_is_reported_not_hung(daemon):
 def test_client_retries_once_after_a_lost_worker(daemon, short_dir):
     # kill_worker kills every worker it reaches: with retry on, the client sends
     # it twice and then reports the loss; a pure expert would have succeeded.
-    client = daemon.client(retry=True, timeout=10)
+    client = daemon.client(retries=1, timeout=10)
     with pytest.raises(WorkerLost):
         client.call("kill_worker")
     wait_until(lambda: daemon.log.count("while serving request") >= 2)
@@ -74,7 +74,7 @@ def test_in_flight_requests_finish_during_graceful_stop(daemon):
 
 def test_graceful_timeout_bounds_the_stop(make_daemon):
     daemon = make_daemon(graceful_timeout="1s")
-    client = daemon.client(timeout=30, retry=False)
+    client = daemon.client(timeout=30, retries=0)
     errors = []
 
     def call():

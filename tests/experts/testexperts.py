@@ -67,3 +67,12 @@ def _worker_hook():
 def hooks():
     """Where each hook ran, and who answers."""
     return {"master": BOOTED_IN["master"], "worker": BOOTED_IN["worker"], "me": os.getpid(), "parent": os.getppid()}
+
+
+_LEAKED = []
+
+
+def leak(megabytes=8):
+    """Keep megabytes of touched memory for ever (a leaking model cache); returns the worker's pid."""
+    _LEAKED.append(bytearray(b"x" * (megabytes * 2**20)))
+    return os.getpid()
