@@ -128,7 +128,7 @@ class Client:
         lost_retries = self.retries
         while True:
             conn, reused = self._checkout()
-            request_id = next(self._ids) & protocol.MAX_REQUEST_ID
+            request_id = next(self._ids) % protocol.MAX_REQUEST_ID + 1  # 1..2**32-1: 0 is the daemon's
             try:
                 reply_kind, reply = self._round_trip(conn, kind, request_id, body)
             except _Stale as exc:
@@ -187,7 +187,9 @@ class Client:
             raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
         except RequestTimeout:
             raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
-        if reply_id != request_id:
+        if reply_id != request_id and not (reply_kind == protocol.ERROR and reply_id == 0):
+            # (Request id 0 is never used by clients: the daemon answers with it when
+            # it refuses the connection itself, e.g. access denied.)
             raise ProtocolError(f"reply for request {reply_id} arrived while waiting for {request_id}")
         if reply_kind not in (protocol.RESULT, protocol.ERROR):
             raise ProtocolError(f"unknown reply kind 0x{reply_kind:02x}")

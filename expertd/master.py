@@ -64,6 +64,8 @@ _FIONREAD_BUF = b"\0\0\0\0"
 _DEATH_WINDOW = 1.0
 _DEATHS_PER_WINDOW = 10
 _BACKOFF_MAX = 10.0
+# A crash burst ends after this long without a quick failure.
+_QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
@@ -124,6 +126,7 @@ class Master:
         self._exit_status = 0
         self._announced_ready = False
         self._fast_failures = 0
+        self._last_fast_failure = 0.0
         self._next_spawn_at = 0.0
         self._backoff_logged = False
         self._connections_full_logged = False
@@ -398,18 +401,23 @@ class Master:
             self._recent_deaths.popleft()
         if not booted or len(self._recent_deaths) > max(_DEATHS_PER_WINDOW, 2 * self.config.workers):
             self._fast_failures += 1
-            delay = min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
-            self._next_spawn_at = now + delay
+            self._last_fast_failure = now
+            self._next_spawn_at = now + self._backoff_delay()
             if not self._backoff_logged:
                 log.error("workers are dying as fast as they start; respawning with backoff (up to %.0fs)",
                           _BACKOFF_MAX)
                 self._backoff_logged = True
+        elif self._fast_failures and now - self._last_fast_failure < _QUIET_AFTER_BURST:
+            self._next_spawn_at = now + self._backoff_delay()  # the burst is not over: keep the pace down
         else:
             if self._backoff_logged:
                 log.info("workers stable again after %d quick failures", self._fast_failures)
             self._fast_failures = 0
             self._backoff_logged = False
             self._next_spawn_at = now
+
+    def _backoff_delay(self) -> float:
+        return min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
 
     def _time_out(self, slot: _WorkerSlot) -> None:
         conn = slot.conn

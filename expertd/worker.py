@@ -53,6 +53,8 @@ class Worker:
         self._idle = True
         self._stop_requested = False
         self._last_uss_check = 0.0
+        self._last_uss = 0
+        self._rss_at_uss_check = 0
         jitter = config.max_requests_jitter
         if jitter is None:
             jitter = config.max_requests // 10
@@ -139,17 +141,22 @@ class Worker:
         limit = self.config.max_memory
         if not limit:
             return None
-        # RSS (cheap) bounds USS from above: only when it is over the limit is the
-        # costly smaps reading done, and then at most once a second.
-        if _rss() <= limit:
+        # RSS is cheap to read and bounds USS from above, so nothing more is read
+        # while RSS is under the limit.  Past it, the costly USS (smaps) is read
+        # again when RSS has grown enough since the last reading for USS to have
+        # crossed the limit, or after a second (pages that stop being shared
+        # raise USS without raising RSS).
+        rss = _rss()
+        if rss <= limit:
             return None
         now = time.monotonic()
-        if now - self._last_uss_check < 1.0:
+        grown = rss - self._rss_at_uss_check
+        if grown < limit - self._last_uss and now - self._last_uss_check < 1.0:
             return None
-        self._last_uss_check = now
         import psutil
 
         uss = psutil.Process().memory_full_info().uss
+        self._last_uss_check, self._last_uss, self._rss_at_uss_check = now, uss, rss
         if uss > limit:
             return f"max_memory (private memory {uss / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB)"
         return None

@@ -32,3 +32,14 @@ def _fail_later():
 @expert(after_fork=_fail_later)
 def flaky_boot(doc):
     return doc
+
+
+def _crash_in_worker():
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+@expert(after_fork=_crash_in_worker)
+def segfaults_on_boot(doc):
+    return doc

@@ -76,3 +76,28 @@ def leak(megabytes=8):
     """Keep megabytes of touched memory for ever (a leaking model cache); returns the worker's pid."""
     _LEAKED.append(bytearray(b"x" * (megabytes * 2**20)))
     return os.getpid()
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("cannot print me")
+
+
+def unprintable():
+    """Raise an exception whose message itself raises."""
+    raise _Unprintable()
+
+
+class _BadArray:
+    def tolist(self):
+        raise RuntimeError("tolist failed")
+
+
+def bad_array():
+    """Return an array-like whose conversion raises."""
+    return _BadArray()
+
+
+def blob(size):
+    """size bytes."""
+    return b"\x01" * size

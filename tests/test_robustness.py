@@ -1,0 +1,303 @@
+"""Under load, faults and hostile input: keep serving, lose nothing, let no one in."""
+
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from expertd import protocol
+from expertd.client import Client
+from expertd.errors import AccessDenied, BadRequest, BadResult, ExpertFailed, RequestTimeout, WorkerLost
+
+from conftest import ROOT, Daemon, run_expertd, wait_until, write_config
+
+sys.path.insert(0, str(ROOT / "bench"))
+from soak import run_load
+
+
+def _raw(daemon) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(daemon.socket))
+    return sock
+
+
+# ---------------------------------------------------------------- timeouts
+def test_stuck_expert_times_out_and_its_worker_is_replaced(make_daemon):
+    experts = {"slow": {"function": "testexperts:slow", "timeout": "1s"}, "add": "testexperts:add"}
+    daemon = make_daemon(experts, workers=1)
+    before = daemon.worker_pids()
+    client = daemon.client(timeout=30)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout) as caught:
+        client.call("slow", 30)
+    assert time.monotonic() - started < 2.0  # timeout + 1 s
+    assert "within its 1s timeout" in str(caught.value)
+    after = daemon.wait_workers(1, exclude=before)
+    assert after.isdisjoint(before)
+    assert client.call("add", 1, 1) == 2
+    assert "exceeded the 1s timeout of slow" in daemon.log
+    assert "respawning with backoff" not in daemon.log  # a timeout kill is not a crash
+
+
+def test_default_timeout_applies_to_every_expert(make_daemon):
+    daemon = make_daemon({"slow": "testexperts:slow"}, workers=1, timeout="500ms")
+    started = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        daemon.client().call("slow", 10)
+    assert time.monotonic() - started < 1.5
+    assert isinstance(daemon.client().call("slow", 0.01), int)
+
+
+def test_client_read_timeout(make_daemon):
+    daemon = make_daemon({"slow": "testexperts:slow"}, workers=1)
+    with pytest.raises(RequestTimeout):
+        daemon.client(timeout=0.3).call("slow", 2)
+
+
+# ---------------------------------------------------------------- recycling
+def test_max_requests_recycles_workers_without_failed_calls(make_daemon):
+    daemon = make_daemon({"pid": "testexperts:pid"}, workers=2, max_requests=20, max_requests_jitter=5)
+    client = daemon.client(retries=0)
+    pids = [client.call("pid") for _ in range(200)]  # any failure raises
+    assert len(set(pids)) >= 200 // 25
+    for pid in set(pids):  # no worker served more than its limit
+        assert pids.count(pid) <= 25
+    assert daemon.log.count("retiring after") >= 6
+    assert "respawning with backoff" not in daemon.log
+
+
+def test_leaking_expert_is_recycled_at_its_memory_limit(make_daemon):
+    daemon = make_daemon({"leak": "testexperts:leak"}, workers=1, max_memory="96M")
+    client = daemon.client(retries=0)
+    pids = [client.call("leak", 8) for _ in range(40)]  # 320 MiB leaked in all: needs recycling
+    assert len(set(pids)) >= 3
+    assert "max_memory (private memory" in daemon.log
+    for pid in daemon.worker_pids():
+        assert pid not in pids[:-1] or pid == pids[-1]
+
+
+# ---------------------------------------------------------------- crashes
+def test_expert_that_kills_every_worker_does_not_make_the_master_spin(make_daemon):
+    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=2)
+    stop = time.monotonic() + 3
+
+    def hammer():
+        client = daemon.client(retries=0, timeout=30)
+        while time.monotonic() < stop:
+            try:
+                client.call("kill_worker")
+            except WorkerLost:
+                pass
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    spawned = daemon.log.count(" ready in ")
+    assert spawned < 80, f"{spawned} workers started in 3 s"
+    assert daemon.log.count("respawning with backoff") == 1  # logged once per burst
+    assert daemon.proc.poll() is None
+    client = daemon.client(timeout=30)
+    assert client.call("add", 2, 3) == 5  # serving again once the poison stops
+
+
+def test_bad_exception_and_bad_result_do_not_kill_the_worker(daemon):
+    client = daemon.client(retries=0)
+    before = daemon.worker_pids()
+    with pytest.raises(ExpertFailed) as caught:
+        client.call("unprintable")
+    assert "_Unprintable" in str(caught.value)
+    with pytest.raises(BadResult) as caught:
+        client.call("bad_array")
+    assert "tolist failed" in str(caught.value)
+    assert daemon.worker_pids() == before
+
+
+def test_worker_crash_before_ready_stops_start_up(short_dir):
+    config = write_config(short_dir, {"x": "badhooks:segfaults_on_boot"})
+    started = time.monotonic()
+    done = run_expertd("--config", str(config), "--socket", str(short_dir / "x.sock"), timeout=60)
+    assert done.returncode == 3
+    assert "was killed by SIGSEGV before it was ready" in done.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_stale_pool_of_several_connections_recovers(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add", "slow": "testexperts:slow"}, workers=2)
+    client = daemon.client()
+    threads = [threading.Thread(target=client.call, args=("slow", 0.2)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(client._pool) == 3
+    assert daemon.stop() == 0
+    daemon.start()
+    assert client.call("add", 1, 2) == 3
+
+
+# ---------------------------------------------------------------- input limits
+def test_nesting_and_argument_limits(make_daemon):
+    daemon = make_daemon({"echo": "testexperts:echo"}, workers=1, max_depth=8, max_args=4)
+    client = daemon.client()
+    deep = value = []
+    for _ in range(7):
+        value.append([])
+        value = value[0]
+    assert client.call("echo", deep)["args"] == [deep]  # 8 levels: allowed
+    with pytest.raises(BadRequest) as caught:
+        client.call("echo", [deep])
+    assert "max_depth" in str(caught.value)
+    with pytest.raises(BadRequest) as caught:
+        client.call("echo", 1, 2, 3, d=4, e=5)
+    assert "max_args" in str(caught.value)
+    assert client.call("echo", 1, 2, c=3, d=4) == {"args": [1, 2], "kwargs": {"c": 3, "d": 4}}
+
+
+def test_array_bomb_is_refused_cheaply(make_daemon):
+    daemon = make_daemon({"echo": "testexperts:echo"}, workers=1, max_frame="4M")
+    body = b"\x93\xa4echo\x91" + b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x90" * 3_000_000 + b"\x80"
+    sock = _raw(daemon)
+    sock.sendall(protocol.encode_frame(protocol.CALL, 9, body))
+    kind, request_id, reply = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
+    assert (kind, request_id) == (protocol.ERROR, 9)
+    assert "arrays and maps" in protocol.unpack(reply)["message"]
+    assert daemon.client().call("echo", 1) == {"args": [1], "kwargs": {}}
+
+
+def test_request_written_in_small_pieces_is_served(make_daemon):
+    daemon = make_daemon({"echo": "testexperts:echo"}, workers=1)
+    frame = protocol.encode_call(5, "echo", [b"z" * 40_000], {})
+    sock = _raw(daemon)
+    for start in range(0, len(frame), 256):
+        sock.send(frame[start : start + 256])
+    kind, request_id, reply = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
+    assert (kind, request_id) == (protocol.RESULT, 5)
+    assert protocol.unpack(reply)["args"] == [b"z" * 40_000]
+
+
+def test_twenty_stalled_connections_do_not_delay_a_normal_call(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2, read_timeout="30s")
+    stalled = []
+    for i in range(20):
+        sock = _raw(daemon)
+        frame = protocol.encode_call(i, "add", [1, 2], {})
+        sock.sendall(frame[: 5 + i % 10] if i % 2 else frame[:-1])  # half headers and half bodies
+        stalled.append(sock)
+    client = daemon.client()
+    started = time.monotonic()
+    assert [client.call("add", i, 1) for i in range(10)] == [i + 1 for i in range(10)]
+    assert time.monotonic() - started < 1.0
+
+
+def test_client_that_does_not_read_its_reply_does_not_pin_a_worker(make_daemon):
+    daemon = make_daemon({"blob": "testexperts:blob", "add": "testexperts:add"}, workers=1)
+    hog = _raw(daemon)
+    hog.sendall(protocol.encode_call(1, "blob", [8 * 2**20], {}))  # 8 MiB reply, never read
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert daemon.client().call("add", 1, 1) == 2
+    assert time.monotonic() - started < 1.0
+    # and the hog still gets its whole reply when it finally reads
+    kind, request_id, body = protocol.read_frame(hog, 16 * 2**20, time.monotonic() + 10)
+    assert (kind, request_id, len(protocol.unpack(body))) == (protocol.RESULT, 1, 8 * 2**20)
+
+
+def test_idle_connections_are_closed_after_idle_timeout_and_clients_reconnect(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1, idle_timeout="500ms")
+    client = daemon.client()
+    assert client.call("add", 1, 1) == 2
+    sock = _raw(daemon)
+    time.sleep(1.5)
+    assert sock.recv(10) == b""  # the daemon closed the idle connection
+    assert client.call("add", 2, 2) == 4  # the pooled connection was stale: retried transparently
+
+
+# ---------------------------------------------------------------- load and chaos
+def test_load_sixteen_clients_two_workers_every_answer_checked(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2)
+    counts = run_load(str(daemon.socket), clients=16, seconds=4)
+    assert counts.sent > 1000
+    assert (counts.failed, counts.wrong) == (0, 0), counts.summary()
+    assert counts.answered == counts.sent
+
+
+def test_chaos_with_retries_no_failure_reaches_the_caller(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2)
+    counts = run_load(str(daemon.socket), clients=16, seconds=6, retries=1, chaos_master_pid=daemon.proc.pid)
+    assert counts.kills >= 15
+    assert (counts.failed, counts.wrong) == (0, 0), counts.summary()
+    assert daemon.proc.poll() is None
+
+
+def test_chaos_without_retries_every_failure_is_clean_and_retryable(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2)
+    counts = run_load(str(daemon.socket), clients=16, seconds=4, retries=0, chaos_master_pid=daemon.proc.pid)
+    assert counts.kills >= 10 and counts.wrong == 0
+    assert set(counts.failures) <= {"worker_lost"}, counts.summary()
+    assert counts.answered + counts.failed == counts.sent
+
+
+# ---------------------------------------------------------------- access
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+
+
+def _call_as(uid: int, socket_path: str) -> str:
+    """Fork a child that drops to ``uid`` and calls add; returns what happened."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                outcome = f"ok {Client(socket_path, retries=0).call('add', 1, 1)}"
+            except AccessDenied as exc:
+                outcome = f"denied {exc}"
+            except Exception as exc:
+                outcome = f"error {type(exc).__name__}: {exc}"
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as reader:
+        return reader.read()
+
+
+@needs_root
+def test_peer_not_on_the_allow_list_is_refused(make_daemon, short_dir):
+    os.chmod(short_dir, 0o755)
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1, socket_mode="0666", allow_uids="4242")
+    assert _call_as(4242, str(daemon.socket)) == "ok 2"
+    refused = _call_as(4343, str(daemon.socket))
+    assert refused.startswith("denied uid 4343 may not use this expertd")
+    assert wait_until(lambda: "refused a connection from uid 4343" in daemon.log)
+    assert daemon.client().call("add", 2, 2) == 4  # root is always allowed
+
+
+@needs_root
+def test_socket_mode_keeps_other_users_out(make_daemon, short_dir):
+    os.chmod(short_dir, 0o755)
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1)  # default 0660, root's group
+    assert _call_as(4242, str(daemon.socket)).startswith("error ConnectError: permission denied")
+
+
+@needs_root
+def test_socket_group(short_dir):
+    os.chmod(short_dir, 0o755)
+    config = write_config(short_dir, {"add": "testexperts:add"}, socket_group="4545")
+    daemon = Daemon(config, Path(short_dir) / "g.sock", workers=1)
+    try:
+        daemon.start()
+        assert daemon.socket.stat().st_gid == 4545
+    finally:
+        daemon.kill()
