@@ -22,22 +22,30 @@ class ListenerError(ExpertdError):
 
 
 class Listener:
-    """A bound, listening, non-blocking Unix stream socket."""
+    """A listening, non-blocking Unix stream socket: bound here, or inherited from systemd."""
 
-    def __init__(self, path: str, mode: int = 0o660, group: int | None = None, backlog: int = socket.SOMAXCONN) -> None:
+    def __init__(self, sock: socket.socket, path: str, inode: int | None) -> None:
+        self.sock = sock
         self.path = path
+        self._inode = inode  # None: not ours to remove (socket activation)
+        self.sock.setblocking(False)
+
+    @classmethod
+    def bind(cls, path: str, mode: int = 0o660, group: int | None = None,
+             backlog: int = socket.SOMAXCONN) -> Listener:
+        """Create the socket file at ``path`` (replacing a stale one) and listen on it."""
         directory = os.path.dirname(path) or "."
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
         except OSError as exc:
             raise ListenerError(f"cannot create socket directory {directory}: {exc.strerror}") from None
         _clear_stale(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous_umask = os.umask(0o177)
         try:
-            self.sock.bind(path)
+            sock.bind(path)
         except OSError as exc:
-            self.sock.close()
+            sock.close()
             raise ListenerError(f"cannot bind {path}: {exc.strerror}") from None
         finally:
             os.umask(previous_umask)
@@ -46,12 +54,29 @@ class Listener:
                 os.chown(path, -1, group)
             os.chmod(path, mode)
         except OSError as exc:
-            self.sock.close()
+            sock.close()
             os.unlink(path)
             raise ListenerError(f"cannot set group or mode of {path}: {exc.strerror}") from None
-        self._inode = os.stat(path).st_ino
-        self.sock.listen(backlog)
-        self.sock.setblocking(False)
+        sock.listen(backlog)
+        return cls(sock, path, os.stat(path).st_ino)
+
+    @classmethod
+    def inherit(cls, fd: int) -> Listener:
+        """Use a listening socket handed over by socket activation (systemd owns its file)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ListenerError(f"socket activation passed fd {fd}, which is not a socket: {exc.strerror}") from None
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ListenerError(f"socket activation passed fd {fd}, which is not a Unix stream socket; "
+                                "use ListenStream=/run/expertd/expertd.sock in the .socket unit")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenerError(f"socket activation passed fd {fd}, which is not listening")
+        return cls(sock, sock.getsockname() or f"fd {fd}", None)
+
+    @property
+    def activated(self) -> bool:
+        return self._inode is None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -60,6 +85,8 @@ class Listener:
         """Stop listening and remove the socket file if it is still ours."""
         if self.sock.fileno() >= 0:
             self.sock.close()
+        if self._inode is None:
+            return
         try:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -67,11 +94,16 @@ class Listener:
             pass
 
 
-def _clear_stale(path: str) -> None:
+def check_socket_free(path: str) -> bool:
+    """Raise ListenerError if ``path`` is taken; return True if a stale socket file is there.
+
+    A socket nobody listens on is stale (its daemon died); one a process
+    answers on, or a file that is not a socket, is taken.
+    """
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(info.st_mode):
         raise ListenerError(f"{path} exists and is not a socket; remove it or choose another socket path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -79,16 +111,19 @@ def _clear_stale(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: a daemon died without cleaning up
-        return
+        return True
     except FileNotFoundError:
-        return
+        return False
     except TimeoutError:
         raise ListenerError(f"a process is listening on {path} but not accepting; stop it first") from None
     except OSError as exc:
-        if exc.errno == errno.EAGAIN:  # backlog full: somebody is listening
-            raise ListenerError(f"another daemon is listening on {path}; stop it first or use another socket") from None
-        raise ListenerError(f"cannot check existing socket {path}: {exc.strerror}") from None
+        if exc.errno != errno.EAGAIN:  # EAGAIN: backlog full, so somebody is listening
+            raise ListenerError(f"cannot check existing socket {path}: {exc.strerror}") from None
     finally:
         probe.close()
     raise ListenerError(f"another daemon is listening on {path}; stop it first or use another socket")
+
+
+def _clear_stale(path: str) -> None:
+    if check_socket_free(path):
+        os.unlink(path)  # nobody listens: a daemon died without cleaning up

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from expertd import __version__
@@ -35,16 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"{setting.help} Overrides [expertd] {setting.name} ({setting.type.name}).")
     parser.add_argument("--check", action="store_true",
                         help="load the config and import the experts, then exit 0 if all is well")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach and run in the background (the command returns once the daemon serves)")
+    parser.add_argument("--pidfile", metavar="PATH", help="write the master's pid here once serving")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log here instead of stderr (SIGUSR1 reopens it, for logrotate)")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
+    handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,12 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    _setup_logging(config.log_level)
+    try:
+        handler = _setup_logging(config.log_level, args.log_file)
+    except OSError as exc:
+        print(f"expertd: cannot open log file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.pidfile:
+        from expertd.daemon_mode import PidfileError, check_pidfile
+
+        try:
+            check_pidfile(args.pidfile)
+        except PidfileError as exc:
+            print(f"expertd: {exc}", file=sys.stderr)
+            return 1
 
     # Imported here so that --help and config errors stay fast.
     from expertd.loader import load_experts
     from expertd.runtimes import quiet_native_logs
 
+    modules_before = set(sys.modules)
     try:
         with quiet_native_logs(config.tf_log_level in ("warning", "error")):
             experts = load_experts(config)
@@ -71,13 +91,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expertd: {config.path}: OK, {len(experts)} experts: {', '.join(sorted(experts))}")
         return 0
 
-    from expertd.master import Master
+    from expertd.master import Master, reloadable_modules
+
+    expert_modules = reloadable_modules(set(sys.modules) - modules_before)
+    launcher = None
+    if args.daemon:
+        from expertd.daemon_mode import detach
+        from expertd.listener import check_socket_free
+
+        try:
+            if not os.environ.get("LISTEN_FDS"):
+                check_socket_free(config.socket)  # fail here, on the terminal, not in a log file
+        except ListenerError as exc:
+            print(f"expertd: {exc}", file=sys.stderr)
+            return 1
+        stream = handler.stream if isinstance(handler, logging.FileHandler) else None
+        launcher = detach(stream)
+
+    def on_ready() -> None:
+        if args.pidfile:
+            from expertd.daemon_mode import write_pidfile
+
+            write_pidfile(args.pidfile)
+        if launcher is not None:
+            launcher.write(b"ready\n")
+            launcher.close()
 
     try:
-        return Master(config, experts).run()
+        master = Master(config, experts, overrides=overrides, on_ready=on_ready, expert_modules=expert_modules)
+        status = master.run()
     except ListenerError as exc:
-        print(f"expertd: {exc}", file=sys.stderr)
+        if launcher is not None and not launcher.closed:
+            logging.getLogger("expertd.master").error("%s", exc)
+            launcher.write(f"{exc}\n".encode())
+        else:
+            print(f"expertd: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if args.pidfile:
+            from expertd.daemon_mode import remove_pidfile
+
+            remove_pidfile(args.pidfile)
+    if launcher is not None and not launcher.closed:
+        launcher.write(b"the daemon stopped before it was ready; see its log file\n")
+    return status
 
 
 if __name__ == "__main__":

@@ -28,16 +28,21 @@ import select
 import signal
 import socket
 import struct
+import sys
+import sysconfig
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from expertd import ipc, protocol
+from expertd import __version__, ipc, notify, protocol
 from expertd.config import Config
 from expertd.errors import (
     AccessDenied,
     BadRequest,
+    ConfigError,
+    ExpertLoadError,
     FrameTooLarge,
     RemoteError,
     RequestTimeout,
@@ -46,6 +51,7 @@ from expertd.errors import (
 )
 from expertd.listener import Listener
 from expertd.loader import LoadedExpert
+from expertd.notify import Notifier
 from expertd.worker import worker_main
 
 log = logging.getLogger("expertd.master")
@@ -67,6 +73,7 @@ _BACKOFF_MAX = 10.0
 # A crash burst ends after this long without a quick failure.
 _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
+_SUMMARY_INTERVAL = 60.0
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 
@@ -104,14 +111,29 @@ class _WorkerSlot:
     failure: str | None = None
     memory: tuple[int, int, int] | None = None  # USS, PSS, RSS in bytes, measured after warm-up
     leaving: str | None = None  # why the worker is on its way out (retiring, timed out); not a crash
+    generation: int = 1
+    last_done: float | None = None
 
 
 class Master:
     """Supervises workers and dispatches requests; :meth:`run` returns the exit status."""
 
-    def __init__(self, config: Config, experts: dict[str, LoadedExpert]) -> None:
+    def __init__(self, config: Config, experts: dict[str, LoadedExpert], *,
+                 overrides: dict[str, str] | None = None, on_ready: Callable[[], None] | None = None,
+                 expert_modules: set[str] | None = None) -> None:
         self.config = config
         self.experts = experts
+        self.overrides = overrides or {}  # command-line settings, kept across reloads
+        self.on_ready = on_ready  # called once, when the first generation is serving (pidfile)
+        self.notifier = Notifier()
+        self.generation = 1
+        self.started_at = time.time()
+        self.requests_served = 0
+        self.last_reload: dict | None = None
+        self._expert_modules = expert_modules or set()  # what a reload re-imports
+        self._reload: _Reload | None = None
+        self._durations: list[float] = []
+        self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self.listener: Listener | None = None
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
@@ -145,13 +167,19 @@ class Master:
         # Everything loaded so far is shared with the workers; freezing it keeps the
         # collector from touching (and so copying) those pages in every worker.
         gc.freeze()
-        self.listener = Listener(self.config.socket, self.config.socket_mode, self.config.socket_group)
+        inherited = notify.listen_fds()
+        if inherited:
+            self.listener = Listener.inherit(inherited[0])
+        else:
+            self.listener = Listener.bind(self.config.socket, self.config.socket_mode, self.config.socket_group)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self._wakeup_r, select.EPOLLIN)
         self._install_signals()
+        notify.set_title(f"expertd: master [{self.config.path}]")
         log.info(
-            "expertd master %d listening on %s; starting %d workers for %d experts",
-            os.getpid(), self.config.socket, self.config.workers, len(self.experts),
+            "expertd master %d %s %s; starting %d workers for %d experts",
+            os.getpid(), "serving the socket activated on" if inherited else "listening on",
+            self.listener.path, self.config.workers, len(self.experts),
         )
         try:
             while True:
@@ -162,11 +190,30 @@ class Master:
                 self._handle_signals()
                 self._dispatch()
                 self._expire()
+                self._housekeeping()
                 if self._stop_deadline is not None and self._stopped():
                     break
         finally:
             self._shutdown()
         return self._exit_status
+
+    def _housekeeping(self) -> None:
+        """Watchdog pings, the service status line and the periodic log summary."""
+        now = time.monotonic()
+        self.notifier.watchdog(now)
+        if self._announced_ready and self._reload is None and self._stop_deadline is None:
+            ready = sum(1 for slot in self.workers.values() if slot.ready_at is not None and slot.leaving is None)
+            self.notifier.status(f"{ready} workers ready, {self.requests_served} requests served, "
+                                 f"generation {self.generation}")
+        if now >= self._next_summary:
+            self._next_summary = now + _SUMMARY_INTERVAL
+            if self._durations:
+                durations = sorted(self._durations)
+                log.info("last %.0fs: %d requests, median %.2f ms, 99th percentile %.2f ms, %d connections open",
+                         _SUMMARY_INTERVAL, len(durations), durations[len(durations) // 2] * 1000,
+                         durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000,
+                         len(self.connections))
+                self._durations = []
 
     def _on_event(self, fd: int) -> None:
         conn = self.connections.get(fd)
@@ -191,6 +238,8 @@ class Master:
             return 0.1
         now = time.monotonic()
         timeout = 1.0
+        if self.notifier.watchdog_interval:
+            timeout = min(timeout, self.notifier.watchdog_interval / 4)
         if self._active_workers() < self.config.workers:
             timeout = min(timeout, self._next_spawn_at - now)
         for slot in self.workers.values():
@@ -199,12 +248,14 @@ class Master:
         return max(0.0, timeout)
 
     def _active_workers(self) -> int:
-        return sum(1 for slot in self.workers.values() if slot.leaving is None)
+        """Workers of the current generation that are not on their way out."""
+        return sum(1 for slot in self.workers.values() if slot.leaving is None and slot.generation == self.generation)
 
     # ------------------------------------------------------------- signals
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             signal.signal(sig, self._queue_signal)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
@@ -220,7 +271,13 @@ class Master:
             elif signum == signal.SIGQUIT:
                 self._begin_stop(graceful=False, reason="SIGQUIT")
             elif signum == signal.SIGHUP:
-                log.warning("SIGHUP received: reload is not supported yet; ignoring it")
+                self.reload()
+            elif signum == signal.SIGTTIN:
+                self.scale(self.config.workers + 1)
+            elif signum == signal.SIGTTOU:
+                self.scale(self.config.workers - 1)
+            elif signum == signal.SIGUSR1:
+                self._reopen_logs()
         self._reap()  # also catches exits whose SIGCHLD coalesced with another
 
     # ------------------------------------------------------------- workers
@@ -262,7 +319,8 @@ class Master:
             worker_main(number, self.config, self.experts, worker_end, inherited)
         worker_end.close()
         master_end.setblocking(False)
-        slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic())
+        slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic(),
+                           generation=self.generation)
         self.workers[pid] = slot
         self._by_channel[master_end.fileno()] = slot
         self.epoll.register(master_end.fileno(), select.EPOLLIN)
@@ -286,7 +344,10 @@ class Master:
             elif op == ipc.READY:
                 slot.ready_at = time.monotonic()
                 log.info("worker %d (pid %d) ready in %.2fs", slot.number, slot.pid, slot.ready_at - slot.born)
-                self._idle_workers.append(slot)
+                if slot.leaving is None:
+                    self._idle_workers.append(slot)
+                else:
+                    self._close_channel(slot)
                 self._maybe_announce_ready()
             elif op == ipc.FAILED:
                 slot.failure = str(value)
@@ -301,20 +362,33 @@ class Master:
                 return
 
     def _maybe_announce_ready(self) -> None:
-        if self._announced_ready:
+        current = [s for s in self.workers.values() if s.generation == self.generation and s.leaving is None]
+        ready = sum(1 for s in current if s.ready_at is not None)
+        if ready < self.config.workers:
             return
-        ready = sum(1 for s in self.workers.values() if s.ready_at is not None)
-        if ready >= self.config.workers:
+        status = f"{ready} workers ready, generation {self.generation}"
+        if self._reload is not None:
+            self._finish_reload()
+            self.notifier.ready(status)
+        elif not self._announced_ready:
             self._announced_ready = True
             log.info("expertd ready: %d workers serving %s", ready, ", ".join(sorted(self.experts)))
+            self.notifier.ready(status)
+            if self.on_ready is not None:
+                self.on_ready()
 
     def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool,
                  unsent: bytearray | None) -> None:
         conn, slot.conn = slot.conn, None
         slot.writing = False
         slot.requests += 1
+        self.requests_served += 1
+        slot.last_done = time.monotonic()
+        self._durations.append(slot.last_done - slot.busy_since)
         if retiring:
             slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
+        elif slot.leaving is not None:
+            self._close_channel(slot)  # retired while busy (reload, scale down): it may go now
         else:
             self._idle_workers.append(slot)
         if conn is None or conn.conn_id != conn_id:
@@ -386,6 +460,9 @@ class Master:
             return
 
         booted = slot.ready_at is not None
+        if not booted and self._reload is not None and slot.generation == self.generation:
+            self._abort_reload(slot.failure or f"a new worker {how} before it was ready")
+            return
         if not booted and not self._announced_ready:
             # A bad expert must not half-start the daemon: stop with its message.
             log.error("%s", slot.failure or f"worker {slot.number} {how} before it was ready")
@@ -437,6 +514,124 @@ class Master:
             status = 0
         if self.workers.pop(slot.pid, None) is not None:
             self._on_worker_exit(slot, status)
+
+    # ------------------------------------------------ generations, scaling
+    def _close_channel(self, slot: _WorkerSlot) -> None:
+        """Tell an idle worker to exit: it does when its channel closes."""
+        fd = slot.channel.fileno()
+        if fd < 0:
+            return
+        if self._by_channel.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+        slot.channel.close()
+
+    def _retire(self, slot: _WorkerSlot, reason: str) -> None:
+        """Take a worker out of service; it finishes the request in hand first."""
+        if slot.leaving is not None:
+            return
+        slot.leaving = reason
+        if slot in self._idle_workers:
+            self._idle_workers.remove(slot)
+        if slot.conn is None and slot.ready_at is not None:
+            self._close_channel(slot)
+        elif slot.ready_at is None:
+            self._kill(slot)  # still booting: nothing to finish
+
+    def scale(self, workers: int) -> None:
+        """Run ``workers`` workers from now on (TTIN/TTOU, expertctl workers N)."""
+        workers = max(1, workers)
+        if workers == self.config.workers:
+            return
+        log.info("scaling from %d to %d workers", self.config.workers, workers)
+        self.config.workers = workers
+        current = [s for s in self.workers.values() if s.generation == self.generation and s.leaving is None]
+        # Retire the idle ones first, then the youngest.
+        current.sort(key=lambda s: (s.conn is not None, -s.born))
+        for slot in current[workers:]:
+            self._retire(slot, "scaled down")
+
+    def reload(self) -> None:
+        """HUP: re-read the config and experts into a new generation of workers.
+
+        The old generation serves until every new worker is ready, then retires
+        (finishing the requests in hand).  If the new config or experts fail to
+        load, or a new worker fails to start, the old generation keeps serving.
+        """
+        if self._stop_deadline is not None:
+            return
+        if self._reload is not None:
+            log.warning("reload requested while one is in progress; ignoring it")
+            return
+        self.notifier.reloading()
+        log.info("reloading %s", self.config.path)
+        from expertd.config import load_config
+        from expertd.loader import load_experts
+        from expertd.runtimes import quiet_native_logs
+
+        previous_modules = {name: sys.modules[name] for name in self._expert_modules if name in sys.modules}
+        try:
+            config = load_config(self.config.path, self.overrides)
+            if config.socket != self.config.socket:
+                log.warning("the socket path changed to %s; that takes a restart, keeping %s",
+                            config.socket, self.config.socket)
+                config.socket = self.config.socket
+            for name in previous_modules:
+                del sys.modules[name]  # so that the experts' code is imported afresh
+            before = set(sys.modules)
+            with quiet_native_logs(config.tf_log_level in ("warning", "error")):
+                experts = load_experts(config)
+        except (ConfigError, ExpertLoadError) as exc:
+            sys.modules.update(previous_modules)
+            self._reload_failed(str(exc))
+            return
+        self._reload = _Reload(self.config, self.experts, self._expert_modules, previous_modules)
+        self._expert_modules = reloadable_modules(set(sys.modules) - before)
+        self.config, self.experts = config, experts
+        self.generation += 1
+        gc.freeze()
+        log.info("generation %d loaded (%d experts); starting %d workers",
+                 self.generation, len(experts), config.workers)
+
+    def _finish_reload(self) -> None:
+        assert self._reload is not None
+        old = [slot for slot in self.workers.values() if slot.generation < self.generation]
+        for slot in old:
+            self._retire(slot, f"replaced by generation {self.generation}")
+        self._reload = None
+        self.last_reload = {"ok": True, "at": time.time(), "generation": self.generation, "error": None}
+        log.info("reload done: generation %d serving; %d old workers retiring", self.generation, len(old))
+
+    def _abort_reload(self, reason: str) -> None:
+        assert self._reload is not None
+        saved, self._reload = self._reload, None
+        for slot in [s for s in self.workers.values() if s.generation == self.generation]:
+            self._retire(slot, "reload aborted")
+        self.generation -= 1
+        self.config, self.experts, self._expert_modules = saved.config, saved.experts, saved.modules
+        sys.modules.update(saved.previous_modules)
+        self._reload_failed(reason)
+
+    def _reload_failed(self, reason: str) -> None:
+        log.error("reload failed; generation %d keeps serving: %s", self.generation, reason)
+        self.last_reload = {"ok": False, "at": time.time(), "generation": self.generation, "error": reason}
+        self.notifier.ready(f"reload failed: {reason}"[:200])
+
+    def _reopen_logs(self) -> None:
+        """USR1: reopen log files (after logrotate moved them), here and in every worker."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.acquire()
+                try:
+                    handler.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+        for slot in self.workers.values():
+            try:
+                os.kill(slot.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        log.info("log files reopened")
 
     def _kill(self, slot: _WorkerSlot) -> None:
         try:
@@ -532,9 +727,15 @@ class Master:
             queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.FIONREAD, _FIONREAD_BUF))[0]
         else:
             queued = len(head)
+        if queued >= conn.frame_size and kind in protocol.CONTROL_KINDS:
+            self._control(conn, kind, request_id)
+            return
         if queued >= conn.frame_size:
             conn.state = _QUEUED  # whole in the socket: the worker reads it
             self._queue.append(conn)
+            return
+        if kind in protocol.CONTROL_KINDS:
+            self._mark_partial(conn)  # control requests are tiny: wait for the rest
             return
         # Arriving in pieces. The socket may never hold all of it (a sender writing small
         # pieces fills the queue's accounting long before its byte count), so gather it here.
@@ -544,6 +745,82 @@ class Master:
         conn.inbuf = bytearray()
         self._gathered += conn.frame_size
         self._gather(conn)
+
+    def _control(self, conn: _Connection, kind: int, request_id: int) -> None:
+        """Answer a control request here in the master: status, reload, stop, scale."""
+        try:
+            body = protocol.unpack(conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)[protocol.HEADER_SIZE:]
+                                   ) if conn.frame_size > protocol.HEADER_SIZE else None
+        except (OSError, ValueError) as exc:
+            self._fail(conn, BadRequest(f"bad control request: {exc}"))
+            return
+        conn.state = _IDLE
+        conn.last_active = time.monotonic()
+        after = None
+        if kind == protocol.STATUS:
+            reply = self.status()
+        elif kind == protocol.RELOAD:
+            self.reload()
+            reply = {"generation": self.generation, "reloading": self._reload is not None,
+                     "last_reload": self.last_reload}
+        elif kind == protocol.SCALE:
+            if not isinstance(body, int) or isinstance(body, bool) or body < 1:
+                self._fail(conn, BadRequest("workers N needs a whole number N ≥ 1"))
+                return
+            self.scale(body)
+            reply = {"workers": self.config.workers}
+        else:  # STOP
+            reply = {"stopping": True, "pid": os.getpid()}
+            after = lambda: self._begin_stop(graceful=True, reason="expertctl stop")  # noqa: E731
+        try:
+            conn.sock.send(protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)),
+                           socket.MSG_DONTWAIT)
+        except OSError:
+            self._close(conn)
+        if after is not None:
+            after()
+        elif conn.state == _IDLE:
+            self._examine(conn)
+
+    def status(self) -> dict:
+        """What ``expertctl status`` shows: the master, every worker, memory shared and private."""
+        import psutil
+
+        now = time.monotonic()
+        workers, totals = [], {"rss": 0, "pss": 0, "uss": 0}
+        for slot in sorted(self.workers.values(), key=lambda s: (s.generation, s.number)):
+            if slot.leaving is not None:
+                state = "retiring"
+            elif slot.ready_at is None:
+                state = "booting"
+            else:
+                state = "busy" if slot.conn is not None else "idle"
+            memory = _memory_of(slot.pid)
+            for key in totals:
+                totals[key] += memory.get(key, 0)
+            workers.append({
+                "number": slot.number, "pid": slot.pid, "generation": slot.generation, "state": state,
+                "requests": slot.requests, "age_s": round(now - slot.born, 1),
+                "last_request_age_s": None if slot.last_done is None else round(now - slot.last_done, 3),
+                **memory,
+            })
+        master = _memory_of(os.getpid())
+        return {
+            "pid": os.getpid(), "version": __version__, "config": self.config.path,
+            "socket": self.listener.path if self.listener else self.config.socket,
+            "uptime_s": round(time.time() - self.started_at, 1), "generation": self.generation,
+            "experts": sorted(self.experts), "workers_wanted": self.config.workers,
+            "requests": self.requests_served, "connections": len(self.connections),
+            "last_reload": self.last_reload, "workers": workers, "master": master,
+            "memory": {
+                "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
+                # Counted once across master and workers: what the group really costs.
+                "total_pss": totals["pss"] + master.get("pss", 0),
+                "private": totals["uss"] + master.get("uss", 0),
+                "shared": totals["pss"] + master.get("pss", 0) - totals["uss"] - master.get("uss", 0),
+            },
+            "cpu_count": psutil.cpu_count(),
+        }
 
     def _gather(self, conn: _Connection) -> None:
         assert conn.inbuf is not None
@@ -677,6 +954,7 @@ class Master:
         if self._stop_deadline is None:
             grace = f" (graceful, up to {self.config.graceful_timeout:.0f}s)" if graceful else ""
             log.info("%s: stopping%s", reason, grace)
+            self.notifier.stopping()
             if self.listener is not None:
                 self.epoll.unregister(self.listener.fileno())
                 self.listener.close()
@@ -731,6 +1009,46 @@ class Master:
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         log.info("expertd stopped")
+
+
+@dataclass
+class _Reload:
+    """What a reload in progress replaces, to put back if it fails."""
+
+    config: Config
+    experts: dict[str, LoadedExpert]
+    modules: set[str]
+    previous_modules: dict
+
+
+_STDLIB_AND_SITE = tuple(
+    {os.path.realpath(p) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
+     if (p := sysconfig.get_paths().get(key))}
+)
+
+
+def reloadable_modules(names: set[str]) -> set[str]:
+    """The modules among ``names`` that are the experts' own code (not the stdlib or installed packages).
+
+    Only these are imported afresh on reload: re-importing an extension module
+    such as numpy in a running process is not safe.
+    """
+    found = set()
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path and not os.path.realpath(path).startswith(_STDLIB_AND_SITE):
+            found.add(name)
+    return found
+
+
+def _memory_of(pid: int) -> dict:
+    import psutil
+
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.Error, OSError):
+        return {}
+    return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
 
 
 def _groups_of(pid: int) -> set[int]:

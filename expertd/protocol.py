@@ -38,7 +38,13 @@ MAX_BODY = 0xFFFFFFFF  # the header's length field is 32 bits
 CALL = 0x01
 PING = 0x02
 LIST = 0x03
-REQUEST_KINDS = frozenset({CALL, PING, LIST})
+# Control requests, answered by the master itself (expertctl status, reload, stop, workers N).
+STATUS = 0x10
+RELOAD = 0x11
+STOP = 0x12
+SCALE = 0x13
+CONTROL_KINDS = frozenset({STATUS, RELOAD, STOP, SCALE})
+REQUEST_KINDS = frozenset({CALL, PING, LIST}) | CONTROL_KINDS
 # Reply kinds (daemon -> client).
 RESULT = 0x80
 ERROR = 0x81

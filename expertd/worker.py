@@ -21,7 +21,7 @@ import traceback
 from types import FrameType
 from typing import Any, NoReturn
 
-from expertd import __version__, ipc, protocol, runtimes
+from expertd import __version__, ipc, notify, protocol, runtimes
 from expertd.config import Config
 from expertd.errors import (
     BadRequest,
@@ -52,6 +52,8 @@ class Worker:
         self.requests = 0
         self._idle = True
         self._stop_requested = False
+        self._reopen_logs = False
+        self._titled_at = 0.0
         self._last_uss_check = 0.0
         self._last_uss = 0
         self._rss_at_uss_check = 0
@@ -64,6 +66,7 @@ class Worker:
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
         self._install_signals()
+        self._set_title("booting")
         config = self.config
         runtimes.apply_worker_threads(
             runtimes.resolve_threads(config.intra_op_threads, config.workers),
@@ -78,6 +81,7 @@ class Worker:
             _send_quietly(ipc.send_failed, self.channel, message)
             os._exit(EXIT_BOOT_FAILED)
         ipc.send_ready(self.channel, os.getpid())
+        self._set_title("ready")
         self._report_memory()
         try:
             self._serve_forever()
@@ -104,8 +108,20 @@ class Worker:
         # when workers stop, so an interactive interrupt must not kill a request.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
-        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+        for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
+        # The master rotated the log file. Reopen now if idle (no logging lock can be
+        # held while we wait for work), else right after the request in hand.
+        if self._idle:
+            _reopen_log_files()
+        else:
+            self._reopen_logs = True
+
+    def _set_title(self, state: str) -> None:
+        notify.set_title(f"expertd: worker {self.number} [{state}, {self.requests} requests]")
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         # Finish the request in hand, then exit; an idle worker exits at once.
@@ -127,6 +143,13 @@ class Worker:
             finally:
                 conn.close()
             self.requests += 1
+            if self._reopen_logs:
+                self._reopen_logs = False
+                _reopen_log_files()
+            now = time.monotonic()
+            if now - self._titled_at >= 1.0:  # keep ps current without paying for it on every request
+                self._titled_at = now
+                self._set_title("ready")
             retire = self._retire_reason()
             ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent)
             if retire is not None:
@@ -241,6 +264,13 @@ class Worker:
             raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}",
                             expert=name)
         return body
+
+
+def _reopen_log_files() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            handler.stream = handler._open()
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -1,0 +1,99 @@
+"""Classic daemon mode (``expertd --daemon``): detaching, the pidfile, the launcher's wait.
+
+Detaching is python-daemon's DaemonContext (double fork, setsid, umask 022,
+working directory /, every descriptor closed but the log file and the pipe
+to the launcher).  The command that started the daemon waits on that pipe and
+exits 0 only once the daemon is serving, or 1 with the reason when it failed
+to start, so scripts can rely on its status.  The pidfile is written only once
+every worker is ready, refused while a live expertd holds it, replaced when
+stale, and removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import IO
+
+from expertd.errors import ExpertdError
+
+
+class PidfileError(ExpertdError):
+    """The pidfile names a running expertd, or cannot be written."""
+
+
+def check_pidfile(path: str) -> None:
+    """Refuse to start while a live expertd holds ``path``; remove a stale one."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            text = handle.read().strip()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise PidfileError(f"cannot read pidfile {path}: {exc.strerror}") from None
+    pid = int(text) if text.isdigit() else 0
+    if pid and _is_expertd(pid):
+        raise PidfileError(f"expertd is already running with pid {pid} (pidfile {path}); stop it first")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: its process is gone (or is not an expertd)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid atomically (a reader never sees a half-written file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
+    with open(temporary, "w", encoding="ascii") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(temporary, path)
+
+
+def remove_pidfile(path: str) -> None:
+    """Remove ``path`` if it still names this process."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _is_expertd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"expertd" in handle.read()
+    except OSError:
+        return False
+
+
+def detach(log_stream: IO[str] | None) -> IO[bytes]:
+    """Become a daemon; returns the pipe on which to report readiness to the launcher.
+
+    The launcher (this process) does not return from here: it waits for the
+    daemon's word, prints why if it failed, and exits.
+    """
+    import daemon
+
+    read_end, write_end = os.pipe()
+    if os.fork():  # the launcher
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            word = pipe.read().decode("utf-8", "replace").strip()
+        if word.startswith("ready"):
+            os._exit(0)
+        sys.stderr.write(f"expertd: {word or 'the daemon exited before it was ready; see its log file'}\n")
+        os._exit(1)
+    os.close(read_end)
+    preserve = [write_end] + ([log_stream.fileno()] if log_stream is not None else [])
+    context = daemon.DaemonContext(
+        working_directory="/",
+        umask=0o022,
+        detach_process=True,
+        files_preserve=preserve,
+        signal_map={},  # the master installs its own handlers
+        stdout=log_stream,
+        stderr=log_stream,  # native libraries write to fd 2: keep that in the log too
+    )
+    context.open()
+    return os.fdopen(write_end, "wb", buffering=0)
