@@ -5,6 +5,7 @@
     expertctl opinion --lines sentiment < docs.jsonl > opinions.jsonl
     expertctl list
     expertctl ping
+    expertctl status [--json] | reload | stop | workers N
 
 Exit status: 0 on success, 1 when the daemon or an expert reports an error or
 the input is bad, 2 for a bad command line, 3 when no daemon can be reached.
@@ -188,6 +189,80 @@ def _cmd_ping(client: Client, options: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}M"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _cmd_status(client: Client, options: argparse.Namespace) -> int:
+    status = client.status()
+    if options.json:
+        print(_dumps(status))
+        return 0
+    print(f"expertd {status['version']}: master pid {status['pid']}, up {_duration(status['uptime_s'])}, "
+          f"generation {status['generation']}, config {status['config']}")
+    print(f"socket {status['socket']}: {status['workers_wanted']} workers wanted, "
+          f"{status['requests']} requests served, {status['connections']} connections open")
+    print(f"experts: {', '.join(status['experts'])}")
+    reload = status.get("last_reload")
+    if reload:
+        outcome = "ok" if reload["ok"] else f"FAILED: {reload['error']}"
+        print(f"last reload: {outcome} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(reload['at']))})")
+    print()
+    print(f"{'#':>3} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQUESTS':>9} {'LAST REQ':>9} {'AGE':>8} "
+          f"{'RSS':>9} {'PSS':>9} {'USS':>9}")
+    for worker in status["workers"]:
+        last = worker["last_request_age_s"]
+        print(f"{worker['number']:>3} {worker['pid']:>7} {worker['generation']:>3} {worker['state']:<9} "
+              f"{worker['requests']:>9} {_duration(last) + ' ago' if last is not None else '-':>9} "
+              f"{_duration(worker['age_s']):>8} {_mib(worker.get('rss')):>9} {_mib(worker.get('pss')):>9} "
+              f"{_mib(worker.get('uss')):>9}")
+    memory, master = status["memory"], status["master"]
+    print(f"{'master':>11} {' ' * 35} {_mib(master.get('rss')):>9} {_mib(master.get('pss')):>9} "
+          f"{_mib(master.get('uss')):>9}")
+    print()
+    print(f"memory: private {_mib(memory['private'])} (USS, master + workers), shared {_mib(memory['shared'])} "
+          f"(counted once); the daemon costs {_mib(memory['total_pss'])} (PSS) where unshared processes would "
+          f"take {_mib(memory['workers_rss'] + master.get('rss', 0))} (sum of RSS)")
+    return 0
+
+
+def _cmd_reload(client: Client, options: argparse.Namespace) -> int:
+    reply = client.reload()
+    last = reply.get("last_reload") or {}
+    if reply.get("reloading"):
+        print(f"reloading: generation {reply['generation']} loaded, its workers are starting")
+        return 0
+    if last and not last.get("ok"):
+        print(f"expertctl: reload failed, generation {reply['generation']} keeps serving: {last.get('error')}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"reloaded: generation {reply['generation']}")
+    return 0
+
+
+def _cmd_stop(client: Client, options: argparse.Namespace) -> int:
+    reply = client.stop()
+    print(f"stopping expertd (master pid {reply['pid']})")
+    return 0
+
+
+def _cmd_workers(client: Client, options: argparse.Namespace) -> int:
+    reply = client.set_workers(options.count)
+    print(f"workers: {reply['workers']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
     parser.add_argument("--socket", "-s", metavar="PATH",
@@ -221,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.set_defaults(run=_cmd_ping)
+
+    status = commands.add_parser("status", help="master, workers, requests and shared/private memory")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(run=_cmd_status)
+    commands.add_parser("reload", help="reload config and experts into new workers (like SIGHUP)"
+                        ).set_defaults(run=_cmd_reload)
+    commands.add_parser("stop", help="stop the daemon gracefully (like SIGTERM)").set_defaults(run=_cmd_stop)
+    workers = commands.add_parser("workers", help="set the number of workers (like TTIN/TTOU)")
+    workers.add_argument("count", type=int, metavar="N")
+    workers.set_defaults(run=_cmd_workers)
     return parser
 
 

@@ -101,6 +101,23 @@ class Client:
         """The served experts: name, function, signature and first docstring line."""
         return self._request(protocol.LIST, b"")
 
+    # Control requests, answered by the master (any user who can reach the socket may send them).
+    def status(self) -> dict:
+        """The master's view: workers, their state, requests and memory (see ``expertctl status``)."""
+        return self._request(protocol.STATUS, b"")
+
+    def reload(self) -> dict:
+        """Reload config and experts into a new generation of workers (like SIGHUP)."""
+        return self._request(protocol.RELOAD, b"")
+
+    def stop(self) -> dict:
+        """Stop the daemon gracefully (like SIGTERM)."""
+        return self._request(protocol.STOP, b"")
+
+    def set_workers(self, count: int) -> dict:
+        """Run ``count`` workers from now on (like TTIN/TTOU)."""
+        return self._request(protocol.SCALE, protocol.pack(count))
+
     def close(self) -> None:
         """Close the pooled connections (calls made later open new ones)."""
         with self._lock:

@@ -79,7 +79,8 @@ def detach(log_stream: IO[str] | None) -> IO[bytes]:
     if os.fork():  # the launcher
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
-            word = pipe.read().decode("utf-8", "replace").strip()
+            # One line: workers forked before readiness hold the write end too, so EOF may never come.
+            word = pipe.readline().decode("utf-8", "replace").strip()
         if word.startswith("ready"):
             os._exit(0)
         sys.stderr.write(f"expertd: {word or 'the daemon exited before it was ready; see its log file'}\n")

@@ -46,8 +46,8 @@ DEFAULT_EXPERTS = {
 
 def write_config(directory: Path, experts: dict[str, str] | None = None, **settings: object) -> Path:
     """Write an expertd.conf; settings go into [expertd] verbatim."""
-    lines = ["[expertd]", f"pythonpath = {TEST_EXPERTS} {EXAMPLES}"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
+    settings.setdefault("pythonpath", f"{TEST_EXPERTS} {EXAMPLES}")
+    lines = ["[expertd]"] + [f"{key} = {value}" for key, value in settings.items()]
     for name, spec in (DEFAULT_EXPERTS if experts is None else experts).items():
         keys = spec if isinstance(spec, dict) else {"function": spec}
         lines += [f"[expert:{name}]"] + [f"{key} = {value}" for key, value in keys.items()]

@@ -1,0 +1,293 @@
+"""Running as a service: sd_notify, socket activation, daemon mode, reload, scaling, status."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from expertd.client import Client
+
+from conftest import BIN, ROOT, run_expertd, wait_until, write_config
+
+
+def _messages(sock: socket.socket, until: str, timeout: float = 60) -> list[str]:
+    """Collect sd_notify datagrams until one contains ``until``."""
+    got = []
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except TimeoutError:
+            continue
+        if until in got[-1]:
+            return got
+    raise AssertionError(f"no {until!r} among {got}")
+
+
+def test_notify_ready_reloading_stopping_in_order(make_daemon, short_dir):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2, start=False,
+                         env={"NOTIFY_SOCKET": str(short_dir / "notify")})
+    daemon.start(wait=False)
+    before_ready = _messages(notify, "READY=1")
+    # READY=1 comes only once every worker exists and is ready.
+    assert len(daemon.worker_pids()) == 2
+    assert daemon.log.count(" ready in ") == 2
+    assert not any("READY=1" in m for m in before_ready[:-1])
+    assert f"MAINPID={daemon.proc.pid}" in before_ready[-1]
+    assert wait_until(lambda: daemon.client().call("add", 1, 1) == 2)
+    status_lines = _messages(notify, "STATUS=2 workers ready")
+    assert any("requests served" in m for m in status_lines)
+
+    daemon.send_signal(signal.SIGHUP)
+    around_reload = _messages(notify, "READY=1")
+    assert any("RELOADING=1" in m for m in around_reload)
+    first_reloading = next(i for i, m in enumerate(around_reload) if "RELOADING=1" in m)
+    assert first_reloading < len(around_reload) - 1  # READY=1 after it
+
+    daemon.send_signal(signal.SIGTERM)
+    assert any("STOPPING=1" in m for m in _messages(notify, "STOPPING=1"))
+    assert daemon.proc.wait(30) == 0
+
+
+def test_watchdog_pings(make_daemon, short_dir):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "wd"))
+    make_daemon({"add": "testexperts:add"}, workers=1,
+                env={"NOTIFY_SOCKET": str(short_dir / "wd"), "WATCHDOG_USEC": "400000"})
+    started = time.monotonic()
+    pings = 0
+    while pings < 3:
+        if "WATCHDOG=1" in _messages(notify, "WATCHDOG=1", timeout=5)[-1]:
+            pings += 1
+    assert time.monotonic() - started < 3
+
+
+def test_socket_activation_serves_on_the_inherited_socket(short_dir):
+    path = short_dir / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    config = write_config(short_dir, {"add": "testexperts:add"})
+    log = open(short_dir / "activated.log", "wb")
+
+    def hand_over():
+        os.dup2(listener.fileno(), 3)
+        os.environ["LISTEN_FDS"] = "1"
+        os.environ["LISTEN_PID"] = str(os.getpid())
+
+    proc = subprocess.Popen([sys.executable, "-m", "expertd", "--config", str(config), "--workers", "1",
+                             "--socket", str(short_dir / "unused.sock")],
+                            stdout=log, stderr=log, preexec_fn=hand_over, pass_fds=(3,))
+    try:
+        assert wait_until(lambda: "expertd ready" in (short_dir / "activated.log").read_text(), timeout=60)
+        assert Client(str(path)).call("add", 2, 3) == 5
+        assert not (short_dir / "unused.sock").exists()
+        assert "serving the socket activated on" in (short_dir / "activated.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert path.exists()  # systemd's socket file: not ours to remove
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _daemon_mode(short_dir, *extra):
+    config = write_config(short_dir, {"add": "testexperts:add"})
+    return subprocess.run(
+        [str(BIN / "expertd"), "--config", str(config), "--socket", str(short_dir / "dm.sock"), "--workers", "1",
+         "--daemon", "--pidfile", str(short_dir / "expertd.pid"), "--log-file", str(short_dir / "expertd.log"),
+         *extra],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_daemon_mode_pidfile_and_log_rotation(short_dir):
+    pidfile = short_dir / "expertd.pid"
+    pidfile.write_text("999999\n")  # stale: replaced
+    done = _daemon_mode(short_dir)
+    assert done.returncode == 0, done.stderr
+    pid = int(pidfile.read_text())
+    try:
+        assert Client(str(short_dir / "dm.sock")).call("add", 1, 2) == 3
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert cmdline.read().startswith(b"expertd: master [")
+        assert os.getsid(pid) != os.getsid(0)  # detached into a session of its own
+        assert pid not in {child.pid for child in psutil.Process().children(recursive=True)}
+        again = _daemon_mode(short_dir)
+        assert again.returncode == 1 and f"already running with pid {pid}" in again.stderr
+
+        log = short_dir / "expertd.log"
+        os.rename(log, short_dir / "expertd.log.1")
+        os.kill(pid, signal.SIGUSR1)
+        assert wait_until(lambda: log.exists() and "log files reopened" in log.read_text())
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not pidfile.exists(), timeout=30)
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    assert not (short_dir / "dm.sock").exists()
+
+
+def test_daemon_mode_reports_a_failed_start(short_dir):
+    config = write_config(short_dir, {"x": "badhooks:worker_fails"})
+    done = subprocess.run([str(BIN / "expertd"), "--config", str(config), "--socket", str(short_dir / "f.sock"),
+                           "--daemon", "--log-file", str(short_dir / "f.log")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "before it was ready" in done.stderr
+
+
+VERSIONED = '''
+from expertd import expert
+
+MARK = {mark!r}
+_state = {{}}
+
+
+def _load():
+    _state["model"] = MARK + "-model"
+
+
+@expert(before_fork=_load)
+def version():
+    return [MARK, _state["model"]]
+'''
+
+
+def _versioned_daemon(make_daemon, short_dir, mark="v1"):
+    code = short_dir / "code"
+    code.mkdir(exist_ok=True)
+    (code / "versioned.py").write_text(VERSIONED.format(mark=mark))
+    return make_daemon({"version": "versioned:version", "add": "testexperts:add"}, workers=2,
+                       pythonpath=f"{code} {ROOT / 'tests' / 'experts'}")
+
+
+def test_hup_serves_new_code_with_zero_failed_calls(make_daemon, short_dir):
+    daemon = _versioned_daemon(make_daemon, short_dir)
+    old_workers = daemon.worker_pids()
+    results, errors, stop = [], [], threading.Event()
+
+    def loop():
+        client = daemon.client(timeout=30)
+        while not stop.is_set():
+            try:
+                results.append(client.call("version")[0])
+            except Exception as exc:
+                errors.append(exc)
+
+    callers = [threading.Thread(target=loop) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.5)
+    (short_dir / "code" / "versioned.py").write_text(VERSIONED.format(mark="v2-new"))
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: results[-1:] == ["v2-new"], timeout=30)
+    time.sleep(0.5)
+    stop.set()
+    for caller in callers:
+        caller.join(30)
+    assert errors == []
+    assert results[0] == "v1" and results[-1] == "v2-new"
+    assert daemon.client().call("version") == ["v2-new", "v2-new-model"]  # before_fork hook ran again
+    assert wait_until(lambda: not (daemon.worker_pids() & old_workers), timeout=30)
+    status = daemon.client().status()
+    assert status["generation"] == 2 and status["last_reload"]["ok"] is True
+    assert {w["generation"] for w in status["workers"]} == {2}
+
+
+def test_broken_reload_keeps_the_old_generation_serving(make_daemon, short_dir):
+    daemon = _versioned_daemon(make_daemon, short_dir)
+    (short_dir / "code" / "versioned.py").write_text("def version(:\n")
+    done = daemon.ctl("reload")
+    assert done.returncode == 1
+    assert "reload failed, generation 1 keeps serving" in done.stderr and "SyntaxError" in done.stderr
+    assert daemon.client().call("version")[0] == "v1"
+    status = daemon.client().status()
+    assert status["generation"] == 1 and status["last_reload"]["ok"] is False
+
+    # A new generation whose workers fail to start is abandoned the same way.
+    (short_dir / "code" / "versioned.py").write_text(
+        "from expertd import expert\n\ndef _boom():\n    raise RuntimeError('no model here')\n\n"
+        "@expert(after_fork=_boom)\ndef version():\n    return ['v3']\n")
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "no model here" in json.dumps(daemon.client().status()["last_reload"]), timeout=30)
+    assert daemon.client().call("version")[0] == "v1"
+    assert daemon.client().status()["generation"] == 1
+
+
+def test_ttin_ttou_and_expertctl_workers(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=2)
+    daemon.send_signal(signal.SIGTTIN)
+    assert wait_until(lambda: len(daemon.worker_pids()) == 3)
+    for count in (2, 1):  # one at a time: two signals sent at once may arrive as one
+        daemon.send_signal(signal.SIGTTOU)
+        assert wait_until(lambda count=count: len(daemon.worker_pids()) == count)
+    assert daemon.ctl("workers", "3").stdout == "workers: 3\n"
+    assert wait_until(lambda: len(daemon.worker_pids()) == 3)
+    assert daemon.client().status()["workers_wanted"] == 3
+    assert daemon.client().call("add", 1, 1) == 2
+
+
+def test_status_json_lists_every_worker_with_memory(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=3)
+    client = daemon.client()
+    for i in range(30):
+        client.call("add", i, 1)
+    done = daemon.ctl("status", "--json")
+    status = json.loads(done.stdout)
+    assert status["pid"] == daemon.proc.pid and status["generation"] == 1
+    assert {w["pid"] for w in status["workers"]} == daemon.worker_pids()
+    assert sum(w["requests"] for w in status["workers"]) >= 30
+    for worker in status["workers"]:
+        assert 0 < worker["uss"] < worker["pss"] <= worker["rss"], worker
+        assert worker["state"] in ("idle", "busy")
+    memory = status["memory"]
+    assert memory["shared"] > 0 and memory["private"] > 0
+    human = daemon.ctl("status").stdout
+    assert "memory: private" in human and "shared" in human
+    for pid in daemon.worker_pids():
+        assert str(pid) in human
+
+
+def test_expertctl_stop(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1)
+    assert daemon.ctl("stop").returncode == 0
+    assert daemon.proc.wait(30) == 0
+    assert not daemon.socket.exists()
+
+
+def test_process_titles(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1)
+    daemon.client().call("add", 1, 1)
+    with open(f"/proc/{daemon.proc.pid}/cmdline", "rb") as cmdline:
+        assert cmdline.read().startswith(f"expertd: master [{daemon.config}]".encode())
+    (worker,) = daemon.worker_pids()
+    with open(f"/proc/{worker}/cmdline", "rb") as cmdline:
+        assert cmdline.read().startswith(b"expertd: worker 1 [ready, ")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_units_verify(tmp_path):
+    for name in ("expertd.service", "expertd.socket"):
+        text = (ROOT / "systemd" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/opt/expertd/venv/bin/expertd", str(BIN / "expertd")))
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "expertd.service"),
+                           str(tmp_path / "expertd.socket")], capture_output=True, text=True, timeout=60)
+    problems = [line for line in done.stderr.splitlines() if "expertd" in line]
+    assert done.returncode == 0 and problems == [], done.stderr
+
+
+def test_run_expertd_help_mentions_daemon_mode():
+    done = run_expertd("--help")
+    assert "--daemon" in done.stdout and "--pidfile" in done.stdout and "--log-file" in done.stdout
