@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertd",
         description="Serve Python experts from a prefork worker daemon over a Unix socket.",
-        epilog="Every setting is described in docs/config.md. Signals: TERM/INT stop gracefully, QUIT stops at once.",
+        epilog="Every setting is described in docs/config.md. Signals: TERM/INT stop gracefully, QUIT stops at "
+               "once, HUP reloads config and experts, TTIN/TTOU add or remove a worker, USR1 reopens the log file.",
     )
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
                         help=f"configuration file (default: {DEFAULT_CONFIG})")
