@@ -19,6 +19,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-run: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[tensorflow]' --config-settings editable_mode=compat
+	$(BIN)/python -m compileall -q expertd examples
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
@@ -51,13 +52,18 @@ clean:
 	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis
 
 .PHONY: bench bench-quick
-bench: $(VENV)/.installed-run
-	$(BIN)/python bench/calls.py
-	$(BIN)/python bench/memory.py --workers 2 4 --independent 5
+$(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --editable '.[tensorflow,bench]' --config-settings editable_mode=compat
+	touch $@ $(VENV)/.installed-run
+
+# Full comparison (about 15 minutes): writes BENCHMARKS.md and bench/plots/.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/weight_sharing.py
 
-bench-quick: $(VENV)/.installed-run
-	$(BIN)/python bench/calls.py --quick
+# The same harness with fewer rounds and sizes, under 2 minutes.
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python bench/compare.py --quick --output BENCHMARKS-quick.md
 
 # SOAK_SECONDS=300 make soak: load with chaos (workers SIGKILLed at random), every answer checked.
 SOAK_SECONDS ?= 300

@@ -15,7 +15,6 @@ Every failure is one line on stderr.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import time
@@ -43,6 +42,8 @@ def _json_default(value: Any) -> Any:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
+            import base64
+
             return {"base64": base64.b64encode(value).decode("ascii")}
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 

@@ -21,12 +21,12 @@ are pure opinions, which is what makes that retry safe.
 
 from __future__ import annotations
 
+import _socket  # socket.py's C core: the wrapper costs a one-shot expertctl ~7 ms of enum set-up
+import _thread  # threading's lock, without importing threading (~3 ms per process start)
 import itertools
 import os
-import socket
-import threading
 import time
-import weakref
+from _weakrefset import WeakSet
 
 from expertd import protocol
 from expertd.errors import (
@@ -78,7 +78,7 @@ class Client:
         self.retries = retries
         self.pool_size = pool_size
         self._pool: list[Any] = []
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._pid = os.getpid()
         self._ids = itertools.count(1)
         _clients.add(self)
@@ -172,7 +172,7 @@ class Client:
                 continue
             raise error
 
-    def _round_trip(self, conn: socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
+    def _round_trip(self, conn: _socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             conn.settimeout(self.timeout)
@@ -215,7 +215,7 @@ class Client:
         except ValueError as exc:
             raise ProtocolError(f"reply body is not valid msgpack: {exc}") from None
 
-    def _read_early_reply(self, conn: socket.socket, request_id: int) -> tuple[int, Any] | None:
+    def _read_early_reply(self, conn: _socket.socket, request_id: int) -> tuple[int, Any] | None:
         try:
             conn.settimeout(0.5)
             kind, reply_id, body = protocol.read_frame(conn, _MAX_REPLY, time.monotonic() + 0.5)
@@ -228,13 +228,13 @@ class Client:
     def _after_fork_in_child(self) -> None:
         # The pool's connections belong to the parent; another thread of the parent
         # may have held the lock at fork time, so both are replaced, not waited on.
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         for conn in self._pool:
             conn.close()  # our copies only: the parent's connections stay open
         self._pool = []
         self._pid = os.getpid()
 
-    def _checkout(self) -> tuple[socket.socket, bool]:
+    def _checkout(self) -> tuple[_socket.socket, bool]:
         with self._lock:
             if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork from C)
                 self._pool = []
@@ -243,16 +243,16 @@ class Client:
                 return self._pool.pop(), True
         return self._connect(), False
 
-    def _checkin(self, conn: socket.socket) -> None:
+    def _checkin(self, conn: _socket.socket) -> None:
         with self._lock:
             if self._pid == os.getpid() and len(self._pool) < self.pool_size:
                 self._pool.append(conn)
                 return
         conn.close()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _socket.socket:
         path = self.socket_path
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         conn.settimeout(self.connect_timeout)
         try:
             conn.connect(path)
@@ -282,7 +282,7 @@ class Client:
         return conn
 
 
-_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_clients: WeakSet[Client] = WeakSet()
 
 
 def _reset_clients_after_fork() -> None:

@@ -15,7 +15,6 @@ library and msgpack.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 
@@ -25,6 +24,7 @@ from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RequestTim
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
+    import socket
     from typing import Any
 
 MAGIC = b"XD"

@@ -1,0 +1,520 @@
+"""expertd side by side with a fresh process, Firefly and gunicorn: writes BENCHMARKS.md and plots.
+
+    python bench/compare.py            # full run (make bench, ~15 minutes)
+    python bench/compare.py --quick    # make bench-quick, under 2 minutes
+
+Everything is measured on this machine in one run.  Comparisons that matter
+are interleaved (A B C A B C ...) so that the shared machine's noise hits
+every method alike, and quoted as medians with their spread (min–max) and as
+ratios.  Firefly (firefly-python, with gunicorn) is installed by the harness
+into its own virtualenv, bench/.venv-firefly, and serves the same example
+functions (examples/fibs.py, examples/squares.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from memory import measure_expertd, measure_independent  # noqa: E402
+
+from expertd.client import Client  # noqa: E402
+
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+FIREFLY_VENV = BENCH / ".venv-firefly"
+FIREFLY_PACKAGES = ["firefly-python==0.1.15", "gunicorn==27.0.1"]
+
+QUICK = {"rounds": 3, "oneshot_rounds": 3, "seconds": 0.7, "clients": [1, 4, 16], "workers": [1, 2],
+         "memory_workers": [4], "independent": [5], "reloads": 1}
+FULL = {"rounds": 7, "oneshot_rounds": 10, "seconds": 3.0, "clients": [1, 2, 4, 8, 16], "workers": [1, 2, 4],
+        "memory_workers": [1, 2, 4, 8], "independent": [1, 2, 4, 5, 8], "reloads": 3}
+
+
+# ----------------------------------------------------------------- helpers
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float], digits: int = 1, unit: str = "") -> str:
+    return (f"{median(values):.{digits}f}{unit} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+            if values else "n/a")
+
+
+def wall_ms(argv: list[str], env: dict | None = None, stdin: bytes | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, input=stdin)
+    return (time.perf_counter() - started) * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ensure_firefly() -> Path:
+    python = FIREFLY_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(FIREFLY_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *FIREFLY_PACKAGES], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return python
+
+
+def write_config(directory: Path, experts: dict[str, str], **settings: str) -> Path:
+    lines = ["[expertd]", f"pythonpath = {ROOT / 'examples'}"] + [f"{k} = {v}" for k, v in settings.items()]
+    for name, function in experts.items():
+        lines += [f"[expert:{name}]", f"function = {function}"]
+    path = directory / f"bench-{len(list(directory.glob('*.conf')))}.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextmanager
+def expertd(directory: Path, config: Path, workers: int):
+    sock = directory / f"e{workers}-{time.monotonic_ns() % 10**6}.sock"
+    log_path = sock.with_suffix(".log")
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([PYTHON, "-m", "expertd", "--config", str(config), "--socket", str(sock),
+                                 "--workers", str(workers), "--log-level", "info"], stdout=log, stderr=log)
+    try:
+        while "expertd ready" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() - started > 120:
+                raise SystemExit(f"expertd did not start:\n{log_path.read_text()}")
+            time.sleep(0.01)
+        proc.ready_s = time.monotonic() - started
+        proc.sock = str(sock)
+        proc.log_path = log_path
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@contextmanager
+def http_server(argv: list[str], port: int, env: dict):
+    proc = subprocess.Popen(argv, cwd=str(ROOT / "examples"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{argv[0]} did not start") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def firefly_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "examples"), "FIREFLY_CONFIG": str(BENCH / "firefly" / "config.yml")}
+
+
+@contextmanager
+def firefly(ff_python: Path, workers: int | None = None):
+    """Firefly's own server (workers None) or its app under gunicorn with that many workers."""
+    port = free_port()
+    if workers is None:
+        argv = [str(ff_python.parent / "firefly"), "-c", str(BENCH / "firefly" / "config.yml"),
+                "-b", f"127.0.0.1:{port}"]
+    else:
+        argv = [str(ff_python.parent / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}",
+                "--log-level", "warning", "firefly.main:app"]
+    with http_server(argv, port, firefly_env()):
+        yield f"http://127.0.0.1:{port}/"
+
+
+@contextmanager
+def floor_server(directory: Path):
+    sock = directory / "floor.sock"
+    proc = subprocess.Popen([PYTHON, str(BENCH / "floor_server.py"), str(sock)], stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        yield str(sock)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def load(python: Path | str, kind: str, target: str, clients: int, seconds: float,
+         name: str = "square", arguments: str | None = None) -> dict:
+    if arguments is None:
+        arguments = '{"n": 3}' if kind == "firefly" else "[3]"
+    done = subprocess.run([str(python), str(BENCH / "loadgen.py"), kind, target, name, arguments,
+                           "--clients", str(clients), "--seconds", str(seconds)],
+                          capture_output=True, text=True, check=True, env=firefly_env() if kind == "firefly" else None)
+    return json.loads(done.stdout)
+
+
+# ----------------------------------------------------------------- measurements
+def measure_one_shot(cfg: dict, daemon, ff_url: str, ff_python: Path) -> dict:
+    env = {**os.environ, "EXPERTD_SOCKET": daemon.sock}
+    doc = json.dumps({"text": "what a wonderful day"}).encode()
+    firefly_once = [str(ff_python), "-c", f"import firefly; print(firefly.Client({ff_url!r}).square(n=2))"]
+    methods = {
+        "fresh process: import TensorFlow, build the model, one opinion": (
+            [PYTHON, str(BENCH / "standalone_expert.py"), "--once", "what", "a", "wonderful", "day"], None),
+        "Firefly client, one call (square)": (firefly_once, None),
+        "expertctl call square n=2": ([str(BIN / "expertctl"), "call", "square", "n=2"], None),
+        "expertctl opinion sentiment < doc.json": ([str(BIN / "expertctl"), "opinion", "sentiment"], doc),
+        "python -c pass (floor)": ([PYTHON, "-c", "pass"], None),
+    }
+    results = {name: [] for name in methods}
+    for argv, stdin in methods.values():  # warm the page cache once
+        wall_ms(argv, env, stdin)
+    for _ in range(cfg["oneshot_rounds"]):
+        for name, (argv, stdin) in methods.items():
+            results[name].append(wall_ms(argv, env, stdin))
+    return results
+
+
+def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> dict:
+    """The headline: one persistent client calling square in a loop, interleaved A B C D."""
+    results = {"expertd (2 workers)": [], "raw-socket floor": [], "Firefly server": [], "Firefly on gunicorn (2)": []}
+    with expertd(directory, square_config, 2) as daemon, floor_server(directory) as floor, \
+            firefly(ff_python) as ff_url, firefly(ff_python, 2) as gunicorn_url:
+        for _ in range(cfg["rounds"]):
+            results["expertd (2 workers)"].append(load(PYTHON, "expertd", daemon.sock, 1, cfg["seconds"])["p50_us"])
+            results["raw-socket floor"].append(load(PYTHON, "floor", floor, 1, cfg["seconds"])["p50_us"])
+            results["Firefly server"].append(load(ff_python, "firefly", ff_url, 1, cfg["seconds"])["p50_us"])
+            results["Firefly on gunicorn (2)"].append(
+                load(ff_python, "firefly", gunicorn_url, 1, cfg["seconds"])["p50_us"])
+    return results
+
+
+def measure_grid(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> list[dict]:
+    rows = []
+    for workers in cfg["workers"]:
+        with expertd(directory, square_config, workers) as daemon, firefly(ff_python, workers) as gunicorn_url:
+            for clients in cfg["clients"]:
+                for system, python, kind, target in (("expertd", PYTHON, "expertd", daemon.sock),
+                                                     ("Firefly on gunicorn", ff_python, "firefly", gunicorn_url)):
+                    result = load(python, kind, target, clients, cfg["seconds"])
+                    rows.append({"system": system, "workers": workers, **result})
+    with firefly(ff_python) as ff_url:
+        for clients in cfg["clients"]:
+            rows.append({"system": "Firefly server", "workers": 1,
+                         **load(ff_python, "firefly", ff_url, clients, cfg["seconds"])})
+    return rows
+
+
+def measure_cpu_bound(cfg: dict, directory: Path, config: Path) -> dict:
+    """fib(22) with 4 clients: 1 worker against 2, interleaved."""
+    results = {1: [], 2: []}
+    with expertd(directory, config, 1) as one, expertd(directory, config, 2) as two:
+        for _ in range(cfg["rounds"]):
+            for workers, daemon in ((1, one), (2, two)):
+                results[workers].append(load(PYTHON, "expertd", daemon.sock, 4, cfg["seconds"], "fib", "[22]")
+                                        ["throughput"])
+    return results
+
+
+def measure_tensorflow(cfg: dict, daemon) -> dict:
+    doc = json.dumps([{"text": "the staff were friendly and the room was lovely"}])
+    return {clients: load(PYTHON, "expertd", daemon.sock, clients, cfg["seconds"], "sentiment", doc)
+            for clients in (1, 4)}
+
+
+def measure_reload(cfg: dict, daemon) -> list[float]:
+    times = []
+    client = Client(daemon.sock)
+    for _ in range(cfg["reloads"]):
+        generation = client.status()["generation"]
+        done_lines = daemon.log_path.read_text().count("reload done")
+        started = time.monotonic()
+        os.kill(daemon.pid, signal.SIGHUP)
+        while daemon.log_path.read_text().count("reload done") == done_lines:
+            time.sleep(0.01)
+        times.append(time.monotonic() - started)
+        assert client.status()["generation"] == generation + 1
+    return times
+
+
+def measure_imports(ff_python: Path) -> dict:
+    def cumulative_ms(python: Path | str, module: str) -> float:
+        done = subprocess.run([str(python), "-X", "importtime", "-c", f"import {module}"], capture_output=True,
+                              text=True, check=True, cwd=str(ROOT), env=firefly_env())
+        line = [ln for ln in done.stderr.splitlines() if ln.rstrip().endswith(f"| {module}")][-1]
+        return int(line.split("|")[1]) / 1000
+
+    return {"expertd.client": [cumulative_ms(PYTHON, "expertd.client") for _ in range(5)],
+            "firefly (its client)": [cumulative_ms(ff_python, "firefly") for _ in range(5)]}
+
+
+# ----------------------------------------------------------------- report
+def plots(data: dict, directory: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(exist_ok=True)
+    written = []
+
+    one_shot = data["one_shot"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = list(one_shot)
+    ax.barh(names, [median(one_shot[n]) for n in names], color="#4c72b0")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of one call from a shell, ms (log scale)")
+    ax.set_title("One-shot call: what a pipeline stage pays")
+    for i, name in enumerate(names):
+        ax.text(median(one_shot[name]), i, f" {median(one_shot[name]):.0f} ms", va="center")
+    fig.tight_layout()
+    fig.savefig(directory / "latency_by_method.png", dpi=110)
+    written.append("latency_by_method.png")
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for system in ("expertd", "Firefly on gunicorn", "Firefly server"):
+        for workers in sorted({r["workers"] for r in data["grid"] if r["system"] == system}):
+            rows = [r for r in data["grid"] if r["system"] == system and r["workers"] == workers]
+            label = system if system == "Firefly server" else f"{system}, {workers} workers"
+            ax.plot([r["clients"] for r in rows], [r["throughput"] for r in rows], marker="o", label=label,
+                    linestyle="-" if system == "expertd" else "--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("calls per second (square), log scale")
+    ax.set_title("Throughput by workers and clients")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(directory / "throughput_by_workers_clients.png", dpi=110)
+    written.append("throughput_by_workers_clients.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    runs = data["memory"]["expertd"]
+    ax.plot([r["workers"] for r in runs], [r["total_pss"] for r in runs], marker="o",
+            label="expertd: master + N workers (PSS)")
+    independent = data["memory"]["independent"]
+    ax.plot([r["count"] for r in independent], [r["total_pss"] for r in independent], marker="s",
+            label="N independent TensorFlow processes (PSS)")
+    ax.set_xlabel("N")
+    ax.set_ylabel("memory, MiB (sum of PSS)")
+    ax.set_title("Memory by number of workers (sentiment model loaded)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "memory_by_workers.png", dpi=110)
+    written.append("memory_by_workers.png")
+    plt.close("all")
+    return written
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def markdown(data: dict, quick: bool) -> str:
+    import msgpack
+    import psutil
+
+    versions = {name: _version(name) for name in ("tensorflow-cpu", "keras", "numpy", "msgpack", "psutil")}
+    out = [
+        "# expertd benchmarks",
+        "",
+        f"Generated by `{'make bench-quick' if quick else 'make bench'}` (bench/compare.py) on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians with min–max over rounds; comparisons "
+        "interleaved in one run.",
+        "",
+        "## Machine",
+        "",
+        f"- {platform.platform()}, {psutil.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB memory",
+        f"- Python {platform.python_version()}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; msgpack C extension: {msgpack.version}",
+        f"- Firefly: {', '.join(FIREFLY_PACKAGES)} in bench/.venv-firefly",
+        "- a shared machine: read ratios measured side by side rather than absolute figures",
+        "",
+    ]
+    seq = data["sequential"]
+    expertd_us, floor_us = median(seq["expertd (2 workers)"]), median(seq["raw-socket floor"])
+    firefly_us = median(seq["Firefly server"])
+    one = data["one_shot"]
+    ctl = median(one["expertctl call square n=2"])
+    py = median(one["python -c pass (floor)"])
+    fresh = median(one["fresh process: import TensorFlow, build the model, one opinion"])
+    opinion = median(one["expertctl opinion sentiment < doc.json"])
+    cpu = data["cpu_bound"]
+    cpu_ratio = median(cpu[2]) / median(cpu[1])
+    out += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |",
+            f"| sequential round trip ≤ 1.3× the raw-socket floor | {expertd_us:.0f} µs vs {floor_us:.0f} µs = "
+            f"{expertd_us / floor_us:.2f}× | {verdict(expertd_us <= 1.3 * floor_us)} (see below) |",
+            f"| ≥ 10× faster than Firefly | {firefly_us:.0f} µs vs {expertd_us:.0f} µs = "
+            f"{firefly_us / expertd_us:.1f}× | {verdict(firefly_us >= 10 * expertd_us)} |",
+            f"| one-shot `expertctl` ≤ 3× `python -c pass` | {ctl:.1f} ms vs {py:.1f} ms = {ctl / py:.2f}× "
+            f"| {verdict(ctl <= 3 * py)} |",
+            f"| one-shot `expertctl opinion` ≥ 50× faster than the fresh TensorFlow process | {fresh:.0f} ms vs "
+            f"{opinion:.1f} ms = {fresh / opinion:.0f}× | {verdict(fresh >= 50 * opinion)} |",
+            f"| CPU-bound expert, 2 workers ≥ 1.6× the throughput of 1 (2 cores) | {median(cpu[2]):.0f} vs "
+            f"{median(cpu[1]):.0f} calls/s = {cpu_ratio:.2f}× | {verdict(cpu_ratio >= 1.6)} |"]
+    memory_runs = {r["workers"]: r for r in data["memory"]["expertd"]}
+    independents = {r["count"]: r for r in data["memory"]["independent"]}
+    weights_mib = (ROOT / "examples" / "sentiment" / "model.npz").stat().st_size / 2**20
+    worst_uss = max(max(r["worker_uss"]) for r in memory_runs.values())
+    worst_ready = max(max(r["fork_to_ready_s"]) for r in memory_runs.values())
+    out += [f"| worker USS ≤ 40 MB + 1.5 × weights ({40 + 1.5 * weights_mib:.1f} MiB) | worst {worst_uss:.1f} MiB "
+            f"| {verdict(worst_uss <= 40 + 1.5 * weights_mib)} |",
+            f"| fork to ready ≤ 0.5 s (shipped model) | worst {worst_ready:.2f} s | {verdict(worst_ready <= 0.5)} |"]
+    if 4 in memory_runs and 5 in independents:
+        run, ind = memory_runs[4], independents[5]
+        ratio = run["total_pss"] / ind["total_pss"]
+        out.append(f"| master + 4 workers < ½ of 5 independent processes | {run['total_pss']:.0f} MiB "
+                   f"vs {ind['total_pss']:.0f} MiB = {ratio:.2f}× | {verdict(ratio < 0.5)} |")
+    out += ["", "## 1. One-shot call from a shell", "",
+            "Wall time of one command, what one stage of a shell pipeline pays.", "",
+            "| method | ms | × python -c pass |", "| --- | --- | --- |"]
+    for name, values in one.items():
+        out.append(f"| {name} | {spread(values)} | {median(values) / py:.1f}× |")
+    out += ["", "![one-shot latency](bench/plots/latency_by_method.png)", "",
+            "## 2. Persistent client, trivial expert (`square`)", "",
+            "Sequential round trip, one client, interleaved rounds (median of per-round p50):", "",
+            "| server | µs per call | × floor |", "| --- | --- | --- |"]
+    for name, values in seq.items():
+        out.append(f"| {name} | {spread(values)} | {median(values) / floor_us:.2f}× |")
+    out += ["", "Concurrent clients (each a process with its own connection) against W workers:", "",
+            "| server | workers | clients | calls/s | p50 µs | p99 µs | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in data["grid"]:
+        out.append(f"| {row['system']} | {row['workers']} | {row['clients']} | {row['throughput']:.0f} | "
+                   f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['errors']} |")
+    out += ["", "![throughput](bench/plots/throughput_by_workers_clients.png)", "",
+            f"CPU-bound expert (`fib(22)`, 4 clients): 1 worker {spread(cpu[1], 0)} calls/s, "
+            f"2 workers {spread(cpu[2], 0)} calls/s.", "",
+            "## 3. TensorFlow expert (the shipped sentiment model)", "",
+            "| path | clients | calls/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
+    for clients, result in data["tensorflow"].items():
+        out.append(f"| expertd, 2 workers (`sentiment`) | {clients} | {result['throughput']:.0f} | "
+                   f"{result['p50_us'] / 1000:.2f} | {result['p99_us'] / 1000:.2f} |")
+    out.append(f"| fresh process per document | 1 | {1000 / fresh:.2f} | {fresh:.0f} | |")
+    out += ["", "## 4. Memory", "",
+            "Master + N workers serving the shipped config (TensorFlow and the sentiment model loaded, after "
+            "warm-up), against N independent processes that each import TensorFlow and build the model. "
+            "PSS charges each shared page to its sharers in equal parts, so a group's summed PSS is what it "
+            "really costs.", "",
+            "| N | expertd: sum of PSS (MiB) | worker USS (MiB, each) | worker PSS (MiB, each) | worker RSS (MiB) "
+            "| independent: sum of PSS (MiB) |", "| --- | --- | --- | --- | --- | --- |"]
+    for n in sorted(set(memory_runs) | set(independents)):
+        run, ind = memory_runs.get(n), independents.get(n)
+        out.append(f"| {n} | {run['total_pss']:.0f} |" if run else f"| {n} | |")
+        if run:
+            out[-1] += (f" {median(run['worker_uss']):.1f} | {median(run['worker_pss']):.1f} | "
+                        f"{median(run['worker_rss']):.0f} |")
+        else:
+            out[-1] += " | | |"
+        out[-1] += f" {ind['total_pss']:.0f} |" if ind else " |"
+    out += ["", "![memory](bench/plots/memory_by_workers.png)", "",
+            "## 5. Start-up", "",
+            f"- daemon start to ready (shipped config, TensorFlow imported in the master): "
+            f"{spread([r['daemon_ready_s'] for r in memory_runs.values()], 2, ' s')}",
+            f"- worker fork to ready (build, trace and warm up the model): "
+            f"{spread([t for r in memory_runs.values() for t in r['fork_to_ready_s']], 2, ' s')}",
+            f"- HUP reload to ready (re-import the experts, new generation of 2 workers ready, old retired): "
+            f"{spread(data['reload'], 2, ' s')}",
+            "", "## 6. Import cost (`python -X importtime`, cumulative)", "",
+            "| module | ms |", "| --- | --- |"]
+    for name, values in data["imports"].items():
+        out.append(f"| `import {name}` | {spread(values)} |")
+    out += ["", "## Reading the round-trip target", "", ROUND_TRIP_NOTE, ""]
+    return "\n".join(out)
+
+
+ROUND_TRIP_NOTE = """\
+The raw-socket floor is one process answering one connection: a request costs
+two context switches. expertd puts its master between the socket and the
+workers, because that is what lets idle and slow connections cost no worker
+(N workers serve any number of connected clients fairly), lets a lost worker's
+caller get a clean error instead of a hang, and lets HUP swap whole generations
+with zero failed calls. A sequential call therefore costs two more process
+wake-ups (master, then worker) and a descriptor hand-over; with Python's
+per-wake-up cost that is about three to four times the floor here, still far
+below Firefly. The ≤ 1.3× target holds only for a design in which a worker owns
+its connections — which is exactly the design that lets an idle or slow client
+pin a worker. Closing most of the gap without giving that up needs a worker
+fast path (keep serving a connection whose next request is already there while
+no other request waits); that is filed as its own issue rather than done here."""
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes (under 2 minutes)")
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    options = parser.parse_args()
+    cfg = QUICK if options.quick else FULL
+    started = time.monotonic()
+
+    ff_python = ensure_firefly()
+    # Compile bytecode as an installed package has it (pip compiles at install; an editable
+    # checkout run with PYTHONDONTWRITEBYTECODE would recompile on every one-shot call).
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(ROOT / "expertd"), str(ROOT / "examples")],
+                   check=True, stdout=subprocess.DEVNULL)
+    directory = Path(tempfile.mkdtemp(prefix="xdc-", dir="/tmp"))
+    try:
+        square_config = write_config(directory, {"square": "squares:square", "fib": "fibs:fib"})
+        data: dict = {}
+        print("one-shot calls ...", flush=True)
+        with expertd(directory, ROOT / "etc" / "expertd.conf", 2) as daemon, firefly(ff_python) as ff_url:
+            data["one_shot"] = measure_one_shot(cfg, daemon, ff_url, ff_python)
+            print("tensorflow expert ...", flush=True)
+            data["tensorflow"] = measure_tensorflow(cfg, daemon)
+            print("reload ...", flush=True)
+            data["reload"] = measure_reload(cfg, daemon)
+        print("sequential round trip ...", flush=True)
+        data["sequential"] = measure_sequential(cfg, directory, ff_python, square_config)
+        print("throughput grid ...", flush=True)
+        data["grid"] = measure_grid(cfg, directory, ff_python, square_config)
+        print("cpu-bound expert ...", flush=True)
+        data["cpu_bound"] = measure_cpu_bound(cfg, directory, square_config)
+        print("memory ...", flush=True)
+        data["memory"] = {"expertd": [measure_expertd(n, directory) for n in cfg["memory_workers"]],
+                          "independent": [measure_independent(n) for n in cfg["independent"]]}
+        print("imports ...", flush=True)
+        data["imports"] = measure_imports(ff_python)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    plots(data, BENCH / "plots")
+    text = markdown(data, options.quick)
+    Path(options.output).write_text(text + "\n")
+    (BENCH / "plots" / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    print(text.split("## 1.")[0])
+    print(f"wrote {options.output} and bench/plots/ in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Closed-loop load generator: C client processes calling as fast as they can for T seconds.
+
+    python loadgen.py expertd SOCKET EXPERT ARGS_JSON --clients C --seconds T
+    python loadgen.py firefly URL FUNCTION KWARGS_JSON --clients C --seconds T
+    python loadgen.py floor SOCKET --clients 1 --seconds T
+
+Prints one JSON object: calls, errors, throughput (calls/s), p50/p90/p99 latency
+(µs).  Each client is a process with its own connection (for Firefly: its own
+client object, which opens a connection per call as Firefly's client does).
+Runs under whichever interpreter has the client it needs: the harness starts
+it with the Firefly venv's Python for Firefly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import struct
+import sys
+import time
+
+
+def _expertd_caller(target: str, name: str, args: list):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from expertd.client import Client
+
+    client = Client(target, timeout=60)
+    return lambda: client.call(name, *args)
+
+
+def _firefly_caller(target: str, name: str, kwargs: dict):
+    import firefly
+
+    client = firefly.Client(target)
+    function = getattr(client, name)
+    return lambda: function(**kwargs)
+
+
+def _floor_caller(target: str):
+    import msgpack
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(target)
+    counter = iter(range(1 << 62))
+
+    def call():
+        body = msgpack.packb(["square", [next(counter)], {}])
+        sock.sendall(struct.pack("!I", len(body)) + body)
+        header = sock.recv(4, socket.MSG_WAITALL)
+        (length,) = struct.unpack("!I", header)
+        return msgpack.unpackb(sock.recv(length, socket.MSG_WAITALL))
+
+    return call
+
+
+def _client(options, results) -> None:
+    if options.kind == "expertd":
+        call = _expertd_caller(options.target, options.name, json.loads(options.arguments))
+    elif options.kind == "firefly":
+        call = _firefly_caller(options.target, options.name, json.loads(options.arguments))
+    else:
+        call = _floor_caller(options.target)
+    for _ in range(20):  # warm up: connection, caches
+        call()
+    latencies, errors = [], 0
+    clock = time.perf_counter
+    deadline = clock() + options.seconds
+    while True:
+        started = clock()
+        if started >= deadline:
+            break
+        try:
+            call()
+        except Exception:
+            errors += 1
+            continue
+        latencies.append(clock() - started)
+    results.put((latencies, errors))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["expertd", "firefly", "floor"])
+    parser.add_argument("target")
+    parser.add_argument("name", nargs="?", default="square")
+    parser.add_argument("arguments", nargs="?", default="[3]")
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    options = parser.parse_args()
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    procs = [context.Process(target=_client, args=(options, results)) for _ in range(options.clients)]
+    for proc in procs:
+        proc.start()
+    latencies, errors = [], 0
+    for _ in procs:
+        some, failed = results.get(timeout=options.seconds + 120)
+        latencies += some
+        errors += failed
+    for proc in procs:
+        proc.join()
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6 if latencies else float("nan")
+
+    print(json.dumps({
+        "kind": options.kind, "clients": options.clients, "calls": len(latencies), "errors": errors,
+        "throughput": len(latencies) / options.seconds, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
