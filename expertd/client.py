@@ -219,7 +219,7 @@ class Client:
         try:
             conn.settimeout(0.5)
             kind, reply_id, body = protocol.read_frame(conn, _MAX_REPLY, time.monotonic() + 0.5)
-            if kind == protocol.ERROR and reply_id == request_id:
+            if kind == protocol.ERROR and reply_id in (request_id, 0):
                 return kind, protocol.unpack(body)
         except (ExpertdError, OSError, ValueError):
             pass
