@@ -33,7 +33,7 @@ def check_pidfile(path: str) -> None:
     except OSError as exc:
         raise PidfileError(f"cannot read pidfile {path}: {exc.strerror}") from None
     pid = int(text) if text.isdigit() else 0
-    if pid and _is_expertd(pid):
+    if pid and pid != os.getpid() and _is_expertd(pid):
         raise PidfileError(f"expertd is already running with pid {pid} (pidfile {path}); stop it first")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # stale: its process is gone (or is not an expertd)

@@ -126,6 +126,13 @@ class RequestTimeout(RemoteError, TimeoutError):
     code = "timeout"
 
 
+class Overloaded(RemoteError):
+    """The daemon is short of a resource (descriptors, memory for slow requests). Safe to retry shortly."""
+
+    code = "overloaded"
+    retryable = True
+
+
 class AccessDenied(RemoteError):
     """The daemon refused the connection: the peer's user is not allowed (allow_uids/allow_gids)."""
 
@@ -151,6 +158,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         WorkerLost,
         RequestTimeout,
         AccessDenied,
+        Overloaded,
         ShuttingDown,
     )
 }

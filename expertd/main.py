@@ -63,19 +63,55 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    pidfile = os.path.abspath(args.pidfile) if args.pidfile else None  # detaching changes directory to /
     try:
         handler = _setup_logging(config.log_level, args.log_file)
     except OSError as exc:
         print(f"expertd: cannot open log file {args.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.pidfile:
+    if pidfile:
         from expertd.daemon_mode import PidfileError, check_pidfile
 
         try:
-            check_pidfile(args.pidfile)
+            check_pidfile(pidfile)
         except PidfileError as exc:
             print(f"expertd: {exc}", file=sys.stderr)
             return 1
+
+    launcher = None
+    if args.daemon and not args.check:
+        from expertd.daemon_mode import detach
+        from expertd.listener import check_socket_free
+
+        try:
+            if not os.environ.get("LISTEN_FDS"):
+                check_socket_free(config.socket)  # fail here, on the terminal, not in a log file
+        except ListenerError as exc:
+            print(f"expertd: {exc}", file=sys.stderr)
+            return 1
+        # Detach before the experts load: detaching closes every descriptor it was not
+        # told about, and files an expert opens must survive. Their errors still reach
+        # the terminal, through the launcher.
+        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None)
+
+    def tell_launcher(word: str) -> None:
+        nonlocal launcher
+        if launcher is None:
+            return
+        try:
+            launcher.write(f"{word}\n".encode())
+            launcher.close()
+        except OSError:
+            pass  # the launcher is gone (interrupted): nobody is waiting for the word
+        launcher = None
+
+    def fail(message: str, status: int) -> int:
+        if launcher is not None:
+            logging.getLogger("expertd").error("%s", message)
+            tell_launcher(message)
+        else:
+            print(f"expertd: {message}", file=sys.stderr)
+        return status
 
     # Imported here so that --help and config errors stay fast.
     from expertd.loader import load_experts
@@ -86,55 +122,36 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_native_logs(config.tf_log_level in ("warning", "error")):
             experts = load_experts(config)
     except ExpertLoadError as exc:
-        print(f"expertd: {exc}", file=sys.stderr)
-        return EXIT_EXPERT
+        return fail(str(exc), EXIT_EXPERT)
     if args.check:
         print(f"expertd: {config.path}: OK, {len(experts)} experts: {', '.join(sorted(experts))}")
         return 0
 
     from expertd.master import Master, reloadable_modules
 
-    expert_modules = reloadable_modules(set(sys.modules) - modules_before)
-    launcher = None
-    if args.daemon:
-        from expertd.daemon_mode import detach
-        from expertd.listener import check_socket_free
-
-        try:
-            if not os.environ.get("LISTEN_FDS"):
-                check_socket_free(config.socket)  # fail here, on the terminal, not in a log file
-        except ListenerError as exc:
-            print(f"expertd: {exc}", file=sys.stderr)
-            return 1
-        stream = handler.stream if isinstance(handler, logging.FileHandler) else None
-        launcher = detach(stream)
+    expert_modules = reloadable_modules(set(sys.modules) - modules_before, config.preload)
 
     def on_ready() -> None:
-        if args.pidfile:
+        if pidfile:
             from expertd.daemon_mode import write_pidfile
 
-            write_pidfile(args.pidfile)
-        if launcher is not None:
-            launcher.write(b"ready\n")
-            launcher.close()
+            try:
+                write_pidfile(pidfile)
+            except OSError as exc:
+                logging.getLogger("expertd").error("cannot write pidfile %s: %s", pidfile, exc.strerror)
+        tell_launcher("ready")
 
     try:
         master = Master(config, experts, overrides=overrides, on_ready=on_ready, expert_modules=expert_modules)
         status = master.run()
     except ListenerError as exc:
-        if launcher is not None and not launcher.closed:
-            logging.getLogger("expertd.master").error("%s", exc)
-            launcher.write(f"{exc}\n".encode())
-        else:
-            print(f"expertd: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), 1)
     finally:
-        if args.pidfile:
+        if pidfile:
             from expertd.daemon_mode import remove_pidfile
 
-            remove_pidfile(args.pidfile)
-    if launcher is not None and not launcher.closed:
-        launcher.write(b"the daemon stopped before it was ready; see its log file\n")
+            remove_pidfile(pidfile)
+    tell_launcher("the daemon stopped before it was ready; see its log file")
     return status
 
 

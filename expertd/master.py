@@ -44,6 +44,7 @@ from expertd.errors import (
     ConfigError,
     ExpertLoadError,
     FrameTooLarge,
+    Overloaded,
     RemoteError,
     RequestTimeout,
     ShuttingDown,
@@ -155,6 +156,8 @@ class Master:
         self._next_expiry_check = 0.0
         self._recent_deaths: deque[float] = deque()
         self._gathered = 0  # bytes held in connections' inbufs
+        self._recheck: deque[_Connection] = deque()
+        self._max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._accept_paused_until = 0.0
         # None: no allow-list, anyone who can open the socket may connect.
         restricted = bool(config.allow_uids or config.allow_gids)
@@ -188,6 +191,10 @@ class Master:
                 for fd, _mask in events:
                     self._on_event(fd)
                 self._handle_signals()
+                while self._recheck:
+                    conn = self._recheck.popleft()
+                    if conn.state == _IDLE:
+                        self._examine(conn)
                 self._dispatch()
                 self._expire()
                 self._housekeeping()
@@ -362,6 +369,8 @@ class Master:
                 return
 
     def _maybe_announce_ready(self) -> None:
+        if self._stop_deadline is not None:
+            return
         current = [s for s in self.workers.values() if s.generation == self.generation and s.leaving is None]
         ready = sum(1 for s in current if s.ready_at is not None)
         if ready < self.config.workers:
@@ -460,6 +469,8 @@ class Master:
             return
 
         booted = slot.ready_at is not None
+        if slot.leaving is not None:
+            return  # retired, scaled down or killed on purpose: replaced without backoff
         if not booted and self._reload is not None and slot.generation == self.generation:
             self._abort_reload(slot.failure or f"a new worker {how} before it was ready")
             return
@@ -469,8 +480,6 @@ class Master:
             self._exit_status = EXIT_WORKER_BOOT_FAILED
             self._begin_stop(graceful=False, reason="a worker failed to start")
             return
-        if slot.leaving is not None:
-            return  # retired or killed on purpose: replaced without backoff
         # Crash loop: a worker that never became ready, or deaths faster than the
         # pool could plausibly need (an expert that kills its worker on every call).
         self._recent_deaths.append(now)
@@ -549,6 +558,7 @@ class Master:
         current.sort(key=lambda s: (s.conn is not None, -s.born))
         for slot in current[workers:]:
             self._retire(slot, "scaled down")
+        self._maybe_announce_ready()  # fewer workers to wait for, during start-up or a reload
 
     def reload(self) -> None:
         """HUP: re-read the config and experts into a new generation of workers.
@@ -562,6 +572,9 @@ class Master:
         if self._reload is not None:
             log.warning("reload requested while one is in progress; ignoring it")
             return
+        if not self._announced_ready:
+            log.warning("reload requested before the daemon finished starting; ignoring it")
+            return
         self.notifier.reloading()
         log.info("reloading %s", self.config.path)
         from expertd.config import load_config
@@ -569,6 +582,7 @@ class Master:
         from expertd.runtimes import quiet_native_logs
 
         previous_modules = {name: sys.modules[name] for name in self._expert_modules if name in sys.modules}
+        before = set(sys.modules)
         try:
             config = load_config(self.config.path, self.overrides)
             if config.socket != self.config.socket:
@@ -581,11 +595,11 @@ class Master:
             with quiet_native_logs(config.tf_log_level in ("warning", "error")):
                 experts = load_experts(config)
         except (ConfigError, ExpertLoadError) as exc:
-            sys.modules.update(previous_modules)
+            self._restore_modules(reloadable_modules(set(sys.modules) - before, config.preload), previous_modules)
             self._reload_failed(str(exc))
             return
         self._reload = _Reload(self.config, self.experts, self._expert_modules, previous_modules)
-        self._expert_modules = reloadable_modules(set(sys.modules) - before)
+        self._expert_modules = reloadable_modules(set(sys.modules) - before, config.preload)
         self.config, self.experts = config, experts
         self.generation += 1
         gc.freeze()
@@ -598,6 +612,10 @@ class Master:
         for slot in old:
             self._retire(slot, f"replaced by generation {self.generation}")
         self._reload = None
+        # The old generation's modules and models are garbage now; freeze pinned them.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         self.last_reload = {"ok": True, "at": time.time(), "generation": self.generation, "error": None}
         log.info("reload done: generation %d serving; %d old workers retiring", self.generation, len(old))
 
@@ -607,9 +625,16 @@ class Master:
         for slot in [s for s in self.workers.values() if s.generation == self.generation]:
             self._retire(slot, "reload aborted")
         self.generation -= 1
+        self._restore_modules(self._expert_modules, saved.previous_modules)
         self.config, self.experts, self._expert_modules = saved.config, saved.experts, saved.modules
-        sys.modules.update(saved.previous_modules)
         self._reload_failed(reason)
+
+    @staticmethod
+    def _restore_modules(failed: set[str], previous: dict) -> None:
+        """Forget a failed generation's modules (so the next reload imports them again) and put the old ones back."""
+        for name in failed:
+            sys.modules.pop(name, None)
+        sys.modules.update(previous)
 
     def _reload_failed(self, reason: str) -> None:
         log.error("reload failed; generation %d keeps serving: %s", self.generation, reason)
@@ -618,14 +643,11 @@ class Master:
 
     def _reopen_logs(self) -> None:
         """USR1: reopen log files (after logrotate moved them), here and in every worker."""
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.acquire()
-                try:
-                    handler.close()
-                    handler.stream = handler._open()
-                finally:
-                    handler.release()
+        try:
+            reopen_log_files()
+        except OSError as exc:
+            log.error("cannot reopen the log file: %s", exc.strerror)
+            return
         for slot in self.workers.values():
             try:
                 os.kill(slot.pid, signal.SIGUSR1)
@@ -739,18 +761,16 @@ class Master:
             return
         # Arriving in pieces. The socket may never hold all of it (a sender writing small
         # pieces fills the queue's accounting long before its byte count), so gather it here.
-        if self._gathered + conn.frame_size > _GATHER_BUDGET_FRAMES * self.config.max_frame:
-            self._fail(conn, BadRequest("too many large requests are arriving slowly; retry in a moment"))
-            return
         conn.inbuf = bytearray()
-        self._gathered += conn.frame_size
         self._gather(conn)
 
     def _control(self, conn: _Connection, kind: int, request_id: int) -> None:
         """Answer a control request here in the master: status, reload, stop, scale."""
         try:
-            body = protocol.unpack(conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)[protocol.HEADER_SIZE:]
-                                   ) if conn.frame_size > protocol.HEADER_SIZE else None
+            frame = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
+            if len(frame) != conn.frame_size:
+                raise ValueError("short read")
+            body = protocol.unpack(frame[protocol.HEADER_SIZE:]) if len(frame) > protocol.HEADER_SIZE else None
         except (OSError, ValueError) as exc:
             self._fail(conn, BadRequest(f"bad control request: {exc}"))
             return
@@ -764,23 +784,34 @@ class Master:
             reply = {"generation": self.generation, "reloading": self._reload is not None,
                      "last_reload": self.last_reload}
         elif kind == protocol.SCALE:
-            if not isinstance(body, int) or isinstance(body, bool) or body < 1:
-                self._fail(conn, BadRequest("workers N needs a whole number N ≥ 1"))
+            if not isinstance(body, int) or isinstance(body, bool) or not 1 <= body <= self._max_workers:
+                self._fail(conn, BadRequest(f"workers N needs a whole number 1 ≤ N ≤ {self._max_workers}"))
                 return
             self.scale(body)
             reply = {"workers": self.config.workers}
         else:  # STOP
             reply = {"stopping": True, "pid": os.getpid()}
             after = lambda: self._begin_stop(graceful=True, reason="expertctl stop")  # noqa: E731
-        try:
-            conn.sock.send(protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)),
-                           socket.MSG_DONTWAIT)
-        except OSError:
-            self._close(conn)
+        self._send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
         if after is not None:
             after()
         elif conn.state == _IDLE:
-            self._examine(conn)
+            self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+
+    def _send_reply(self, conn: _Connection, frame: bytes) -> None:
+        """Write a reply of the master's own; what the socket does not take now goes out as it drains."""
+        try:
+            sent = conn.sock.send(frame, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent < len(frame):
+            conn.state = _WRITING
+            conn.outbuf = memoryview(frame)[sent:]
+            conn.write_deadline = time.monotonic() + self.config.read_timeout
+            self.epoll.modify(conn.fd, _ET_READ_WRITE)
 
     def status(self) -> dict:
         """What ``expertctl status`` shows: the master, every worker, memory shared and private."""
@@ -836,7 +867,11 @@ class Master:
             if not data:
                 self._close(conn)
                 return
+            if self._gathered + len(data) > _GATHER_BUDGET_FRAMES * self.config.max_frame:
+                self._fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
+                return
             conn.inbuf += data
+            self._gathered += len(data)
         conn.state = _QUEUED
         self._queue.append(conn)
 
@@ -873,8 +908,14 @@ class Master:
             slot = self._idle_workers.popleft()
             try:
                 ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf)
-            except OSError:
-                self._queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    self._queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
+                    continue
+                # Out of descriptors or memory here: keep the worker, refuse this request.
+                log.error("cannot hand a request to worker %d: %s", slot.number, exc.strerror)
+                self._idle_workers.appendleft(slot)
+                self._fail(conn, Overloaded(f"the daemon is short of resources ({exc.strerror}); retry shortly"))
                 continue
             self._release_gathered(conn)
             conn.state = _BUSY
@@ -903,7 +944,7 @@ class Master:
 
     def _release_gathered(self, conn: _Connection) -> None:
         if conn.inbuf is not None:
-            self._gathered -= conn.frame_size
+            self._gathered -= len(conn.inbuf)
             conn.inbuf = None
 
     def _close(self, conn: _Connection) -> None:
@@ -956,7 +997,8 @@ class Master:
             log.info("%s: stopping%s", reason, grace)
             self.notifier.stopping()
             if self.listener is not None:
-                self.epoll.unregister(self.listener.fileno())
+                if not self._accept_paused_until:  # a pause (EMFILE) already took it out of epoll
+                    self.epoll.unregister(self.listener.fileno())
                 self.listener.close()
                 self.listener = None
             for conn in list(self.connections.values()):
@@ -966,7 +1008,8 @@ class Master:
 
     def _stopped(self) -> bool:
         assert self._stop_deadline is not None
-        in_flight = any(slot.conn is not None for slot in self.workers.values())
+        in_flight = any(slot.conn is not None for slot in self.workers.values()) or any(
+            conn.state == _WRITING for conn in self.connections.values())
         waiting = any(conn.state == _QUEUED for conn in self._queue) and bool(self.workers)
         return not (in_flight or waiting) or time.monotonic() >= self._stop_deadline
 
@@ -974,17 +1017,21 @@ class Master:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic()  # (an exception ended the loop)
+        # Past the grace period a busy worker is killed and reaped first, so that its
+        # caller gets shutting_down only if no reply byte can have gone out.
+        for slot in [s for s in self.workers.values() if s.conn is not None]:
+            self._kill_and_reap(slot)
         for conn in list(self.connections.values()):
-            if conn.state in (_BUSY, _QUEUED):
+            if conn.state == _QUEUED:  # never reached a worker
                 self._fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
             else:
                 self._close(conn)
         for slot in list(self.workers.values()):
-            # Past the grace period a busy worker is killed; an idle one exits when its channel closes.
-            busy, slot.conn = slot.conn is not None, None
-            slot.channel.close()
+            self._close_channel(slot)  # an idle worker exits when its channel closes
             try:
-                os.kill(slot.pid, signal.SIGKILL if busy else signal.SIGTERM)
+                os.kill(slot.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5.0
@@ -1027,18 +1074,45 @@ _STDLIB_AND_SITE = tuple(
 )
 
 
-def reloadable_modules(names: set[str]) -> set[str]:
-    """The modules among ``names`` that are the experts' own code (not the stdlib or installed packages).
+def reloadable_modules(names: set[str], preload: list[str] = ()) -> set[str]:
+    """The modules among ``names`` that are the experts' own code.
 
-    Only these are imported afresh on reload: re-importing an extension module
-    such as numpy in a running process is not safe.
+    Not the stdlib, installed packages, expertd itself or ``preload`` modules:
+    only the experts' own code is imported afresh on reload (re-importing an
+    extension module such as numpy in a running process is not safe).
     """
+    kept = ("expertd", *preload)
     found = set()
     for name in names:
+        if any(name == root or name.startswith(root + ".") for root in kept):
+            continue
         path = getattr(sys.modules.get(name), "__file__", None)
         if path and not os.path.realpath(path).startswith(_STDLIB_AND_SITE):
             found.add(name)
     return found
+
+
+def reopen_log_files() -> None:
+    """Reopen every file the log writes to (after logrotate moved it).
+
+    Where stderr is that same file (daemon mode: native libraries write to fd 2
+    directly), stdout and stderr follow it to the new file.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                try:
+                    follow = os.path.samestat(os.fstat(2), os.fstat(handler.stream.fileno()))
+                except (OSError, AttributeError, ValueError):
+                    follow = False
+                handler.close()
+                handler.stream = handler._open()
+                if follow:
+                    os.dup2(handler.stream.fileno(), 1)
+                    os.dup2(handler.stream.fileno(), 2)
+            finally:
+                handler.release()
 
 
 def _memory_of(pid: int) -> dict:

@@ -50,7 +50,7 @@ class Worker:
         self.experts = experts
         self.channel = channel
         self.requests = 0
-        self._idle = True
+        self._idle = False  # booting: SIGTERM waits until the hooks are done
         self._stop_requested = False
         self._reopen_logs = False
         self._titled_at = 0.0
@@ -116,7 +116,7 @@ class Worker:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
         # held while we wait for work), else right after the request in hand.
         if self._idle:
-            _reopen_log_files()
+            _reopen_logs_quietly()
         else:
             self._reopen_logs = True
 
@@ -145,7 +145,7 @@ class Worker:
             self.requests += 1
             if self._reopen_logs:
                 self._reopen_logs = False
-                _reopen_log_files()
+                _reopen_logs_quietly()
             now = time.monotonic()
             if now - self._titled_at >= 1.0:  # keep ps current without paying for it on every request
                 self._titled_at = now
@@ -266,11 +266,13 @@ class Worker:
         return body
 
 
-def _reopen_log_files() -> None:
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
-            handler.stream = handler._open()
+def _reopen_logs_quietly() -> None:
+    from expertd.master import reopen_log_files
+
+    try:
+        reopen_log_files()
+    except OSError:
+        pass  # the master logs the failure; a worker keeps serving
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -294,8 +296,12 @@ _WRITE_PATIENCE = 0.05
 def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
     """Write ``frame``; return what the client did not take within a moment (None when all went)."""
     view = memoryview(frame)
-    conn.settimeout(_WRITE_PATIENCE)
+    deadline = time.monotonic() + _WRITE_PATIENCE
     while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return view
+        conn.settimeout(remaining)
         try:
             sent = conn.send(view)
         except (TimeoutError, BlockingIOError):

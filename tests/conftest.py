@@ -38,6 +38,7 @@ DEFAULT_EXPERTS = {
     "unprintable": "testexperts:unprintable",
     "bad_array": "testexperts:bad_array",
     "blob": "testexperts:blob",
+    "read_open_file": "testexperts:read_open_file",
     "fib": "fibs:fib",
     "square": "squares.square",
     "keywords": "keywords:opinion",

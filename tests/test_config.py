@@ -82,7 +82,7 @@ def test_socket_path_too_long(short_dir):
 
 def test_check_flag_validates_without_serving(short_dir):
     done = run_expertd("--config", str(write_config(short_dir)), "--check")
-    assert done.returncode == 0 and "OK, 17 experts" in done.stdout
+    assert done.returncode == 0 and "OK, 18 experts" in done.stdout
 
 
 def test_shipped_default_config_loads():

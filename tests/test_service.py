@@ -291,3 +291,85 @@ def test_systemd_units_verify(tmp_path):
 def test_run_expertd_help_mentions_daemon_mode():
     done = run_expertd("--help")
     assert "--daemon" in done.stdout and "--pidfile" in done.stdout and "--log-file" in done.stdout
+
+
+# ---------------------------------------------------------------- regressions from review
+def test_control_requests_leave_the_connection_usable(make_daemon):
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1)
+    client = daemon.client(pool_size=1)
+    assert client.status()["pid"] == daemon.proc.pid
+    assert client.call("add", 1, 2) == 3  # the same pooled connection, nothing left over
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    from expertd import protocol
+
+    sock.sendall(protocol.encode_frame(protocol.STATUS, 1, b"") * 3 + protocol.encode_call(4, "add", [2, 2], {}))
+    replies = [protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)[:2] for _ in range(4)]
+    assert replies == [(protocol.RESULT, 1)] * 3 + [(protocol.RESULT, 4)]
+    assert daemon.proc.poll() is None
+
+
+def test_daemon_mode_relative_pidfile_and_files_opened_by_experts(short_dir):
+    config = write_config(short_dir, {"read_open_file": "testexperts:read_open_file"})
+    done = subprocess.run([str(BIN / "expertd"), "--config", str(config), "--socket", str(short_dir / "r.sock"),
+                           "--workers", "1", "--daemon", "--pidfile", "rel.pid", "--log-file", "r.log"],
+                          capture_output=True, text=True, timeout=120, cwd=str(short_dir))
+    assert done.returncode == 0, done.stderr
+    pid = int((short_dir / "rel.pid").read_text())
+    try:
+        assert Client(str(short_dir / "r.sock")).call("read_open_file") == '"""Experts used by the test-suite: ' \
+            "each one exercises a path through the daemon.\"\"\""
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not (short_dir / "rel.pid").exists(), timeout=30)
+
+
+def test_scaling_down_during_a_reload_does_not_abort_it(make_daemon, short_dir):
+    daemon = _versioned_daemon(make_daemon, short_dir)
+    (short_dir / "code" / "versioned.py").write_text(VERSIONED.format(mark="v2-scaled"))
+    daemon.send_signal(signal.SIGHUP)
+    time.sleep(0.05)
+    daemon.send_signal(signal.SIGTTOU)
+    assert wait_until(lambda: daemon.client().status()["generation"] == 2 and
+                      daemon.client().status()["last_reload"] is not None, timeout=30)
+    assert daemon.client().status()["last_reload"]["ok"] is True
+    assert wait_until(lambda: len(daemon.worker_pids()) == 1, timeout=30)
+    assert daemon.client().call("version")[0] == "v2-scaled"
+
+
+def test_a_failed_reload_is_retried_with_fresh_modules(make_daemon, short_dir):
+    code = short_dir / "code"
+    code.mkdir()
+    (code / "helper.py").write_text("WORD = 'one'\n")
+    (code / "uses_helper.py").write_text("import helper\n\ndef word():\n    return helper.WORD\n")
+    daemon = make_daemon({"word": "uses_helper:word"}, workers=1, pythonpath=str(code))
+    assert daemon.client().call("word") == "one"
+    (code / "helper.py").write_text("WORD = (\n")  # broken
+    assert daemon.ctl("reload").returncode == 1
+    (code / "helper.py").write_text("WORD = 'two, fixed'\n")
+    assert daemon.ctl("reload").returncode == 0
+    assert wait_until(lambda: daemon.client().call("word") == "two, fixed", timeout=30)
+
+
+def test_graceful_stop_finishes_replies_the_master_is_writing(make_daemon):
+    daemon = make_daemon({"blob": "testexperts:blob"}, workers=1)
+    from expertd import protocol
+
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(str(daemon.socket))
+    slow.sendall(protocol.encode_call(1, "blob", [5 * 2**20], {}))
+    time.sleep(0.5)  # the worker handed the unsent part to the master by now
+    daemon.send_signal(signal.SIGTERM)
+    kind, request_id, body = protocol.read_frame(slow, 8 * 2**20, time.monotonic() + 20)
+    assert (kind, request_id, len(protocol.unpack(body))) == (protocol.RESULT, 1, 5 * 2**20)
+    assert daemon.proc.wait(30) == 0
+
+
+def test_hup_during_start_up_is_ignored_and_the_daemon_still_starts(make_daemon):
+    daemon = make_daemon({"slow_boot": "testexperts:slow_boot"}, workers=1, start=False)
+    daemon.start(wait=False)
+    assert wait_until(lambda: daemon.worker_pids(), timeout=30)
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_ready()
+    assert daemon.client().call("slow_boot") == "up"
+    assert "reload requested before the daemon finished starting" in daemon.log

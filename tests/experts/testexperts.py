@@ -101,3 +101,27 @@ def bad_array():
 def blob(size):
     """size bytes."""
     return b"\x01" * size
+
+
+_FILES = {}
+
+
+def _open_file():
+    _FILES["handle"] = open(__file__, encoding="utf-8")
+
+
+@expert(before_fork=_open_file)
+def read_open_file():
+    """Read from a file the master opened before fork (it must survive daemonizing)."""
+    _FILES["handle"].seek(0)
+    return _FILES["handle"].readline().strip()
+
+
+def _slow_boot():
+    time.sleep(1.0)
+
+
+@expert(after_fork=_slow_boot)
+def slow_boot():
+    """Answers after a worker that took a second to start."""
+    return "up"

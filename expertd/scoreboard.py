@@ -1,0 +1,61 @@
+"""The scoreboard: state the master and its workers share without messages.
+
+An anonymous shared memory map created by the master before it forks any
+worker (so every worker inherits the same pages).  The master writes how many
+requests are waiting; each worker writes, in its own slot, the request it is
+serving, when it began and its timeout, and whether it has begun writing the
+reply.  Reading or writing it is a memory access, not a system call, which is
+what lets a worker serve a connection's next request directly (see
+:mod:`expertd.worker`, "lingering") while the master still enforces timeouts
+and knows whether an error frame may be sent.
+
+Values are written field by field; a reader may see a slot mid-update, so
+readers treat it as a hint and re-check what matters (the master only acts on
+a slot whose worker it is about to kill, after stopping it).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+_HEADER = struct.Struct("=I")  # requests waiting in the master's queue
+_SLOT = struct.Struct("=ddIB47s")  # began (monotonic, 0 = idle), timeout, request id, writing, expert
+MAX_SLOTS = 4096
+
+
+class Scoreboard:
+    """Shared per-worker state, indexed by slot number."""
+
+    def __init__(self, slots: int = MAX_SLOTS) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, _HEADER.size + slots * _SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+
+    # master side
+    def set_queued(self, count: int) -> None:
+        _HEADER.pack_into(self._map, 0, count)
+
+    def clear(self, slot: int) -> None:
+        _SLOT.pack_into(self._map, self._offset(slot), 0.0, 0.0, 0, 0, b"")
+
+    def read(self, slot: int) -> tuple[float, float, int, bool, str]:
+        """``(began, timeout, request_id, writing, expert)``; began is 0.0 when the worker is not serving."""
+        began, timeout, request_id, writing, expert = _SLOT.unpack_from(self._map, self._offset(slot))
+        return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
+
+    # worker side
+    def queued(self) -> int:
+        return _HEADER.unpack_from(self._map, 0)[0]
+
+    def begin(self, slot: int, began: float, timeout: float, request_id: int, expert: str) -> None:
+        _SLOT.pack_into(self._map, self._offset(slot), began, timeout, request_id, 0,
+                        expert.encode("utf-8", "replace")[:47])
+
+    def writing(self, slot: int) -> None:
+        self._map[self._offset(slot) + 20] = 1
+
+    def end(self, slot: int) -> None:
+        struct.pack_into("=d", self._map, self._offset(slot), 0.0)
+
+    def _offset(self, slot: int) -> int:
+        return _HEADER.size + slot * _SLOT.size
