@@ -46,6 +46,7 @@ class Counts:
     wrong: int = 0
     kills: int = 0
     failures: collections.Counter = field(default_factory=collections.Counter)
+    examples: list = field(default_factory=list)
 
     def add(self, other: dict) -> None:
         self.sent += other["sent"]
@@ -53,16 +54,18 @@ class Counts:
         self.failed += other["failed"]
         self.wrong += other["wrong"]
         self.failures.update(other["failures"])
+        self.examples += other["examples"][: max(0, 5 - len(self.examples))]
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.failures.items())) or "none"
+        examples = "".join(f"\n  e.g. {example}" for example in self.examples)
         return (f"sent {self.sent}, answered {self.answered}, failed {self.failed}, wrong {self.wrong}, "
-                f"workers killed {self.kills}; failures by type: {kinds}")
+                f"workers killed {self.kills}; failures by type: {kinds}{examples}")
 
 
 def _client_loop(socket_path: str, client_number: int, seconds: float, retries: int, results) -> None:
     client = Client(socket_path, retries=retries, timeout=30)
-    counts = {"sent": 0, "answered": 0, "failed": 0, "wrong": 0, "failures": collections.Counter()}
+    counts = {"sent": 0, "answered": 0, "failed": 0, "wrong": 0, "failures": collections.Counter(), "examples": []}
     base = client_number * 10_000_000
     deadline = time.monotonic() + seconds
     n = 0
@@ -74,6 +77,8 @@ def _client_loop(socket_path: str, client_number: int, seconds: float, retries: 
         except ExpertdError as exc:
             counts["failed"] += 1
             counts["failures"][getattr(exc, "code", type(exc).__name__)] += 1
+            if len(counts["examples"]) < 3:
+                counts["examples"].append(f"{type(exc).__name__}: {exc}")
             continue
         counts["answered"] += 1
         if answer != base + n:
@@ -167,7 +172,10 @@ def main() -> int:
     finally:
         daemon.send_signal(signal.SIGTERM)
         status = daemon.wait(60)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("SOAK_KEEP"):
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(counts.summary())
     print(f"throughput {counts.answered / options.seconds:.0f} calls/s; daemon alive to the end: {alive}; "
           f"exit status after SIGTERM: {status}")

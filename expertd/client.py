@@ -25,6 +25,7 @@ import _socket  # socket.py's C core: the wrapper costs a one-shot expertctl ~7 
 import _thread  # threading's lock, without importing threading (~3 ms per process start)
 import itertools
 import os
+import struct
 import time
 from _weakrefset import WeakSet
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Client", "default_socket"]
 
 DEFAULT_TIMEOUT = 60.0
+_TIMEVAL = struct.Struct("@ll")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 _MAX_REPLY = 1 << 30
 
@@ -57,7 +59,7 @@ def default_socket() -> str:
 class Client:
     """A connection pool to one expertd socket.
 
-    ``timeout`` bounds the wait for each reply (None waits for ever);
+    ``timeout`` bounds each wait for reply bytes (None waits for ever);
     ``connect_timeout`` bounds connecting; ``retries`` is how many more attempts
     a call gets after a lost worker (0 for experts with side effects);
     ``pool_size`` is how many idle connections are kept.
@@ -173,11 +175,10 @@ class Client:
             raise error
 
     def _round_trip(self, conn: _socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        # The kernel bounds each read and write (SO_RCVTIMEO, SO_SNDTIMEO: see _connect).
         try:
-            conn.settimeout(self.timeout)
             conn.sendall(protocol.encode_frame(kind, request_id, body))
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise RequestTimeout(f"sending to expertd at {self.socket_path} timed out after {self.timeout}s") from None
         except OSError as exc:
             # The daemon may have refused the request (too large) and closed: its reply is still readable.
@@ -186,7 +187,7 @@ class Client:
                 return early
             raise _Stale(exc.strerror or str(exc)) from None
         try:
-            header = protocol.recv_exact(conn, protocol.HEADER_SIZE, deadline)
+            header = protocol.recv_exact(conn, protocol.HEADER_SIZE)
         except ConnectionLost as exc:
             if exc.received == 0:
                 raise _Stale("closed with no reply") from None
@@ -199,7 +200,7 @@ class Client:
         if length > _MAX_REPLY:
             raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
         try:
-            payload = protocol.recv_exact(conn, length, deadline) if length else b""
+            payload = protocol.recv_exact(conn, length) if length else b""
         except (ConnectionLost, ConnectionResetError) as exc:
             raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
         except RequestTimeout:
@@ -279,6 +280,14 @@ class Client:
         except OSError as exc:
             conn.close()
             raise ConnectError(f"cannot connect to {path}: {exc.strerror or exc}", path) from None
+        # From here on the socket is "blocking" for Python and the kernel enforces the timeout:
+        # with a Python-level timeout every read and write would cost an extra poll() call.
+        conn.settimeout(None)
+        if self.timeout is not None:
+            seconds = int(self.timeout)
+            limit = _TIMEVAL.pack(seconds, int((self.timeout - seconds) * 1e6))
+            conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, limit)
+            conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, limit)
         return conn
 
 

@@ -265,6 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Deepest nesting of lists and maps accepted in a request's arguments."),
     Setting("max_args", MAIN_SECTION, _int_at_least(1), "64",
             "Most positional plus keyword arguments accepted in one call."),
+    Setting("linger", MAIN_SECTION, DURATION_OR_OFF, "5ms",
+            "How long a worker that just answered keeps the connection to serve its next request directly "
+            "(saving the master's hand-over), while no other request waits; the master takes it back at once "
+            "when one does. 0 turns it off."),
     Setting("idle_timeout", MAIN_SECTION, DURATION_OR_OFF, "300s",
             "A client connection idle this long is closed (0: never). Clients reconnect transparently."),
     Setting("read_timeout", MAIN_SECTION, DURATION, "10s",
@@ -330,6 +334,7 @@ class Config:
     max_depth: int
     max_args: int
     idle_timeout: float
+    linger: float
     read_timeout: float
     graceful_timeout: float
     boot_timeout: float

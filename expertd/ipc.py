@@ -11,10 +11,18 @@ arrived in pieces was gathered by the master, which sends it along: inside
 the message when small, else in a memfd.  A reply the client is slow to take
 goes back the same way, for the master to finish writing.
 
+A worker that finished a request while no other request waits may keep the
+connection a moment ("linger", DONE with the LINGER flag) and serve the
+connection's next request directly, without the master; the master takes it
+back with RECLAIM as soon as another request needs the worker.  What the
+master must still know about a lingering worker (is it serving, since when,
+has it begun replying) is in the shared :mod:`expertd.scoreboard`.
+
 Messages are tiny fixed-format packets (one message per packet, so no framing):
 
     master -> worker   SERVE conn_id how  (+ connection fd) (+ frame bytes | + memfd)
-    worker -> master   READY pid | WRITING | DONE conn_id flags (+ memfd of unsent reply bytes)
+                       | RECLAIM
+    worker -> master   READY pid | DONE conn_id flags served (+ memfd of unsent reply bytes)
                        | FAILED utf-8 text | MEMORY uss pss rss
 """
 
@@ -25,8 +33,8 @@ import socket
 import struct
 
 SERVE = b"S"
+RECLAIM = b"C"
 READY = b"R"
-WRITING = b"W"  # the worker is about to write its reply: from now on it may be partly delivered
 DONE = b"D"
 FAILED = b"F"
 MEMORY = b"M"
@@ -34,9 +42,9 @@ MEMORY = b"M"
 _FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
 _SERVE = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
-_DONE = struct.Struct("!IB")
+_DONE = struct.Struct("!IBI")
 _MEMORY = struct.Struct("!QQQ")
-_CLOSE, _RETIRING, _UNSENT = 1, 2, 4
+_CLOSE, _RETIRING, _UNSENT, _LINGER = 1, 2, 4, 8
 _MAX_MESSAGE = 4096
 # Frames up to this size travel inside the SERVE message (the default socket buffer holds them).
 MAX_INLINE = 64 * 1024
@@ -90,7 +98,10 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
 
 def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None] | None:
     """Block for the next connection: ``(conn_id, fd, frame or None)``; None when the master closed the channel."""
-    data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
+    while True:
+        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
+        if data[:1] != RECLAIM:
+            break  # (a RECLAIM that crossed our DONE on the way is moot: skip it)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
             os.close(fd)
@@ -110,19 +121,22 @@ def send_ready(channel: socket.socket, pid: int) -> None:
     channel.send(READY + _U32.pack(pid))
 
 
-def send_writing(channel: socket.socket) -> None:
-    channel.send(WRITING)
+def send_reclaim(channel: socket.socket) -> None:
+    channel.send(RECLAIM)
 
 
 def send_done(channel: socket.socket, conn_id: int, close: bool, retiring: bool = False,
-              unsent: bytes | memoryview | None = None) -> None:
-    """Report a finished request.
+              unsent: bytes | memoryview | None = None, linger: bool = False, served: int = 1) -> None:
+    """Report finished requests on a connection (``served`` of them).
 
     ``retiring``: this worker exits now and takes no more.  ``unsent``: the
     part of the reply the client has not taken yet, for the master to write.
+    ``linger``: the worker keeps the connection for its next request, until
+    it hands it back with another DONE (or is reclaimed).
     """
-    flags = (_CLOSE if close else 0) | (_RETIRING if retiring else 0) | (_UNSENT if unsent else 0)
-    message = DONE + _DONE.pack(conn_id, flags)
+    flags = ((_CLOSE if close else 0) | (_RETIRING if retiring else 0) | (_UNSENT if unsent else 0)
+             | (_LINGER if linger else 0))
+    message = DONE + _DONE.pack(conn_id, flags, served)
     if not unsent:
         channel.send(message)
         return
@@ -144,8 +158,8 @@ def send_failed(channel: socket.socket, message: str) -> None:
 def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     """Read one worker report without blocking.
 
-    Returns ``(READY, pid)``, ``(WRITING, None)``, ``(DONE, (conn_id, close,
-    retiring, unsent bytes or None))``, ``(FAILED, text)``, ``(MEMORY, (uss,
+    Returns ``(READY, pid)``, ``(DONE, (conn_id, close, retiring, linger,
+    served, unsent bytes or None))``, ``(FAILED, text)``, ``(MEMORY, (uss,
     pss, rss))``, None when nothing is waiting, or ``(b"", None)`` when the
     worker's end closed.
     """
@@ -161,13 +175,11 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
         return b"", None
     op = data[:1]
     if op == DONE:
-        conn_id, flags = _DONE.unpack_from(data, 1)
+        conn_id, flags, served = _DONE.unpack_from(data, 1)
         unsent = _from_memfd(fds[0]) if fds else None
-        return DONE, (conn_id, bool(flags & _CLOSE), bool(flags & _RETIRING), unsent)
+        return DONE, (conn_id, bool(flags & _CLOSE), bool(flags & _RETIRING), bool(flags & _LINGER), served, unsent)
     for fd in fds:
         os.close(fd)
-    if op == WRITING:
-        return WRITING, None
     if op == READY:
         return READY, _U32.unpack_from(data, 1)[0]
     if op == FAILED:

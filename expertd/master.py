@@ -53,6 +53,7 @@ from expertd.errors import (
 from expertd.listener import Listener
 from expertd.loader import LoadedExpert
 from expertd.notify import Notifier
+from expertd.scoreboard import MAX_SLOTS, Scoreboard
 from expertd.worker import worker_main
 
 log = logging.getLogger("expertd.master")
@@ -77,6 +78,7 @@ _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
+_LINGERING = "lingering"  # a worker holds the connection to serve its next request directly
 
 
 @dataclass(eq=False)
@@ -107,7 +109,9 @@ class _WorkerSlot:
     conn: _Connection | None = None
     busy_since: float = 0.0
     deadline: float = 0.0  # when the request in hand times out
-    writing: bool = False  # the worker began writing its reply (so no error frame may follow)
+    board: int = 0  # its slot in the scoreboard
+    lingering: bool = False  # it holds slot.conn after answering, for the connection's next request
+    reclaim_sent: bool = False
     requests: int = 0
     failure: str | None = None
     memory: tuple[int, int, int] | None = None  # USS, PSS, RSS in bytes, measured after warm-up
@@ -136,6 +140,7 @@ class Master:
         self._durations: list[float] = []
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self.listener: Listener | None = None
+        self.scoreboard = Scoreboard()
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
@@ -250,7 +255,9 @@ class Master:
         if self._active_workers() < self.config.workers:
             timeout = min(timeout, self._next_spawn_at - now)
         for slot in self.workers.values():
-            if slot.conn is not None:
+            if slot.lingering:
+                timeout = min(timeout, _EXPIRY_INTERVAL)  # its requests' deadlines are on the scoreboard
+            elif slot.conn is not None:
                 timeout = min(timeout, slot.deadline - now)
         return max(0.0, timeout)
 
@@ -303,6 +310,10 @@ class Master:
     def _spawn(self) -> None:
         used = {slot.number for slot in self.workers.values()}
         number = next(n for n in range(1, len(used) + 2) if n not in used)
+        boards = {slot.board for slot in self.workers.values()}
+        board = next(b for b in range(MAX_SLOTS) if b not in boards)
+        self.scoreboard.clear(board)
+        self.scoreboard.served(board, 0)
         try:
             master_end, worker_end = ipc.channel_pair()
         except OSError as exc:
@@ -323,11 +334,11 @@ class Master:
             return
         if pid == 0:  # child
             signal.set_wakeup_fd(-1)
-            worker_main(number, self.config, self.experts, worker_end, inherited)
+            worker_main(number, self.config, self.experts, worker_end, inherited, self.scoreboard, board)
         worker_end.close()
         master_end.setblocking(False)
         slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic(),
-                           generation=self.generation)
+                           generation=self.generation, board=board)
         self.workers[pid] = slot
         self._by_channel[master_end.fileno()] = slot
         self.epoll.register(master_end.fileno(), select.EPOLLIN)
@@ -346,8 +357,6 @@ class Master:
             op, value = report
             if op == ipc.DONE:
                 self._on_done(slot, *value)
-            elif op == ipc.WRITING:
-                slot.writing = True
             elif op == ipc.READY:
                 slot.ready_at = time.monotonic()
                 log.info("worker %d (pid %d) ready in %.2fs", slot.number, slot.pid, slot.ready_at - slot.born)
@@ -386,14 +395,22 @@ class Master:
             if self.on_ready is not None:
                 self.on_ready()
 
-    def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool,
+    def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
                  unsent: bytearray | None) -> None:
-        conn, slot.conn = slot.conn, None
-        slot.writing = False
-        slot.requests += 1
-        self.requests_served += 1
+        slot.requests += served
+        self.requests_served += served
         slot.last_done = time.monotonic()
-        self._durations.append(slot.last_done - slot.busy_since)
+        if not slot.lingering:
+            self._durations.append(slot.last_done - slot.busy_since)
+        if linger and slot.conn is not None and slot.conn.conn_id == conn_id:
+            # The worker keeps the connection for its next request; it hands it back with another DONE.
+            slot.lingering, slot.reclaim_sent = True, False
+            slot.conn.state = _LINGERING
+            if slot.leaving is not None or self._queue or self._stop_deadline is not None:
+                self._reclaim(slot)
+            return
+        conn, slot.conn = slot.conn, None
+        slot.lingering = False
         if retiring:
             slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
         elif slot.leaving is not None:
@@ -447,14 +464,25 @@ class Master:
         how = _describe_status(status)
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
-        elif slot.conn is not None:
-            log.error("worker %d (pid %d) %s while serving request %d",
-                      slot.number, slot.pid, how, slot.conn.request_id)
+        elif slot.conn is not None and (not slot.lingering or self.scoreboard.read(slot.board)[0]):
+            request_id = self.scoreboard.read(slot.board)[2] if slot.lingering else slot.conn.request_id
+            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how, request_id)
         elif self._stop_deadline is None:
             log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
         if slot.conn is not None:
             conn, slot.conn = slot.conn, None
-            if slot.writing:
+            began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
+            if slot.lingering:
+                if not began:  # it was only waiting on the connection: the client lost nothing
+                    conn.state = _IDLE
+                    conn.last_active = now
+                    self._recheck.append(conn)
+                    conn = None
+                else:
+                    conn.request_id, conn.expert = request_id, expert or None
+            if conn is None:
+                pass
+            elif writing:
                 self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
             elif slot.leaving == "timed out":
                 limit = self.config.expert_timeout(conn.expert or "")
@@ -525,6 +553,16 @@ class Master:
             self._on_worker_exit(slot, status)
 
     # ------------------------------------------------ generations, scaling
+    def _reclaim(self, slot: _WorkerSlot) -> None:
+        """Ask a lingering worker to hand its connection back (it answers with DONE)."""
+        if slot.reclaim_sent or slot.channel.fileno() < 0:
+            return
+        slot.reclaim_sent = True
+        try:
+            ipc.send_reclaim(slot.channel)
+        except OSError:
+            pass  # it is exiting; its exit returns the connection
+
     def _close_channel(self, slot: _WorkerSlot) -> None:
         """Tell an idle worker to exit: it does when its channel closes."""
         fd = slot.channel.fileno()
@@ -541,7 +579,9 @@ class Master:
         slot.leaving = reason
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
-        if slot.conn is None and slot.ready_at is not None:
+        if slot.lingering:
+            self._reclaim(slot)  # it hands the connection back, then its channel is closed
+        elif slot.conn is None and slot.ready_at is not None:
             self._close_channel(slot)
         elif slot.ready_at is None:
             self._kill(slot)  # still booting: nothing to finish
@@ -824,6 +864,8 @@ class Master:
                 state = "retiring"
             elif slot.ready_at is None:
                 state = "booting"
+            elif slot.lingering:
+                state = "busy" if self.scoreboard.read(slot.board)[0] else "idle"
             else:
                 state = "busy" if slot.conn is not None else "idle"
             memory = _memory_of(slot.pid)
@@ -831,7 +873,8 @@ class Master:
                 totals[key] += memory.get(key, 0)
             workers.append({
                 "number": slot.number, "pid": slot.pid, "generation": slot.generation, "state": state,
-                "requests": slot.requests, "age_s": round(now - slot.born, 1),
+                "requests": max(slot.requests, self.scoreboard.requests(slot.board)),
+                "age_s": round(now - slot.born, 1),
                 "last_request_age_s": None if slot.last_done is None else round(now - slot.last_done, 3),
                 **memory,
             })
@@ -841,7 +884,9 @@ class Master:
             "socket": self.listener.path if self.listener else self.config.socket,
             "uptime_s": round(time.time() - self.started_at, 1), "generation": self.generation,
             "experts": sorted(self.experts), "workers_wanted": self.config.workers,
-            "requests": self.requests_served, "connections": len(self.connections),
+            "requests": self.requests_served + sum(  # what lingering workers served and have not reported yet
+                max(0, self.scoreboard.requests(s.board) - s.requests) for s in self.workers.values() if s.lingering),
+            "connections": len(self.connections),
             "last_reload": self.last_reload, "workers": workers, "master": master,
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
@@ -901,11 +946,20 @@ class Master:
             conn.partial_since = time.monotonic()
 
     def _dispatch(self) -> None:
+        self._hand_out()
+        if self._queue:  # requests wait and no worker is idle: take back the lingering ones
+            for slot in self.workers.values():
+                if slot.lingering:
+                    self._reclaim(slot)
+        self.scoreboard.set_queued(len(self._queue))
+
+    def _hand_out(self) -> None:
         while self._queue and self._idle_workers:
             conn = self._queue.popleft()
             if conn.state != _QUEUED:
                 continue
             slot = self._idle_workers.popleft()
+            self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
             try:
                 ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf)
             except OSError as exc:
@@ -921,7 +975,6 @@ class Master:
             conn.state = _BUSY
             slot.conn = conn
             slot.busy_since = time.monotonic()
-            slot.writing = False
             slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
 
     def _refuse(self, conn: _Connection, head: bytes) -> None:
@@ -964,7 +1017,14 @@ class Master:
         """Kill workers past their request timeout; close stalled and idle connections; kill stuck boots."""
         now = time.monotonic()
         for slot in list(self.workers.values()):
-            if slot.conn is not None and now > slot.deadline:
+            if slot.conn is None:
+                continue
+            if slot.lingering:
+                began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
+                if began and now > began + timeout:
+                    slot.conn.request_id, slot.conn.expert = request_id, expert or None
+                    self._time_out(slot)
+            elif now > slot.deadline:
                 self._time_out(slot)
         if now < self._next_expiry_check:
             return  # a scan of every connection is too dear to run on every loop iteration
@@ -1004,6 +1064,9 @@ class Master:
             for conn in list(self.connections.values()):
                 if conn.state in (_IDLE, _PARTIAL):
                     self._close(conn)
+            for slot in self.workers.values():
+                if slot.lingering:
+                    self._reclaim(slot)
         self._stop_deadline = now + self.config.graceful_timeout if graceful else now
 
     def _stopped(self) -> bool:

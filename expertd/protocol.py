@@ -211,7 +211,7 @@ def recv_exact(sock: socket.socket, size: int, deadline: float | None = None) ->
             sock.settimeout(remaining)
         try:
             n = sock.recv_into(view[got:], size - got)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             raise RequestTimeout(f"timed out after reading {got} of {size} bytes") from None
         if n == 0:
             raise ConnectionLost(f"connection closed after {got} of {size} bytes", received=got)

@@ -20,7 +20,10 @@ import mmap
 import struct
 
 _HEADER = struct.Struct("=I")  # requests waiting in the master's queue
-_SLOT = struct.Struct("=ddIB47s")  # began (monotonic, 0 = idle), timeout, request id, writing, expert
+# began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in all
+_SLOT = struct.Struct("=ddIB47sI")
+_REQUESTS = struct.Struct("=I")
+_REQUESTS_AT = 68
 MAX_SLOTS = 4096
 
 
@@ -36,11 +39,16 @@ class Scoreboard:
         _HEADER.pack_into(self._map, 0, count)
 
     def clear(self, slot: int) -> None:
-        _SLOT.pack_into(self._map, self._offset(slot), 0.0, 0.0, 0, 0, b"")
+        """Reset the request fields (the request count is the worker's own and stays)."""
+        _SLOT.pack_into(self._map, self._offset(slot), 0.0, 0.0, 0, 0, b"", self.requests(slot))
+
+    def requests(self, slot: int) -> int:
+        """How many requests the worker in ``slot`` has served (it keeps this current itself)."""
+        return _REQUESTS.unpack_from(self._map, self._offset(slot) + _REQUESTS_AT)[0]
 
     def read(self, slot: int) -> tuple[float, float, int, bool, str]:
         """``(began, timeout, request_id, writing, expert)``; began is 0.0 when the worker is not serving."""
-        began, timeout, request_id, writing, expert = _SLOT.unpack_from(self._map, self._offset(slot))
+        began, timeout, request_id, writing, expert, _requests = _SLOT.unpack_from(self._map, self._offset(slot))
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
 
     # worker side
@@ -48,8 +56,11 @@ class Scoreboard:
         return _HEADER.unpack_from(self._map, 0)[0]
 
     def begin(self, slot: int, began: float, timeout: float, request_id: int, expert: str) -> None:
-        _SLOT.pack_into(self._map, self._offset(slot), began, timeout, request_id, 0,
-                        expert.encode("utf-8", "replace")[:47])
+        struct.pack_into("=ddIB47s", self._map, self._offset(slot), began, timeout, request_id, 0,
+                         expert.encode("utf-8", "replace")[:47])
+
+    def served(self, slot: int, requests: int) -> None:
+        _REQUESTS.pack_into(self._map, self._offset(slot) + _REQUESTS_AT, requests)
 
     def writing(self, slot: int) -> None:
         self._map[self._offset(slot) + 20] = 1

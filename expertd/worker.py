@@ -10,12 +10,16 @@ request never kills the worker.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
+import select
 import signal
 import socket
+import struct
 import sys
+import termios
 import time
 import traceback
 from types import FrameType
@@ -35,6 +39,7 @@ from expertd.errors import (
     UnknownExpert,
 )
 from expertd.loader import LoadedExpert, describe_exception, run_after_fork
+from expertd.scoreboard import Scoreboard
 
 log = logging.getLogger("expertd.worker")
 
@@ -44,8 +49,11 @@ EXIT_BOOT_FAILED = 3
 class Worker:
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
-    def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket) -> None:
+    def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
+                 scoreboard: Scoreboard, board_slot: int) -> None:
         self.number = number
+        self.scoreboard = scoreboard
+        self.board_slot = board_slot
         self.config = config
         self.experts = experts
         self.channel = channel
@@ -137,25 +145,106 @@ class Worker:
             if command is None:  # the master closed our channel: time to go
                 return
             conn_id, fd, frame = command
+            # No timeout on the socket object: every request handed to us is whole in the socket,
+            # so reads never wait, and Python polls before each call on a socket with a timeout.
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
             try:
-                close, unsent = self._serve_one(conn, frame)
+                close, unsent, retire, served = self._serve_connection(conn_id, conn, frame)
             finally:
                 conn.close()
-            self.requests += 1
-            if self._reopen_logs:
-                self._reopen_logs = False
-                _reopen_logs_quietly()
-            now = time.monotonic()
-            if now - self._titled_at >= 1.0:  # keep ps current without paying for it on every request
-                self._titled_at = now
-                self._set_title("ready")
-            retire = self._retire_reason()
-            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent)
+            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent, served=served)
             if retire is not None:
                 log.info("worker %d (pid %d) retiring after %d requests: %s",
                          self.number, os.getpid(), self.requests, retire)
                 return
+
+    def _serve_connection(self, conn_id: int, conn: socket.socket,
+                          frame: bytearray | None) -> tuple[bool, memoryview | None, str | None, int]:
+        """Serve the request handed over, then linger for the connection's next ones while nobody else waits.
+
+        Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
+        """
+        close, unsent = self._serve_one(conn, frame)
+        retire = self._after_request()
+        served, poller = 1, None
+        while not (close or unsent or retire or self._stop_requested) and self._may_linger():
+            if poller is None:
+                ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
+                served = 0
+                poller = select.poll()
+                poller.register(conn.fileno(), select.POLLIN)
+                poller.register(self.channel.fileno(), select.POLLIN)
+            outcome = self._await_next(conn, poller)
+            if not isinstance(outcome, bytearray):
+                close = outcome == "eof"
+                break
+            close, unsent = self._serve_one(conn, outcome)
+            retire = self._after_request()
+            served += 1
+        return close, unsent, retire, served
+
+    def _may_linger(self) -> bool:
+        return self.config.linger > 0 and self.scoreboard.queued() == 0
+
+    def _await_next(self, conn: socket.socket, poller: select.poll) -> bytearray | str:
+        """Wait (up to ``linger``) for the connection's next request: its frame, or "eof", "reclaimed", "expired"."""
+        deadline = time.monotonic() + self.config.linger
+        self._idle = True  # a SIGTERM now exits at once: the master takes the connection back
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "expired"
+                events = dict(poller.poll(remaining * 1000))
+                if self.channel.fileno() in events:
+                    if not self.channel.recv(16):  # the master closed our channel: retire
+                        self._stop_requested = True
+                    return "reclaimed"
+                if conn.fileno() in events:
+                    return self._next_request_state(conn)
+        finally:
+            self._idle = False
+
+    def _next_request_state(self, conn: socket.socket) -> bytearray | str:
+        try:
+            head = conn.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return "expired"
+        except OSError:
+            return "eof"
+        if not head:
+            return "eof"
+        # Only an ordinary request that is whole in the socket is served here; anything
+        # else (control requests, refusals, a request still arriving) is the master's.
+        if len(head) < protocol.HEADER_SIZE:
+            return "expired"
+        try:
+            kind, _request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
+        except ProtocolError:
+            return "expired"
+        if kind not in (protocol.CALL, protocol.PING, protocol.LIST) or length > self.config.max_frame:
+            return "expired"
+        size = protocol.HEADER_SIZE + length
+        if len(head) < size:
+            queued = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            if queued < size:
+                return "expired"
+        # Marked busy before reading: once bytes leave the socket, a death here is a lost request.
+        self.scoreboard.begin(self.board_slot, time.monotonic(), self.config.timeout, 0, "")
+        return protocol.recv_exact(conn, size)
+
+    def _after_request(self) -> str | None:
+        """Book-keeping between requests; returns why this worker should retire, if it should."""
+        self.requests += 1
+        self.scoreboard.served(self.board_slot, self.requests)
+        if self._reopen_logs:
+            self._reopen_logs = False
+            _reopen_logs_quietly()
+        now = time.monotonic()
+        if now - self._titled_at >= 1.0:  # keep ps current without paying for it on every request
+            self._titled_at = now
+            self._set_title("ready")
+        return self._retire_reason()
 
     def _retire_reason(self) -> str | None:
         """Why this worker should be replaced now (max_requests, max_memory), or None."""
@@ -191,21 +280,26 @@ class Worker:
         the client did not take in time (for the master to finish writing).
         """
         started = time.monotonic()
+        board = self.scoreboard
+        # Marked busy before reading: once bytes leave the socket, a death here is a lost request.
+        board.begin(self.board_slot, started, self.config.timeout, 0, "")
         try:
             if frame is None:
-                deadline = started + self.config.read_timeout
-                kind, request_id, body = protocol.read_frame(conn, self.config.max_frame, deadline)
+                kind, request_id, body = protocol.read_frame(conn, self.config.max_frame)
             else:
                 kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
                 body = memoryview(frame)[protocol.HEADER_SIZE :]
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
             log.info("closing connection: %s", exc)
+            board.writing(self.board_slot)  # the stream is broken: the master must only close it
             return True, None
         expert_name = None
+        board.begin(self.board_slot, started, self.config.timeout, request_id, "")
         try:
             if kind == protocol.CALL:
                 expert_name, args, kwargs = protocol.decode_call(body)
                 protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, body)
+                board.begin(self.board_slot, started, self.config.expert_timeout(expert_name), request_id, expert_name)
                 reply_kind, reply = protocol.RESULT, self._call(expert_name, args, kwargs)
             elif kind == protocol.PING:
                 reply_kind, reply = protocol.RESULT, protocol.pack(
@@ -219,12 +313,14 @@ class Worker:
         except RemoteError as exc:
             reply_kind, reply = protocol.ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
-        ipc.send_writing(self.channel)
+        board.writing(self.board_slot)  # from here on, an error frame from the master would corrupt the stream
         try:
             unsent = _send_briefly(conn, protocol.encode_frame(reply_kind, request_id, reply))
         except OSError as exc:
             log.info("could not deliver reply to request %d: %s", request_id, exc)
             return True, None
+        if unsent is None:
+            board.end(self.board_slot)  # else it stays "writing" until the master has the rest
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %d %s %.3f ms %s",
@@ -289,13 +385,18 @@ def _safe_traceback(exc: BaseException) -> str:
         return f"{type(exc).__name__} (traceback unavailable)"
 
 
+_PEEK = 4096
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.
 _WRITE_PATIENCE = 0.05
 
 
 def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
     """Write ``frame``; return what the client did not take within a moment (None when all went)."""
-    view = memoryview(frame)
+    try:
+        sent = conn.send(frame, socket.MSG_DONTWAIT)  # the usual case: it all fits in the socket
+    except BlockingIOError:
+        sent = 0
+    view = memoryview(frame)[sent:]
     deadline = time.monotonic() + _WRITE_PATIENCE
     while view:
         remaining = deadline - time.monotonic()
@@ -326,7 +427,8 @@ def _send_quietly(send: Any, *args: Any) -> None:
 
 
 def worker_main(
-    number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket, close_fds: list[int]
+    number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket, close_fds: list[int],
+    scoreboard: Scoreboard, board_slot: int,
 ) -> NoReturn:
     """Entry point in the child right after fork(): drop the master's descriptors, then run."""
     try:
@@ -335,7 +437,7 @@ def worker_main(
                 os.close(fd)
             except OSError:
                 pass
-        Worker(number, config, experts, channel).run()
+        Worker(number, config, experts, channel, scoreboard, board_slot).run()
     except BaseException as exc:
         sys.stderr.write(f"expertd: worker {number} failed to start: {describe_exception(exc)}\n")
     finally:
