@@ -65,7 +65,7 @@ def _client(options, results) -> None:
         call = _floor_caller(options.target)
     for _ in range(20):  # warm up: connection, caches
         call()
-    latencies, errors = [], 0
+    latencies, errors, example = [], 0, None
     clock = time.perf_counter
     deadline = clock() + options.seconds
     while True:
@@ -74,11 +74,12 @@ def _client(options, results) -> None:
             break
         try:
             call()
-        except Exception:
+        except Exception as exc:
             errors += 1
+            example = example or f"{type(exc).__name__}: {exc}"
             continue
         latencies.append(clock() - started)
-    results.put((latencies, errors))
+    results.put((latencies, errors, example))
 
 
 def main() -> int:
@@ -96,11 +97,13 @@ def main() -> int:
     procs = [context.Process(target=_client, args=(options, results)) for _ in range(options.clients)]
     for proc in procs:
         proc.start()
-    latencies, errors = [], 0
+    latencies, errors, examples = [], 0, []
     for _ in procs:
-        some, failed = results.get(timeout=options.seconds + 120)
+        some, failed, example = results.get(timeout=options.seconds + 120)
         latencies += some
         errors += failed
+        if example:
+            examples.append(example)
     for proc in procs:
         proc.join()
     latencies.sort()
@@ -111,6 +114,7 @@ def main() -> int:
     print(json.dumps({
         "kind": options.kind, "clients": options.clients, "calls": len(latencies), "errors": errors,
         "throughput": len(latencies) / options.seconds, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+        "error_examples": examples[:3],
     }))
     return 0
 

@@ -76,6 +76,7 @@ _BACKOFF_MAX = 10.0
 _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
+_LINGER_PAUSE = 0.1
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 _LINGERING = "lingering"  # a worker holds the connection to serve its next request directly
@@ -112,6 +113,7 @@ class _WorkerSlot:
     board: int = 0  # its slot in the scoreboard
     lingering: bool = False  # it holds slot.conn after answering, for the connection's next request
     reclaim_sent: bool = False
+    overdue: float = 0.0  # start time of a lingering request seen past its deadline once
     requests: int = 0
     failure: str | None = None
     memory: tuple[int, int, int] | None = None  # USS, PSS, RSS in bytes, measured after warm-up
@@ -558,6 +560,9 @@ class Master:
         if slot.reclaim_sent or slot.channel.fileno() < 0:
             return
         slot.reclaim_sent = True
+        # More clients than idle workers: lingering would only make workers change hands
+        # twice per request, so it pauses for a moment.
+        self.scoreboard.pause_lingering(time.monotonic() + _LINGER_PAUSE)
         try:
             ipc.send_reclaim(slot.channel)
         except OSError:
@@ -1021,9 +1026,15 @@ class Master:
                 continue
             if slot.lingering:
                 began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
-                if began and now > began + timeout:
-                    slot.conn.request_id, slot.conn.expert = request_id, expert or None
-                    self._time_out(slot)
+                # The scoreboard is read without a lock: act only on a request seen past its
+                # deadline twice, at two scans (a read that overlapped a write never repeats).
+                if began and timeout > 0 and now > began + timeout:
+                    if slot.overdue == began:
+                        slot.conn.request_id, slot.conn.expert = request_id, expert or None
+                        self._time_out(slot)
+                    slot.overdue = began
+                else:
+                    slot.overdue = 0.0
             elif now > slot.deadline:
                 self._time_out(slot)
         if now < self._next_expiry_check:

@@ -9,9 +9,9 @@ what lets a worker serve a connection's next request directly (see
 :mod:`expertd.worker`, "lingering") while the master still enforces timeouts
 and knows whether an error frame may be sent.
 
-Values are written field by field; a reader may see a slot mid-update, so
-readers treat it as a hint and re-check what matters (the master only acts on
-a slot whose worker it is about to kill, after stopping it).
+Values are written field by field, so a reader may see a slot mid-update.
+The order of writes makes that safe where it matters: a request's timeout is
+written before its start time, so a slot that shows a start shows its timeout.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from __future__ import annotations
 import mmap
 import struct
 
-_HEADER = struct.Struct("=I")  # requests waiting in the master's queue
+_HEADER = struct.Struct("=Id")  # requests waiting in the master's queue; lingering paused until (monotonic)
+_PAUSED = struct.Struct("=d")
 # began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in all
 _SLOT = struct.Struct("=ddIB47sI")
 _REQUESTS = struct.Struct("=I")
+_BEGAN = struct.Struct("=d")
+_TAIL = struct.Struct("=dIB47s")
 _REQUESTS_AT = 68
 MAX_SLOTS = 4096
 
@@ -36,7 +39,11 @@ class Scoreboard:
 
     # master side
     def set_queued(self, count: int) -> None:
-        _HEADER.pack_into(self._map, 0, count)
+        struct.pack_into("=I", self._map, 0, count)
+
+    def pause_lingering(self, until: float) -> None:
+        """Workers do not linger before ``until``: the master had to take one back (contention)."""
+        _PAUSED.pack_into(self._map, 4, until)
 
     def clear(self, slot: int) -> None:
         """Reset the request fields (the request count is the worker's own and stays)."""
@@ -52,12 +59,18 @@ class Scoreboard:
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
 
     # worker side
-    def queued(self) -> int:
-        return _HEADER.unpack_from(self._map, 0)[0]
+    def may_linger(self, now: float) -> bool:
+        """No request waiting in the master, and lingering not paused."""
+        queued, paused_until = _HEADER.unpack_from(self._map, 0)
+        return queued == 0 and now >= paused_until
 
     def begin(self, slot: int, began: float, timeout: float, request_id: int, expert: str) -> None:
-        struct.pack_into("=ddIB47s", self._map, self._offset(slot), began, timeout, request_id, 0,
-                         expert.encode("utf-8", "replace")[:47])
+        offset = self._offset(slot)
+        # The other fields first, ``began`` last: a reader that sees a request begin sees its
+        # timeout too (stores are not reordered on the machines we run on; x86 and ARM with
+        # the interpreter's own barriers between these calls).
+        _TAIL.pack_into(self._map, offset + 8, timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
+        _BEGAN.pack_into(self._map, offset, began)
 
     def served(self, slot: int, requests: int) -> None:
         _REQUESTS.pack_into(self._map, self._offset(slot) + _REQUESTS_AT, requests)
@@ -66,7 +79,7 @@ class Scoreboard:
         self._map[self._offset(slot) + 20] = 1
 
     def end(self, slot: int) -> None:
-        struct.pack_into("=d", self._map, self._offset(slot), 0.0)
+        _BEGAN.pack_into(self._map, self._offset(slot), 0.0)
 
     def _offset(self, slot: int) -> int:
         return _HEADER.size + slot * _SLOT.size

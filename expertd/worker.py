@@ -184,7 +184,7 @@ class Worker:
         return close, unsent, retire, served
 
     def _may_linger(self) -> bool:
-        return self.config.linger > 0 and self.scoreboard.queued() == 0
+        return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
 
     def _await_next(self, conn: socket.socket, poller: select.poll) -> bytearray | str:
         """Wait (up to ``linger``) for the connection's next request: its frame, or "eof", "reclaimed", "expired"."""
@@ -197,7 +197,8 @@ class Worker:
                     return "expired"
                 events = dict(poller.poll(remaining * 1000))
                 if self.channel.fileno() in events:
-                    if not self.channel.recv(16):  # the master closed our channel: retire
+                    message = self.channel.recv(16)
+                    if not message:  # the master closed our channel: retire
                         self._stop_requested = True
                     return "reclaimed"
                 if conn.fileno() in events:

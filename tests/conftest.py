@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -172,6 +173,14 @@ def run_expertd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "expertd", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def raw_connection(daemon: Daemon, timeout: float = 10) -> socket.socket:
+    """A plain socket connected to the daemon, for speaking the protocol by hand."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(str(daemon.socket))
+    return sock
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -189,4 +198,4 @@ def connect_refused(path: str) -> bool:
     return False
 
 
-__all__ = ["Daemon", "connect_refused", "run_expertd", "textwrap", "wait_until", "write_config"]
+__all__ = ["Daemon", "connect_refused", "raw_connection", "run_expertd", "textwrap", "wait_until", "write_config"]

@@ -10,12 +10,7 @@ import pytest
 from expertd import protocol
 from expertd.errors import ConnectionLost, FrameTooLarge
 
-
-def _raw(daemon) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-    sock.connect(str(daemon.socket))
-    return sock
+from conftest import raw_connection
 
 
 def _read_reply(sock):
@@ -42,7 +37,7 @@ def _still_serving(daemon):
 
 
 def test_raw_frame_round_trip(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(protocol.encode_call(99, "fib", [5], {}))
     assert _read_reply(sock) == (protocol.RESULT, 99, 8)
     sock.sendall(protocol.encode_frame(protocol.PING, 100, b""))
@@ -51,13 +46,13 @@ def test_raw_frame_round_trip(daemon):
 
 
 def test_pipelined_requests_are_answered_in_order(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(b"".join(protocol.encode_call(i, "add", [i, 1], {}) for i in range(1, 21)))
     assert [_read_reply(sock) for _ in range(20)] == [(protocol.RESULT, i, i + 1) for i in range(1, 21)]
 
 
 def test_garbage_bytes_get_an_error_and_close(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(b"\x00\x01\x02garbage that is not a frame at all")
     data = _read_all(sock)
     kind, _, _length = protocol.parse_header(data[: protocol.HEADER_SIZE])
@@ -67,7 +62,7 @@ def test_garbage_bytes_get_an_error_and_close(daemon):
 
 
 def test_huge_length_header_is_refused_before_reading(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(protocol.pack_header(protocol.CALL, 5, 0xFFFFFFF0))  # 4 GiB promised, nothing sent
     kind, request_id, error = _read_reply(sock)
     assert (kind, request_id, error["code"]) == (protocol.ERROR, 5, "frame_too_large")
@@ -83,7 +78,7 @@ def test_client_reports_frame_too_large(make_daemon):
 
 
 def test_stray_http_request_gets_an_http_answer(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.0 400 Bad Request") and b"expertd" in reply
@@ -91,11 +86,11 @@ def test_stray_http_request_gets_an_http_answer(daemon):
 
 
 def test_wrong_version_and_kind(daemon):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(struct.pack("!2sBBII", b"XD", 9, protocol.CALL, 1, 0))
     kind, _, error = _read_reply(sock)
     assert kind == protocol.ERROR and "version 9" in error["message"]
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(protocol.pack_header(0x42, 3, 0))
     kind, request_id, error = _read_reply(sock)
     assert (kind, request_id) == (protocol.ERROR, 3) and "unknown request kind" in error["message"]
@@ -116,7 +111,7 @@ def test_wrong_version_and_kind(daemon):
     ],
 )
 def test_malformed_bodies_get_bad_request_and_the_connection_survives(daemon, body, expected):
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(protocol.encode_frame(protocol.CALL, 11, body))
     kind, request_id, error = _read_reply(sock)
     assert (kind, request_id, error["code"]) == (protocol.ERROR, 11, "bad_request")
@@ -127,9 +122,9 @@ def test_malformed_bodies_get_bad_request_and_the_connection_survives(daemon, bo
 
 def test_half_frame_then_silence_is_dropped_after_read_timeout(make_daemon):
     daemon = make_daemon(read_timeout="1s", workers=1)
-    stalled = _raw(daemon)
+    stalled = raw_connection(daemon)
     stalled.sendall(protocol.encode_call(1, "fib", [5], {})[:7])
-    body_stalled = _raw(daemon)
+    body_stalled = raw_connection(daemon)
     body_stalled.sendall(protocol.encode_call(2, "fib", [5], {})[:-2])
     start = time.monotonic()
     assert daemon.client().call("add", 1, 1) == 2  # the one worker is not pinned
@@ -142,7 +137,7 @@ def test_half_frame_then_silence_is_dropped_after_read_timeout(make_daemon):
 
 def test_client_disconnecting_mid_request_does_not_hurt(daemon):
     for _ in range(20):
-        sock = _raw(daemon)
+        sock = raw_connection(daemon)
         sock.sendall(protocol.encode_call(1, "slow", [0.01], {}))
         sock.close()
     _still_serving(daemon)

@@ -1,7 +1,6 @@
 """Under load, faults and hostile input: keep serving, lose nothing, let no one in."""
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -13,17 +12,10 @@ from expertd import protocol
 from expertd.client import Client
 from expertd.errors import AccessDenied, BadRequest, BadResult, ExpertFailed, RequestTimeout, WorkerLost
 
-from conftest import ROOT, Daemon, run_expertd, wait_until, write_config
+from conftest import ROOT, Daemon, raw_connection, run_expertd, wait_until, write_config
 
 sys.path.insert(0, str(ROOT / "bench"))
 from soak import run_load
-
-
-def _raw(daemon) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(daemon.socket))
-    return sock
 
 
 # ---------------------------------------------------------------- timeouts
@@ -163,7 +155,7 @@ def test_nesting_and_argument_limits(make_daemon):
 def test_array_bomb_is_refused_cheaply(make_daemon):
     daemon = make_daemon({"echo": "testexperts:echo"}, workers=1, max_frame="4M")
     body = b"\x93\xa4echo\x91" + b"\xdd" + (3_000_000).to_bytes(4, "big") + b"\x90" * 3_000_000 + b"\x80"
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     sock.sendall(protocol.encode_frame(protocol.CALL, 9, body))
     kind, request_id, reply = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
     assert (kind, request_id) == (protocol.ERROR, 9)
@@ -174,7 +166,7 @@ def test_array_bomb_is_refused_cheaply(make_daemon):
 def test_request_written_in_small_pieces_is_served(make_daemon):
     daemon = make_daemon({"echo": "testexperts:echo"}, workers=1)
     frame = protocol.encode_call(5, "echo", [b"z" * 40_000], {})
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     for start in range(0, len(frame), 256):
         sock.send(frame[start : start + 256])
     kind, request_id, reply = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
@@ -186,7 +178,7 @@ def test_twenty_stalled_connections_do_not_delay_a_normal_call(make_daemon):
     daemon = make_daemon({"add": "testexperts:add"}, workers=2, read_timeout="30s")
     stalled = []
     for i in range(20):
-        sock = _raw(daemon)
+        sock = raw_connection(daemon)
         frame = protocol.encode_call(i, "add", [1, 2], {})
         sock.sendall(frame[: 5 + i % 10] if i % 2 else frame[:-1])  # half headers and half bodies
         stalled.append(sock)
@@ -198,7 +190,7 @@ def test_twenty_stalled_connections_do_not_delay_a_normal_call(make_daemon):
 
 def test_client_that_does_not_read_its_reply_does_not_pin_a_worker(make_daemon):
     daemon = make_daemon({"blob": "testexperts:blob", "add": "testexperts:add"}, workers=1)
-    hog = _raw(daemon)
+    hog = raw_connection(daemon)
     hog.sendall(protocol.encode_call(1, "blob", [8 * 2**20], {}))  # 8 MiB reply, never read
     time.sleep(0.5)
     started = time.monotonic()
@@ -213,7 +205,7 @@ def test_idle_connections_are_closed_after_idle_timeout_and_clients_reconnect(ma
     daemon = make_daemon({"add": "testexperts:add"}, workers=1, idle_timeout="500ms")
     client = daemon.client()
     assert client.call("add", 1, 1) == 2
-    sock = _raw(daemon)
+    sock = raw_connection(daemon)
     time.sleep(1.5)
     assert sock.recv(10) == b""  # the daemon closed the idle connection
     assert client.call("add", 2, 2) == 4  # the pooled connection was stale: retried transparently
