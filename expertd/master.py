@@ -1026,8 +1026,8 @@ class Master:
                 continue
             if slot.lingering:
                 began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
-                # The scoreboard is read without a lock: act only on a request seen past its
-                # deadline twice, at two scans (a read that overlapped a write never repeats).
+                # The scoreboard is read without a lock; as a second line of defence against a
+                # read that overlapped a write, act only on a request seen overdue at two scans.
                 if began and timeout > 0 and now > began + timeout:
                     if slot.overdue == began:
                         slot.conn.request_id, slot.conn.expert = request_id, expert or None

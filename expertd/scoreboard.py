@@ -12,6 +12,9 @@ and knows whether an error frame may be sent.
 Values are written field by field, so a reader may see a slot mid-update.
 The order of writes makes that safe where it matters: a request's timeout is
 written before its start time, so a slot that shows a start shows its timeout.
+Every write is a slice assignment of packed bytes, never ``struct.pack_into``:
+pack_into zero-fills its destination before writing, so rewriting a live field
+with the same value would briefly show zero to the other process.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import struct
 
 _HEADER = struct.Struct("=Id")  # requests waiting in the master's queue; lingering paused until (monotonic)
 _PAUSED = struct.Struct("=d")
+_COUNT = struct.Struct("=I")
 # began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in all
 _SLOT = struct.Struct("=ddIB47sI")
 _REQUESTS = struct.Struct("=I")
@@ -39,15 +43,16 @@ class Scoreboard:
 
     # master side
     def set_queued(self, count: int) -> None:
-        struct.pack_into("=I", self._map, 0, count)
+        self._map[0:4] = _COUNT.pack(count)
 
     def pause_lingering(self, until: float) -> None:
         """Workers do not linger before ``until``: the master had to take one back (contention)."""
-        _PAUSED.pack_into(self._map, 4, until)
+        self._map[4:12] = _PAUSED.pack(until)
 
     def clear(self, slot: int) -> None:
-        """Reset the request fields (the request count is the worker's own and stays)."""
-        _SLOT.pack_into(self._map, self._offset(slot), 0.0, 0.0, 0, 0, b"", self.requests(slot))
+        """Reset the request fields of an idle worker's slot (its request count stays)."""
+        offset = self._offset(slot)
+        self._map[offset : offset + _REQUESTS_AT] = bytes(_REQUESTS_AT)
 
     def requests(self, slot: int) -> int:
         """How many requests the worker in ``slot`` has served (it keeps this current itself)."""
@@ -67,19 +72,21 @@ class Scoreboard:
     def begin(self, slot: int, began: float, timeout: float, request_id: int, expert: str) -> None:
         offset = self._offset(slot)
         # The other fields first, ``began`` last: a reader that sees a request begin sees its
-        # timeout too (stores are not reordered on the machines we run on; x86 and ARM with
-        # the interpreter's own barriers between these calls).
-        _TAIL.pack_into(self._map, offset + 8, timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
-        _BEGAN.pack_into(self._map, offset, began)
+        # timeout too.
+        self._map[offset + 8 : offset + 8 + _TAIL.size] = _TAIL.pack(
+            timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
+        self._map[offset : offset + 8] = _BEGAN.pack(began)
 
     def served(self, slot: int, requests: int) -> None:
-        _REQUESTS.pack_into(self._map, self._offset(slot) + _REQUESTS_AT, requests)
+        offset = self._offset(slot) + _REQUESTS_AT
+        self._map[offset : offset + 4] = _REQUESTS.pack(requests)
 
     def writing(self, slot: int) -> None:
         self._map[self._offset(slot) + 20] = 1
 
     def end(self, slot: int) -> None:
-        _BEGAN.pack_into(self._map, self._offset(slot), 0.0)
+        offset = self._offset(slot)
+        self._map[offset : offset + 8] = _BEGAN.pack(0.0)
 
     def _offset(self, slot: int) -> int:
         return _HEADER.size + slot * _SLOT.size
