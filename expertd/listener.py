@@ -74,10 +74,6 @@ class Listener:
             raise ListenerError(f"socket activation passed fd {fd}, which is not listening")
         return cls(sock, sock.getsockname() or f"fd {fd}", None)
 
-    @property
-    def activated(self) -> bool:
-        return self._inode is None
-
     def fileno(self) -> int:
         return self.sock.fileno()
 

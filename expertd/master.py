@@ -20,7 +20,6 @@ instead of a hang.
 from __future__ import annotations
 
 import errno
-import fcntl
 import gc
 import logging
 import os
@@ -30,7 +29,6 @@ import socket
 import struct
 import sys
 import sysconfig
-import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -67,7 +65,6 @@ _ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _PEEK_SIZE = 4096
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _ET_READ = select.EPOLLIN | select.EPOLLET
-_FIONREAD_BUF = b"\0\0\0\0"
 # More unexpected worker deaths than this (or twice the pool) within the window is a crash loop.
 _DEATH_WINDOW = 1.0
 _DEATHS_PER_WINDOW = 10
@@ -464,37 +461,26 @@ class Master:
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
         how = _describe_status(status)
+        began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
+        # A lingering worker that was only waiting on its connection was serving nothing.
+        serving = slot.conn is not None and (not slot.lingering or began)
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
-        elif slot.conn is not None and (not slot.lingering or self.scoreboard.read(slot.board)[0]):
-            request_id = self.scoreboard.read(slot.board)[2] if slot.lingering else slot.conn.request_id
-            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how, request_id)
+        elif serving:
+            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how,
+                      request_id if slot.lingering else slot.conn.request_id)
         elif self._stop_deadline is None:
             log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
         if slot.conn is not None:
             conn, slot.conn = slot.conn, None
-            began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
-            if slot.lingering:
-                if not began:  # it was only waiting on the connection: the client lost nothing
-                    conn.state = _IDLE
-                    conn.last_active = now
-                    self._recheck.append(conn)
-                    conn = None
-                else:
-                    conn.request_id, conn.expert = request_id, expert or None
-            if conn is None:
-                pass
-            elif writing:
-                self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
-            elif slot.leaving == "timed out":
-                limit = self.config.expert_timeout(conn.expert or "")
-                self._fail(conn, RequestTimeout(
-                    f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
-                    "the worker was replaced", expert=conn.expert))
-            elif self._stop_deadline is not None:
-                self._fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+            if not serving:  # the client lost nothing: the master takes the connection back
+                conn.state = _IDLE
+                conn.last_active = now
+                self._recheck.append(conn)
             else:
-                self._fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+                if slot.lingering:
+                    conn.request_id, conn.expert = request_id, expert or None
+                self._answer_lost_request(conn, slot, how, writing)
         if self._stop_deadline is not None:
             return
 
@@ -700,6 +686,20 @@ class Master:
                 pass
         log.info("log files reopened")
 
+    def _answer_lost_request(self, conn: _Connection, slot: _WorkerSlot, how: str, writing: bool) -> None:
+        """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
+        if writing:
+            self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
+        elif slot.leaving == "timed out":
+            limit = self.config.expert_timeout(conn.expert or "")
+            self._fail(conn, RequestTimeout(
+                f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
+                "the worker was replaced", expert=conn.expert))
+        elif self._stop_deadline is not None:
+            self._fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+        else:
+            self._fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+
     def _kill(self, slot: _WorkerSlot) -> None:
         try:
             os.kill(slot.pid, signal.SIGKILL)
@@ -743,8 +743,8 @@ class Master:
         if uid in self._allowed_uids or gid in self._allowed_gids or self._allowed_gids & _groups_of(pid):
             return True
         log.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids", uid, pid)
-        frame = protocol.encode_frame(protocol.ERROR, 0, protocol.pack(AccessDenied(
-            f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids").to_wire()))
+        frame = protocol.encode_error(0, AccessDenied(
+            f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids"))
         try:
             sock.send(frame, socket.MSG_DONTWAIT)
         except OSError:
@@ -791,7 +791,7 @@ class Master:
             return
         conn.frame_size = protocol.HEADER_SIZE + length
         if len(head) < conn.frame_size and len(head) == _PEEK_SIZE:
-            queued = struct.unpack("i", fcntl.ioctl(conn.fd, termios.FIONREAD, _FIONREAD_BUF))[0]
+            queued = protocol.queued_bytes(conn.fd)
         else:
             queued = len(head)
         if queued >= conn.frame_size and kind in protocol.CONTROL_KINDS:
@@ -990,8 +990,7 @@ class Master:
 
     def _fail(self, conn: _Connection, error: RemoteError) -> None:
         """Answer the connection's current request with ``error`` and close it."""
-        frame = protocol.encode_frame(protocol.ERROR, conn.request_id, protocol.pack(error.to_wire()))
-        self._send_and_close(conn, frame)
+        self._send_and_close(conn, protocol.encode_error(conn.request_id, error))
 
     def _send_and_close(self, conn: _Connection, data: bytes) -> None:
         try:

@@ -20,7 +20,7 @@ import time
 
 import msgpack
 
-from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RequestTimeout
+from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -122,6 +122,19 @@ def pack(value: Any) -> bytes:
 
 def encode_frame(kind: int, request_id: int, body: bytes) -> bytes:
     return pack_header(kind, request_id, len(body)) + body
+
+
+def encode_error(request_id: int, error: RemoteError) -> bytes:
+    """An ERROR frame carrying ``error``."""
+    return encode_frame(ERROR, request_id, pack(error.to_wire()))
+
+
+def queued_bytes(fd: int) -> int:
+    """How many bytes wait unread in a socket (FIONREAD); server side only."""
+    import fcntl  # imported here: clients never need it, and they must stay cheap to import
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 def encode_call(request_id: int, expert: str, args: list | tuple, kwargs: dict) -> bytes:

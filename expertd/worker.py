@@ -10,16 +10,13 @@ request never kills the worker.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import random
 import select
 import signal
 import socket
-import struct
 import sys
-import termios
 import time
 import traceback
 from types import FrameType
@@ -227,8 +224,7 @@ class Worker:
             return "expired"
         size = protocol.HEADER_SIZE + length
         if len(head) < size:
-            queued = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-            if queued < size:
+            if protocol.queued_bytes(conn.fileno()) < size:
                 return "expired"
         # Marked busy before reading: once bytes leave the socket, a death here is a lost request.
         self.scoreboard.begin(self.board_slot, time.monotonic(), self.config.timeout, 0, "")

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import psutil
 import pytest
 
 from expertd.client import Client
-from expertd.errors import ConnectError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_EXPERTS = Path(__file__).resolve().parent / "experts"
@@ -190,12 +188,4 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
     return predicate()
 
 
-def connect_refused(path: str) -> bool:
-    try:
-        Client(path, connect_timeout=1).ping()
-    except ConnectError:
-        return True
-    return False
-
-
-__all__ = ["Daemon", "connect_refused", "raw_connection", "run_expertd", "textwrap", "wait_until", "write_config"]
+__all__ = ["Daemon", "raw_connection", "run_expertd", "wait_until", "write_config"]
