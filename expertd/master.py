@@ -65,6 +65,7 @@ _ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _PEEK_SIZE = 4096
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _ET_READ = select.EPOLLIN | select.EPOLLET
+_ET_QUIET = select.EPOLLET  # only hang-ups and errors, once each
 # More unexpected worker deaths than this (or twice the pool) within the window is a crash loop.
 _DEATH_WINDOW = 1.0
 _DEATHS_PER_WINDOW = 10
@@ -312,7 +313,7 @@ class Master:
         boards = {slot.board for slot in self.workers.values()}
         board = next(b for b in range(MAX_SLOTS) if b not in boards)
         self.scoreboard.clear(board)
-        self.scoreboard.served(board, 0)
+        self.scoreboard.slot(board).served(0)
         try:
             master_end, worker_end = ipc.channel_pair()
         except OSError as exc:
@@ -405,10 +406,14 @@ class Master:
             # The worker keeps the connection for its next request; it hands it back with another DONE.
             slot.lingering, slot.reclaim_sent = True, False
             slot.conn.state = _LINGERING
+            # Its requests are the worker's now: an edge per request would wake the master for nothing.
+            self.epoll.modify(slot.conn.fd, _ET_QUIET)
             if slot.leaving is not None or self._queue or self._stop_deadline is not None:
                 self._reclaim(slot)
             return
         conn, slot.conn = slot.conn, None
+        if slot.lingering and conn is not None:
+            self.epoll.modify(conn.fd, _ET_READ)
         slot.lingering = False
         if retiring:
             slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
@@ -473,6 +478,8 @@ class Master:
             log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
         if slot.conn is not None:
             conn, slot.conn = slot.conn, None
+            if slot.lingering:
+                self.epoll.modify(conn.fd, _ET_READ)
             if not serving:  # the client lost nothing: the master takes the connection back
                 conn.state = _IDLE
                 conn.last_active = now

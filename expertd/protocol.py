@@ -91,6 +91,8 @@ MAX_CONTAINERS = 1_000_000
 
 def unpack(body: bytes | bytearray | memoryview) -> Any:
     """Decode a body safely: no extension types, str/bytes map keys only, sizes and container count bounded."""
+    if len(body) <= MAX_CONTAINERS:  # every container takes at least a byte: too short to exceed the bound
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
     count = 0
 
     def counted(container: Any) -> Any:
@@ -154,7 +156,7 @@ def decode_call(body: bytes | bytearray) -> tuple[str, list, dict]:
         raise BadRequest(f"expert name must be a string, not {type(expert).__name__}")
     if not isinstance(args, list):
         raise BadRequest(f"args must be an array, not {type(args).__name__}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, dict) or (kwargs and not all(isinstance(k, str) for k in kwargs)):
         raise BadRequest("kwargs must be a map with string keys")
     return expert, args, kwargs
 

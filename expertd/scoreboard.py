@@ -31,6 +31,7 @@ _REQUESTS = struct.Struct("=I")
 _BEGAN = struct.Struct("=d")
 _TAIL = struct.Struct("=dIB47s")
 _REQUESTS_AT = 68
+_IDLE = _BEGAN.pack(0.0)
 MAX_SLOTS = 4096
 
 
@@ -63,30 +64,46 @@ class Scoreboard:
         began, timeout, request_id, writing, expert, _requests = _SLOT.unpack_from(self._map, self._offset(slot))
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
 
+    def slot(self, slot: int) -> SlotWriter:
+        """The writer a worker uses for its own slot."""
+        return SlotWriter(self._map, self._offset(slot))
+
     # worker side
     def may_linger(self, now: float) -> bool:
         """No request waiting in the master, and lingering not paused."""
         queued, paused_until = _HEADER.unpack_from(self._map, 0)
         return queued == 0 and now >= paused_until
 
-    def begin(self, slot: int, began: float, timeout: float, request_id: int, expert: str) -> None:
-        offset = self._offset(slot)
-        # The other fields first, ``began`` last: a reader that sees a request begin sees its
-        # timeout too.
-        self._map[offset + 8 : offset + 8 + _TAIL.size] = _TAIL.pack(
-            timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
-        self._map[offset : offset + 8] = _BEGAN.pack(began)
-
-    def served(self, slot: int, requests: int) -> None:
-        offset = self._offset(slot) + _REQUESTS_AT
-        self._map[offset : offset + 4] = _REQUESTS.pack(requests)
-
-    def writing(self, slot: int) -> None:
-        self._map[self._offset(slot) + 20] = 1
-
-    def end(self, slot: int) -> None:
-        offset = self._offset(slot)
-        self._map[offset : offset + 8] = _BEGAN.pack(0.0)
-
     def _offset(self, slot: int) -> int:
         return _HEADER.size + slot * _SLOT.size
+
+
+class SlotWriter:
+    """One worker's slot, written by that worker on every request (so: no lookups on the way)."""
+
+    __slots__ = ("_began", "_map", "_requests", "_tail", "_writing")
+
+    def __init__(self, shared: mmap.mmap, offset: int) -> None:
+        self._map = shared
+        self._began = slice(offset, offset + 8)
+        self._tail = slice(offset + 8, offset + 8 + _TAIL.size)
+        self._writing = offset + 20
+        self._requests = slice(offset + _REQUESTS_AT, offset + _REQUESTS_AT + 4)
+
+    def begin(self, began: float, timeout: float, request_id: int, expert: str) -> None:
+        """The worker took a request out of its socket (or the master's frame)."""
+        # The other fields first, ``began`` last: a reader that sees a request begin sees its
+        # timeout too.
+        self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
+        self._map[self._began] = _BEGAN.pack(began)
+
+    def writing(self) -> None:
+        """Reply bytes may be on their way: the master must not write an error frame now."""
+        self._map[self._writing] = 1
+
+    def end(self) -> None:
+        """The reply is out; the worker serves nothing."""
+        self._map[self._began] = _IDLE
+
+    def served(self, requests: int) -> None:
+        self._map[self._requests] = _REQUESTS.pack(requests)

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from expertd import __version__, ipc, notify, protocol, runtimes
 from expertd.config import Config
@@ -50,7 +50,7 @@ class Worker:
                  scoreboard: Scoreboard, board_slot: int) -> None:
         self.number = number
         self.scoreboard = scoreboard
-        self.board_slot = board_slot
+        self.board = scoreboard.slot(board_slot)
         self.config = config
         self.experts = experts
         self.channel = channel
@@ -62,6 +62,8 @@ class Worker:
         self._last_uss_check = 0.0
         self._last_uss = 0
         self._rss_at_uss_check = 0
+        self._drain = bytearray(_PEEK)  # where requests already seen by a peek are read to
+        self._timeouts = {name: config.expert_timeout(name) for name in experts}
         jitter = config.max_requests_jitter
         if jitter is None:
             jitter = config.max_requests // 10
@@ -171,11 +173,11 @@ class Worker:
                 poller = select.poll()
                 poller.register(conn.fileno(), select.POLLIN)
                 poller.register(self.channel.fileno(), select.POLLIN)
-            outcome = self._await_next(conn, poller)
-            if not isinstance(outcome, bytearray):
-                close = outcome == "eof"
+            waiting = self._await_next(conn, poller)
+            if isinstance(waiting, str):
+                close = waiting == "eof"
                 break
-            close, unsent = self._serve_one(conn, outcome)
+            close, unsent = self._serve_one(conn, None, waiting)
             retire = self._after_request()
             served += 1
         return close, unsent, retire, served
@@ -183,29 +185,34 @@ class Worker:
     def _may_linger(self) -> bool:
         return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
 
-    def _await_next(self, conn: socket.socket, poller: select.poll) -> bytearray | str:
-        """Wait (up to ``linger``) for the connection's next request: its frame, or "eof", "reclaimed", "expired"."""
+    def _await_next(self, conn: socket.socket, poller: select.poll) -> _Peeked | str:
+        """Wait (up to ``linger``) for the connection's next request.
+
+        Returns what a peek saw of it (the request is whole in the socket, still
+        unread), or why not: "eof", "reclaimed" or "expired".
+        """
         deadline = time.monotonic() + self.config.linger
+        channel_fd = self.channel.fileno()
         self._idle = True  # a SIGTERM now exits at once: the master takes the connection back
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "expired"
-                events = dict(poller.poll(remaining * 1000))
-                if self.channel.fileno() in events:
-                    message = self.channel.recv(16)
-                    if not message:  # the master closed our channel: retire
-                        self._stop_requested = True
-                    return "reclaimed"
-                if conn.fileno() in events:
-                    return self._next_request_state(conn)
+                events = poller.poll(remaining * 1000)
+                for fd, _mask in events:
+                    if fd == channel_fd:
+                        if not self.channel.recv(16):  # the master closed our channel: retire
+                            self._stop_requested = True
+                        return "reclaimed"
+                if events:
+                    return self._peek_next(conn)
         finally:
             self._idle = False
 
-    def _next_request_state(self, conn: socket.socket) -> bytearray | str:
+    def _peek_next(self, conn: socket.socket) -> _Peeked | str:
         try:
-            head = conn.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            head = conn.recv(_PEEK, _PEEK_NOW)
         except BlockingIOError:
             return "expired"
         except OSError:
@@ -217,23 +224,20 @@ class Worker:
         if len(head) < protocol.HEADER_SIZE:
             return "expired"
         try:
-            kind, _request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
+            kind, request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
         except ProtocolError:
             return "expired"
         if kind not in (protocol.CALL, protocol.PING, protocol.LIST) or length > self.config.max_frame:
             return "expired"
         size = protocol.HEADER_SIZE + length
-        if len(head) < size:
-            if protocol.queued_bytes(conn.fileno()) < size:
-                return "expired"
-        # Marked busy before reading: once bytes leave the socket, a death here is a lost request.
-        self.scoreboard.begin(self.board_slot, time.monotonic(), self.config.timeout, 0, "")
-        return protocol.recv_exact(conn, size)
+        if len(head) < size and protocol.queued_bytes(conn.fileno()) < size:
+            return "expired"
+        return _Peeked(head, kind, request_id, length)
 
     def _after_request(self) -> str | None:
         """Book-keeping between requests; returns why this worker should retire, if it should."""
         self.requests += 1
-        self.scoreboard.served(self.board_slot, self.requests)
+        self.board.served(self.requests)
         if self._reopen_logs:
             self._reopen_logs = False
             _reopen_logs_quietly()
@@ -270,33 +274,30 @@ class Worker:
             return f"max_memory (private memory {uss / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB)"
         return None
 
-    def _serve_one(self, conn: socket.socket, frame: bytearray | None) -> tuple[bool, memoryview | None]:
-        """Answer one request on ``conn`` (read from it, or ``frame`` if the master read it).
+    def _serve_one(self, conn: socket.socket, frame: bytearray | None,
+                   peeked: _Peeked | None = None) -> tuple[bool, memoryview | None]:
+        """Answer one request on ``conn``: read from it, or ``frame`` if the master read it.
 
+        ``peeked`` is what a look at the socket already saw of the request.
         Returns whether the connection must be closed, and the part of the reply
         the client did not take in time (for the master to finish writing).
         """
         started = time.monotonic()
-        board = self.scoreboard
-        # Marked busy before reading: once bytes leave the socket, a death here is a lost request.
-        board.begin(self.board_slot, started, self.config.timeout, 0, "")
+        board = self.board
         try:
-            if frame is None:
-                kind, request_id, body = protocol.read_frame(conn, self.config.max_frame)
-            else:
-                kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
-                body = memoryview(frame)[protocol.HEADER_SIZE :]
+            kind, request_id, body, begun_as = self._take_request(conn, frame, peeked, started)
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
             log.info("closing connection: %s", exc)
-            board.writing(self.board_slot)  # the stream is broken: the master must only close it
+            board.writing()  # the stream is broken: the master must only close it
             return True, None
         expert_name = None
-        board.begin(self.board_slot, started, self.config.timeout, request_id, "")
         try:
             if kind == protocol.CALL:
                 expert_name, args, kwargs = protocol.decode_call(body)
                 protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, body)
-                board.begin(self.board_slot, started, self.config.expert_timeout(expert_name), request_id, expert_name)
+                if expert_name != begun_as:  # the expert's own timeout applies from here
+                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
+                                expert_name)
                 reply_kind, reply = protocol.RESULT, self._call(expert_name, args, kwargs)
             elif kind == protocol.PING:
                 reply_kind, reply = protocol.RESULT, protocol.pack(
@@ -310,14 +311,14 @@ class Worker:
         except RemoteError as exc:
             reply_kind, reply = protocol.ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
-        board.writing(self.board_slot)  # from here on, an error frame from the master would corrupt the stream
+        board.writing()  # from here on, an error frame from the master would corrupt the stream
         try:
             unsent = _send_briefly(conn, protocol.encode_frame(reply_kind, request_id, reply))
         except OSError as exc:
             log.info("could not deliver reply to request %d: %s", request_id, exc)
             return True, None
         if unsent is None:
-            board.end(self.board_slot)  # else it stays "writing" until the master has the rest
+            board.end()  # else it stays "writing" until the master has the rest
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %d %s %.3f ms %s",
@@ -328,19 +329,54 @@ class Worker:
             )
         return False, unsent
 
+    def _take_request(self, conn: socket.socket, frame: bytearray | None, peeked: _Peeked | None,
+                      started: float) -> tuple[int, int, bytes | memoryview, str | None]:
+        """Take the request out of the socket (or the master's frame).
+
+        Returns ``(kind, request_id, body, expert)``, where expert is the name
+        the scoreboard shows (None: none yet).  The slot shows the worker busy
+        before any byte leaves the socket: from then on, its death loses a
+        request, and the master must say so.
+        """
+        board, timeout = self.board, self.config.timeout
+        if frame is not None:
+            kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
+            board.begin(started, timeout, request_id, "")
+            return kind, request_id, memoryview(frame)[protocol.HEADER_SIZE :], None
+        if peeked is not None:
+            head, kind, request_id, length = peeked
+        else:
+            # The master handed the connection over because a whole request waits in it.
+            head = conn.recv(_PEEK, _PEEK_NOW)
+            if len(head) < protocol.HEADER_SIZE:
+                board.begin(started, timeout, 0, "")
+                return (*protocol.read_frame(conn, self.config.max_frame), None)
+            kind, request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
+            if length > self.config.max_frame:
+                raise ProtocolError(f"frame body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
+        size = protocol.HEADER_SIZE + length
+        if len(head) < size:  # a large request: read it whole
+            board.begin(started, timeout, request_id, "")
+            return kind, request_id, memoryview(protocol.recv_exact(conn, size))[protocol.HEADER_SIZE :], None
+        # The usual case: the peek saw it all, so the expert's timeout applies at once and
+        # reading the request again only drains the socket.
+        body = head[protocol.HEADER_SIZE : size]
+        expert = protocol.expert_name_hint(body) if kind == protocol.CALL else None
+        board.begin(started, self._timeouts.get(expert, timeout), request_id, expert or "")
+        if conn.recv_into(self._drain, size, _WAIT_ALL) < size:
+            raise ConnectionLost("connection closed while reading a request")
+        return kind, request_id, body, expert
+
     def _call(self, name: str, args: list, kwargs: dict) -> bytes:
         expert = self.experts.get(name)
         if expert is None:
             known = ", ".join(sorted(self.experts)) or "none"
             raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
-        if expert.signature is not None:
-            try:
-                expert.signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise BadRequest(f"{name}{expert.signature}: {exc}", expert=name) from None
         try:
             result: Any = expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker
+            if isinstance(exc, TypeError):
+                _refuse_misfit(expert, args, kwargs, exc)
             raise ExpertFailed(
                 f"{type(exc).__name__}: {_safe_str(exc)}",
                 remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
@@ -357,6 +393,23 @@ class Worker:
             raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}",
                             expert=name)
         return body
+
+
+def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:
+    """Raise BadRequest if ``exc`` came from arguments that do not fit the expert, not from its code.
+
+    Arguments are checked only when a call raised TypeError, so that a call
+    that fits pays nothing for the check.  Experts are pure, so calling one with
+    arguments its wrapper then refuses does no harm.
+    """
+    if expert.signature is not None:
+        try:
+            expert.signature.bind(*args, **kwargs)
+        except TypeError as misfit:
+            raise BadRequest(f"{expert.name}{expert.signature}: {misfit}", expert=expert.name) from None
+    elif exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+        # Raised by the call itself, before any of the expert's code ran.
+        raise BadRequest(f"{expert.name}: {_safe_str(exc)}", expert=expert.name) from None
 
 
 def _reopen_logs_quietly() -> None:
@@ -383,6 +436,21 @@ def _safe_traceback(exc: BaseException) -> str:
 
 
 _PEEK = 4096
+
+
+class _Peeked(NamedTuple):
+    """A request seen whole in the socket by a peek, not yet read."""
+
+    head: bytes  # the frame, perhaps followed by more
+    kind: int
+    request_id: int
+    length: int
+
+
+# Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
+_PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
+_NOW = int(socket.MSG_DONTWAIT)
+_WAIT_ALL = int(socket.MSG_WAITALL)
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.
 _WRITE_PATIENCE = 0.05
 
@@ -390,9 +458,11 @@ _WRITE_PATIENCE = 0.05
 def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
     """Write ``frame``; return what the client did not take within a moment (None when all went)."""
     try:
-        sent = conn.send(frame, socket.MSG_DONTWAIT)  # the usual case: it all fits in the socket
+        sent = conn.send(frame, _NOW)
     except BlockingIOError:
         sent = 0
+    if sent == len(frame):  # the usual case: it all fits in the socket
+        return None
     view = memoryview(frame)[sent:]
     deadline = time.monotonic() + _WRITE_PATIENCE
     while view:

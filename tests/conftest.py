@@ -26,6 +26,8 @@ DEFAULT_EXPERTS = {
     "echo": "testexperts:echo",
     "add": "testexperts:add",
     "boom": "testexperts:boom",
+    "type_error": "testexperts:type_error",
+    "wrapped": "testexperts:wrapped",
     "slow": "testexperts:slow",
     "pid": "testexperts:pid",
     "kill_worker": "testexperts:kill_worker",

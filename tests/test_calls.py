@@ -67,6 +67,25 @@ def test_wrong_arity_is_rejected_before_the_call(daemon):
         daemon.client().call("fib", m=1)
 
 
+def test_type_error_inside_an_expert_is_its_failure_not_a_bad_request(daemon):
+    client = daemon.client()
+    with pytest.raises(ExpertFailed) as caught:
+        client.call("type_error", "abc")
+    assert caught.value.remote_type == "builtins.TypeError"
+    assert "testexperts.py" in caught.value.remote_traceback
+    with pytest.raises(BadRequest) as caught:
+        client.call("type_error")  # missing argument: the call itself does not fit
+    assert "type_error(text)" in str(caught.value)
+
+
+def test_arguments_are_checked_under_a_decorator(daemon):
+    client = daemon.client()
+    assert client.call("wrapped", "ab", times=2) == "abab"
+    with pytest.raises(BadRequest) as caught:
+        client.call("wrapped", "ab", colour="red")
+    assert "wrapped(text, times=1)" in str(caught.value) and "colour" in str(caught.value)
+
+
 def test_system_exit_inside_an_expert_does_not_kill_the_worker(daemon):
     client = daemon.client()
     before = daemon.worker_pids()

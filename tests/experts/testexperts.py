@@ -1,5 +1,6 @@
 """Experts used by the test-suite: each one exercises a path through the daemon."""
 
+import functools
 import os
 import signal
 import time
@@ -22,6 +23,25 @@ def add(a, b=0):
 def boom(message="kaboom"):
     """Raise ValueError(message)."""
     raise ValueError(message)
+
+
+def type_error(text):
+    """Raise TypeError from inside the expert (a failure, not a misfit of arguments)."""
+    return len(text) + "one"
+
+
+def _logged(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_logged
+def wrapped(text, times=1):
+    """A decorated expert: its arguments are checked against the signature under the wrapper."""
+    return text * times
 
 
 def slow(seconds):
