@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -178,6 +179,34 @@ def _parse_function(raw: str) -> str:
     return value
 
 
+def _parse_address(raw: str) -> tuple[str, int] | None:
+    value = raw.strip()
+    if not value:
+        return None
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _Invalid("expected HOST:PORT, e.g. 127.0.0.1:8000 or [::1]:8000")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _Invalid(f"{host!r} is not an IP address; use one (or localhost), e.g. 127.0.0.1:8000") from None
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+def _parse_token(raw: str) -> str:
+    value = raw.strip()
+    if value and (len(value) < 16 or not value.isprintable() or " " in value):
+        raise _Invalid("a token needs at least 16 printable characters and no spaces "
+                       "(e.g. the output of: python -c 'import secrets; print(secrets.token_urlsafe())')")
+    return value
+
+
 def _parse_text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -201,6 +230,8 @@ PATHS = _Type("list of paths", _parse_words)
 MODULES = _Type("list of modules", _parse_modules)
 LOG_LEVEL = _Type("one of " + ", ".join(_LOG_LEVELS), _parse_log_level)
 FUNCTION = _Type("module:function", _parse_function)
+ADDRESS_OR_OFF = _Type("HOST:PORT, or empty for none", _parse_address)
+TOKEN = _Type("secret text (16+ characters), or empty", _parse_token)
 
 
 @dataclass(frozen=True)
@@ -289,6 +320,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tf_log_level", MAIN_SECTION, LOG_LEVEL, "error",
             "Threshold for TensorFlow's own log (native and Python). The default keeps its start-up "
             "notices out of the log; info or debug lets them through."),
+    Setting("http_listen", MAIN_SECTION, ADDRESS_OR_OFF, "",
+            "Also serve the HTTP/JSON API (docs/http.md) on this TCP address, e.g. 127.0.0.1:8000. "
+            "The Unix socket serves it in any case. A non-loopback address needs token.", cli=True),
+    Setting("token", MAIN_SECTION, TOKEN, "",
+            "Bearer token that HTTP requests on http_listen must send (Authorization: Bearer TOKEN). "
+            "Keep the config file unreadable to others. The Unix socket is guarded by its file mode, "
+            "socket_group and allow_uids instead."),
     Setting("function", "expert", FUNCTION, None,
             "The expert's callable as module:function (module.function, Firefly's form, also works). "
             "The module is imported in the master."),
@@ -331,6 +369,8 @@ class Config:
     max_requests: int
     max_requests_jitter: int | None
     max_memory: int
+    http_listen: tuple[str, int] | None
+    token: str
     max_depth: int
     max_args: int
     idle_timeout: float
@@ -441,6 +481,12 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         raise ConfigError(
             f"{path}: [{MAIN_SECTION}] socket = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
             f"Unix sockets allow at most {MAX_SOCKET_PATH}; choose a shorter path"
+        )
+    if config.http_listen is not None and not config.token and not is_loopback(config.http_listen[0]):
+        raise ConfigError(
+            f"{path}: [{MAIN_SECTION}] http_listen = {config.http_listen[0]}:{config.http_listen[1]}: "
+            "not a loopback address, and no token is set; set token (clients send Authorization: Bearer TOKEN) "
+            "or listen on 127.0.0.1"
         )
     if not config.experts:
         raise ConfigError(

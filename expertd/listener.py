@@ -123,3 +123,22 @@ def check_socket_free(path: str) -> bool:
 def _clear_stale(path: str) -> None:
     if check_socket_free(path):
         os.unlink(path)  # nobody listens: a daemon died without cleaning up
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """The http_listen socket: bound, listening and non-blocking (ListenerError with the reason if not)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections linger
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(
+            f"http_listen = {host}:{port}: cannot listen: {exc.strerror or exc}; "
+            "choose a free port, or stop what holds this one"
+        ) from None
+    sock.setblocking(False)
+    sock.set_inheritable(False)
+    return sock

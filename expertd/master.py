@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from expertd import __version__, ipc, notify, protocol
+from expertd import __version__, http, ipc, notify, protocol
 from expertd.config import Config
 from expertd.errors import (
     AccessDenied,
@@ -48,8 +48,9 @@ from expertd.errors import (
     ShuttingDown,
     WorkerLost,
 )
-from expertd.listener import Listener
+from expertd.listener import Listener, bind_tcp
 from expertd.loader import LoadedExpert
+from expertd.metrics import Metrics
 from expertd.notify import Notifier
 from expertd.scoreboard import MAX_SLOTS, Scoreboard
 from expertd.worker import worker_main
@@ -94,6 +95,9 @@ class _Connection:
     inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
     outbuf: memoryview | None = None  # the rest of a reply the client was slow to take
     write_deadline: float = 0.0
+    tcp: bool = False  # accepted on http_listen: HTTP only, and the token applies
+    speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
+    close_when_written: bool = False  # a reply of the master's that ends the connection
 
 
 @dataclass(eq=False)
@@ -141,6 +145,8 @@ class Master:
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self.listener: Listener | None = None
         self.scoreboard = Scoreboard()
+        self.metrics = Metrics(MAX_SLOTS, experts)
+        self.http_listener: socket.socket | None = None
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
@@ -175,12 +181,16 @@ class Master:
         # Everything loaded so far is shared with the workers; freezing it keeps the
         # collector from touching (and so copying) those pages in every worker.
         gc.freeze()
+        if self.config.http_listen is not None:  # first: a port in use must not leave the Unix socket behind
+            self.http_listener = bind_tcp(*self.config.http_listen)
         inherited = notify.listen_fds()
         if inherited:
             self.listener = Listener.inherit(inherited[0])
         else:
             self.listener = Listener.bind(self.config.socket, self.config.socket_mode, self.config.socket_group)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        if self.http_listener is not None:
+            self.epoll.register(self.http_listener.fileno(), select.EPOLLIN)
         self.epoll.register(self._wakeup_r, select.EPOLLIN)
         self._install_signals()
         notify.set_title(f"expertd: master [{self.config.path}]")
@@ -189,6 +199,10 @@ class Master:
             os.getpid(), "serving the socket activated on" if inherited else "listening on",
             self.listener.path, self.config.workers, len(self.experts),
         )
+        if self.http_listener is not None:
+            host, port = self.config.http_listen  # type: ignore[misc]
+            log.info("HTTP also on %s:%d (%s)", host, port,
+                     "bearer token required" if self.config.token else "no token: loopback only")
         try:
             while True:
                 self._maintain_workers()
@@ -243,7 +257,9 @@ class Master:
             except BlockingIOError:
                 pass
         elif self.listener is not None and fd == self.listener.fileno():
-            self._accept()
+            self._accept(self.listener.sock, tcp=False)
+        elif self.http_listener is not None and fd == self.http_listener.fileno():
+            self._accept(self.http_listener, tcp=True)
 
     def _poll_timeout(self) -> float:
         if self._stop_deadline is not None:
@@ -299,9 +315,11 @@ class Master:
         if self._stop_deadline is not None:
             return
         now = time.monotonic()
-        if self._accept_paused_until and now >= self._accept_paused_until and self.listener is not None:
+        if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+            for listener in (self.listener, self.http_listener):
+                if listener is not None:
+                    self.epoll.register(listener.fileno(), select.EPOLLIN)
         while self._active_workers() < self.config.workers and now >= self._next_spawn_at:
             self._spawn()
             if self._fast_failures:
@@ -322,6 +340,7 @@ class Master:
             return
         inherited = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, master_end.fileno()]
         inherited += [self.listener.fileno()] if self.listener else []
+        inherited += [self.http_listener.fileno()] if self.http_listener else []
         inherited += list(self.connections)
         inherited += list(self._by_channel)
         try:
@@ -334,7 +353,8 @@ class Master:
             return
         if pid == 0:  # child
             signal.set_wakeup_fd(-1)
-            worker_main(number, self.config, self.experts, worker_end, inherited, self.scoreboard, board)
+            worker_main(number, self.config, self.experts, worker_end, inherited, self.scoreboard, board,
+                        self.metrics.recorder(board))
         worker_end.close()
         master_end.setblocking(False)
         slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic(),
@@ -466,6 +486,7 @@ class Master:
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
         how = _describe_status(status)
+        self.metrics.retire(slot.board)
         began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
         # A lingering worker that was only waiting on its connection was serving nothing.
         serving = slot.conn is not None and (not slot.lingering or began)
@@ -639,6 +660,8 @@ class Master:
         self._reload = _Reload(self.config, self.experts, self._expert_modules, previous_modules)
         self._expert_modules = reloadable_modules(set(sys.modules) - before, config.preload)
         self.config, self.experts = config, experts
+        for name in experts:
+            self.metrics.add_expert(name)  # before the new generation forks: its workers count it
         self.generation += 1
         gc.freeze()
         log.info("generation %d loaded (%d experts); starting %d workers",
@@ -695,6 +718,8 @@ class Master:
 
     def _answer_lost_request(self, conn: _Connection, slot: _WorkerSlot, how: str, writing: bool) -> None:
         """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
+        if conn.expert is not None or conn.speaks == "msgpack":
+            self.metrics.count_failure(conn.expert, "timeout" if slot.leaving == "timed out" else "worker_lost")
         if writing:
             self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
         elif slot.leaving == "timed out":
@@ -714,11 +739,10 @@ class Master:
             pass
 
     # --------------------------------------------------------- connections
-    def _accept(self) -> None:
-        assert self.listener is not None
+    def _accept(self, listener: socket.socket, tcp: bool) -> None:
         for _ in range(256):
             try:
-                sock, _addr = self.listener.sock.accept()
+                sock, _addr = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -726,7 +750,9 @@ class Master:
                     # Level-triggered, the listener would wake us at once, for ever: pause accepting.
                     log.error("cannot accept connections: %s; pausing accepts for a second "
                               "(raise the file limit or lower max_connections)", exc.strerror)
-                    self.epoll.unregister(self.listener.fileno())
+                    for paused in (self.listener, self.http_listener):
+                        if paused is not None:
+                            self.epoll.unregister(paused.fileno())
                     self._accept_paused_until = time.monotonic() + 1.0
                 return
             if len(self.connections) >= self.config.max_connections:
@@ -736,10 +762,13 @@ class Master:
                 sock.close()
                 continue
             self._connections_full_logged = False
-            if self._allowed_uids is not None and not self._peer_allowed(sock):
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole: send at once
+            elif self._allowed_uids is not None and not self._peer_allowed(sock):
                 continue
             sock.setblocking(False)
-            conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic())
+            conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
+                               tcp=tcp, speaks="http" if tcp else "")
             self._next_conn_id += 1
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, _ET_READ)
@@ -775,8 +804,20 @@ class Master:
         if not head:
             self._close(conn)  # the client hung up
             return
-        if not protocol.MAGIC.startswith(head[:2]):
-            self._refuse(conn, head)
+        if not conn.speaks:  # a connection's first bytes decide what it speaks, for its whole life
+            if protocol.MAGIC.startswith(head[:2]):
+                conn.speaks = "msgpack"
+            elif http.looks_like_http(head):
+                conn.speaks = "http"
+            elif len(head) < 4 and http.could_be_http(head):
+                self._mark_partial(conn)
+                return
+            else:
+                self._fail(conn, BadRequest("bad frame magic: this socket speaks the expertd protocol "
+                                            "(docs/protocol.md) and HTTP (docs/http.md)"))
+                return
+        if conn.speaks == "http":
+            self._examine_http(conn, head)
             return
         if len(head) < protocol.HEADER_SIZE:
             self._mark_partial(conn)
@@ -815,6 +856,95 @@ class Master:
         # pieces fills the queue's accounting long before its byte count), so gather it here.
         conn.inbuf = bytearray()
         self._gather(conn)
+
+    def _examine_http(self, conn: _Connection, head: bytes) -> None:
+        """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
+        try:
+            request = http.scan_head(head, self.config.max_frame)
+            if request is None and len(head) == _PEEK_SIZE:  # a long head: look further
+                head = conn.sock.recv(http.MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                request = http.scan_head(head, self.config.max_frame)
+            if request is None:
+                self._mark_partial(conn)
+                return
+            if conn.tcp and self.config.token and not http.token_accepted(request.authorization, self.config.token):
+                raise http.HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
+                                       close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
+            http.check_route(request, self.experts)
+        except http.HttpRefusal as refusal:
+            if refusal.code == "unknown_expert":
+                self.metrics.count_failure(None, refusal.code)
+            self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.request_id, conn.expert, conn.frame_size = 0, request.expert, request.size
+        queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
+        if request.route not in http.WORKER_ROUTES:
+            if queued >= request.size:
+                self._answer_http(conn, request.route)
+            else:
+                self._mark_partial(conn)
+            return
+        if queued >= request.size:
+            conn.state = _QUEUED  # whole in the socket: the worker reads it
+            self._queue.append(conn)
+            return
+        if request.expects_continue and queued <= request.head_size:
+            try:  # curl waits a second for this before sending a body over 1 KiB
+                conn.sock.send(http.CONTINUE, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        conn.inbuf = bytearray()
+        self._gather(conn)
+
+    def _answer_http(self, conn: _Connection, route: str) -> None:
+        """GET /health, /experts and /metrics, answered here: they need no worker."""
+        try:
+            raw = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
+            request = http.parse_request(raw)
+        except OSError:
+            self._close(conn)
+            return
+        except http.HttpRefusal as refusal:
+            self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+            return
+        conn.state = _IDLE
+        conn.last_active = time.monotonic()
+        status, content_type = 200, http.JSON_TYPE
+        if route == "health":
+            ready = sum(1 for s in self.workers.values() if s.ready_at is not None and s.leaving is None)
+            healthy = ready > 0 and self._stop_deadline is None
+            status = 200 if healthy else 503
+            body = http.dumps({"status": "ok" if healthy else "unavailable", "workers_ready": ready,
+                               "workers_wanted": self.config.workers, "generation": self.generation,
+                               "stopping": self._stop_deadline is not None})
+        elif route == "experts":
+            body = http.dumps([expert.describe() for expert in self.experts.values()])
+        else:
+            body, content_type = self._metrics_text().encode("utf-8"), http.METRICS_TYPE
+        reply, keep_alive = http.respond(request, status, body, content_type)
+        conn.close_when_written = not keep_alive
+        self._send_reply(conn, reply)
+        if conn.state == _IDLE:
+            if keep_alive:
+                self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+            else:
+                self._close(conn)
+
+    def _metrics_text(self) -> str:
+        status = self.status()
+        states: dict[str, int] = {"booting": 0, "idle": 0, "busy": 0, "retiring": 0}
+        for worker in status["workers"]:
+            states[worker["state"]] = states.get(worker["state"], 0) + 1
+        memory = {("workers", kind): status["memory"][f"workers_{kind}"] for kind in ("rss", "pss", "uss")}
+        memory.update({("master", kind): status["master"].get(kind, 0) for kind in ("rss", "pss", "uss")})
+        return self.metrics.render([slot.board for slot in self.workers.values()], {
+            "workers": states, "workers_wanted": self.config.workers, "connections": len(self.connections),
+            "queued": sum(1 for conn in self._queue if conn.state == _QUEUED), "generation": self.generation,
+            "memory": memory, "uptime": time.time() - self.started_at, "version": __version__,
+        })
 
     def _control(self, conn: _Connection, kind: int, request_id: int) -> None:
         """Answer a control request here in the master: status, reload, stop, scale."""
@@ -894,6 +1024,7 @@ class Master:
         return {
             "pid": os.getpid(), "version": __version__, "config": self.config.path,
             "socket": self.listener.path if self.listener else self.config.socket,
+            "http_listen": "{}:{}".format(*self.config.http_listen) if self.config.http_listen else None,
             "uptime_s": round(time.time() - self.started_at, 1), "generation": self.generation,
             "experts": sorted(self.experts), "workers_wanted": self.config.workers,
             "requests": self.requests_served + sum(  # what lingering workers served and have not reported yet
@@ -945,7 +1076,7 @@ class Master:
             return
         conn.outbuf = None
         self.epoll.modify(conn.fd, _ET_READ)
-        if self._stop_deadline is not None:
+        if self._stop_deadline is not None or conn.close_when_written:
             self._close(conn)
             return
         conn.state = _IDLE
@@ -989,15 +1120,12 @@ class Master:
             slot.busy_since = time.monotonic()
             slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
 
-    def _refuse(self, conn: _Connection, head: bytes) -> None:
-        if protocol.looks_like_http(head):
-            self._send_and_close(conn, protocol.HTTP_REFUSAL)
-        else:
-            self._fail(conn, BadRequest("bad frame magic: this socket speaks the expertd protocol (docs/protocol.md)"))
-
     def _fail(self, conn: _Connection, error: RemoteError) -> None:
         """Answer the connection's current request with ``error`` and close it."""
-        self._send_and_close(conn, protocol.encode_error(conn.request_id, error))
+        if conn.speaks == "http":
+            self._send_and_close(conn, http.error_response(None, error)[0])
+        else:
+            self._send_and_close(conn, protocol.encode_error(conn.request_id, error))
 
     def _send_and_close(self, conn: _Connection, data: bytes) -> None:
         try:
@@ -1078,6 +1206,11 @@ class Master:
                     self.epoll.unregister(self.listener.fileno())
                 self.listener.close()
                 self.listener = None
+            if self.http_listener is not None:
+                if not self._accept_paused_until:
+                    self.epoll.unregister(self.http_listener.fileno())
+                self.http_listener.close()
+                self.http_listener = None
             for conn in list(self.connections.values()):
                 if conn.state in (_IDLE, _PARTIAL):
                     self._close(conn)
@@ -1097,6 +1230,9 @@ class Master:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self.http_listener is not None:
+            self.http_listener.close()
+            self.http_listener = None
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic()  # (an exception ended the loop)
         # Past the grace period a busy worker is killed and reaped first, so that its

@@ -53,13 +53,6 @@ DEFAULT_SOCKET = "/run/expertd/expertd.sock"
 SOCKET_ENV = "EXPERTD_SOCKET"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 
-_HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ")
-HTTP_REFUSAL = (
-    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-    b"This is an expertd socket: it speaks length-prefixed msgpack (docs/protocol.md), not HTTP.\n"
-)
-
-
 def pack_header(kind: int, request_id: int, body_length: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, request_id, body_length)
 
@@ -72,11 +65,6 @@ def parse_header(header: bytes) -> tuple[int, int, int]:
     if version != VERSION:
         raise ProtocolError(f"protocol version {version} is not supported; this side speaks version {VERSION}")
     return kind, request_id, length
-
-
-def looks_like_http(prefix: bytes) -> bool:
-    """Whether a connection opened with an HTTP request line (a common mistake)."""
-    return prefix[:4] in _HTTP_METHODS
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

@@ -22,7 +22,7 @@ import traceback
 from types import FrameType
 from typing import Any, NamedTuple, NoReturn
 
-from expertd import __version__, ipc, notify, protocol, runtimes
+from expertd import __version__, http, ipc, notify, protocol, runtimes
 from expertd.config import Config
 from expertd.errors import (
     BadRequest,
@@ -36,6 +36,7 @@ from expertd.errors import (
     UnknownExpert,
 )
 from expertd.loader import LoadedExpert, describe_exception, run_after_fork
+from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
 
 log = logging.getLogger("expertd.worker")
@@ -47,8 +48,9 @@ class Worker:
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
     def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
-                 scoreboard: Scoreboard, board_slot: int) -> None:
+                 scoreboard: Scoreboard, board_slot: int, recorder: Recorder) -> None:
         self.number = number
+        self.recorder = recorder
         self.scoreboard = scoreboard
         self.board = scoreboard.slot(board_slot)
         self.config = config
@@ -185,7 +187,7 @@ class Worker:
     def _may_linger(self) -> bool:
         return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
 
-    def _await_next(self, conn: socket.socket, poller: select.poll) -> _Peeked | str:
+    def _await_next(self, conn: socket.socket, poller: select.poll) -> _Peeked | _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next request.
 
         Returns what a peek saw of it (the request is whole in the socket, still
@@ -210,7 +212,7 @@ class Worker:
         finally:
             self._idle = False
 
-    def _peek_next(self, conn: socket.socket) -> _Peeked | str:
+    def _peek_next(self, conn: socket.socket) -> _Peeked | _PeekedHttp | str:
         try:
             head = conn.recv(_PEEK, _PEEK_NOW)
         except BlockingIOError:
@@ -219,6 +221,8 @@ class Worker:
             return "eof"
         if not head:
             return "eof"
+        if head[:2] != protocol.MAGIC:
+            return self._peek_http(conn, head)
         # Only an ordinary request that is whole in the socket is served here; anything
         # else (control requests, refusals, a request still arriving) is the master's.
         if len(head) < protocol.HEADER_SIZE:
@@ -233,6 +237,22 @@ class Worker:
         if len(head) < size and protocol.queued_bytes(conn.fileno()) < size:
             return "expired"
         return _Peeked(head, kind, request_id, length)
+
+    def _peek_http(self, conn: socket.socket, head: bytes) -> _PeekedHttp | str:
+        # As above: only a whole call that the master would pass on as it is.
+        try:
+            framing = http.scan_head(head, self.config.max_frame)
+        except http.HttpRefusal:
+            return "expired"
+        if (framing is None or framing.route not in http.WORKER_ROUTES or framing.method != "POST"
+                or framing.expert not in self.experts):
+            return "expired"
+        if (conn.family != socket.AF_UNIX and self.config.token
+                and not http.token_accepted(framing.authorization, self.config.token)):
+            return "expired"
+        if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
+            return "expired"
+        return _PeekedHttp(head, framing)
 
     def _after_request(self) -> str | None:
         """Book-keeping between requests; returns why this worker should retire, if it should."""
@@ -275,7 +295,7 @@ class Worker:
         return None
 
     def _serve_one(self, conn: socket.socket, frame: bytearray | None,
-                   peeked: _Peeked | None = None) -> tuple[bool, memoryview | None]:
+                   peeked: _Peeked | _PeekedHttp | bytes | None = None) -> tuple[bool, memoryview | None]:
         """Answer one request on ``conn``: read from it, or ``frame`` if the master read it.
 
         ``peeked`` is what a look at the socket already saw of the request.
@@ -284,6 +304,16 @@ class Worker:
         """
         started = time.monotonic()
         board = self.board
+        if frame is None and peeked is None:
+            try:  # the master handed the connection over because a whole request waits in it
+                peeked = conn.recv(_PEEK, _PEEK_NOW)
+            except OSError as exc:
+                log.info("closing connection: %s", exc)
+                board.writing()
+                return True, None
+        if isinstance(peeked, _PeekedHttp) or (
+                not isinstance(peeked, _Peeked) and (frame if frame is not None else peeked)[:2] != protocol.MAGIC):
+            return self._serve_http(conn, frame, peeked, started)
         try:
             kind, request_id, body, begun_as = self._take_request(conn, frame, peeked, started)
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
@@ -298,7 +328,7 @@ class Worker:
                 if expert_name != begun_as:  # the expert's own timeout applies from here
                     board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
                                 expert_name)
-                reply_kind, reply = protocol.RESULT, self._call(expert_name, args, kwargs)
+                reply_kind, reply = protocol.RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
             elif kind == protocol.PING:
                 reply_kind, reply = protocol.RESULT, protocol.pack(
                     {"pid": os.getpid(), "worker": self.number, "version": __version__, "requests": self.requests}
@@ -311,6 +341,8 @@ class Worker:
         except RemoteError as exc:
             reply_kind, reply = protocol.ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
+        if kind == protocol.CALL:
+            self.recorder.record(expert_name, outcome, time.monotonic() - started)
         board.writing()  # from here on, an error frame from the master would corrupt the stream
         try:
             unsent = _send_briefly(conn, protocol.encode_frame(reply_kind, request_id, reply))
@@ -329,7 +361,7 @@ class Worker:
             )
         return False, unsent
 
-    def _take_request(self, conn: socket.socket, frame: bytearray | None, peeked: _Peeked | None,
+    def _take_request(self, conn: socket.socket, frame: bytearray | None, peeked: _Peeked | bytes | None,
                       started: float) -> tuple[int, int, bytes | memoryview, str | None]:
         """Take the request out of the socket (or the master's frame).
 
@@ -343,11 +375,10 @@ class Worker:
             kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
             board.begin(started, timeout, request_id, "")
             return kind, request_id, memoryview(frame)[protocol.HEADER_SIZE :], None
-        if peeked is not None:
+        if isinstance(peeked, _Peeked):
             head, kind, request_id, length = peeked
         else:
-            # The master handed the connection over because a whole request waits in it.
-            head = conn.recv(_PEEK, _PEEK_NOW)
+            head = peeked or b""
             if len(head) < protocol.HEADER_SIZE:
                 board.begin(started, timeout, 0, "")
                 return (*protocol.read_frame(conn, self.config.max_frame), None)
@@ -367,13 +398,70 @@ class Worker:
             raise ConnectionLost("connection closed while reading a request")
         return kind, request_id, body, expert
 
-    def _call(self, name: str, args: list, kwargs: dict) -> bytes:
+    def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
+                    started: float) -> tuple[bool, memoryview | None]:
+        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_one`."""
+        board, timeout = self.board, self.config.timeout
+        request = None
+        try:
+            if frame is not None:  # gathered by the master
+                board.begin(started, timeout, 0, "")
+                raw: bytes | bytearray = frame
+            else:
+                if isinstance(peeked, _PeekedHttp):
+                    head, framing = peeked
+                else:
+                    head = peeked if peeked and _HEAD_END in peeked else conn.recv(http.MAX_HEAD, _PEEK_NOW)
+                    framing = http.scan_head(head, self.config.max_frame)
+                if framing is None:
+                    raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
+                board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
+                raw = protocol.recv_exact(conn, framing.size)
+            request = http.parse_request(raw)
+        except http.HttpRefusal as refusal:
+            response, keep_alive = http.error_response(None, refusal)
+            expert, outcome = None, refusal.code
+        except (ConnectionLost, RequestTimeout, OSError) as exc:
+            log.info("closing connection: %s", exc)
+            board.writing()
+            return True, None
+        if request is not None:
+            expert = request.expert
+            try:
+                args, kwargs = http.call_arguments(request)
+                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+                result = self._invoke(expert or "", args, kwargs)
+                try:
+                    body = http.result_body(request, args, result)
+                except (TypeError, ValueError) as exc:
+                    raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
+                                    expert=expert) from None
+                response, keep_alive = http.respond(request, 200, body)
+                outcome = "ok"
+            except RemoteError as exc:
+                response, keep_alive = http.error_response(request, exc)
+                outcome = exc.code
+        self.recorder.record(expert, outcome, time.monotonic() - started)
+        board.writing()
+        try:
+            unsent = _send_briefly(conn, response)
+        except OSError as exc:
+            log.info("could not deliver an HTTP reply: %s", exc)
+            return True, None
+        if unsent is None:
+            board.end()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
+        return not keep_alive and unsent is None, unsent
+
+    def _invoke(self, name: str, args: list, kwargs: dict) -> Any:
+        """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""
         expert = self.experts.get(name)
         if expert is None:
             known = ", ".join(sorted(self.experts)) or "none"
             raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
         try:
-            result: Any = expert.function(*args, **kwargs)
+            return expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker
             if isinstance(exc, TypeError):
                 _refuse_misfit(expert, args, kwargs, exc)
@@ -383,16 +471,18 @@ class Worker:
                 remote_traceback=_safe_traceback(exc),
                 expert=name,
             ) from None
-        try:
-            body = protocol.pack(result)
-        except BaseException as exc:  # a result's own tolist() or __len__ may raise anything
-            raise BadResult(
-                f"{name} returned a value that cannot be sent: {type(exc).__name__}: {_safe_str(exc)}", expert=name
-            ) from None
-        if len(body) > protocol.MAX_BODY:
-            raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}",
-                            expert=name)
-        return body
+
+
+def _pack_result(name: str, result: Any) -> bytes:
+    try:
+        body = protocol.pack(result)
+    except BaseException as exc:  # a result's own tolist() or __len__ may raise anything
+        raise BadResult(
+            f"{name} returned a value that cannot be sent: {type(exc).__name__}: {_safe_str(exc)}", expert=name
+        ) from None
+    if len(body) > protocol.MAX_BODY:
+        raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}", expert=name)
+    return body
 
 
 def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:
@@ -436,6 +526,16 @@ def _safe_traceback(exc: BaseException) -> str:
 
 
 _PEEK = 4096
+
+
+class _PeekedHttp(NamedTuple):
+    """An HTTP request seen whole in the socket by a peek, not yet read."""
+
+    head: bytes
+    framing: http.Head
+
+
+_HEAD_END = b"\n\r\n"  # a peek that holds this holds the whole head (bare-LF heads are looked at again)
 
 
 class _Peeked(NamedTuple):
@@ -495,7 +595,7 @@ def _send_quietly(send: Any, *args: Any) -> None:
 
 def worker_main(
     number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket, close_fds: list[int],
-    scoreboard: Scoreboard, board_slot: int,
+    scoreboard: Scoreboard, board_slot: int, recorder: Recorder,
 ) -> NoReturn:
     """Entry point in the child right after fork(): drop the master's descriptors, then run."""
     try:
@@ -504,7 +604,7 @@ def worker_main(
                 os.close(fd)
             except OSError:
                 pass
-        Worker(number, config, experts, channel, scoreboard, board_slot).run()
+        Worker(number, config, experts, channel, scoreboard, board_slot, recorder).run()
     except BaseException as exc:
         sys.stderr.write(f"expertd: worker {number} failed to start: {describe_exception(exc)}\n")
     finally:

@@ -77,11 +77,19 @@ def test_client_reports_frame_too_large(make_daemon):
     assert daemon.client().call("echo", b"x" * 1000)["args"] == [b"x" * 1000]
 
 
-def test_stray_http_request_gets_an_http_answer(daemon):
+def test_http_on_the_msgpack_socket_gets_an_http_answer(daemon):
     sock = raw_connection(daemon)
     sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     reply = _read_all(sock)
-    assert reply.startswith(b"HTTP/1.0 400 Bad Request") and b"expertd" in reply
+    assert reply.startswith(b"HTTP/1.1 404 Not Found") and b'"not_found"' in reply
+    _still_serving(daemon)
+
+
+def test_neither_msgpack_nor_http_is_refused(daemon):
+    sock = raw_connection(daemon)
+    sock.sendall(b"\x00\x01hello")
+    kind, _request_id, error = _read_reply(sock)
+    assert kind == protocol.ERROR and "docs/http.md" in error["message"]
     _still_serving(daemon)
 
 

@@ -1,0 +1,309 @@
+"""The HTTP/JSON front: the same experts, on the same workers, for curl and other languages.
+
+HTTP/1.1 with JSON bodies is served on the daemon's Unix socket, told apart
+from the msgpack protocol by a connection's first bytes, and optionally on a
+TCP address (``http_listen``, guarded by a bearer ``token``).  The API, with
+its OpenAPI document, is in docs/http.md and docs/openapi.yaml:
+
+    POST /call/NAME       body: JSON array (positional) or object (keyword arguments)
+    POST /opinion/NAME    body: a document; reply: it, with opinions.NAME added
+    GET  /experts         the served experts
+    GET  /health          200 while workers serve, else 503
+    GET  /metrics         Prometheus text format (see :mod:`expertd.metrics`)
+
+The split of the work follows the msgpack path.  The master only frames a
+request (:func:`scan_head`: where the head ends, how long the body is), so it
+knows when a whole request waits and what to refuse before any worker is
+involved (bad token, unknown expert or path, body over ``max_frame``); it
+answers the cheap GETs itself.  Calls go to a worker, which parses the exact
+bytes with h11 (:func:`parse_request`) and replies.  h11 is the parser because
+hand-written HTTP parsing is where servers get request smuggling and
+keep-alive wrong; the master's framing and h11 must agree on every byte or the
+request is refused, so a disagreement can only close a connection.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any, NamedTuple
+from urllib.parse import unquote
+
+import h11
+
+from expertd.errors import BadRequest, FrameTooLarge, RemoteError
+
+MAX_HEAD = 64 * 1024  # request line and headers
+JSON_TYPE = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SERVER = "expertd"
+
+# The master answers these itself; calls go to a worker.
+MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}
+WORKER_ROUTES = {"call", "opinion"}
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ")
+
+
+class HttpRefusal(Exception):
+    """A request refused before any expert is involved: status, code and message for the JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.close = close  # the stream cannot be trusted past this request
+        self.headers = headers
+
+
+class Head(NamedTuple):
+    """What the master needs of a request: framing, route and credentials."""
+
+    method: str
+    route: str  # "call", "opinion", "health", "experts", "metrics", or "" (no such path)
+    expert: str | None
+    head_size: int
+    body_size: int
+    expects_continue: bool
+    authorization: bytes | None
+
+    @property
+    def size(self) -> int:
+        return self.head_size + self.body_size
+
+
+def looks_like_http(prefix: bytes) -> bool:
+    """Whether a connection opened with an HTTP request line."""
+    return prefix[:4] in _METHODS
+
+
+def could_be_http(prefix: bytes) -> bool:
+    """Whether fewer than four first bytes may still grow into an HTTP request line."""
+    return any(method.startswith(prefix) for method in _METHODS)
+
+
+def scan_head(data: bytes, max_body: int) -> Head | None:
+    """Frame a request from its first bytes; None while its head is still arriving.
+
+    Raises HttpRefusal for what cannot be served: a malformed head, a chunked
+    body, a body over ``max_body``, a head over MAX_HEAD.
+    """
+    end = _HEAD_END.search(data, 0, MAX_HEAD + 4)
+    if end is None:
+        if len(data) >= MAX_HEAD:
+            raise HttpRefusal(431, "headers_too_large", f"the request head exceeds {MAX_HEAD} bytes", close=True)
+        return None
+    lines = data[: end.start()].split(b"\n")
+    request_line = lines[0].rstrip(b"\r").split(b" ")
+    if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
+        raise HttpRefusal(400, "bad_request", "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
+    method, target = request_line[0].decode("ascii", "replace"), request_line[1].decode("ascii", "replace")
+    body_size, expects_continue, authorization = None, False, None
+    for line in lines[1:]:
+        name, colon, value = line.rstrip(b"\r").partition(b":")
+        if not colon:
+            raise HttpRefusal(400, "bad_request", "malformed header line (no colon)", close=True)
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length":
+            if not value.isdigit() or (body_size is not None and int(value) != body_size):
+                raise HttpRefusal(400, "bad_request", "bad or conflicting Content-Length", close=True)
+            body_size = int(value)
+        elif name == b"transfer-encoding":
+            raise HttpRefusal(411, "length_required",
+                              "chunked request bodies are not accepted; send the body with Content-Length", close=True)
+        elif name == b"expect" and value.lower() == b"100-continue":
+            expects_continue = True
+        elif name == b"authorization":
+            authorization = value
+    body_size = body_size or 0
+    if body_size > max_body:
+        raise HttpRefusal(413, FrameTooLarge.code,
+                          f"request body of {body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
+    route, expert = _route(target)
+    return Head(method, route, expert, end.end(), body_size, expects_continue, authorization)
+
+
+def _route(target: str) -> tuple[str, str | None]:
+    path = unquote(target.partition("?")[0])
+    if path in MASTER_ROUTES:
+        return MASTER_ROUTES[path], None
+    parts = path.split("/")
+    if len(parts) == 3 and parts[0] == "" and parts[1] in WORKER_ROUTES and parts[2]:
+        return parts[1], parts[2]
+    return "", None
+
+
+def check_route(head: Head, experts: set[str] | dict) -> None:
+    """Refuse (404, 405) what no worker could serve, before one is asked."""
+    if not head.route:
+        raise HttpRefusal(404, "not_found", "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME")
+    wanted = "POST" if head.route in WORKER_ROUTES else "GET"
+    if head.method != wanted and not (wanted == "GET" and head.method == "HEAD"):
+        allow = "POST" if wanted == "POST" else "GET, HEAD"
+        raise HttpRefusal(405, "method_not_allowed", f"{head.method} is not allowed here; use {allow}",
+                          headers=(("Allow", allow),))
+    if head.expert is not None and head.expert not in experts:
+        known = ", ".join(sorted(experts)) or "none"
+        raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
+
+
+def token_accepted(authorization: bytes | None, token: str) -> bool:
+    """Whether an Authorization header carries ``Bearer <token>`` (compared in constant time)."""
+    if authorization is None:
+        return False
+    scheme, _, credentials = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token.encode())
+
+
+class Request(NamedTuple):
+    """A request parsed by h11, with the connection state that decides keep-alive."""
+
+    method: str
+    route: str
+    expert: str | None
+    body: bytes
+    connection: h11.Connection
+
+
+def parse_request(raw: bytes | bytearray | memoryview) -> Request:
+    """Parse exactly one request (as framed by :func:`scan_head`); HttpRefusal if h11 disagrees."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    connection.receive_data(bytes(raw))
+    try:
+        event = connection.next_event()
+        if not isinstance(event, h11.Request):
+            raise HttpRefusal(400, "bad_request", "incomplete or malformed request", close=True)
+        body = bytearray()
+        while True:
+            part = connection.next_event()
+            if isinstance(part, h11.Data):
+                body += part.data
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:  # NEED_DATA: the framing and the parser disagree
+                raise HttpRefusal(400, "bad_request", "the request body does not match its Content-Length",
+                                  close=True)
+    except h11.RemoteProtocolError as exc:
+        raise HttpRefusal(400, "bad_request", f"malformed HTTP request: {exc}", close=True) from None
+    route, expert = _route(event.target.decode("ascii", "replace"))
+    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection)
+
+
+def call_arguments(request: Request) -> tuple[list, dict]:
+    """The expert's arguments from a request's JSON body (BadRequest when it is not usable)."""
+    value = _json_body(request.body)
+    if request.route == "opinion":
+        if not isinstance(value, dict):
+            raise BadRequest(f"the document must be a JSON object, not {_json_type(value)}", expert=request.expert)
+        return [value], {}
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    raise BadRequest(f"the body must be a JSON array (positional arguments) or object (keyword arguments), "
+                     f"not {_json_type(value)}", expert=request.expert)
+
+
+def _json_body(body: bytes) -> Any:
+    if not body.strip():
+        raise BadRequest("the request has no body; send JSON (curl -d '[5]' or -d '{\"n\": 5}')")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        message = exc.args[0] if isinstance(exc, ValueError) and exc.args else "nested too deeply"
+        raise BadRequest(f"the body is not valid JSON: {message}") from None
+
+
+def _json_type(value: Any) -> str:
+    return {str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def result_body(request: Request, arguments: list, result: Any) -> bytes:
+    """The JSON reply to a call: the result, or for an opinion the document with it added."""
+    if request.route == "opinion":
+        document = arguments[0]
+        opinions = document.setdefault("opinions", {})
+        if not isinstance(opinions, dict):
+            raise BadRequest(f"the document's 'opinions' is {_json_type(opinions)}, not an object",
+                             expert=request.expert)
+        opinions[request.expert] = result
+        result = document
+    return dumps(result)
+
+
+def dumps(value: Any) -> bytes:
+    """Encode a reply; what JSON cannot carry (bytes, NaN) is a ValueError or TypeError naming it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                      default=_to_json).encode("utf-8") + b"\n"  # a newline, for curl in a terminal
+
+
+def _to_json(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError("bytes cannot be sent as JSON; return text, or call this expert over msgpack")
+    raise TypeError(f"values of type {type(value).__module__}.{type(value).__qualname__} cannot be sent as JSON")
+
+
+def respond(request: Request | None, status: int, body: bytes, content_type: str = JSON_TYPE,
+            headers: tuple[tuple[str, str], ...] = (), close: bool = False) -> tuple[bytes, bool]:
+    """A whole response; returns it and whether the connection stays open (keep-alive).
+
+    With the parsed request, h11 writes the response and decides keep-alive
+    (HTTP/1.0, Connection: close); without one (the request could not be
+    parsed), the response closes the connection.
+    """
+    fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Server", SERVER), *headers]
+    if request is None or close:
+        fields.append(("Connection", "close"))
+    if request is None:
+        reason = _REASONS.get(status, "Error")
+        head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+        return head.encode("latin-1") + body, False
+    connection = request.connection
+    data = connection.send(h11.Response(status_code=status, headers=fields, reason=_REASONS.get(status, "")))
+    if request.method != "HEAD":
+        data += connection.send(h11.Data(data=body))
+    data += connection.send(h11.EndOfMessage())
+    return data, connection.our_state is not h11.MUST_CLOSE
+
+
+def error_status(error: RemoteError) -> int:
+    return _STATUS_BY_CODE.get(error.code, 500)
+
+
+def error_body(code: str, message: str, **extra: Any) -> bytes:
+    """The JSON error object every failure is reported with."""
+    return dumps({"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}})
+
+
+def error_response(request: Request | None, error: RemoteError | HttpRefusal,
+                   close: bool = False) -> tuple[bytes, bool]:
+    """The response for a refusal or a daemon error."""
+    if isinstance(error, HttpRefusal):
+        return respond(request, error.status, error_body(error.code, error.message), headers=error.headers,
+                       close=close or error.close)
+    headers = (("Retry-After", "1"),) if error.retryable else ()
+    body = error_body(error.code, error.message, expert=error.expert,
+                      type=error.remote_type if error.code == "expert_failed" else None)
+    return respond(request, error_status(error), body, headers=headers, close=close)
+
+
+_STATUS_BY_CODE = {
+    "bad_request": 400, "unknown_expert": 404, "frame_too_large": 413, "expert_failed": 500, "bad_result": 500,
+    "timeout": 504, "worker_lost": 503, "overloaded": 503, "shutting_down": 503, "access_denied": 403,
+}
+_REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -1,0 +1,192 @@
+"""Request metrics: counted by the workers in shared memory, exported by the master (GET /metrics).
+
+Each worker counts the calls it answers (outcome, latency histogram, total
+time) per expert, in its own slot of an anonymous shared map the master
+creates before forking.  One writer per slot means no locks, and counting is
+three increments of a memoryview: no system call, nothing sent.  When a worker
+exits, the master folds its slot into totals of its own, so counters never go
+back.  Failures only the master sees (timeouts, lost workers) it counts itself.
+
+:func:`render` writes the Prometheus text exposition format (version 0.0.4):
+requests and errors per expert, a latency histogram per expert, workers,
+connections, queue and memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+from bisect import bisect_left
+from collections.abc import Iterable
+
+# Upper bounds (seconds) of the latency histogram's buckets; +Inf is implicit.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A call's outcome: "ok" or an error code (docs/protocol.md).  Workers see the first few; the
+# master counts the failures it answers itself (timeout, worker_lost, ...) apart.
+OUTCOMES = ("ok", "bad_request", "unknown_expert", "frame_too_large", "expert_failed", "bad_result", "timeout",
+            "worker_lost", "overloaded", "shutting_down", "access_denied", "error")
+UNKNOWN_EXPERT = "(unknown)"  # requests that named no served expert
+_OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
+_OTHER = _OUTCOME_INDEX["error"]
+_FIRST_BUCKET = len(OUTCOMES)
+_SUM = _FIRST_BUCKET + len(BUCKETS) + 1
+_RECORD = _SUM + 1  # counters per outcome, per bucket (and +Inf), then the sum of seconds
+
+
+class Metrics:
+    """The shared counters; the master owns the expert indices and the totals of exited workers."""
+
+    def __init__(self, slots: int, experts: Iterable[str], capacity: int = 0) -> None:
+        names = [UNKNOWN_EXPERT, *experts]
+        self.capacity = max(capacity, 16, 2 * len(names))  # room for experts a reload adds
+        self.slots = slots
+        size = slots * self.capacity * _RECORD * 8
+        self._map = mmap.mmap(-1, size)  # MAP_SHARED | MAP_ANONYMOUS; untouched pages cost nothing
+        self._counts = memoryview(self._map).cast("Q")
+        self._seconds = memoryview(self._map).cast("d")
+        self.index: dict[str, int] = {}
+        self._retired = [0] * (self.capacity * _RECORD)
+        self._retired_seconds = [0.0] * self.capacity
+        self._master_errors: dict[tuple[str, str], int] = {}
+        for name in names:
+            self.add_expert(name)
+
+    # master side
+    def add_expert(self, name: str) -> None:
+        """Give an expert its counters (before forking the workers that serve it)."""
+        if name not in self.index and len(self.index) < self.capacity:
+            self.index[name] = len(self.index)  # past capacity it is counted as unknown
+
+    def retire(self, slot: int) -> None:
+        """Fold an exited worker's counters into the totals and clear its slot for the next one."""
+        base = slot * self.capacity * _RECORD
+        counts, seconds = self._counts, self._seconds
+        for expert in range(self.capacity):
+            record = base + expert * _RECORD
+            if not counts[record : record + _SUM].tobytes().strip(b"\0"):
+                continue
+            for i in range(_SUM):
+                self._retired[expert * _RECORD + i] += counts[record + i]
+                counts[record + i] = 0
+            self._retired_seconds[expert] += seconds[record + _SUM]
+            seconds[record + _SUM] = 0.0
+
+    def count_failure(self, expert: str | None, code: str) -> None:
+        """A request that failed in the master's hands (timeout, lost worker, refused)."""
+        key = (expert if expert in self.index else UNKNOWN_EXPERT, code)
+        self._master_errors[key] = self._master_errors.get(key, 0) + 1
+
+    def recorder(self, slot: int) -> Recorder:
+        """What the worker in ``slot`` counts with."""
+        return Recorder(self._counts, self._seconds, slot * self.capacity * _RECORD, dict(self.index))
+
+    def totals(self, live_slots: Iterable[int]) -> dict[str, tuple[list[int], float]]:
+        """Per expert name: (counters as laid out in a record, seconds), summed over live and exited workers."""
+        by_index = [list(self._retired[e * _RECORD : (e + 1) * _RECORD]) for e in range(self.capacity)]
+        seconds = list(self._retired_seconds)
+        for slot in live_slots:
+            base = slot * self.capacity * _RECORD
+            for expert in range(len(self.index)):
+                record = base + expert * _RECORD
+                values = self._counts[record : record + _SUM].tolist()
+                if any(values):
+                    row = by_index[expert]
+                    for i, value in enumerate(values):
+                        row[i] += value
+                    seconds[expert] += self._seconds[record + _SUM]
+        return {name: (by_index[i], seconds[i]) for name, i in self.index.items()}
+
+    def render(self, live_slots: Iterable[int], gauges: dict[str, object]) -> str:
+        """The Prometheus text exposition of every counter and of ``gauges`` (see :func:`render`)."""
+        return render(self.totals(live_slots), self._master_errors, gauges)
+
+
+class Recorder:
+    """One worker's counters: written by that worker alone, read by the master."""
+
+    __slots__ = ("_base", "_counts", "_index", "_seconds")
+
+    def __init__(self, counts: memoryview, seconds: memoryview, base: int, index: dict[str, int]) -> None:
+        self._counts, self._seconds, self._base, self._index = counts, seconds, base, index
+
+    def record(self, expert: str | None, outcome: str, seconds: float) -> None:
+        record = self._base + self._index.get(expert, 0) * _RECORD  # type: ignore[arg-type]
+        counts = self._counts
+        counts[record + _OUTCOME_INDEX.get(outcome, _OTHER)] += 1
+        counts[record + _FIRST_BUCKET + bisect_left(BUCKETS, seconds)] += 1
+        self._seconds[record + _SUM] += seconds
+
+
+def _labels(**labels: object) -> str:
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple[str, str], int],
+           gauges: dict[str, object]) -> str:
+    """Prometheus text format.
+
+    ``gauges`` holds: workers (by state), workers_wanted, connections, queued,
+    generation, memory (by process and kind), uptime, version.
+    """
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+
+    requests, errors = {}, {}
+    for expert, (counters, _seconds) in totals.items():
+        requests[expert] = sum(counters[:_FIRST_BUCKET])
+        for code, i in _OUTCOME_INDEX.items():
+            if code != "ok" and counters[i]:
+                errors[(expert, code)] = counters[i]
+    for (expert, code), count in master_errors.items():
+        requests[expert] = requests.get(expert, 0) + count
+        errors[(expert, code)] = errors.get((expert, code), 0) + count
+
+    family("expertd_requests_total", "counter", "Calls answered (or failed), by expert.")
+    for expert, count in sorted(requests.items()):
+        if count or expert != UNKNOWN_EXPERT:
+            out.append(f"expertd_requests_total{_labels(expert=expert)} {count}")
+    family("expertd_errors_total", "counter", "Calls that failed, by expert and error code (docs/protocol.md).")
+    for (expert, code), count in sorted(errors.items()):
+        out.append(f"expertd_errors_total{_labels(expert=expert, code=code)} {count}")
+    family("expertd_request_duration_seconds", "histogram",
+           "Time a worker spent on a call, from taking the request to writing the reply, by expert.")
+    for expert, (counters, seconds) in sorted(totals.items()):
+        if expert == UNKNOWN_EXPERT:
+            continue
+        cumulative = 0
+        for bound, count in zip((*BUCKETS, float("inf")), counters[_FIRST_BUCKET:_SUM], strict=True):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f"expertd_request_duration_seconds_bucket{_labels(expert=expert, le=le)} {cumulative}")
+        out.append(f"expertd_request_duration_seconds_sum{_labels(expert=expert)} {_number(seconds)}")
+        out.append(f"expertd_request_duration_seconds_count{_labels(expert=expert)} {cumulative}")
+
+    family("expertd_workers", "gauge", "Worker processes, by state.")
+    for state, count in sorted(gauges["workers"].items()):  # type: ignore[attr-defined]
+        out.append(f"expertd_workers{_labels(state=state)} {count}")
+    family("expertd_workers_wanted", "gauge", "Workers the daemon keeps running (workers, TTIN/TTOU, expertctl).")
+    out.append(f"expertd_workers_wanted {gauges['workers_wanted']}")
+    family("expertd_memory_bytes", "gauge",
+           "Memory of the master and of all workers together; pss counts shared pages once across the group.")
+    for (process, kind), value in sorted(gauges["memory"].items()):  # type: ignore[attr-defined]
+        out.append(f"expertd_memory_bytes{_labels(process=process, kind=kind)} {value}")
+    family("expertd_connections", "gauge", "Client connections open.")
+    out.append(f"expertd_connections {gauges['connections']}")
+    family("expertd_queued_requests", "gauge", "Whole requests waiting for a free worker.")
+    out.append(f"expertd_queued_requests {gauges['queued']}")
+    family("expertd_generation", "gauge", "Worker generation; each reload (HUP) starts a new one.")
+    out.append(f"expertd_generation {gauges['generation']}")
+    family("expertd_uptime_seconds", "gauge", "Seconds since the master started.")
+    out.append(f"expertd_uptime_seconds {_number(float(gauges['uptime']))}")  # type: ignore[arg-type]
+    family("expertd_build_info", "gauge", "Always 1; the version is a label.")
+    out.append(f"expertd_build_info{_labels(version=gauges['version'])} 1")
+    return "\n".join(out) + "\n"
