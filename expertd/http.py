@@ -92,6 +92,8 @@ def scan_head(data: bytes, max_body: int) -> Head | None:
     Raises HttpRefusal for what cannot be served: a malformed head, a chunked
     body, a body over ``max_body``, a head over MAX_HEAD.
     """
+    if not (looks_like_http(data) or (len(data) < 4 and could_be_http(data))):
+        raise HttpRefusal(400, "bad_request", "not an HTTP request (this address speaks HTTP only)", close=True)
     end = _HEAD_END.search(data, 0, MAX_HEAD + 4)
     if end is None:
         if len(data) >= MAX_HEAD:
@@ -223,10 +225,12 @@ def _json_type(value: Any) -> str:
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def result_body(request: Request, arguments: list, result: Any) -> bytes:
+def result_body(request: Request, result: Any) -> bytes:
     """The JSON reply to a call: the result, or for an opinion the document with it added."""
     if request.route == "opinion":
-        document = arguments[0]
+        # The document as sent, not the expert's argument: an expert may return its argument or
+        # change it, and a client of `expertctl opinion` would not see either.
+        document = json.loads(request.body)
         opinions = document.setdefault("opinions", {})
         if not isinstance(opinions, dict):
             raise BadRequest(f"the document's 'opinions' is {_json_type(opinions)}, not an object",

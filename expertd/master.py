@@ -874,7 +874,7 @@ class Master:
         except http.HttpRefusal as refusal:
             if refusal.code == "unknown_expert":
                 self.metrics.count_failure(None, refusal.code)
-            self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+            self._refuse_http(conn, refusal)
             return
         except OSError:
             self._close(conn)
@@ -899,6 +899,17 @@ class Master:
         conn.inbuf = bytearray()
         self._gather(conn)
 
+    def _refuse_http(self, conn: _Connection, refusal: http.HttpRefusal) -> None:
+        """Answer with the refusal and close; what the client already sent is read first, because
+        closing a socket with unread input resets the connection, and the reply with it."""
+        try:
+            for _ in range(16):
+                if not conn.sock.recv(65536, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
+        self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+
     def _answer_http(self, conn: _Connection, route: str) -> None:
         """GET /health, /experts and /metrics, answered here: they need no worker."""
         try:
@@ -908,7 +919,7 @@ class Master:
             self._close(conn)
             return
         except http.HttpRefusal as refusal:
-            self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+            self._refuse_http(conn, refusal)
             return
         conn.state = _IDLE
         conn.last_active = time.monotonic()

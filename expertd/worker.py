@@ -247,9 +247,9 @@ class Worker:
         if (framing is None or framing.route not in http.WORKER_ROUTES or framing.method != "POST"
                 or framing.expert not in self.experts):
             return "expired"
-        if (conn.family != socket.AF_UNIX and self.config.token
-                and not http.token_accepted(framing.authorization, self.config.token)):
-            return "expired"
+        if (self.config.token and not http.token_accepted(framing.authorization, self.config.token)
+                and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX):
+            return "expired"  # an http_listen connection without the token: the master refuses it
         if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
             return "expired"
         return _PeekedHttp(head, framing)
@@ -432,7 +432,7 @@ class Worker:
                 protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
                 result = self._invoke(expert or "", args, kwargs)
                 try:
-                    body = http.result_body(request, args, result)
+                    body = http.result_body(request, result)
                 except (TypeError, ValueError) as exc:
                     raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
                                     expert=expert) from None

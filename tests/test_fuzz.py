@@ -17,7 +17,7 @@ from expertd import protocol
 
 from conftest import Daemon, write_config
 
-SAFE_EXPERTS = {"echo": "testexperts:echo", "add": "testexperts:add"}
+SAFE_EXPERTS = {"echo": "testexperts:echo", "add": "testexperts:add"}  # they never fail
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,55 @@ def test_random_bodies_under_a_valid_header(fuzz_daemon, body):
     sock.sendall(protocol.encode_call(78, "add", [1, 1], {}))
     assert protocol.read_frame(sock, 1 << 20, time.monotonic() + 5)[:2] == (protocol.RESULT, 78)
     sock.close()
+
+
+VALID_HTTP = [
+    b"POST /call/add HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n[1, 2]",
+    b"POST /opinion/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+    b'{"text": "hey"}',
+    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /metrics HTTP/1.0\r\n\r\n",
+]
+
+
+@st.composite
+def mutated_http(draw) -> bytes:
+    request = bytearray(draw(st.sampled_from(VALID_HTTP)))
+    for _ in range(draw(st.integers(1, 6))):
+        action = draw(st.sampled_from(["flip", "truncate", "insert", "header"]))
+        if action == "flip" and request:
+            request[draw(st.integers(0, len(request) - 1))] = draw(st.integers(0, 255))
+        elif action == "truncate" and request:
+            del request[draw(st.integers(0, len(request) - 1)) :]
+        elif action == "insert":
+            at = draw(st.integers(0, len(request)))
+            request[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif action == "header":
+            at = request.find(b"\r\n") + 2
+            name = draw(st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Expect", b"Connection", b"X"]))
+            value = draw(st.binary(max_size=12)).replace(b"\r", b"").replace(b"\n", b"")
+            request[at:at] = name + b": " + value + b"\r\n"
+    return bytes(request)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=mutated_http())
+def test_mutated_http_requests(fuzz_daemon, request):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(0.5)
+    sock.connect(str(fuzz_daemon.socket))
+    reply = b""
+    try:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        sock.close()
+    # Whatever came back is HTTP (or an expertd error frame, for bytes that no longer look like HTTP).
+    assert not reply or reply.startswith((b"HTTP/1.1 ", protocol.MAGIC))
+    _assert_serving(fuzz_daemon)
 
 
 def test_no_worker_died_from_bad_input(fuzz_daemon):
