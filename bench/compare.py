@@ -198,11 +198,14 @@ def measure_one_shot(cfg: dict, daemon, ff_url: str, ff_python: Path) -> dict:
 
 def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> dict:
     """The headline: one persistent client calling square in a loop, interleaved A B C D."""
-    results = {"expertd (2 workers)": [], "raw-socket floor": [], "Firefly server": [], "Firefly on gunicorn (2)": []}
+    results = {"expertd (2 workers)": [], "expertd HTTP/JSON, keep-alive (2 workers)": [], "raw-socket floor": [],
+               "Firefly server": [], "Firefly on gunicorn (2)": []}
     with expertd(directory, square_config, 2) as daemon, floor_server(directory) as floor, \
             firefly(ff_python) as ff_url, firefly(ff_python, 2) as gunicorn_url:
         for _ in range(cfg["rounds"]):
             results["expertd (2 workers)"].append(load(PYTHON, "expertd", daemon.sock, 1, cfg["seconds"])["p50_us"])
+            results["expertd HTTP/JSON, keep-alive (2 workers)"].append(
+                load(PYTHON, "http", daemon.sock, 1, cfg["seconds"])["p50_us"])
             results["raw-socket floor"].append(load(PYTHON, "floor", floor, 1, cfg["seconds"])["p50_us"])
             results["Firefly server"].append(load(ff_python, "firefly", ff_url, 1, cfg["seconds"])["p50_us"])
             results["Firefly on gunicorn (2)"].append(

@@ -1,6 +1,7 @@
 """Closed-loop load generator: C client processes calling as fast as they can for T seconds.
 
     python loadgen.py expertd SOCKET EXPERT ARGS_JSON --clients C --seconds T
+    python loadgen.py http SOCKET EXPERT ARGS_JSON --clients C --seconds T    (expertd's HTTP/JSON front)
     python loadgen.py firefly URL FUNCTION KWARGS_JSON --clients C --seconds T
     python loadgen.py floor SOCKET --clients 1 --seconds T
 
@@ -39,6 +40,30 @@ def _firefly_caller(target: str, name: str, kwargs: dict):
     return lambda: function(**kwargs)
 
 
+def _http_caller(target: str, name: str, args: list):
+    """expertd's HTTP/JSON front over its Unix socket, one keep-alive connection (http.client)."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(target)
+
+    conn = UnixConnection("localhost", timeout=60)
+    body = json.dumps(args).encode()
+    headers = {"Content-Type": "application/json"}
+
+    def call():
+        conn.request("POST", f"/call/{name}", body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(data.decode())
+        return json.loads(data)
+
+    return call
+
+
 def _floor_caller(target: str):
     import msgpack
 
@@ -59,6 +84,8 @@ def _floor_caller(target: str):
 def _client(options, results) -> None:
     if options.kind == "expertd":
         call = _expertd_caller(options.target, options.name, json.loads(options.arguments))
+    elif options.kind == "http":
+        call = _http_caller(options.target, options.name, json.loads(options.arguments))
     elif options.kind == "firefly":
         call = _firefly_caller(options.target, options.name, json.loads(options.arguments))
     else:
@@ -84,7 +111,7 @@ def _client(options, results) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["expertd", "firefly", "floor"])
+    parser.add_argument("kind", choices=["expertd", "http", "firefly", "floor"])
     parser.add_argument("target")
     parser.add_argument("name", nargs="?", default="square")
     parser.add_argument("arguments", nargs="?", default="[3]")
