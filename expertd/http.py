@@ -33,8 +33,9 @@ from urllib.parse import unquote
 import h11
 
 from expertd.errors import BadRequest, FrameTooLarge, RemoteError
+from expertd.protocol import MAX_CONTAINERS
 
-MAX_HEAD = 64 * 1024  # request line and headers
+MAX_HEAD = 16 * 1024  # request line and headers (nginx's default buffers hold 8-32 KiB)
 JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SERVER = "expertd"
@@ -70,6 +71,7 @@ class Head(NamedTuple):
     body_size: int
     expects_continue: bool
     authorization: bytes | None
+    host: bytes | None
 
     @property
     def size(self) -> int:
@@ -104,8 +106,10 @@ def scan_head(data: bytes, max_body: int) -> Head | None:
     if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
         raise HttpRefusal(400, "bad_request", "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
     method, target = request_line[0].decode("ascii", "replace"), request_line[1].decode("ascii", "replace")
-    body_size, expects_continue, authorization = None, False, None
+    body_size, expects_continue, authorization, host = None, False, None, None
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):  # obsolete line folding: h11 would read this header differently
+            raise HttpRefusal(400, "bad_request", "folded header lines are not accepted", close=True)
         name, colon, value = line.rstrip(b"\r").partition(b":")
         if not colon:
             raise HttpRefusal(400, "bad_request", "malformed header line (no colon)", close=True)
@@ -118,15 +122,17 @@ def scan_head(data: bytes, max_body: int) -> Head | None:
             raise HttpRefusal(411, "length_required",
                               "chunked request bodies are not accepted; send the body with Content-Length", close=True)
         elif name == b"expect" and value.lower() == b"100-continue":
-            expects_continue = True
+            expects_continue = request_line[2] == b"HTTP/1.1"  # never for HTTP/1.0 (RFC 9110)
         elif name == b"authorization":
             authorization = value
+        elif name == b"host":
+            host = value
     body_size = body_size or 0
     if body_size > max_body:
         raise HttpRefusal(413, FrameTooLarge.code,
                           f"request body of {body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
     route, expert = _route(target)
-    return Head(method, route, expert, end.end(), body_size, expects_continue, authorization)
+    return Head(method, route, expert, end.end(), body_size, expects_continue, authorization, host)
 
 
 def _route(target: str) -> tuple[str, str | None]:
@@ -151,6 +157,22 @@ def check_route(head: Head, experts: set[str] | dict) -> None:
     if head.expert is not None and head.expert not in experts:
         known = ", ".join(sorted(experts)) or "none"
         raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
+
+
+_LOCAL_HOST = re.compile(rb"^(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?$", re.IGNORECASE)
+
+
+def check_local_origin(head: Head) -> None:
+    """On a tokenless loopback listener, refuse requests for other host names.
+
+    A web page can make a browser send requests to 127.0.0.1; with DNS
+    rebinding it can even read the replies, but its requests then carry the
+    page's own host name, which is refused here.
+    """
+    if head.host is not None and not _LOCAL_HOST.match(head.host):
+        raise HttpRefusal(403, "forbidden_host", f"Host {head.host.decode('ascii', 'replace')!r} is not this "
+                          "machine; without a token, http_listen serves only localhost and loopback addresses",
+                          close=True)
 
 
 def token_accepted(authorization: bytes | None, token: str) -> bool:
@@ -189,6 +211,8 @@ def parse_request(raw: bytes | bytearray | memoryview) -> Request:
             else:  # NEED_DATA: the framing and the parser disagree
                 raise HttpRefusal(400, "bad_request", "the request body does not match its Content-Length",
                                   close=True)
+        if connection.trailing_data[0]:  # h11 framed fewer bytes than the master did: refuse, never guess
+            raise HttpRefusal(400, "bad_request", "the request does not match its framing", close=True)
     except h11.RemoteProtocolError as exc:
         raise HttpRefusal(400, "bad_request", f"malformed HTTP request: {exc}", close=True) from None
     route, expert = _route(event.target.decode("ascii", "replace"))
@@ -213,6 +237,9 @@ def call_arguments(request: Request) -> tuple[list, dict]:
 def _json_body(body: bytes) -> Any:
     if not body.strip():
         raise BadRequest("the request has no body; send JSON (curl -d '[5]' or -d '{\"n\": 5}')")
+    # An empty array is two bytes of JSON and ~60 of Python: bound the containers as msgpack bodies are.
+    if len(body) > 2 * MAX_CONTAINERS and body.count(b"[") + body.count(b"{") > MAX_CONTAINERS:
+        raise BadRequest(f"the body holds more than {MAX_CONTAINERS} arrays and objects")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:

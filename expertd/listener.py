@@ -128,17 +128,22 @@ def _clear_stale(path: str) -> None:
 def bind_tcp(host: str, port: int) -> socket.socket:
     """The http_listen socket: bound, listening and non-blocking (ListenerError with the reason if not)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = None
     try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections linger
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
-        sock.close()
-        raise ListenerError(
-            f"http_listen = {host}:{port}: cannot listen: {exc.strerror or exc}; "
-            "choose a free port, or stop what holds this one"
-        ) from None
+        if sock is not None:
+            sock.close()
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES) and port >= 1024:
+            hint = "TCP is not allowed here (under systemd: RestrictAddressFamilies needs AF_INET AF_INET6)"
+        elif exc.errno == errno.EACCES:
+            hint = "ports below 1024 need privileges; choose a port of 1024 or above"
+        else:
+            hint = "choose a free port, or stop what holds this one"
+        raise ListenerError(f"http_listen = {host}:{port}: cannot listen: {exc.strerror or exc}; {hint}") from None
     sock.setblocking(False)
     sock.set_inheritable(False)
     return sock

@@ -76,6 +76,8 @@ _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
 _LINGER_PAUSE = 0.1
+_METRICS_MEMORY_TTL = 5.0
+_REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 _LINGERING = "lingering"  # a worker holds the connection to serve its next request directly
@@ -98,6 +100,8 @@ class _Connection:
     tcp: bool = False  # accepted on http_listen: HTTP only, and the token applies
     speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
     close_when_written: bool = False  # a reply of the master's that ends the connection
+    head_scanned: int = 0  # bytes of a long HTTP head looked at so far (a head is rescanned only as it grows)
+    denied: str | None = None  # refused by allow_uids: the refusal, sent once the protocol is known
 
 
 @dataclass(eq=False)
@@ -147,6 +151,7 @@ class Master:
         self.scoreboard = Scoreboard()
         self.metrics = Metrics(MAX_SLOTS, experts)
         self.http_listener: socket.socket | None = None
+        self._status_cache: tuple[float, dict] | None = None
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
@@ -444,16 +449,15 @@ class Master:
         if conn is None or conn.conn_id != conn_id:
             log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
             return
-        if close:
-            self._close(conn)
-        elif unsent:
+        if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.
+            conn.close_when_written = close
             conn.state = _WRITING
             conn.outbuf = memoryview(unsent)
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
             self._flush(conn)
-        elif self._stop_deadline is not None:
+        elif close or self._stop_deadline is not None:
             self._close(conn)
         else:
             conn.state = _IDLE
@@ -648,6 +652,10 @@ class Master:
                 log.warning("the socket path changed to %s; that takes a restart, keeping %s",
                             config.socket, self.config.socket)
                 config.socket = self.config.socket
+            if (config.http_listen, config.token) != (self.config.http_listen, self.config.token):
+                log.warning("http_listen or token changed; that takes a restart, keeping the listener and "
+                            "token in force")
+                config.http_listen, config.token = self.config.http_listen, self.config.token
             for name in previous_modules:
                 del sys.modules[name]  # so that the experts' code is imported afresh
             before = set(sys.modules)
@@ -718,7 +726,7 @@ class Master:
 
     def _answer_lost_request(self, conn: _Connection, slot: _WorkerSlot, how: str, writing: bool) -> None:
         """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
-        if conn.expert is not None or conn.speaks == "msgpack":
+        if conn.expert is not None and not writing:  # once writing, the worker has counted the call
             self.metrics.count_failure(conn.expert, "timeout" if slot.leaving == "timed out" else "worker_lost")
         if writing:
             self._close(conn)  # part of a reply may be out: an error frame would corrupt the stream
@@ -762,31 +770,28 @@ class Master:
                 sock.close()
                 continue
             self._connections_full_logged = False
+            denied = None
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole: send at once
-            elif self._allowed_uids is not None and not self._peer_allowed(sock):
-                continue
+            elif self._allowed_uids is not None:
+                denied = self._peer_refusal(sock)
             sock.setblocking(False)
             conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
-                               tcp=tcp, speaks="http" if tcp else "")
+                               tcp=tcp, speaks="http" if tcp else "", denied=denied)
             self._next_conn_id += 1
             self.connections[conn.fd] = conn
             self.epoll.register(conn.fd, _ET_READ)
 
-    def _peer_allowed(self, sock: socket.socket) -> bool:
-        """Check the peer's credentials against allow_uids/allow_gids; refuse (and log) others."""
+    def _peer_refusal(self, sock: socket.socket) -> str | None:
+        """Check the peer's credentials against allow_uids/allow_gids: None, or why it is refused (logged).
+
+        The refusal is sent once the client's first bytes say which protocol to send it in.
+        """
         pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid in self._allowed_uids or gid in self._allowed_gids or self._allowed_gids & _groups_of(pid):
-            return True
+            return None
         log.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids", uid, pid)
-        frame = protocol.encode_error(0, AccessDenied(
-            f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids"))
-        try:
-            sock.send(frame, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
-        sock.close()
-        return False
+        return f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids"
 
     def _examine(self, conn: _Connection) -> None:
         """Decide, without reading, whether ``conn`` has a whole request waiting."""
@@ -816,6 +821,9 @@ class Master:
                 self._fail(conn, BadRequest("bad frame magic: this socket speaks the expertd protocol "
                                             "(docs/protocol.md) and HTTP (docs/http.md)"))
                 return
+        if conn.denied is not None:
+            self._fail(conn, AccessDenied(conn.denied))
+            return
         if conn.speaks == "http":
             self._examine_http(conn, head)
             return
@@ -861,26 +869,41 @@ class Master:
         """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
         try:
             request = http.scan_head(head, self.config.max_frame)
-            if request is None and len(head) == _PEEK_SIZE:  # a long head: look further
+            if request is None and len(head) == _PEEK_SIZE:  # a long head: look further, once it grew
+                queued = protocol.queued_bytes(conn.fd)
+                if queued <= conn.head_scanned:
+                    return
+                conn.head_scanned = queued
                 head = conn.sock.recv(http.MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 request = http.scan_head(head, self.config.max_frame)
             if request is None:
                 self._mark_partial(conn)
                 return
-            if conn.tcp and self.config.token and not http.token_accepted(request.authorization, self.config.token):
-                raise http.HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
-                                       close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
-            http.check_route(request, self.experts)
-        except http.HttpRefusal as refusal:
-            if refusal.code == "unknown_expert":
-                self.metrics.count_failure(None, refusal.code)
+        except http.HttpRefusal as refusal:  # the framing itself is bad: nothing more can be read
             self._refuse_http(conn, refusal)
             return
         except OSError:
             self._close(conn)
             return
-        conn.request_id, conn.expert, conn.frame_size = 0, request.expert, request.size
+        conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
+        try:
+            if conn.tcp and self.config.token and not http.token_accepted(request.authorization, self.config.token):
+                raise http.HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
+                                       close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
+            if conn.tcp and not self.config.token:
+                http.check_local_origin(request)
+            http.check_route(request, self.experts)
+            if request.route not in http.WORKER_ROUTES and request.body_size:
+                raise http.HttpRefusal(400, "bad_request", f"{request.method} /{request.route} takes no body")
+        except http.HttpRefusal as refusal:
+            if queued < request.size and request.body_size <= _REFUSED_BODY_WAIT:
+                self._mark_partial(conn)  # read the whole request first, so that closing cannot reset the reply
+                return
+            if refusal.code == "unknown_expert":
+                self.metrics.count_failure(None, refusal.code)
+            self._refuse_http(conn, refusal)
+            return
         if request.route not in http.WORKER_ROUTES:
             if queued >= request.size:
                 self._answer_http(conn, request.route)
@@ -900,15 +923,18 @@ class Master:
         self._gather(conn)
 
     def _refuse_http(self, conn: _Connection, refusal: http.HttpRefusal) -> None:
-        """Answer with the refusal and close; what the client already sent is read first, because
-        closing a socket with unread input resets the connection, and the reply with it."""
+        """Answer with the refusal and close."""
+        self._drain(conn)
+        self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
+
+    def _drain(self, conn: _Connection) -> None:
+        # Closing a socket with unread input resets the connection, and the reply with it.
         try:
             for _ in range(16):
                 if not conn.sock.recv(65536, socket.MSG_DONTWAIT):
                     break
         except OSError:
             pass
-        self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
 
     def _answer_http(self, conn: _Connection, route: str) -> None:
         """GET /health, /experts and /metrics, answered here: they need no worker."""
@@ -945,10 +971,14 @@ class Master:
                 self._close(conn)
 
     def _metrics_text(self) -> str:
-        status = self.status()
-        states: dict[str, int] = {"booting": 0, "idle": 0, "busy": 0, "retiring": 0}
-        for worker in status["workers"]:
-            states[worker["state"]] = states.get(worker["state"], 0) + 1
+        # Reading every process's smaps takes milliseconds: scrapes share a reading for a few seconds.
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > _METRICS_MEMORY_TTL:
+            self._status_cache = (now, self.status())
+        status = self._status_cache[1]
+        states = {"booting": 0, "idle": 0, "busy": 0, "retiring": 0}
+        for slot in self.workers.values():
+            states[self._worker_state(slot)] += 1
         memory = {("workers", kind): status["memory"][f"workers_{kind}"] for kind in ("rss", "pss", "uss")}
         memory.update({("master", kind): status["master"].get(kind, 0) for kind in ("rss", "pss", "uss")})
         return self.metrics.render([slot.board for slot in self.workers.values()], {
@@ -1006,6 +1036,15 @@ class Master:
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
 
+    def _worker_state(self, slot: _WorkerSlot) -> str:
+        if slot.leaving is not None:
+            return "retiring"
+        if slot.ready_at is None:
+            return "booting"
+        if slot.lingering:
+            return "busy" if self.scoreboard.read(slot.board)[0] else "idle"
+        return "busy" if slot.conn is not None else "idle"
+
     def status(self) -> dict:
         """What ``expertctl status`` shows: the master, every worker, memory shared and private."""
         import psutil
@@ -1013,14 +1052,7 @@ class Master:
         now = time.monotonic()
         workers, totals = [], {"rss": 0, "pss": 0, "uss": 0}
         for slot in sorted(self.workers.values(), key=lambda s: (s.generation, s.number)):
-            if slot.leaving is not None:
-                state = "retiring"
-            elif slot.ready_at is None:
-                state = "booting"
-            elif slot.lingering:
-                state = "busy" if self.scoreboard.read(slot.board)[0] else "idle"
-            else:
-                state = "busy" if slot.conn is not None else "idle"
+            state = self._worker_state(slot)
             memory = _memory_of(slot.pid)
             for key in totals:
                 totals[key] += memory.get(key, 0)
@@ -1134,6 +1166,7 @@ class Master:
     def _fail(self, conn: _Connection, error: RemoteError) -> None:
         """Answer the connection's current request with ``error`` and close it."""
         if conn.speaks == "http":
+            self._drain(conn)
             self._send_and_close(conn, http.error_response(None, error)[0])
         else:
             self._send_and_close(conn, protocol.encode_error(conn.request_id, error))

@@ -65,6 +65,7 @@ class Worker:
         self._last_uss = 0
         self._rss_at_uss_check = 0
         self._drain = bytearray(_PEEK)  # where requests already seen by a peek are read to
+        self._served_http = False  # what the last request served spoke
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
         jitter = config.max_requests_jitter
         if jitter is None:
@@ -167,6 +168,7 @@ class Worker:
         """
         close, unsent = self._serve_one(conn, frame)
         retire = self._after_request()
+        speaks_http = self._served_http  # a connection speaks one protocol for its whole life
         served, poller = 1, None
         while not (close or unsent or retire or self._stop_requested) and self._may_linger():
             if poller is None:
@@ -175,7 +177,7 @@ class Worker:
                 poller = select.poll()
                 poller.register(conn.fileno(), select.POLLIN)
                 poller.register(self.channel.fileno(), select.POLLIN)
-            waiting = self._await_next(conn, poller)
+            waiting = self._await_next(conn, poller, speaks_http)
             if isinstance(waiting, str):
                 close = waiting == "eof"
                 break
@@ -187,7 +189,7 @@ class Worker:
     def _may_linger(self) -> bool:
         return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
 
-    def _await_next(self, conn: socket.socket, poller: select.poll) -> _Peeked | _PeekedHttp | str:
+    def _await_next(self, conn: socket.socket, poller: select.poll, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next request.
 
         Returns what a peek saw of it (the request is whole in the socket, still
@@ -208,11 +210,11 @@ class Worker:
                             self._stop_requested = True
                         return "reclaimed"
                 if events:
-                    return self._peek_next(conn)
+                    return self._peek_next(conn, speaks_http)
         finally:
             self._idle = False
 
-    def _peek_next(self, conn: socket.socket) -> _Peeked | _PeekedHttp | str:
+    def _peek_next(self, conn: socket.socket, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
         try:
             head = conn.recv(_PEEK, _PEEK_NOW)
         except BlockingIOError:
@@ -221,8 +223,10 @@ class Worker:
             return "eof"
         if not head:
             return "eof"
-        if head[:2] != protocol.MAGIC:
+        if speaks_http:
             return self._peek_http(conn, head)
+        if head[:2] != protocol.MAGIC:
+            return "expired"  # not this connection's protocol: the master refuses it
         # Only an ordinary request that is whole in the socket is served here; anything
         # else (control requests, refusals, a request still arriving) is the master's.
         if len(head) < protocol.HEADER_SIZE:
@@ -311,8 +315,12 @@ class Worker:
                 log.info("closing connection: %s", exc)
                 board.writing()
                 return True, None
-        if isinstance(peeked, _PeekedHttp) or (
-                not isinstance(peeked, _Peeked) and (frame if frame is not None else peeked)[:2] != protocol.MAGIC):
+            if not peeked:  # the client hung up after sending it
+                board.writing()
+                return True, None
+        self._served_http = isinstance(peeked, _PeekedHttp) or (
+            not isinstance(peeked, _Peeked) and (frame if frame is not None else peeked)[:2] != protocol.MAGIC)
+        if self._served_http:
             return self._serve_http(conn, frame, peeked, started)
         try:
             kind, request_id, body, begun_as = self._take_request(conn, frame, peeked, started)
@@ -433,7 +441,7 @@ class Worker:
                 result = self._invoke(expert or "", args, kwargs)
                 try:
                     body = http.result_body(request, result)
-                except (TypeError, ValueError) as exc:
+                except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
                     raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
                                     expert=expert) from None
                 response, keep_alive = http.respond(request, 200, body)
@@ -452,7 +460,7 @@ class Worker:
             board.end()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
-        return not keep_alive and unsent is None, unsent
+        return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
 
     def _invoke(self, name: str, args: list, kwargs: dict) -> Any:
         """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""

@@ -28,6 +28,7 @@ DEFAULT_EXPERTS = {
     "boom": "testexperts:boom",
     "type_error": "testexperts:type_error",
     "wrapped": "testexperts:wrapped",
+    "deep": "testexperts:deep",
     "slow": "testexperts:slow",
     "pid": "testexperts:pid",
     "kill_worker": "testexperts:kill_worker",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from expertd import protocol
 
 from conftest import BIN, ROOT, raw_connection, run_expertd, wait_until, write_config
 
@@ -140,6 +143,41 @@ def test_errors_are_json_with_their_status(daemon, method, path, body, status, c
     if code == "expert_failed":
         assert error["error"]["type"] == "builtins.ValueError" and "on fire" in error["error"]["message"]
     assert daemon.client().call("add", 1, 1) == 2  # nothing bad request does harms the daemon
+
+
+def test_a_result_json_cannot_carry_is_500_and_the_worker_lives(daemon, web):
+    before = daemon.worker_pids()
+    status, _, error = request(web, "POST", "/call/deep", [])
+    assert status == 500 and error["error"]["code"] == "bad_result"
+    assert daemon.worker_pids() == before
+
+
+def test_http_1_0_reply_too_big_for_the_socket_still_closes(daemon):
+    body = json.dumps(["x" * 3_000_000]).encode()
+    sock = raw_connection(daemon, timeout=20)
+    sock.sendall(b"POST /call/echo HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(0.3)  # the worker cannot put it all in the socket: the master finishes writing it
+    reply = b""
+    while chunk := sock.recv(1 << 20):  # ends only if the daemon closes, as HTTP/1.0 needs
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ") and len(reply) > 3_000_000
+
+
+def test_a_connection_keeps_to_its_protocol(daemon):
+    sock = raw_connection(daemon)
+    sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n[1, 1]")
+    assert sock.recv(65536).endswith(b"\r\n\r\n2\n")
+    sock.sendall(protocol.encode_call(1, "add", [1, 2], {}))  # msgpack on an HTTP connection: refused
+    assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+
+
+def test_folded_headers_and_bodies_on_get_are_refused(daemon):
+    sock = raw_connection(daemon)
+    sock.sendall(b"POST /call/echo HTTP/1.1\r\nHost: x\r\nX-A: a\r\n Content-Length: 5\r\n\r\nhello")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+    sock = raw_connection(daemon)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
 
 
 def test_timeout_is_504_and_a_lost_worker_503(make_daemon):
@@ -286,11 +324,24 @@ def test_tcp_listener_speaks_only_http(tcp_daemon):
     assert tcp_daemon.proc.poll() is None
 
 
-def test_loopback_needs_no_token(make_daemon):
+def test_loopback_needs_no_token_but_a_loopback_host(make_daemon):
     port = free_port()
     make_daemon(http_listen=f"127.0.0.1:{port}")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     assert request(conn, "POST", "/call/fib", {"n": 5})[::2] == (200, 8)
+    # A page that reached 127.0.0.1 through DNS rebinding sends its own host name:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    status, _, error = request(conn, "POST", "/call/fib", [5], {"Host": "attacker.example"})
+    assert status == 403 and error["error"]["code"] == "forbidden_host"
+
+
+def test_reload_keeps_the_token_in_force(tcp_daemon):
+    config = tcp_daemon.config.read_text()
+    tcp_daemon.config.write_text(config.replace(f"token = {TOKEN}\n", ""))
+    tcp_daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "generation 2" in tcp_daemon.log and "takes a restart" in tcp_daemon.log)
+    conn = http.client.HTTPConnection("127.0.0.1", tcp_daemon.port, timeout=10)
+    assert request(conn, "POST", "/call/fib", [5])[0] == 401
 
 
 def test_non_loopback_without_token_refuses_to_start(short_dir):

@@ -1,6 +1,7 @@
 """Under load, faults and hostile input: keep serving, lose nothing, let no one in."""
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -240,8 +241,8 @@ def test_chaos_without_retries_every_failure_is_clean_and_retryable(make_daemon)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
 
 
-def _call_as(uid: int, socket_path: str) -> str:
-    """Fork a child that drops to ``uid`` and calls add; returns what happened."""
+def _call_as(uid: int, socket_path: str, over_http: bool = False) -> str:
+    """Fork a child that drops to ``uid`` and calls add (msgpack, or HTTP); returns what happened."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -251,7 +252,14 @@ def _call_as(uid: int, socket_path: str) -> str:
             os.setgid(uid)
             os.setuid(uid)
             try:
-                outcome = f"ok {Client(socket_path, retries=0).call('add', 1, 1)}"
+                if over_http:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(10)
+                    sock.connect(socket_path)
+                    sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n[1, 1]")
+                    outcome = sock.recv(65536).decode(errors="replace")
+                else:
+                    outcome = f"ok {Client(socket_path, retries=0).call('add', 1, 1)}"
             except AccessDenied as exc:
                 outcome = f"denied {exc}"
             except Exception as exc:
@@ -272,6 +280,9 @@ def test_peer_not_on_the_allow_list_is_refused(make_daemon, short_dir):
     assert _call_as(4242, str(daemon.socket)) == "ok 2"
     refused = _call_as(4343, str(daemon.socket))
     assert refused.startswith("denied uid 4343 may not use this expertd")
+    refused = _call_as(4343, str(daemon.socket), over_http=True)  # refused in the protocol it speaks
+    assert refused.startswith("HTTP/1.1 403 ") and '"access_denied"' in refused
+    assert _call_as(4242, str(daemon.socket), over_http=True).startswith("HTTP/1.1 200 ")
     assert wait_until(lambda: "refused a connection from uid 4343" in daemon.log)
     assert daemon.client().call("add", 2, 2) == 4  # root is always allowed
 

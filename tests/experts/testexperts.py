@@ -44,6 +44,14 @@ def wrapped(text, times=1):
     return text * times
 
 
+def deep(levels=100_000):
+    """A result nested deeper than any encoder goes."""
+    value = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 def slow(seconds):
     """Sleep, then return the worker's pid."""
     time.sleep(seconds)
