@@ -60,23 +60,32 @@ VALID_FRAMES = [
 ]
 
 
+def _mutate(draw, data: bytearray, special) -> bytes:
+    """Up to six random edits: flip a byte, truncate, insert bytes, or ``special(draw, data)``."""
+    for _ in range(draw(st.integers(1, 6))):
+        action = draw(st.sampled_from(["flip", "truncate", "insert", "special"]))
+        if action == "flip" and data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        elif action == "truncate" and data:
+            del data[draw(st.integers(0, len(data) - 1)) :]
+        elif action == "insert":
+            at = draw(st.integers(0, len(data)))
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif action == "special":
+            special(draw, data)
+    return bytes(data)
+
+
+def _new_body(draw, frame: bytearray) -> None:
+    if len(frame) >= protocol.HEADER_SIZE:
+        body = draw(st.binary(max_size=64))
+        frame[protocol.HEADER_SIZE :] = body
+        frame[8:12] = len(body).to_bytes(4, "big")
+
+
 @st.composite
 def mutated_frames(draw) -> bytes:
-    frame = bytearray(draw(st.sampled_from(VALID_FRAMES)))
-    for _ in range(draw(st.integers(1, 6))):
-        action = draw(st.sampled_from(["flip", "truncate", "insert", "body"]))
-        if action == "flip" and frame:
-            frame[draw(st.integers(0, len(frame) - 1))] = draw(st.integers(0, 255))
-        elif action == "truncate" and frame:
-            del frame[draw(st.integers(0, len(frame) - 1)) :]
-        elif action == "insert":
-            at = draw(st.integers(0, len(frame)))
-            frame[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif action == "body" and len(frame) >= protocol.HEADER_SIZE:
-            body = draw(st.binary(max_size=64))
-            frame[protocol.HEADER_SIZE :] = body
-            frame[8:12] = len(body).to_bytes(4, "big")
-    return bytes(frame)
+    return _mutate(draw, bytearray(draw(st.sampled_from(VALID_FRAMES))), _new_body)
 
 
 COMMON = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -122,24 +131,16 @@ VALID_HTTP = [
 ]
 
 
+def _new_header(draw, request: bytearray) -> None:
+    at = request.find(b"\r\n") + 2
+    name = draw(st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Expect", b"Connection", b"Host", b"X"]))
+    value = draw(st.binary(max_size=12)).replace(b"\r", b"").replace(b"\n", b"")
+    request[at:at] = name + b": " + value + b"\r\n"
+
+
 @st.composite
 def mutated_http(draw) -> bytes:
-    request = bytearray(draw(st.sampled_from(VALID_HTTP)))
-    for _ in range(draw(st.integers(1, 6))):
-        action = draw(st.sampled_from(["flip", "truncate", "insert", "header"]))
-        if action == "flip" and request:
-            request[draw(st.integers(0, len(request) - 1))] = draw(st.integers(0, 255))
-        elif action == "truncate" and request:
-            del request[draw(st.integers(0, len(request) - 1)) :]
-        elif action == "insert":
-            at = draw(st.integers(0, len(request)))
-            request[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif action == "header":
-            at = request.find(b"\r\n") + 2
-            name = draw(st.sampled_from([b"Content-Length", b"Transfer-Encoding", b"Expect", b"Connection", b"X"]))
-            value = draw(st.binary(max_size=12)).replace(b"\r", b"").replace(b"\n", b"")
-            request[at:at] = name + b": " + value + b"\r\n"
-    return bytes(request)
+    return _mutate(draw, bytearray(draw(st.sampled_from(VALID_HTTP))), _new_header)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
