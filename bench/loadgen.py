@@ -28,7 +28,7 @@ def _expertd_caller(target: str, name: str, args: list):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from expertd.client import Client
 
-    client = Client(target, timeout=60)
+    client = Client(target, timeout=float(os.environ.get("XT", "60")) or None)
     return lambda: client.call(name, *args)
 
 

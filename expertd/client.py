@@ -49,6 +49,8 @@ DEFAULT_TIMEOUT = 60.0
 _TIMEVAL = struct.Struct("@ll")
 DEFAULT_CONNECT_TIMEOUT = 5.0
 _MAX_REPLY = 1 << 30
+_FIRST_READ = 64 * 1024
+_HEADER = protocol.HEADER
 
 
 def default_socket() -> str:
@@ -177,7 +179,7 @@ class Client:
     def _round_trip(self, conn: _socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
         # The kernel bounds each read and write (SO_RCVTIMEO, SO_SNDTIMEO: see _connect).
         try:
-            conn.sendall(protocol.encode_frame(kind, request_id, body))
+            conn.sendall(_HEADER.pack(protocol.MAGIC, protocol.VERSION, kind, request_id, len(body)) + body)
         except (TimeoutError, BlockingIOError):
             raise RequestTimeout(f"sending to expertd at {self.socket_path} timed out after {self.timeout}s") from None
         except OSError as exc:
@@ -187,24 +189,30 @@ class Client:
                 return early
             raise _Stale(exc.strerror or str(exc)) from None
         try:
-            header = protocol.recv_exact(conn, protocol.HEADER_SIZE)
-        except ConnectionLost as exc:
-            if exc.received == 0:
-                raise _Stale("closed with no reply") from None
-            raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply") from None
+            data = conn.recv(_FIRST_READ)  # one read: a reply usually arrives whole
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+            raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise _Stale(exc.strerror or str(exc)) from None
-        except RequestTimeout:
-            raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
-        reply_kind, reply_id, length = protocol.parse_header(bytes(header))
-        if length > _MAX_REPLY:
-            raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
+        if not data:
+            raise _Stale("closed with no reply")
         try:
-            payload = protocol.recv_exact(conn, length) if length else b""
+            if len(data) < protocol.HEADER_SIZE:
+                data += protocol.recv_exact(conn, protocol.HEADER_SIZE - len(data))
+            reply_kind, reply_id, length = protocol.parse_header(data[: protocol.HEADER_SIZE])
+            if length > _MAX_REPLY:
+                raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
+            missing = protocol.HEADER_SIZE + length - len(data)
+            if missing > 0:
+                data = bytearray(data)
+                data += protocol.recv_exact(conn, missing)
+            elif missing < 0:  # one request in flight per connection: nothing may follow its reply
+                raise ProtocolError(f"{-missing} unexpected bytes after the reply")
         except (ConnectionLost, ConnectionResetError) as exc:
             raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
         except RequestTimeout:
             raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
+        payload = memoryview(data)[protocol.HEADER_SIZE :]
         if reply_id != request_id and not (reply_kind == protocol.ERROR and reply_id == 0):
             # (Request id 0 is never used by clients: the daemon answers with it when
             # it refuses the connection itself, e.g. access denied.)
@@ -236,20 +244,22 @@ class Client:
         self._pid = os.getpid()
 
     def _checkout(self) -> tuple[_socket.socket, bool]:
-        with self._lock:
-            if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork from C)
+        # list.pop and list.append are atomic: the pool itself needs no lock on the way.
+        if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork from C)
+            with self._lock:
                 self._pool = []
                 self._pid = os.getpid()
-            if self._pool:
-                return self._pool.pop(), True
-        return self._connect(), False
+        try:
+            return self._pool.pop(), True
+        except IndexError:
+            return self._connect(), False
 
     def _checkin(self, conn: _socket.socket) -> None:
-        with self._lock:
-            if self._pid == os.getpid() and len(self._pool) < self.pool_size:
-                self._pool.append(conn)
-                return
-        conn.close()
+        pool = self._pool
+        if len(pool) < self.pool_size and self._pid == os.getpid():
+            pool.append(conn)
+        else:
+            conn.close()
 
     def _connect(self) -> _socket.socket:
         path = self.socket_path

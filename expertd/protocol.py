@@ -15,6 +15,7 @@ library and msgpack.
 
 from __future__ import annotations
 
+import _thread  # (not threading: the client must stay cheap to import)
 import struct
 import time
 
@@ -107,7 +108,16 @@ def _to_builtin(value: Any) -> Any:
 
 def pack(value: Any) -> bytes:
     """Encode a body: bytes stay bytes, tuples become lists, numpy values become lists/numbers."""
-    return msgpack.packb(value, use_bin_type=True, default=_to_builtin)
+    try:
+        packer = _per_thread.packer
+    except AttributeError:
+        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True, default=_to_builtin)
+    return packer.pack(value)
+
+
+# A Packer per thread: msgpack.packb builds a new one on every call, which costs more than
+# packing a small body, and one Packer must not be used by two threads at once.
+_per_thread = _thread._local()
 
 
 def encode_frame(kind: int, request_id: int, body: bytes) -> bytes:

@@ -323,7 +323,7 @@ class Worker:
         if self._served_http:
             return self._serve_http(conn, frame, peeked, started)
         try:
-            kind, request_id, body, begun_as = self._take_request(conn, frame, peeked, started)
+            kind, request_id, body, call = self._take_request(conn, frame, peeked, started)
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
             log.info("closing connection: %s", exc)
             board.writing()  # the stream is broken: the master must only close it
@@ -331,11 +331,13 @@ class Worker:
         expert_name = None
         try:
             if kind == protocol.CALL:
-                expert_name, args, kwargs = protocol.decode_call(body)
+                if call is None:  # read whole, not decoded yet
+                    call = protocol.decode_call(body)
+                    board.begin(started, self._timeouts.get(call[0], self.config.timeout), request_id, call[0])
+                elif isinstance(call, BadRequest):
+                    raise call
+                expert_name, args, kwargs = call
                 protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, body)
-                if expert_name != begun_as:  # the expert's own timeout applies from here
-                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
-                                expert_name)
                 reply_kind, reply = protocol.RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
             elif kind == protocol.PING:
                 reply_kind, reply = protocol.RESULT, protocol.pack(
@@ -370,13 +372,13 @@ class Worker:
         return False, unsent
 
     def _take_request(self, conn: socket.socket, frame: bytearray | None, peeked: _Peeked | bytes | None,
-                      started: float) -> tuple[int, int, bytes | memoryview, str | None]:
+                      started: float) -> tuple[int, int, bytes | memoryview, tuple | BadRequest | None]:
         """Take the request out of the socket (or the master's frame).
 
-        Returns ``(kind, request_id, body, expert)``, where expert is the name
-        the scoreboard shows (None: none yet).  The slot shows the worker busy
-        before any byte leaves the socket: from then on, its death loses a
-        request, and the master must say so.
+        Returns ``(kind, request_id, body, call)``: call is the decoded call, or
+        why it could not be decoded, or None when it is not decoded yet.  The
+        slot shows the worker busy before any byte leaves the socket: from then
+        on, its death loses a request, and the master must say so.
         """
         board, timeout = self.board, self.config.timeout
         if frame is not None:
@@ -397,14 +399,21 @@ class Worker:
         if len(head) < size:  # a large request: read it whole
             board.begin(started, timeout, request_id, "")
             return kind, request_id, memoryview(protocol.recv_exact(conn, size))[protocol.HEADER_SIZE :], None
-        # The usual case: the peek saw it all, so the expert's timeout applies at once and
-        # reading the request again only drains the socket.
+        # The usual case: the peek saw it all, so the call is decoded from the peek (nothing
+        # read yet), the expert's timeout applies at once, and reading only drains the socket.
         body = head[protocol.HEADER_SIZE : size]
-        expert = protocol.expert_name_hint(body) if kind == protocol.CALL else None
-        board.begin(started, self._timeouts.get(expert, timeout), request_id, expert or "")
+        call: tuple[str, list, dict] | BadRequest | None = None
+        expert = ""
+        if kind == protocol.CALL:
+            try:
+                call = protocol.decode_call(body)
+                expert = call[0]
+            except BadRequest as exc:
+                call = exc  # answered once the request is read
+        board.begin(started, self._timeouts.get(expert, timeout), request_id, expert)
         if conn.recv_into(self._drain, size, _WAIT_ALL) < size:
             raise ConnectionLost("connection closed while reading a request")
-        return kind, request_id, body, expert
+        return kind, request_id, body, call
 
     def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
                     started: float) -> tuple[bool, memoryview | None]:
