@@ -28,7 +28,7 @@ def _expertd_caller(target: str, name: str, args: list):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from expertd.client import Client
 
-    client = Client(target, timeout=float(os.environ.get("XT", "60")) or None)
+    client = Client(target, timeout=60)
     return lambda: client.call(name, *args)
 
 
@@ -74,9 +74,11 @@ def _floor_caller(target: str):
     def call():
         body = msgpack.packb(["square", [next(counter)], {}])
         sock.sendall(struct.pack("!I", len(body)) + body)
-        header = sock.recv(4, socket.MSG_WAITALL)
-        (length,) = struct.unpack("!I", header)
-        return msgpack.unpackb(sock.recv(length, socket.MSG_WAITALL))
+        data = sock.recv(65536)  # one read: the reply arrives whole
+        (length,) = struct.unpack_from("!I", data)
+        if len(data) < 4 + length:
+            data += sock.recv(4 + length - len(data), socket.MSG_WAITALL)
+        return msgpack.unpackb(data[4:])
 
     return call
 

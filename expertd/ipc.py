@@ -14,14 +14,15 @@ goes back the same way, for the master to finish writing.
 A worker that finished a request while no other request waits may keep the
 connection a moment ("linger", DONE with the LINGER flag) and serve the
 connection's next request directly, without the master; the master takes it
-back with RECLAIM as soon as another request needs the worker.  What the
+back as soon as another request needs the worker, with SIGUSR2 rather than a
+message, because a lingering worker waits in a blocking read of the client's
+connection, not on this channel.  What the
 master must still know about a lingering worker (is it serving, since when,
 has it begun replying) is in the shared :mod:`expertd.scoreboard`.
 
 Messages are tiny fixed-format packets (one message per packet, so no framing):
 
     master -> worker   SERVE conn_id how  (+ connection fd) (+ frame bytes | + memfd)
-                       | RECLAIM
     worker -> master   READY pid | DONE conn_id flags served (+ memfd of unsent reply bytes)
                        | FAILED utf-8 text | MEMORY uss pss rss
 """
@@ -33,7 +34,6 @@ import socket
 import struct
 
 SERVE = b"S"
-RECLAIM = b"C"
 READY = b"R"
 DONE = b"D"
 FAILED = b"F"
@@ -98,10 +98,7 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
 
 def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None] | None:
     """Block for the next connection: ``(conn_id, fd, frame or None)``; None when the master closed the channel."""
-    while True:
-        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
-        if data[:1] != RECLAIM:
-            break  # (a RECLAIM that crossed our DONE on the way is moot: skip it)
+    data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
             os.close(fd)
@@ -119,10 +116,6 @@ def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None]
 
 def send_ready(channel: socket.socket, pid: int) -> None:
     channel.send(READY + _U32.pack(pid))
-
-
-def send_reclaim(channel: socket.socket) -> None:
-    channel.send(RECLAIM)
 
 
 def send_done(channel: socket.socket, conn_id: int, close: bool, retiring: bool = False,

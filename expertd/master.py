@@ -582,7 +582,7 @@ class Master:
         # twice per request, so it pauses for a moment.
         self.scoreboard.pause_lingering(time.monotonic() + _LINGER_PAUSE)
         try:
-            ipc.send_reclaim(slot.channel)
+            os.kill(slot.pid, signal.SIGUSR2)  # interrupts the worker's wait on the connection (see ipc)
         except OSError:
             pass  # it is exiting; its exit returns the connection
 
@@ -775,7 +775,9 @@ class Master:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole: send at once
             elif self._allowed_uids is not None:
                 denied = self._peer_refusal(sock)
-            sock.setblocking(False)
+            # The descriptor stays blocking: every read and write of the master passes
+            # MSG_DONTWAIT instead, and the file's blocking mode (shared with the worker it
+            # is handed to) is what lets a lingering worker wait in a plain read.
             conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
                                tcp=tcp, speaks="http" if tcp else "", denied=denied)
             self._next_conn_id += 1

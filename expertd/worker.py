@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-import select
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -66,6 +66,8 @@ class Worker:
         self._rss_at_uss_check = 0
         self._drain = bytearray(_PEEK)  # where requests already seen by a peek are read to
         self._served_http = False  # what the last request served spoke
+        self._reclaimable = False  # waiting in the lingering peek: a reclaim may interrupt it
+        self._reclaim_signalled = False
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
         jitter = config.max_requests_jitter
         if jitter is None:
@@ -121,6 +123,7 @@ class Worker:
         for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGUSR2, self._on_reclaim)
 
     def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
@@ -166,18 +169,22 @@ class Worker:
 
         Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
         """
+        self._reclaim_signalled = False  # (a late signal meant for the previous connection)
         close, unsent = self._serve_one(conn, frame)
         retire = self._after_request()
         speaks_http = self._served_http  # a connection speaks one protocol for its whole life
-        served, poller = 1, None
+        served, lingering = 1, False
         while not (close or unsent or retire or self._stop_requested) and self._may_linger():
-            if poller is None:
+            if not lingering:
+                lingering = True
                 ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
                 served = 0
-                poller = select.poll()
-                poller.register(conn.fileno(), select.POLLIN)
-                poller.register(self.channel.fileno(), select.POLLIN)
-            waiting = self._await_next(conn, poller, speaks_http)
+                # Waiting is a blocking peek that gives up after `linger`; a reclaim interrupts it.
+                conn.setblocking(True)  # (a worker's _send_briefly may have left it non-blocking)
+                seconds = self.config.linger
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
+            waiting = self._await_next(conn, speaks_http)
             if isinstance(waiting, str):
                 close = waiting == "eof"
                 break
@@ -189,38 +196,50 @@ class Worker:
     def _may_linger(self) -> bool:
         return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
 
-    def _await_next(self, conn: socket.socket, poller: select.poll, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
+    def _await_next(self, conn: socket.socket, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next request.
 
         Returns what a peek saw of it (the request is whole in the socket, still
         unread), or why not: "eof", "reclaimed" or "expired".
+
+        The wait is one blocking peek (SO_RCVTIMEO is ``linger``), not a poll of
+        the connection and the channel: a system call less per request.  The
+        master reclaims the connection with SIGUSR2, whose handler interrupts
+        the peek (see :meth:`_on_reclaim`).
         """
-        deadline = time.monotonic() + self.config.linger
-        channel_fd = self.channel.fileno()
+        if self._reclaim_signalled:
+            self._reclaim_signalled = False
+            return "reclaimed"
         self._idle = True  # a SIGTERM now exits at once: the master takes the connection back
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return "expired"
-                events = poller.poll(remaining * 1000)
-                for fd, _mask in events:
-                    if fd == channel_fd:
-                        if not self.channel.recv(16):  # the master closed our channel: retire
-                            self._stop_requested = True
-                        return "reclaimed"
-                if events:
-                    return self._peek_next(conn, speaks_http)
-        finally:
-            self._idle = False
-
-    def _peek_next(self, conn: socket.socket, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
-        try:
-            head = conn.recv(_PEEK, _PEEK_NOW)
-        except BlockingIOError:
+            self._reclaimable = True
+            head = conn.recv(_PEEK, _PEEK_WAIT)
+            self._reclaimable = False
+        except _Reclaimed:
+            self._reclaim_signalled = False
+            return "reclaimed"
+        except BlockingIOError:  # SO_RCVTIMEO: nothing came within linger
+            self._reclaimable = False
             return "expired"
         except OSError:
+            self._reclaimable = False
             return "eof"
+        finally:
+            self._idle = False
+        return self._judge_next(conn, head, speaks_http)
+
+    def _on_reclaim(self, signum: int, frame: FrameType | None) -> None:
+        # The master wants the connection back.  Raising is what interrupts the blocking peek
+        # (PEP 475 would otherwise resume it), so it raises only while the worker waits there;
+        # at any other moment the flag is seen before the next wait.  A signal landing in the
+        # instant before the peek's system call starts is seen when the peek times out: late
+        # by at most `linger`, never lost.
+        self._reclaim_signalled = True
+        if self._reclaimable:
+            self._reclaimable = False
+            raise _Reclaimed
+
+    def _judge_next(self, conn: socket.socket, head: bytes, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
         if not head:
             return "eof"
         if speaks_http:
@@ -545,6 +564,10 @@ def _safe_traceback(exc: BaseException) -> str:
 _PEEK = 4096
 
 
+class _Reclaimed(Exception):
+    """Raised by the SIGUSR2 handler to interrupt a lingering worker's wait."""
+
+
 class _PeekedHttp(NamedTuple):
     """An HTTP request seen whole in the socket by a peek, not yet read."""
 
@@ -566,6 +589,8 @@ class _Peeked(NamedTuple):
 
 # Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
 _PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
+_PEEK_WAIT = int(socket.MSG_PEEK)
+_TIMEVAL = struct.Struct("@ll")
 _NOW = int(socket.MSG_DONTWAIT)
 _WAIT_ALL = int(socket.MSG_WAITALL)
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.
