@@ -452,36 +452,40 @@ def markdown(data: dict, quick: bool) -> str:
 
 
 ROUND_TRIP_NOTE = """\
-The raw-socket floor is one process answering one connection with a minimal
-loop. expertd puts its master between the socket and the workers, because that
-is what lets idle and slow connections cost no worker (N workers serve any
-number of connected clients fairly), lets a lost worker's caller get a clean
-error instead of a hang, and lets HUP swap whole generations with zero failed
-calls. Through the master alone a sequential call costs two more process
-wake-ups and a descriptor hand-over: about 3× the floor (130–160 µs here).
-Lingering workers (a worker keeps the connection for its next request while no
-other request waits) take the hand-over out of a sequential client's path.
+The raw-socket floor is one process answering one connection with the
+tightest blocking loop Python allows: one read per request, one write per
+reply, and a client that does the same. expertd puts its master between the
+socket and the workers, because that is what lets idle and slow connections
+cost no worker (N workers serve any number of connected clients fairly), lets
+a lost worker's caller get a clean error instead of a hang, and lets HUP swap
+whole generations with zero failed calls. Through the master alone a
+sequential call costs two more process wake-ups and a descriptor hand-over.
+Lingering workers (a worker keeps the connection for its next request while
+no other request waits) take the hand-over out of a sequential client's path.
 
-What is left was profiled on a worker under `bench/loadgen.py` (py-spy with
-`--gil`, perf, and CPU time per call from `getrusage`). Two fixes came of it:
-the master stopped being woken by every request on a connection a worker
-lingers on (it now watches only for hang-ups there), and the worker's request
-path lost a third of its Python (one peek is parsed once, arguments are
-checked against the signature only when a call raises TypeError, small bodies
-skip the container-count hooks, socket flags are plain ints instead of
-`enum.IntFlag` members whose `|` runs Python). Measured in one run, A B A B:
-88 µs → 70 µs against a 45 µs floor (1.93× → 1.54×).
+What was left was profiled (py-spy `--gil` on a worker under
+`bench/loadgen.py`, `perf record` on worker and client, CPU time per call from
+`getrusage`) and fixed, in steps measured A B A B in one run:
 
-The rest is the work a daemon does that the floor does not: a poll that also
-listens for the master's reclaim, a peek so that control requests and partial
-frames stay the master's, and about 10 µs of Python per request in the worker
-(decoding and checking the call against the limits, the scoreboard writes that
-keep timeouts enforceable, the expert lookup, encoding the reply), where the
-floor spends about 4 µs. The worker's CPU time per call (user + system) is
-about 35 µs against the floor's 20 µs. A bare poll/peek/read/send loop in
-Python costs 25 µs, so the ≤ 1.3× target needs the request path in C (a small
-extension for the worker's serve loop); that is noted as its own issue rather
-than done here."""
+| change | expertd µs per call |
+| --- | --- |
+| before (lingering worker polls connection and channel) | 87–97 |
+| the master stops waking for every request on a lingering connection | ~77 |
+| worker: one header parse, signatures checked only after a TypeError, int socket flags | ~70 |
+| a Packer per thread; client reads a reply in one recv, pool without a lock | ~65 |
+| lingering worker waits in a blocking peek, reclaimed by SIGUSR2 (one system call less) | ~45–50 |
+
+The last step also showed how much the floor itself depends on its system
+calls: the floor as first written (header and body read separately, on both
+sides) measured 48 µs in the same run as expertd's 45 µs. Reading each
+message in one call took the floor to about 24 µs, which is the floor quoted
+here; against it expertd is about 2×. The rest is Python on both sides of the
+socket: per call the floor runs about 3 µs of Python in each process, expertd
+about 10 µs in the client (pool, request ids, error mapping, retries) and
+15 µs in the worker (limits, scoreboard writes that keep timeouts and
+lost-request answers possible, metrics, the expert lookup). Meeting 1.3× of
+this floor needs the client's and the worker's request loops in C; that is
+noted as its own issue rather than done here."""
 
 
 def _version(distribution: str) -> str:
