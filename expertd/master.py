@@ -289,6 +289,7 @@ class Master:
     # ------------------------------------------------------------- signals
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the master's word to its workers, not to it
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
                     signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             signal.signal(sig, self._queue_signal)

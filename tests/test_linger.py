@@ -67,3 +67,10 @@ def test_linger_off(make_daemon):
     daemon = make_daemon(EXPERTS, workers=2, linger="0")
     client = daemon.client(pool_size=1)
     assert len({client.call("pid") for _ in range(40)}) == 2  # handed back after every request
+
+
+def test_usr2_to_the_master_is_ignored(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1)
+    daemon.send_signal(signal.SIGUSR2)  # the master's word to its workers; a stray one must not kill it
+    time.sleep(0.2)
+    assert daemon.proc.poll() is None and daemon.client().call("add", 1, 1) == 2
