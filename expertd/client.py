@@ -124,9 +124,12 @@ class Client:
 
     def close(self) -> None:
         """Close the pooled connections (calls made later open new ones)."""
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for conn in pool:
+        # Popped one at a time, as calls do: each connection is taken by a call or closed here.
+        while True:
+            try:
+                conn = self._pool.pop()
+            except IndexError:
+                return
             conn.close()
 
     def __enter__(self) -> Client:
@@ -203,14 +206,21 @@ class Client:
             if length > _MAX_REPLY:
                 raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
             missing = protocol.HEADER_SIZE + length - len(data)
-            if missing > 0:
-                data = bytearray(data)
-                data += protocol.recv_exact(conn, missing)
+            if missing > 0:  # a large reply: the rest straight into one buffer of its size
+                whole = bytearray(protocol.HEADER_SIZE + length)
+                whole[: len(data)] = data
+                view = memoryview(whole)[len(data) :]
+                while view:
+                    got = conn.recv_into(view)
+                    if not got:
+                        raise ConnectionLost("closed mid-reply")
+                    view = view[got:]
+                data = whole
             elif missing < 0:  # one request in flight per connection: nothing may follow its reply
                 raise ProtocolError(f"{-missing} unexpected bytes after the reply")
         except (ConnectionLost, ConnectionResetError) as exc:
             raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
-        except RequestTimeout:
+        except (RequestTimeout, TimeoutError, BlockingIOError):
             raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
         payload = memoryview(data)[protocol.HEADER_SIZE :]
         if reply_id != request_id and not (reply_kind == protocol.ERROR and reply_id == 0):

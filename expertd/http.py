@@ -88,11 +88,11 @@ def could_be_http(prefix: bytes) -> bool:
     return any(method.startswith(prefix) for method in _METHODS)
 
 
-def scan_head(data: bytes, max_body: int) -> Head | None:
+def scan_head(data: bytes) -> Head | None:
     """Frame a request from its first bytes; None while its head is still arriving.
 
-    Raises HttpRefusal for what cannot be served: a malformed head, a chunked
-    body, a body over ``max_body``, a head over MAX_HEAD.
+    Raises HttpRefusal for what cannot be framed: a malformed head, a chunked
+    body, a head over MAX_HEAD.  (The body's size is :func:`check_route`'s.)
     """
     if not (looks_like_http(data) or (len(data) < 4 and could_be_http(data))):
         raise HttpRefusal(400, "bad_request", "not an HTTP request (this address speaks HTTP only)", close=True)
@@ -128,9 +128,6 @@ def scan_head(data: bytes, max_body: int) -> Head | None:
         elif name == b"host":
             host = value
     body_size = body_size or 0
-    if body_size > max_body:
-        raise HttpRefusal(413, FrameTooLarge.code,
-                          f"request body of {body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
     route, expert = _route(target)
     return Head(method, route, expert, end.end(), body_size, expects_continue, authorization, host)
 
@@ -145,8 +142,11 @@ def _route(target: str) -> tuple[str, str | None]:
     return "", None
 
 
-def check_route(head: Head, experts: set[str] | dict) -> None:
-    """Refuse (404, 405) what no worker could serve, before one is asked."""
+def check_route(head: Head, experts: set[str] | dict, max_body: int) -> None:
+    """Refuse (404, 405, 413) what no worker could serve, before one is asked."""
+    if head.body_size > max_body:
+        raise HttpRefusal(413, FrameTooLarge.code,
+                          f"request body of {head.body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
     if not head.route:
         raise HttpRefusal(404, "not_found", "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME")
     wanted = "POST" if head.route in WORKER_ROUTES else "GET"

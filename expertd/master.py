@@ -778,7 +778,10 @@ class Master:
                 denied = self._peer_refusal(sock)
             # The descriptor stays blocking: every read and write of the master passes
             # MSG_DONTWAIT instead, and the file's blocking mode (shared with the worker it
-            # is handed to) is what lets a lingering worker wait in a plain read.
+            # is handed to) is what lets a lingering worker wait in a plain read. No Python
+            # timeout either (an expert module may have set a default one): with a timeout,
+            # Python polls before each call, MSG_DONTWAIT or not.
+            sock.settimeout(None)
             conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
                                tcp=tcp, speaks="http" if tcp else "", denied=denied)
             self._next_conn_id += 1
@@ -871,14 +874,14 @@ class Master:
     def _examine_http(self, conn: _Connection, head: bytes) -> None:
         """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
         try:
-            request = http.scan_head(head, self.config.max_frame)
+            request = http.scan_head(head)
             if request is None and len(head) == _PEEK_SIZE:  # a long head: look further, once it grew
                 queued = protocol.queued_bytes(conn.fd)
                 if queued <= conn.head_scanned:
                     return
                 conn.head_scanned = queued
                 head = conn.sock.recv(http.MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                request = http.scan_head(head, self.config.max_frame)
+                request = http.scan_head(head)
             if request is None:
                 self._mark_partial(conn)
                 return
@@ -896,7 +899,7 @@ class Master:
                                        close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
             if conn.tcp and not self.config.token:
                 http.check_local_origin(request)
-            http.check_route(request, self.experts)
+            http.check_route(request, self.experts, self.config.max_frame)
             if request.route not in http.WORKER_ROUTES and request.body_size:
                 raise http.HttpRefusal(400, "bad_request", f"{request.method} /{request.route} takes no body")
         except http.HttpRefusal as refusal:

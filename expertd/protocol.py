@@ -108,16 +108,28 @@ def _to_builtin(value: Any) -> Any:
 
 def pack(value: Any) -> bytes:
     """Encode a body: bytes stay bytes, tuples become lists, numpy values become lists/numbers."""
+    local = _per_thread
+    packer = getattr(local, "packer", _NONE_YET)
+    if packer is None:  # in use further up this thread's stack (a tolist() that packs): not re-entrant
+        return msgpack.packb(value, use_bin_type=True, default=_to_builtin)
+    if packer is _NONE_YET:
+        packer = msgpack.Packer(use_bin_type=True, default=_to_builtin)
+    local.packer = None
     try:
-        packer = _per_thread.packer
-    except AttributeError:
-        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True, default=_to_builtin)
-    return packer.pack(value)
+        data = packer.pack(value)
+    except BaseException:
+        local.packer = packer  # (a Packer resets its buffer when packing fails)
+        raise
+    # A Packer keeps its largest buffer: after a big body, start afresh rather than hold it.
+    local.packer = packer if len(data) <= _PACKER_KEEPS else _NONE_YET
+    return data
 
 
 # A Packer per thread: msgpack.packb builds a new one on every call, which costs more than
 # packing a small body, and one Packer must not be used by two threads at once.
 _per_thread = _thread._local()
+_NONE_YET = object()
+_PACKER_KEEPS = 1 << 20
 
 
 def encode_frame(kind: int, request_id: int, body: bytes) -> bytes:

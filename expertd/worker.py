@@ -68,6 +68,7 @@ class Worker:
         self._served_http = False  # what the last request served spoke
         self._reclaimable = False  # waiting in the lingering peek: a reclaim may interrupt it
         self._reclaim_signalled = False
+        self._master_pid = os.getppid()
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
         jitter = config.max_requests_jitter
         if jitter is None:
@@ -124,6 +125,9 @@ class Worker:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGUSR2, self._on_reclaim)
+        # SA_RESTART: an expert's own blocking calls carry on through a reclaim. The lingering
+        # peek is still interrupted: reads with SO_RCVTIMEO are never restarted (signal(7)).
+        signal.siginterrupt(signal.SIGUSR2, False)
 
     def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
@@ -181,9 +185,8 @@ class Worker:
                 served = 0
                 # Waiting is a blocking peek that gives up after `linger`; a reclaim interrupts it.
                 conn.setblocking(True)  # (a worker's _send_briefly may have left it non-blocking)
-                seconds = self.config.linger
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
+                micros = max(1, round(self.config.linger * 1e6))  # (a zero timeval would mean for ever)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(*divmod(micros, 10**6)))
             waiting = self._await_next(conn, speaks_http)
             if isinstance(waiting, str):
                 close = waiting == "eof"
@@ -219,12 +222,11 @@ class Worker:
             self._reclaim_signalled = False
             return "reclaimed"
         except BlockingIOError:  # SO_RCVTIMEO: nothing came within linger
-            self._reclaimable = False
             return "expired"
         except OSError:
-            self._reclaimable = False
             return "eof"
         finally:
+            self._reclaimable = False  # (also when SIGTERM's SystemExit leaves the wait)
             self._idle = False
         return self._judge_next(conn, head, speaks_http)
 
@@ -264,11 +266,13 @@ class Worker:
     def _peek_http(self, conn: socket.socket, head: bytes) -> _PeekedHttp | str:
         # As above: only a whole call that the master would pass on as it is.
         try:
-            framing = http.scan_head(head, self.config.max_frame)
+            framing = http.scan_head(head)
+            if framing is None:
+                return "expired"
+            http.check_route(framing, self.experts, self.config.max_frame)
         except http.HttpRefusal:
-            return "expired"
-        if (framing is None or framing.route not in http.WORKER_ROUTES or framing.method != "POST"
-                or framing.expert not in self.experts):
+            return "expired"  # the master refuses it
+        if framing.route not in http.WORKER_ROUTES:
             return "expired"
         if (self.config.token and not http.token_accepted(framing.authorization, self.config.token)
                 and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX):
@@ -288,6 +292,8 @@ class Worker:
         if now - self._titled_at >= 1.0:  # keep ps current without paying for it on every request
             self._titled_at = now
             self._set_title("ready")
+            if os.getppid() != self._master_pid:  # the master died: stop, even mid-linger
+                self._stop_requested = True
         return self._retire_reason()
 
     def _retire_reason(self) -> str | None:
@@ -448,7 +454,7 @@ class Worker:
                     head, framing = peeked
                 else:
                     head = peeked if peeked and _HEAD_END in peeked else conn.recv(http.MAX_HEAD, _PEEK_NOW)
-                    framing = http.scan_head(head, self.config.max_frame)
+                    framing = http.scan_head(head)
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
@@ -607,17 +613,22 @@ def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
         return None
     view = memoryview(frame)[sent:]
     deadline = time.monotonic() + _WRITE_PATIENCE
-    while view:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return view
-        conn.settimeout(remaining)
-        try:
-            sent = conn.send(view)
-        except (TimeoutError, BlockingIOError):
-            return view
-        view = view[sent:]
-    return None
+    try:
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return view
+            conn.settimeout(remaining)
+            try:
+                sent = conn.send(view)
+            except (TimeoutError, BlockingIOError):
+                return view
+            view = view[sent:]
+        return None
+    finally:
+        # Blocking again: the descriptor's mode is shared with the master, and a lingering
+        # wait is a blocking read.
+        conn.settimeout(None)
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

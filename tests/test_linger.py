@@ -74,3 +74,16 @@ def test_usr2_to_the_master_is_ignored(make_daemon):
     daemon.send_signal(signal.SIGUSR2)  # the master's word to its workers; a stray one must not kill it
     time.sleep(0.2)
     assert daemon.proc.poll() is None and daemon.client().call("add", 1, 1) == 2
+
+
+def test_a_large_reply_does_not_end_lingering(make_daemon):
+    daemon = make_daemon({**EXPERTS, "echo": "testexperts:echo"}, workers=2, linger="1s")
+    client = daemon.client(pool_size=1)
+    assert client.call("add", 1, 1) == 2
+    conn = client._pool[0]
+    big = "x" * 2_000_000  # more than the socket holds: the worker waits for the client to drain it
+    for _ in range(3):
+        assert client.call("echo", big)["args"] == [big]
+        assert client.call("add", 2, 2) == 4
+    assert client._pool == [conn]  # the same connection throughout: never dropped
+    assert len({client.call("pid") for _ in range(10)}) == 1

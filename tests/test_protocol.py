@@ -158,3 +158,12 @@ def test_reading_a_closed_connection_raises_connection_lost():
     with pytest.raises(ConnectionLost) as caught:
         protocol.read_frame(left, 100)
     assert caught.value.received == 2
+
+
+def test_pack_is_safe_when_a_tolist_packs_too():
+    class Packs:
+        def tolist(self):
+            return {"inner": protocol.pack([1, 2, 3])}
+
+    assert protocol.unpack(protocol.pack(["a", Packs(), {"k": 1}])) == ["a", {"inner": b"\x93\x01\x02\x03"}, {"k": 1}]
+    assert protocol.unpack(protocol.pack({"after": True})) == {"after": True}
