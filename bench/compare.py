@@ -478,8 +478,8 @@ What was left was profiled (py-spy `--gil` on a worker under
 The last step also showed how much the floor itself depends on its system
 calls: the floor as first written (header and body read separately, on both
 sides) measured 48 µs in the same run as expertd's 45 µs. Reading each
-message in one call took the floor to about 24 µs, which is the floor quoted
-here; against it expertd is about 2×. The rest is Python on both sides of the
+message in one call took the floor to 20–26 µs in the runs made, and that is
+the floor quoted here; against it expertd is 1.8–2.3×. The rest is Python on both sides of the
 socket: per call the floor runs about 3 µs of Python in each process, expertd
 about 10 µs in the client (pool, request ids, error mapping, retries) and
 15 µs in the worker (limits, scoreboard writes that keep timeouts and
