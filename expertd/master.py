@@ -886,7 +886,7 @@ class Master:
                 self._mark_partial(conn)
                 return
         except http.HttpRefusal as refusal:  # the framing itself is bad: nothing more can be read
-            self._refuse_http(conn, refusal)
+            self._fail(conn, refusal)
             return
         except OSError:
             self._close(conn)
@@ -908,7 +908,7 @@ class Master:
                 return
             if refusal.code == "unknown_expert":
                 self.metrics.count_failure(None, refusal.code)
-            self._refuse_http(conn, refusal)
+            self._fail(conn, refusal)
             return
         if request.route not in http.WORKER_ROUTES:
             if queued >= request.size:
@@ -928,11 +928,6 @@ class Master:
         conn.inbuf = bytearray()
         self._gather(conn)
 
-    def _refuse_http(self, conn: _Connection, refusal: http.HttpRefusal) -> None:
-        """Answer with the refusal and close."""
-        self._drain(conn)
-        self._send_and_close(conn, http.error_response(None, refusal, close=True)[0])
-
     def _drain(self, conn: _Connection) -> None:
         # Closing a socket with unread input resets the connection, and the reply with it.
         try:
@@ -951,7 +946,7 @@ class Master:
             self._close(conn)
             return
         except http.HttpRefusal as refusal:
-            self._refuse_http(conn, refusal)
+            self._fail(conn, refusal)
             return
         conn.state = _IDLE
         conn.last_active = time.monotonic()
@@ -1169,8 +1164,8 @@ class Master:
             slot.busy_since = time.monotonic()
             slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
 
-    def _fail(self, conn: _Connection, error: RemoteError) -> None:
-        """Answer the connection's current request with ``error`` and close it."""
+    def _fail(self, conn: _Connection, error: RemoteError | http.HttpRefusal) -> None:
+        """Answer the connection's current request with ``error`` (HTTP refusals: HTTP only) and close it."""
         if conn.speaks == "http":
             self._drain(conn)
             self._send_and_close(conn, http.error_response(None, error)[0])

@@ -337,9 +337,7 @@ class Worker:
             try:  # the master handed the connection over because a whole request waits in it
                 peeked = conn.recv(_PEEK, _PEEK_NOW)
             except OSError as exc:
-                log.info("closing connection: %s", exc)
-                board.writing()
-                return True, None
+                return self._give_up(exc)
             if not peeked:  # the client hung up after sending it
                 board.writing()
                 return True, None
@@ -350,9 +348,7 @@ class Worker:
         try:
             kind, request_id, body, call = self._take_request(conn, frame, peeked, started)
         except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
-            log.info("closing connection: %s", exc)
-            board.writing()  # the stream is broken: the master must only close it
-            return True, None
+            return self._give_up(exc)
         expert_name = None
         try:
             if kind == protocol.CALL:
@@ -378,14 +374,9 @@ class Worker:
             outcome = exc.code
         if kind == protocol.CALL:
             self.recorder.record(expert_name, outcome, time.monotonic() - started)
-        board.writing()  # from here on, an error frame from the master would corrupt the stream
-        try:
-            unsent = _send_briefly(conn, protocol.encode_frame(reply_kind, request_id, reply))
-        except OSError as exc:
-            log.info("could not deliver reply to request %d: %s", request_id, exc)
-            return True, None
-        if unsent is None:
-            board.end()  # else it stays "writing" until the master has the rest
+        close, unsent = self._deliver(conn, protocol.encode_frame(reply_kind, request_id, reply), request_id)
+        if close:
+            return close, unsent
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %d %s %.3f ms %s",
@@ -464,9 +455,7 @@ class Worker:
             response, keep_alive = http.error_response(None, refusal)
             expert, outcome = None, refusal.code
         except (ConnectionLost, RequestTimeout, OSError) as exc:
-            log.info("closing connection: %s", exc)
-            board.writing()
-            return True, None
+            return self._give_up(exc)
         if request is not None:
             expert = request.expert
             try:
@@ -484,17 +473,30 @@ class Worker:
                 response, keep_alive = http.error_response(request, exc)
                 outcome = exc.code
         self.recorder.record(expert, outcome, time.monotonic() - started)
-        board.writing()
-        try:
-            unsent = _send_briefly(conn, response)
-        except OSError as exc:
-            log.info("could not deliver an HTTP reply: %s", exc)
-            return True, None
-        if unsent is None:
-            board.end()
+        close, unsent = self._deliver(conn, response, "HTTP")
+        if close:
+            return close, unsent
         if log.isEnabledFor(logging.DEBUG):
             log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
         return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
+
+    def _give_up(self, reason: BaseException) -> tuple[bool, None]:
+        """The request could not be read: close the connection (the master may only close it)."""
+        log.info("closing connection: %s", reason)
+        self.board.writing()  # the stream is broken: an error frame from the master would not help
+        return True, None
+
+    def _deliver(self, conn: socket.socket, reply: bytes, request: object) -> tuple[bool, memoryview | None]:
+        """Write a reply: (close, the part the client did not take in time)."""
+        self.board.writing()  # from here on, an error frame from the master would corrupt the stream
+        try:
+            unsent = _send_briefly(conn, reply)
+        except OSError as exc:
+            log.info("could not deliver the reply to request %s: %s", request, exc)
+            return True, None
+        if unsent is None:
+            self.board.end()  # else it stays "writing" until the master has the rest
+        return False, unsent
 
     def _invoke(self, name: str, args: list, kwargs: dict) -> Any:
         """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""
