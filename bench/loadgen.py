@@ -4,10 +4,12 @@
     python loadgen.py http SOCKET EXPERT ARGS_JSON --clients C --seconds T    (expertd's HTTP/JSON front)
     python loadgen.py firefly URL FUNCTION KWARGS_JSON --clients C --seconds T
     python loadgen.py floor SOCKET --clients 1 --seconds T
+    ... --cpu N    (clients run on CPU N only)
 
 Prints one JSON object: calls, errors, throughput (calls/s), p50/p90/p99 latency
-(µs).  Each client is a process with its own connection (for Firefly: its own
-client object, which opens a connection per call as Firefly's client does).
+(µs), and the clients' CPU time per call (user and system, µs).  Each client
+is a process with its own connection (for Firefly: its own client object,
+which opens a connection per call as Firefly's client does).
 Runs under whichever interpreter has the client it needs: the harness starts
 it with the Firefly venv's Python for Firefly.
 """
@@ -84,6 +86,8 @@ def _floor_caller(target: str):
 
 
 def _client(options, results) -> None:
+    if options.cpu is not None:
+        os.sched_setaffinity(0, {options.cpu})
     if options.kind == "expertd":
         call = _expertd_caller(options.target, options.name, json.loads(options.arguments))
     elif options.kind == "http":
@@ -96,6 +100,7 @@ def _client(options, results) -> None:
         call()
     latencies, errors, example = [], 0, None
     clock = time.perf_counter
+    cpu_before = os.times()
     deadline = clock() + options.seconds
     while True:
         started = clock()
@@ -108,7 +113,9 @@ def _client(options, results) -> None:
             example = example or f"{type(exc).__name__}: {exc}"
             continue
         latencies.append(clock() - started)
-    results.put((latencies, errors, example))
+    cpu_after = os.times()
+    cpu = (cpu_after.user - cpu_before.user, cpu_after.system - cpu_before.system)
+    results.put((latencies, errors, example, cpu))
 
 
 def main() -> int:
@@ -119,6 +126,7 @@ def main() -> int:
     parser.add_argument("arguments", nargs="?", default="[3]")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--cpu", type=int, default=None, help="run the clients on this CPU only")
     options = parser.parse_args()
 
     context = multiprocessing.get_context("fork")
@@ -126,11 +134,13 @@ def main() -> int:
     procs = [context.Process(target=_client, args=(options, results)) for _ in range(options.clients)]
     for proc in procs:
         proc.start()
-    latencies, errors, examples = [], 0, []
+    latencies, errors, examples, user, system = [], 0, [], 0.0, 0.0
     for _ in procs:
-        some, failed, example = results.get(timeout=options.seconds + 120)
+        some, failed, example, (some_user, some_system) = results.get(timeout=options.seconds + 120)
         latencies += some
         errors += failed
+        user += some_user
+        system += some_system
         if example:
             examples.append(example)
     for proc in procs:
@@ -143,6 +153,7 @@ def main() -> int:
     print(json.dumps({
         "kind": options.kind, "clients": options.clients, "calls": len(latencies), "errors": errors,
         "throughput": len(latencies) / options.seconds, "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+        "client_user_us": user / max(1, len(latencies)) * 1e6, "client_sys_us": system / max(1, len(latencies)) * 1e6,
         "error_examples": examples[:3],
     }))
     return 0

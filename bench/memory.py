@@ -6,7 +6,8 @@ For each worker count, starts expertd on the shipped config (sentiment model
 included), waits until every worker is ready, makes a few calls, and reads
 from the log each worker's fork-to-ready time and its USS/PSS/RSS after
 warm-up (measured by the worker itself with psutil), then sums PSS over the
-master and its workers with psutil.  Then starts N independent processes that
+master and its workers with psutil, and splits each worker's private memory
+into dirty pages and clean pages of mapped files (see _private_split).  Then starts N independent processes that
 each import TensorFlow and build the same model (bench/standalone_expert.py)
 and sums their PSS.  The groups run one after another, so that pages shared
 between groups cannot hide in the figures.  PSS (proportional set size)
@@ -39,6 +40,29 @@ _READY = re.compile(r"worker (\d+) \(pid (\d+)\) ready in ([\d.]+)s")
 _MEMORY = re.compile(
     r"worker (\d+) \(pid (\d+)\) memory after warm-up: USS ([\d.]+) MiB, PSS ([\d.]+) MiB, RSS ([\d.]+)"
 )
+
+
+def _private_split(pid: int) -> tuple[float, float]:
+    """(private memory less clean file pages, private clean file pages) MiB of a process, from /proc/PID/smaps.
+
+    USS is their sum.  Clean file-backed
+    pages are library code and read-only data in the page cache: one copy
+    however many processes map them.  They count as "private" only while one
+    process alone maps them, as TensorFlow's runtime code does in a lone
+    worker (the master never runs it).
+    """
+    private = clean_file = 0
+    file_backed = False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                fields = line.split()
+                file_backed = len(fields) > 5 and fields[5].startswith("/")
+            elif line.startswith("Private_Dirty:") or (line.startswith("Private_Clean:") and not file_backed):
+                private += int(line.split()[1])
+            elif line.startswith("Private_Clean:"):
+                clean_file += int(line.split()[1])
+    return private / 1024, clean_file / 1024
 
 
 def _group_pss(pids: list[int]) -> tuple[float, float]:
@@ -74,7 +98,10 @@ def measure_expertd(workers: int, workdir: Path) -> dict:
         pids = [daemon.pid] + [child.pid for child in master.children()]
         total_pss, total_uss = _group_pss(pids)
         master_info = master.memory_full_info()
+        splits = [_private_split(child.pid) for child in master.children()]
         return {
+            "worker_private_own": [own for own, _clean in splits],
+            "worker_private_clean_files": [clean for _own, clean in splits],
             "workers": workers,
             "daemon_ready_s": ready_after,
             "fork_to_ready_s": [float(m[2]) for m in _READY.findall(text)],

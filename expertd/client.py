@@ -51,6 +51,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 _MAX_REPLY = 1 << 30
 _FIRST_READ = 64 * 1024
 _HEADER = protocol.HEADER
+_HEADER_SIZE = protocol.HEADER_SIZE
+_MAGIC, _VERSION = protocol.MAGIC, protocol.VERSION
+_RESULT, _ERROR, _CALL = protocol.RESULT, protocol.ERROR, protocol.CALL
+_MAX_REQUEST_ID = protocol.MAX_REQUEST_ID
+_pack = protocol.pack
 
 
 def default_socket() -> str:
@@ -83,15 +88,13 @@ class Client:
         self.pool_size = pool_size
         self._pool: list[Any] = []
         self._lock = _thread.allocate_lock()
-        self._pid = os.getpid()
         self._ids = itertools.count(1)
         _clients.add(self)
 
     # ----------------------------------------------------------- public API
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``expert`` with positional and/or keyword arguments and return its result."""
-        body = protocol.pack([expert, list(args), kwargs])
-        return self._request(protocol.CALL, body)
+        return self._request(_CALL, _pack([expert, list(args), kwargs]))
 
     def opinion(self, expert: str, document: Any) -> Any:
         """Ask ``expert`` for its opinion on ``document`` (the expert's one positional argument)."""
@@ -151,8 +154,14 @@ class Client:
         stale_retry = True
         lost_retries = self.retries
         while True:
-            conn, reused = self._checkout()
-            request_id = next(self._ids) % protocol.MAX_REQUEST_ID + 1  # 1..2**32-1: 0 is the daemon's
+            # list.pop and list.append are atomic: the pool itself needs no lock on the way.
+            # After a fork the at-fork hook has emptied the child's pool (os.getpid() here
+            # would be a system call on every call).
+            try:
+                conn, reused = self._pool.pop(), True
+            except IndexError:
+                conn, reused = self._connect(), False
+            request_id = next(self._ids) % _MAX_REQUEST_ID + 1  # 1..2**32-1: 0 is the daemon's
             try:
                 reply_kind, reply = self._round_trip(conn, kind, request_id, body)
             except _Stale as exc:
@@ -169,8 +178,11 @@ class Client:
             except BaseException:
                 conn.close()
                 raise
-            if reply_kind == protocol.RESULT:
-                self._checkin(conn)
+            if reply_kind == _RESULT:
+                if len(self._pool) < self.pool_size:
+                    self._pool.append(conn)
+                else:
+                    conn.close()
                 return reply
             conn.close()  # the daemon may close after an error; never reuse the connection
             error = error_from_wire(reply)
@@ -182,7 +194,7 @@ class Client:
     def _round_trip(self, conn: _socket.socket, kind: int, request_id: int, body: bytes) -> tuple[int, Any]:
         # The kernel bounds each read and write (SO_RCVTIMEO, SO_SNDTIMEO: see _connect).
         try:
-            conn.sendall(_HEADER.pack(protocol.MAGIC, protocol.VERSION, kind, request_id, len(body)) + body)
+            conn.sendall(_HEADER.pack(_MAGIC, _VERSION, kind, request_id, len(body)) + body)
         except (TimeoutError, BlockingIOError):
             raise RequestTimeout(f"sending to expertd at {self.socket_path} timed out after {self.timeout}s") from None
         except OSError as exc:
@@ -200,39 +212,45 @@ class Client:
         if not data:
             raise _Stale("closed with no reply")
         try:
-            if len(data) < protocol.HEADER_SIZE:
-                data += protocol.recv_exact(conn, protocol.HEADER_SIZE - len(data))
-            reply_kind, reply_id, length = protocol.parse_header(data[: protocol.HEADER_SIZE])
-            if length > _MAX_REPLY:
-                raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
-            missing = protocol.HEADER_SIZE + length - len(data)
-            if missing > 0:  # a large reply: the rest straight into one buffer of its size
-                whole = bytearray(protocol.HEADER_SIZE + length)
-                whole[: len(data)] = data
-                view = memoryview(whole)[len(data) :]
-                while view:
-                    got = conn.recv_into(view)
-                    if not got:
-                        raise ConnectionLost("closed mid-reply")
-                    view = view[got:]
-                data = whole
-            elif missing < 0:  # one request in flight per connection: nothing may follow its reply
-                raise ProtocolError(f"{-missing} unexpected bytes after the reply")
+            if len(data) < _HEADER_SIZE:
+                data += protocol.recv_exact(conn, _HEADER_SIZE - len(data))
+            magic, version, reply_kind, reply_id, length = _HEADER.unpack_from(data)
+            if magic != _MAGIC or version != _VERSION:
+                protocol.parse_header(data[:_HEADER_SIZE])  # raises the ProtocolError that says which
+            missing = _HEADER_SIZE + length - len(data)
+            if missing:
+                if missing < 0:  # one request in flight per connection: nothing may follow its reply
+                    raise ProtocolError(f"{-missing} unexpected bytes after the reply")
+                if length > _MAX_REPLY:
+                    raise ProtocolError(f"reply of {length} bytes is larger than the client accepts")
+                data = self._read_rest(conn, data, _HEADER_SIZE + length)
         except (ConnectionLost, ConnectionResetError) as exc:
             raise ConnectionLost(f"expertd at {self.socket_path} closed the connection mid-reply: {exc}") from None
         except (RequestTimeout, TimeoutError, BlockingIOError):
             raise RequestTimeout(f"no reply from expertd at {self.socket_path} within {self.timeout}s") from None
-        payload = memoryview(data)[protocol.HEADER_SIZE :]
-        if reply_id != request_id and not (reply_kind == protocol.ERROR and reply_id == 0):
+        if reply_id != request_id and not (reply_kind == _ERROR and reply_id == 0):
             # (Request id 0 is never used by clients: the daemon answers with it when
             # it refuses the connection itself, e.g. access denied.)
             raise ProtocolError(f"reply for request {reply_id} arrived while waiting for {request_id}")
-        if reply_kind not in (protocol.RESULT, protocol.ERROR):
+        if reply_kind != _RESULT and reply_kind != _ERROR:
             raise ProtocolError(f"unknown reply kind 0x{reply_kind:02x}")
         try:
-            return reply_kind, protocol.unpack(payload)
+            return reply_kind, protocol.unpack(memoryview(data)[_HEADER_SIZE:] if missing else data[_HEADER_SIZE:])
         except ValueError as exc:
             raise ProtocolError(f"reply body is not valid msgpack: {exc}") from None
+
+    @staticmethod
+    def _read_rest(conn: _socket.socket, data: bytes, size: int) -> bytearray:
+        """A large reply: the rest straight into one buffer of its size."""
+        whole = bytearray(size)
+        whole[: len(data)] = data
+        view = memoryview(whole)[len(data) :]
+        while view:
+            got = conn.recv_into(view)
+            if not got:
+                raise ConnectionLost("closed mid-reply")
+            view = view[got:]
+        return whole
 
     def _read_early_reply(self, conn: _socket.socket, request_id: int) -> tuple[int, Any] | None:
         try:
@@ -251,25 +269,6 @@ class Client:
         for conn in self._pool:
             conn.close()  # our copies only: the parent's connections stay open
         self._pool = []
-        self._pid = os.getpid()
-
-    def _checkout(self) -> tuple[_socket.socket, bool]:
-        # list.pop and list.append are atomic: the pool itself needs no lock on the way.
-        if self._pid != os.getpid():  # forked without the at-fork hook (e.g. os.fork from C)
-            with self._lock:
-                self._pool = []
-                self._pid = os.getpid()
-        try:
-            return self._pool.pop(), True
-        except IndexError:
-            return self._connect(), False
-
-    def _checkin(self, conn: _socket.socket) -> None:
-        pool = self._pool
-        if len(pool) < self.pool_size and self._pid == os.getpid():
-            pool.append(conn)
-        else:
-            conn.close()
 
     def _connect(self) -> _socket.socket:
         path = self.socket_path

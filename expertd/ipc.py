@@ -9,7 +9,11 @@ therefore never occupy a worker.
 A request that arrived whole in the socket is read by the worker.  One that
 arrived in pieces was gathered by the master, which sends it along: inside
 the message when small, else in a memfd.  A reply the client is slow to take
-goes back the same way, for the master to finish writing.
+goes back the same way, for the master to finish writing.  A worker reads
+what the socket holds, so it may read more than it serves (a request behind
+the one it answered, the start of one still arriving, a control request that
+is the master's): those unread bytes go back with DONE, and the master treats
+them as the start of the connection's input.
 
 A worker that finished a request while no other request waits may keep the
 connection a moment ("linger", DONE with the LINGER flag) and serve the
@@ -24,6 +28,7 @@ Messages are tiny fixed-format packets (one message per packet, so no framing):
 
     master -> worker   SERVE conn_id how  (+ connection fd) (+ frame bytes | + memfd)
     worker -> master   READY pid | DONE conn_id flags served (+ memfd of unsent reply bytes)
+                       (+ memfd of unread request bytes)
                        | FAILED utf-8 text | MEMORY uss pss rss
 """
 
@@ -44,7 +49,8 @@ _SERVE = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IBI")
 _MEMORY = struct.Struct("!QQQ")
-_CLOSE, _RETIRING, _UNSENT, _LINGER = 1, 2, 4, 8
+_CLOSE, _RETIRING, _UNSENT, _LINGER, _UNREAD = 1, 2, 4, 8, 16
+_HTTP = 0x80  # in SERVE's ``how``: the connection speaks HTTP
 _MAX_MESSAGE = 4096
 # Frames up to this size travel inside the SERVE message (the default socket buffer holds them).
 MAX_INLINE = 64 * 1024
@@ -82,22 +88,32 @@ def _from_memfd(fd: int) -> bytearray:
         os.close(fd)
 
 
-def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | bytearray | None = None) -> None:
-    """Hand a connection to the worker; ``frame`` is the request when the master already read it."""
+def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | bytearray | None = None,
+               speaks_http: bool = False) -> None:
+    """Hand a connection to the worker.
+
+    ``frame`` is the request when the master already read it (for msgpack, it
+    may be followed by more of the connection's input); ``speaks_http`` says
+    which protocol the connection speaks.
+    """
+    protocol_bit = _HTTP if speaks_http else 0
     if frame is None:
-        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _FROM_SOCKET)], [fd])
+        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _FROM_SOCKET | protocol_bit)], [fd])
     elif len(frame) <= MAX_INLINE:
-        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MESSAGE), frame], [fd])
+        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MESSAGE | protocol_bit), frame], [fd])
     else:
         memfd = _to_memfd("expertd-request", frame)
         try:
-            socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MEMFD)], [fd, memfd])
+            socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MEMFD | protocol_bit)], [fd, memfd])
         finally:
             os.close(memfd)
 
 
-def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None] | None:
-    """Block for the next connection: ``(conn_id, fd, frame or None)``; None when the master closed the channel."""
+def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None, bool] | None:
+    """Block for the next connection: ``(conn_id, fd, frame or None, speaks_http)``.
+
+    None when the master closed the channel.
+    """
     data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
@@ -106,12 +122,13 @@ def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None]
             return None
         raise RuntimeError(f"unexpected message from the master: {data[:16]!r}")
     conn_id, how = _SERVE.unpack_from(data, 1)
+    speaks_http, how = bool(how & _HTTP), how & ~_HTTP
     frame = None
     if how == _IN_MESSAGE:
         frame = bytearray(data[1 + _SERVE.size :])
     elif how == _IN_MEMFD:
         frame = _from_memfd(fds[1])
-    return conn_id, fds[0], frame
+    return conn_id, fds[0], frame, speaks_http
 
 
 def send_ready(channel: socket.socket, pid: int) -> None:
@@ -119,25 +136,31 @@ def send_ready(channel: socket.socket, pid: int) -> None:
 
 
 def send_done(channel: socket.socket, conn_id: int, close: bool, retiring: bool = False,
-              unsent: bytes | memoryview | None = None, linger: bool = False, served: int = 1) -> None:
+              unsent: bytes | memoryview | None = None, linger: bool = False, served: int = 1,
+              unread: bytes | None = None) -> None:
     """Report finished requests on a connection (``served`` of them).
 
     ``retiring``: this worker exits now and takes no more.  ``unsent``: the
     part of the reply the client has not taken yet, for the master to write.
     ``linger``: the worker keeps the connection for its next request, until
-    it hands it back with another DONE (or is reclaimed).
+    it hands it back with another DONE (or is reclaimed).  ``unread``: bytes
+    the worker read from the connection but did not serve.
     """
     flags = ((_CLOSE if close else 0) | (_RETIRING if retiring else 0) | (_UNSENT if unsent else 0)
-             | (_LINGER if linger else 0))
+             | (_LINGER if linger else 0) | (_UNREAD if unread else 0))
     message = DONE + _DONE.pack(conn_id, flags, served)
-    if not unsent:
+    if not unsent and not unread:
         channel.send(message)
         return
-    memfd = _to_memfd("expertd-reply", unsent)
+    memfds: list[int] = []
     try:
-        socket.send_fds(channel, [message], [memfd])
+        for name, data in (("expertd-reply", unsent), ("expertd-unread", unread)):
+            if data:
+                memfds.append(_to_memfd(name, data))
+        socket.send_fds(channel, [message], memfds)
     finally:
-        os.close(memfd)
+        for memfd in memfds:
+            os.close(memfd)
 
 
 def send_memory(channel: socket.socket, uss: int, pss: int, rss: int) -> None:
@@ -152,12 +175,12 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     """Read one worker report without blocking.
 
     Returns ``(READY, pid)``, ``(DONE, (conn_id, close, retiring, linger,
-    served, unsent bytes or None))``, ``(FAILED, text)``, ``(MEMORY, (uss,
+    served, unsent bytes or None, unread bytes or None))``, ``(FAILED, text)``, ``(MEMORY, (uss,
     pss, rss))``, None when nothing is waiting, or ``(b"", None)`` when the
     worker's end closed.
     """
     try:
-        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE, 1, socket.MSG_DONTWAIT)
+        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE, 2, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return None
     except OSError:
@@ -169,8 +192,18 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     op = data[:1]
     if op == DONE:
         conn_id, flags, served = _DONE.unpack_from(data, 1)
-        unsent = _from_memfd(fds[0]) if fds else None
-        return DONE, (conn_id, bool(flags & _CLOSE), bool(flags & _RETIRING), bool(flags & _LINGER), served, unsent)
+        memfds = iter(fds)
+        unsent_fd = next(memfds, None) if flags & _UNSENT else None
+        unread_fd = next(memfds, None) if flags & _UNREAD else None
+        for fd in memfds:
+            os.close(fd)
+        unsent = _from_memfd(unsent_fd) if unsent_fd is not None else None
+        unread = bytes(_from_memfd(unread_fd)) if unread_fd is not None else None
+        # A descriptor the kernel could not pass (the master out of descriptors) loses bytes of
+        # the connection's stream: it must then be closed, never carried on with a gap.
+        lost = bool((flags & _UNSENT and unsent is None) or (flags & _UNREAD and unread is None))
+        return DONE, (conn_id, bool(flags & _CLOSE) or lost, bool(flags & _RETIRING), bool(flags & _LINGER), served,
+                      unsent, unread)
     for fd in fds:
         os.close(fd)
     if op == READY:

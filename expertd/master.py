@@ -95,6 +95,7 @@ class _Connection:
     last_active: float = 0.0
     frame_size: int = 0
     inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
+    unread: bytes = b""  # input a worker read but did not serve: it comes before the socket's
     outbuf: memoryview | None = None  # the rest of a reply the client was slow to take
     write_deadline: float = 0.0
     tcp: bool = False  # accepted on http_listen: HTTP only, and the token applies
@@ -422,7 +423,7 @@ class Master:
                 self.on_ready()
 
     def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
-                 unsent: bytearray | None) -> None:
+                 unsent: bytearray | None, unread: bytes | None) -> None:
         slot.requests += served
         self.requests_served += served
         slot.last_done = time.monotonic()
@@ -450,6 +451,7 @@ class Master:
         if conn is None or conn.conn_id != conn_id:
             log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
             return
+        conn.unread = unread or b""
         if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.
             conn.close_when_written = close
@@ -506,7 +508,13 @@ class Master:
             conn, slot.conn = slot.conn, None
             if slot.lingering:
                 self.epoll.modify(conn.fd, _ET_READ)
-            if not serving:  # the client lost nothing: the master takes the connection back
+            if not serving and slot.lingering and conn.speaks == "msgpack" and not _exited_cleanly(status):
+                # A lingering worker's wait reads the socket: a request it had just taken out may
+                # have died with it.  Closing makes the client send it again (a pooled connection
+                # closed before any reply byte is retried at once); taking it back would leave the
+                # client waiting for a reply that never comes.
+                self._close(conn)
+            elif not serving:  # the client lost nothing: the master takes the connection back
                 conn.state = _IDLE
                 conn.last_active = now
                 self._recheck.append(conn)
@@ -804,17 +812,25 @@ class Master:
         if conn.inbuf is not None:
             self._gather(conn)
             return
+        unread = conn.unread
+        ended = False  # the client has sent all it will (end of file after what a worker handed back)
         try:
             # One peek usually sees the whole of a small request, saving the FIONREAD call.
-            head = conn.sock.recv(_PEEK_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = conn.sock.recv(_PEEK_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return
+            if not unread:
+                return
+            peeked = b""  # nothing more yet: what a worker handed back may be whole
         except OSError:
             self._close(conn)
             return
-        if not head:
-            self._close(conn)  # the client hung up
-            return
+        else:
+            if not peeked:
+                if not unread:
+                    self._close(conn)  # the client hung up
+                    return
+                ended = True  # what it sent before ending is still answered
+        head = unread + peeked if unread else peeked
         if not conn.speaks:  # a connection's first bytes decide what it speaks, for its whole life
             if protocol.MAGIC.startswith(head[:2]):
                 conn.speaks = "msgpack"
@@ -834,7 +850,7 @@ class Master:
             self._examine_http(conn, head)
             return
         if len(head) < protocol.HEADER_SIZE:
-            self._mark_partial(conn)
+            self._close_or_wait(conn, ended)
             return
         try:
             kind, request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
@@ -852,23 +868,25 @@ class Master:
             ))
             return
         conn.frame_size = protocol.HEADER_SIZE + length
-        if len(head) < conn.frame_size and len(head) == _PEEK_SIZE:
-            queued = protocol.queued_bytes(conn.fd)
+        if len(head) < conn.frame_size and len(peeked) == _PEEK_SIZE:
+            queued = len(unread) + protocol.queued_bytes(conn.fd)
         else:
             queued = len(head)
         if queued >= conn.frame_size and kind in protocol.CONTROL_KINDS:
             self._control(conn, kind, request_id)
             return
-        if queued >= conn.frame_size:
+        if queued >= conn.frame_size and not unread:
             conn.state = _QUEUED  # whole in the socket: the worker reads it
             self._queue.append(conn)
             return
         if kind in protocol.CONTROL_KINDS:
-            self._mark_partial(conn)  # control requests are tiny: wait for the rest
+            self._close_or_wait(conn, ended)  # control requests are tiny: wait for the rest
             return
-        # Arriving in pieces. The socket may never hold all of it (a sender writing small
-        # pieces fills the queue's accounting long before its byte count), so gather it here.
-        conn.inbuf = bytearray()
+        # Arriving in pieces, or begun in bytes a worker handed back: gathered here and handed
+        # over as a frame.  (The socket may never hold all of a request sent in small pieces:
+        # they fill the queue's accounting long before its byte count.)
+        conn.inbuf, conn.unread = bytearray(unread), b""
+        self._gathered += len(unread)
         self._gather(conn)
 
     def _examine_http(self, conn: _Connection, head: bytes) -> None:
@@ -991,7 +1009,7 @@ class Master:
     def _control(self, conn: _Connection, kind: int, request_id: int) -> None:
         """Answer a control request here in the master: status, reload, stop, scale."""
         try:
-            frame = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
+            frame = self._take_frame(conn)
             if len(frame) != conn.frame_size:
                 raise ValueError("short read")
             body = protocol.unpack(frame[protocol.HEADER_SIZE:]) if len(frame) > protocol.HEADER_SIZE else None
@@ -1021,6 +1039,15 @@ class Master:
             after()
         elif conn.state == _IDLE:
             self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+
+    def _take_frame(self, conn: _Connection) -> bytes:
+        """Read the request in hand (known to be whole) from what a worker handed back, then the socket."""
+        unread, size = conn.unread, conn.frame_size
+        if len(unread) >= size:
+            conn.unread = unread[size:]
+            return unread[:size]
+        conn.unread = b""
+        return unread + conn.sock.recv(size - len(unread), socket.MSG_DONTWAIT)
 
     def _send_reply(self, conn: _Connection, frame: bytes) -> None:
         """Write a reply of the master's own; what the socket does not take now goes out as it drains."""
@@ -1127,6 +1154,13 @@ class Master:
         conn.last_active = time.monotonic()
         self._examine(conn)
 
+    def _close_or_wait(self, conn: _Connection, ended: bool) -> None:
+        """A request not whole yet: wait for the rest, unless the client has ended its input."""
+        if ended:
+            self._close(conn)
+        else:
+            self._mark_partial(conn)
+
     def _mark_partial(self, conn: _Connection) -> None:
         if conn.state != _PARTIAL:
             conn.state = _PARTIAL
@@ -1148,7 +1182,7 @@ class Master:
             slot = self._idle_workers.popleft()
             self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
             try:
-                ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf)
+                ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf, conn.speaks == "http")
             except OSError as exc:
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                     self._queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
@@ -1189,6 +1223,7 @@ class Master:
             return
         self._release_gathered(conn)
         conn.outbuf = None
+        conn.unread = b""
         conn.state = _CLOSED
         self.connections.pop(conn.fd, None)
         try:
@@ -1396,6 +1431,10 @@ def _groups_of(pid: int) -> set[int]:
     except OSError:
         pass
     return set()
+
+
+def _exited_cleanly(status: int) -> bool:
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _describe_status(status: int) -> str:

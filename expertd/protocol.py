@@ -78,10 +78,15 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 MAX_CONTAINERS = 1_000_000
 
 
+_unpackb = msgpack.unpackb
+
+
 def unpack(body: bytes | bytearray | memoryview) -> Any:
     """Decode a body safely: no extension types, str/bytes map keys only, sizes and container count bounded."""
     if len(body) <= MAX_CONTAINERS:  # every container takes at least a byte: too short to exceed the bound
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext)
+        # (raw=False, strict_map_key=True and use_list=True are msgpack 1.x's defaults: passing
+        # them costs a keyword parse per call.)
+        return _unpackb(body, ext_hook=_refuse_ext)
     count = 0
 
     def counted(container: Any) -> Any:
@@ -208,7 +213,7 @@ def check_shape(args: list, kwargs: dict, max_args: int, max_depth: int, body: b
     """
     if len(args) + len(kwargs) > max_args:
         raise BadRequest(f"{len(args) + len(kwargs)} arguments given; the limit is {max_args} (max_args)")
-    if body and len(bytes(body).translate(None, _NOT_MARKERS)) < max_depth:
+    if body and (len(body) < max_depth or len(bytes(body).translate(None, _NOT_MARKERS)) < max_depth):
         return
     level, depth = [v for v in (*args, *kwargs.values()) if isinstance(v, (list, dict))], 1
     while level:  # breadth first: one list of the containers at each depth

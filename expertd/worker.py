@@ -2,8 +2,9 @@
 
 The worker never accepts connections itself.  The master passes it a client
 connection with a complete request waiting (see :mod:`expertd.ipc`); the
-worker reads exactly that request, calls the expert, writes the reply, hands
-the connection back and waits for the next one.  An expert's exception, bad
+worker reads that request, calls the expert, writes the reply, and either
+lingers for the connection's next request or hands it back (with any bytes it
+read but did not serve) and waits for the next connection.  An expert's exception, bad
 arguments or an unserialisable result become structured error replies: a bad
 request never kills the worker.
 """
@@ -30,7 +31,7 @@ from expertd.errors import (
     ConnectionLost,
     ExpertFailed,
     ExpertLoadError,
-    ProtocolError,
+    FrameTooLarge,
     RemoteError,
     RequestTimeout,
     UnknownExpert,
@@ -64,17 +65,23 @@ class Worker:
         self._last_uss_check = 0.0
         self._last_uss = 0
         self._rss_at_uss_check = 0
-        self._drain = bytearray(_PEEK)  # where requests already seen by a peek are read to
-        self._served_http = False  # what the last request served spoke
-        self._reclaimable = False  # waiting in the lingering peek: a reclaim may interrupt it
+        self._buf = bytearray(_READ_SIZE)  # msgpack input is read here
+        self._waiting = False  # waiting on a lingering connection (see _wait)
+        self._wait_consumes = False  # ... in a read that takes bytes out of the socket (msgpack), not a peek
         self._reclaim_signalled = False
         self._master_pid = os.getppid()
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
+        self._max_args, self._max_depth = config.max_args, config.max_depth
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._lingers = config.linger > 0
+        micros = max(1, round(config.linger * 1e6))  # (a zero timeval would mean for ever)
+        self._linger_timeval = _TIMEVAL.pack(*divmod(micros, 10**6))
         jitter = config.max_requests_jitter
         if jitter is None:
             jitter = config.max_requests // 10
         # Each worker draws its own limit so that workers do not all recycle at once.
         self._request_limit = config.max_requests + random.randint(0, jitter) if config.max_requests else 0
+        self._limits = bool(self._request_limit or config.max_memory)
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
@@ -126,13 +133,13 @@ class Worker:
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGUSR2, self._on_reclaim)
         # SA_RESTART: an expert's own blocking calls carry on through a reclaim. The lingering
-        # peek is still interrupted: reads with SO_RCVTIMEO are never restarted (signal(7)).
+        # wait is still interrupted: reads with SO_RCVTIMEO are never restarted (signal(7)).
         signal.siginterrupt(signal.SIGUSR2, False)
 
     def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
         # held while we wait for work), else right after the request in hand.
-        if self._idle:
+        if self._idle or self._waiting:
             _reopen_logs_quietly()
         else:
             self._reopen_logs = True
@@ -143,7 +150,7 @@ class Worker:
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         # Finish the request in hand, then exit; an idle worker exits at once.
         self._stop_requested = True
-        if self._idle:
+        if self._idle or self._interruptible():
             raise SystemExit(0)
 
     def _serve_forever(self) -> None:
@@ -153,71 +160,140 @@ class Worker:
             self._idle = False
             if command is None:  # the master closed our channel: time to go
                 return
-            conn_id, fd, frame = command
+            conn_id, fd, frame, speaks_http = command
             # No timeout on the socket object: every request handed to us is whole in the socket,
             # so reads never wait, and Python polls before each call on a socket with a timeout.
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+            unread = None
             try:
-                close, unsent, retire, served = self._serve_connection(conn_id, conn, frame)
+                if speaks_http:
+                    close, unsent, retire, served = self._serve_http_connection(conn_id, conn, frame)
+                else:
+                    close, unsent, retire, served, unread = self._serve_msgpack_connection(conn_id, conn, frame)
             finally:
                 conn.close()
-            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent, served=served)
+            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent, served=served,
+                          unread=unread)
             if retire is not None:
                 log.info("worker %d (pid %d) retiring after %d requests: %s",
                          self.number, os.getpid(), self.requests, retire)
                 return
 
-    def _serve_connection(self, conn_id: int, conn: socket.socket,
-                          frame: bytearray | None) -> tuple[bool, memoryview | None, str | None, int]:
+    # ------------------------------------------------------- msgpack connections
+    def _serve_msgpack_connection(
+        self, conn_id: int, conn: socket.socket, frame: bytearray | None,
+    ) -> tuple[bool, memoryview | None, str | None, int, bytes | None]:
         """Serve the request handed over, then linger for the connection's next ones while nobody else waits.
 
-        Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
+        Input is read in as large pieces as the socket holds, each request's
+        bytes taken out of the socket by one read (a peek and a read would be
+        two system calls).  What was read but is not served here (a control
+        request, a request still arriving, anything after a reclaim) goes back
+        to the master, which treats it as the start of the connection's input.
+
+        Returns (close, unsent reply bytes, retire reason, requests served
+        since the last DONE, unread bytes).
         """
         self._reclaim_signalled = False  # (a late signal meant for the previous connection)
-        close, unsent = self._serve_one(conn, frame)
-        retire = self._after_request()
-        speaks_http = self._served_http  # a connection speaks one protocol for its whole life
-        served, lingering = 1, False
-        while not (close or unsent or retire or self._stop_requested) and self._may_linger():
+        buf = self._buf
+        if frame is not None:  # gathered by the master (perhaps followed by more of the input)
+            data: bytearray = frame
+            end = len(frame)
+        else:  # a whole request waits in the socket
+            data = buf
+            try:
+                end = conn.recv_into(buf, 0, _NOW)
+            except OSError as exc:
+                return (*self._give_up(exc), None, 0, None)
+            if not end:  # the client hung up after sending it
+                self.board.writing()
+                return True, None, None, 0, None
+        start = served = total = 0
+        close, unsent, retire, lingering = False, None, None, False
+        max_frame, header_from = self.config.max_frame, _HEADER.unpack_from
+        while True:
+            # One request out of data[start:end], or the rest goes back to the master.
+            available = end - start
+            if available < _HEADER_SIZE:
+                break
+            magic, version, kind, request_id, length = header_from(data, start)
+            if magic != _MAGIC or version != _VERSION or kind not in _WORKER_KINDS or length > max_frame:
+                break  # the master answers it (refusals, control requests)
+            size = _HEADER_SIZE + length
+            if available >= size:
+                body = memoryview(data)[start + _HEADER_SIZE : start + size]
+                start += size
+            else:
+                try:
+                    whole = self._read_rest(conn, data, start, end, size)
+                except OSError as exc:
+                    return (*self._give_up(exc), None, served, None)
+                if whole is None:
+                    break  # still arriving: the master gathers it
+                body = memoryview(whole)[_HEADER_SIZE:]
+                data, start, end = buf, 0, 0
+            close, unsent = self._answer(conn, kind, request_id, body)
+            body.release()  # (a view into the read buffer blocks nothing, but it need not outlive its request)
+            retire = self._after_request()
+            served += 1
+            total += 1
+            if close or unsent or retire or self._stop_requested or self._reclaim_signalled or not self._may_linger():
+                break
             if not lingering:
                 lingering = True
                 ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
                 served = 0
-                # Waiting is a blocking peek that gives up after `linger`; a reclaim interrupts it.
-                conn.setblocking(True)  # (a worker's _send_briefly may have left it non-blocking)
-                micros = max(1, round(self.config.linger * 1e6))  # (a zero timeval would mean for ever)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(*divmod(micros, 10**6)))
-            waiting = self._await_next(conn, speaks_http)
-            if isinstance(waiting, str):
-                close = waiting == "eof"
-                break
-            close, unsent = self._serve_one(conn, None, waiting)
-            retire = self._after_request()
-            served += 1
-        return close, unsent, retire, served
+                # Waiting is a blocking read that gives up after `linger`; a reclaim interrupts it.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._linger_timeval)
+            if start == end:
+                got = self._wait(conn.recv_into, (buf,), True)
+                if got.__class__ is str:
+                    close = got == "eof"
+                    break
+                data, start, end = buf, 0, got
+        if close or start == end:
+            return close, unsent, retire, served, None
+        if not total:
+            # Handed over for a request a worker serves, yet this one cannot: a worker of the
+            # generation before a reload that raised max_frame.  Handing it back would only send
+            # it round again, so it is refused here.
+            return (*self._refuse(conn, data, start, end), None, 0, None)
+        return close, unsent, retire, served, bytes(data[start:end])
 
-    def _may_linger(self) -> bool:
-        return self.config.linger > 0 and self.scoreboard.may_linger(time.monotonic())
+    def _refuse(self, conn: socket.socket, data: bytearray, start: int, end: int) -> tuple[bool, None]:
+        """Answer the request at data[start:end] with an error and close the connection."""
+        request_id, length = 0, 0
+        if end - start >= _HEADER_SIZE:
+            _magic, _version, _kind, request_id, length = _HEADER.unpack_from(data, start)
+        if length > self.config.max_frame:
+            error: RemoteError = FrameTooLarge(
+                f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
+        else:
+            error = BadRequest("this request could not be read whole")
+        log.info("refusing request %d: %s", request_id, error)
+        self._deliver(conn, protocol.encode_error(request_id, error), request_id)
+        return True, None
 
-    def _await_next(self, conn: socket.socket, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
-        """Wait (up to ``linger``) for the connection's next request.
+    def _wait(self, read: Any, args: tuple, consumes: bool) -> Any:
+        """Wait (up to ``linger``, the socket's SO_RCVTIMEO) in ``read(*args)`` for a lingering connection's input.
 
-        Returns what a peek saw of it (the request is whole in the socket, still
-        unread), or why not: "eof", "reclaimed" or "expired".
-
-        The wait is one blocking peek (SO_RCVTIMEO is ``linger``), not a poll of
-        the connection and the channel: a system call less per request.  The
-        master reclaims the connection with SIGUSR2, whose handler interrupts
-        the peek (see :meth:`_on_reclaim`).
+        Returns what ``read`` returned, or why it returned nothing: "eof",
+        "reclaimed" or "expired".  The master reclaims the connection with
+        SIGUSR2, whose handler interrupts the read by raising (see
+        :meth:`_on_reclaim`); a SIGTERM does the same.  A read that ``consumes``
+        (msgpack input, read into the buffer) is interrupted only while the
+        buffer's first byte shows that nothing was read: every request begins
+        with a non-zero byte, so nothing taken out of the socket is dropped.
         """
         if self._reclaim_signalled:
             self._reclaim_signalled = False
             return "reclaimed"
-        self._idle = True  # a SIGTERM now exits at once: the master takes the connection back
+        if consumes:
+            self._buf[0] = 0
+        self._wait_consumes = consumes
+        self._waiting = True
         try:
-            self._reclaimable = True
-            head = conn.recv(_PEEK, _PEEK_WAIT)
-            self._reclaimable = False
+            got = read(*args)
         except _Reclaimed:
             self._reclaim_signalled = False
             return "reclaimed"
@@ -226,45 +302,127 @@ class Worker:
         except OSError:
             return "eof"
         finally:
-            self._reclaimable = False  # (also when SIGTERM's SystemExit leaves the wait)
-            self._idle = False
-        return self._judge_next(conn, head, speaks_http)
+            self._waiting = False  # (also when SIGTERM's SystemExit leaves the wait)
+        return got or "eof"
+
+    def _interruptible(self) -> bool:
+        """Whether a signal may abort the wait on the connection: waiting, and nothing read yet."""
+        return self._waiting and not (self._wait_consumes and self._buf[0])
+
+    @staticmethod
+    def _read_rest(conn: socket.socket, data: bytearray, start: int, end: int, size: int) -> bytearray | None:
+        """The rest of a request larger than what was read, if the socket holds it all (else None)."""
+        have = end - start
+        if protocol.queued_bytes(conn.fileno()) < size - have:
+            return None
+        whole = bytearray(size)
+        whole[:have] = data[start:end]
+        if conn.recv_into(memoryview(whole)[have:], size - have, _WAIT_ALL) < size - have:
+            raise ConnectionLost("connection closed while reading a request")
+        return whole
+
+    def _answer(self, conn: socket.socket, kind: int, request_id: int,
+                body: memoryview) -> tuple[bool, memoryview | None]:
+        """Answer one msgpack request whose bytes are read; (close, the part of the reply not taken in time)."""
+        started = time.monotonic()
+        board = self.board
+        expert_name = None
+        try:
+            if kind == _CALL:
+                try:
+                    expert_name, args, kwargs = protocol.decode_call(body)
+                finally:  # (the master must see the request begin even when it is refused)
+                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
+                                expert_name or "")
+                # The limits are checked in full only where a cheap look says they might bite
+                # (each Python call on this path costs a tenth of a microsecond).
+                if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
+                    protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
+                expert = self.experts.get(expert_name)
+                if expert is None:
+                    self._invoke(expert_name, args, kwargs)  # raises UnknownExpert
+                try:
+                    result = expert.function(*args, **kwargs)
+                except BaseException as exc:  # an expert's failure is a reply, never a dead worker
+                    raise _failure(expert, args, kwargs, exc) from None
+                reply_kind, reply = _RESULT, _pack_result(expert_name, result)
+            else:
+                board.begin(started, self.config.timeout, request_id, "")
+                reply_kind = _RESULT
+                if kind == protocol.PING:
+                    reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
+                                           "requests": self.requests})
+                else:  # LIST
+                    reply = protocol.pack([e.describe() for e in self.experts.values()])
+            outcome = "ok"
+        except RemoteError as exc:
+            reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
+            outcome = exc.code
+        if kind == _CALL:
+            self.recorder.record(expert_name, outcome, time.monotonic() - started)
+        close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
+                                      request_id)
+        if self._debug and not close:
+            log.debug("request %d %s %.3f ms %s", request_id,
+                      expert_name or {protocol.PING: "(ping)", protocol.LIST: "(list)"}.get(kind, "?"),
+                      (time.monotonic() - started) * 1000, outcome)
+        return close, unsent
+
+    # ------------------------------------------------------- HTTP connections
+    def _serve_http_connection(self, conn_id: int, conn: socket.socket,
+                               frame: bytearray | None) -> tuple[bool, memoryview | None, str | None, int]:
+        """Serve the HTTP request handed over, then linger for the connection's next ones while nobody else waits.
+
+        Unlike msgpack connections, waits are peeks: an HTTP request's end is
+        found by looking at its head, and nothing is read that is not served.
+        Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
+        """
+        self._reclaim_signalled = False  # (a late signal meant for the previous connection)
+        close, unsent = self._serve_http_request(conn, frame)
+        retire = self._after_request()
+        served, lingering = 1, False
+        while not (close or unsent or retire or self._stop_requested) and self._may_linger():
+            if not lingering:
+                lingering = True
+                ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
+                served = 0
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._linger_timeval)
+            waiting = self._await_next(conn)
+            if isinstance(waiting, str):
+                close = waiting == "eof"
+                break
+            close, unsent = self._serve_http_request(conn, None, waiting)
+            retire = self._after_request()
+            served += 1
+        return close, unsent, retire, served
+
+    def _may_linger(self) -> bool:
+        return self._lingers and self.scoreboard.may_linger(time.monotonic())
+
+    def _await_next(self, conn: socket.socket) -> _PeekedHttp | str:
+        """Wait (up to ``linger``) for the connection's next HTTP request.
+
+        Returns what a peek saw of it (the request is whole in the socket, still
+        unread), or why not: "eof", "reclaimed" or "expired".
+        """
+        head = self._wait(conn.recv, (_PEEK, _PEEK_WAIT), False)
+        if head.__class__ is str:
+            return head
+        return self._peek_http(conn, head)
 
     def _on_reclaim(self, signum: int, frame: FrameType | None) -> None:
-        # The master wants the connection back.  Raising is what interrupts the blocking peek
-        # (PEP 475 would otherwise resume it), so it raises only while the worker waits there;
-        # at any other moment the flag is seen before the next wait.  A signal landing in the
-        # instant before the peek's system call starts is seen when the peek times out: late
-        # by at most `linger`, never lost.
+        # The master wants the connection back.  Raising is what interrupts the blocking wait
+        # (PEP 475 would otherwise resume it), so it raises only while the worker waits there
+        # and has read nothing; at any other moment the flag is seen before the next wait.  A
+        # signal landing in the instant before the wait's system call starts is seen when the
+        # wait times out: late by at most `linger`, never lost.
         self._reclaim_signalled = True
-        if self._reclaimable:
-            self._reclaimable = False
+        if self._interruptible():
+            self._waiting = False
             raise _Reclaimed
 
-    def _judge_next(self, conn: socket.socket, head: bytes, speaks_http: bool) -> _Peeked | _PeekedHttp | str:
-        if not head:
-            return "eof"
-        if speaks_http:
-            return self._peek_http(conn, head)
-        if head[:2] != protocol.MAGIC:
-            return "expired"  # not this connection's protocol: the master refuses it
-        # Only an ordinary request that is whole in the socket is served here; anything
-        # else (control requests, refusals, a request still arriving) is the master's.
-        if len(head) < protocol.HEADER_SIZE:
-            return "expired"
-        try:
-            kind, request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
-        except ProtocolError:
-            return "expired"
-        if kind not in (protocol.CALL, protocol.PING, protocol.LIST) or length > self.config.max_frame:
-            return "expired"
-        size = protocol.HEADER_SIZE + length
-        if len(head) < size and protocol.queued_bytes(conn.fileno()) < size:
-            return "expired"
-        return _Peeked(head, kind, request_id, length)
-
     def _peek_http(self, conn: socket.socket, head: bytes) -> _PeekedHttp | str:
-        # As above: only a whole call that the master would pass on as it is.
+        # Only a whole call that the master would pass on as it is.
         try:
             framing = http.scan_head(head)
             if framing is None:
@@ -294,7 +452,7 @@ class Worker:
             self._set_title("ready")
             if os.getppid() != self._master_pid:  # the master died: stop, even mid-linger
                 self._stop_requested = True
-        return self._retire_reason()
+        return self._retire_reason() if self._limits else None
 
     def _retire_reason(self) -> str | None:
         """Why this worker should be replaced now (max_requests, max_memory), or None."""
@@ -323,117 +481,29 @@ class Worker:
             return f"max_memory (private memory {uss / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB)"
         return None
 
-    def _serve_one(self, conn: socket.socket, frame: bytearray | None,
-                   peeked: _Peeked | _PeekedHttp | bytes | None = None) -> tuple[bool, memoryview | None]:
-        """Answer one request on ``conn``: read from it, or ``frame`` if the master read it.
+    def _serve_http_request(self, conn: socket.socket, frame: bytearray | None,
+                            peeked: _PeekedHttp | None = None) -> tuple[bool, memoryview | None]:
+        """Answer one HTTP request on ``conn``: read from it, or ``frame`` if the master read it.
 
         ``peeked`` is what a look at the socket already saw of the request.
         Returns whether the connection must be closed, and the part of the reply
         the client did not take in time (for the master to finish writing).
         """
         started = time.monotonic()
-        board = self.board
+        head: _PeekedHttp | bytes | None = peeked
         if frame is None and peeked is None:
             try:  # the master handed the connection over because a whole request waits in it
-                peeked = conn.recv(_PEEK, _PEEK_NOW)
+                head = conn.recv(_PEEK, _PEEK_NOW)
             except OSError as exc:
                 return self._give_up(exc)
-            if not peeked:  # the client hung up after sending it
-                board.writing()
+            if not head:  # the client hung up after sending it
+                self.board.writing()
                 return True, None
-        self._served_http = isinstance(peeked, _PeekedHttp) or (
-            not isinstance(peeked, _Peeked) and (frame if frame is not None else peeked)[:2] != protocol.MAGIC)
-        if self._served_http:
-            return self._serve_http(conn, frame, peeked, started)
-        try:
-            kind, request_id, body, call = self._take_request(conn, frame, peeked, started)
-        except (ProtocolError, RequestTimeout, ConnectionLost, OSError) as exc:
-            return self._give_up(exc)
-        expert_name = None
-        try:
-            if kind == protocol.CALL:
-                if call is None:  # read whole, not decoded yet
-                    call = protocol.decode_call(body)
-                    board.begin(started, self._timeouts.get(call[0], self.config.timeout), request_id, call[0])
-                elif isinstance(call, BadRequest):
-                    raise call
-                expert_name, args, kwargs = call
-                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, body)
-                reply_kind, reply = protocol.RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
-            elif kind == protocol.PING:
-                reply_kind, reply = protocol.RESULT, protocol.pack(
-                    {"pid": os.getpid(), "worker": self.number, "version": __version__, "requests": self.requests}
-                )
-            elif kind == protocol.LIST:
-                reply_kind, reply = protocol.RESULT, protocol.pack([e.describe() for e in self.experts.values()])
-            else:
-                raise BadRequest(f"unknown request kind 0x{kind:02x}")
-            outcome = "ok"
-        except RemoteError as exc:
-            reply_kind, reply = protocol.ERROR, protocol.pack(exc.to_wire())
-            outcome = exc.code
-        if kind == protocol.CALL:
-            self.recorder.record(expert_name, outcome, time.monotonic() - started)
-        close, unsent = self._deliver(conn, protocol.encode_frame(reply_kind, request_id, reply), request_id)
-        if close:
-            return close, unsent
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request %d %s %.3f ms %s",
-                request_id,
-                expert_name or {protocol.PING: "(ping)", protocol.LIST: "(list)"}.get(kind, "?"),
-                (time.monotonic() - started) * 1000,
-                outcome,
-            )
-        return False, unsent
-
-    def _take_request(self, conn: socket.socket, frame: bytearray | None, peeked: _Peeked | bytes | None,
-                      started: float) -> tuple[int, int, bytes | memoryview, tuple | BadRequest | None]:
-        """Take the request out of the socket (or the master's frame).
-
-        Returns ``(kind, request_id, body, call)``: call is the decoded call, or
-        why it could not be decoded, or None when it is not decoded yet.  The
-        slot shows the worker busy before any byte leaves the socket: from then
-        on, its death loses a request, and the master must say so.
-        """
-        board, timeout = self.board, self.config.timeout
-        if frame is not None:
-            kind, request_id, _length = protocol.parse_header(bytes(frame[: protocol.HEADER_SIZE]))
-            board.begin(started, timeout, request_id, "")
-            return kind, request_id, memoryview(frame)[protocol.HEADER_SIZE :], None
-        if isinstance(peeked, _Peeked):
-            head, kind, request_id, length = peeked
-        else:
-            head = peeked or b""
-            if len(head) < protocol.HEADER_SIZE:
-                board.begin(started, timeout, 0, "")
-                return (*protocol.read_frame(conn, self.config.max_frame), None)
-            kind, request_id, length = protocol.parse_header(head[: protocol.HEADER_SIZE])
-            if length > self.config.max_frame:
-                raise ProtocolError(f"frame body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
-        size = protocol.HEADER_SIZE + length
-        if len(head) < size:  # a large request: read it whole
-            board.begin(started, timeout, request_id, "")
-            return kind, request_id, memoryview(protocol.recv_exact(conn, size))[protocol.HEADER_SIZE :], None
-        # The usual case: the peek saw it all, so the call is decoded from the peek (nothing
-        # read yet), the expert's timeout applies at once, and reading only drains the socket.
-        body = head[protocol.HEADER_SIZE : size]
-        call: tuple[str, list, dict] | BadRequest | None = None
-        expert = ""
-        if kind == protocol.CALL:
-            try:
-                call = protocol.decode_call(body)
-                expert = call[0]
-            except BadRequest as exc:
-                call = exc  # answered once the request is read
-        board.begin(started, self._timeouts.get(expert, timeout), request_id, expert)
-        if conn.recv_into(self._drain, size, _WAIT_ALL) < size:
-            raise ConnectionLost("connection closed while reading a request")
-        return kind, request_id, body, call
+        return self._serve_http(conn, frame, head, started)
 
     def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
                     started: float) -> tuple[bool, memoryview | None]:
-        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_one`."""
+        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_http_request`."""
         board, timeout = self.board, self.config.timeout
         request = None
         try:
@@ -507,14 +577,7 @@ class Worker:
         try:
             return expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker
-            if isinstance(exc, TypeError):
-                _refuse_misfit(expert, args, kwargs, exc)
-            raise ExpertFailed(
-                f"{type(exc).__name__}: {_safe_str(exc)}",
-                remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                remote_traceback=_safe_traceback(exc),
-                expert=name,
-            ) from None
+            raise _failure(expert, args, kwargs, exc) from None
 
 
 def _pack_result(name: str, result: Any) -> bytes:
@@ -527,6 +590,21 @@ def _pack_result(name: str, result: Any) -> bytes:
     if len(body) > protocol.MAX_BODY:
         raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}", expert=name)
     return body
+
+
+def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException) -> RemoteError:
+    """The error reply for an expert call that raised ``exc``."""
+    if isinstance(exc, TypeError):
+        try:
+            _refuse_misfit(expert, args, kwargs, exc)
+        except BadRequest as misfit:
+            return misfit
+    return ExpertFailed(
+        f"{type(exc).__name__}: {_safe_str(exc)}",
+        remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        remote_traceback=_safe_traceback(exc),
+        expert=expert.name,
+    )
 
 
 def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:
@@ -570,6 +648,10 @@ def _safe_traceback(exc: BaseException) -> str:
 
 
 _PEEK = 4096
+_READ_SIZE = 64 * 1024
+_HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
+_CALL, _RESULT, _ERROR = protocol.CALL, protocol.RESULT, protocol.ERROR
+_WORKER_KINDS = frozenset((protocol.CALL, protocol.PING, protocol.LIST))  # the rest are the master's
 
 
 class _Reclaimed(Exception):
@@ -584,15 +666,6 @@ class _PeekedHttp(NamedTuple):
 
 
 _HEAD_END = b"\n\r\n"  # a peek that holds this holds the whole head (bare-LF heads are looked at again)
-
-
-class _Peeked(NamedTuple):
-    """A request seen whole in the socket by a peek, not yet read."""
-
-    head: bytes  # the frame, perhaps followed by more
-    kind: int
-    request_id: int
-    length: int
 
 
 # Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.

@@ -2,11 +2,16 @@
 
 import os
 import signal
+import socket
 import time
 
+import msgpack
 import pytest
 
+from expertd import protocol
 from expertd.errors import RequestTimeout
+
+from conftest import raw_connection
 
 EXPERTS = {"add": "testexperts:add", "pid": "testexperts:pid",
            "slow": {"function": "testexperts:slow", "timeout": "1s"}}
@@ -51,7 +56,21 @@ def test_a_worker_killed_while_lingering_costs_the_client_nothing(make_daemon):
     worker = client.call("pid")
     os.kill(worker, signal.SIGKILL)
     assert daemon.wait_workers(2, exclude={worker})
-    assert client.call("add", 5, 5) == 10  # the master took the connection back
+    # The worker read its connection directly, so the master cannot know whether it died with a
+    # request just taken out of the socket: it closes the connection, and the pooled
+    # connection's end is retried on a new one.
+    assert client.call("add", 5, 5) == 10
+
+
+def test_a_connection_whose_lingering_worker_dies_is_closed_not_left_waiting(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=2, linger="10s")
+    sock = raw_connection(daemon, timeout=10)
+    sock.sendall(_call(1, "pid"))
+    kind, request_id, worker = _reply(sock)
+    assert (kind, request_id) == (protocol.RESULT, 1)
+    os.kill(worker, signal.SIGKILL)
+    assert sock.recv(16) == b""  # closed at once: a client never waits for a reply that cannot come
+    assert daemon.client().call("add", 1, 2) == 3
 
 
 def test_graceful_stop_reclaims_lingering_workers(make_daemon):
@@ -87,3 +106,72 @@ def test_a_large_reply_does_not_end_lingering(make_daemon):
         assert client.call("add", 2, 2) == 4
     assert client._pool == [conn]  # the same connection throughout: never dropped
     assert len({client.call("pid") for _ in range(10)}) == 1
+
+
+def _call(request_id: int, expert: str, *args: object) -> bytes:
+    return protocol.encode_frame(protocol.CALL, request_id, msgpack.packb([expert, list(args), {}]))
+
+
+def _reply(sock) -> tuple[int, int, object]:
+    kind, request_id, body = protocol.read_frame(sock, 1 << 30)
+    return kind, request_id, msgpack.unpackb(body)
+
+
+def test_requests_sent_together_are_all_answered_in_order(make_daemon):
+    # A lingering worker reads what the socket holds: several requests at once, and a control
+    # request among them, which is the master's.  Each is answered once, in order.
+    daemon = make_daemon(EXPERTS, workers=2, linger="5s")
+    sock = raw_connection(daemon)
+    sock.sendall(_call(1, "add", 1, 1))
+    assert _reply(sock) == (protocol.RESULT, 1, 2)  # its worker lingers on the connection now
+    for _ in range(3):
+        sock.sendall(_call(2, "add", 2, 2) + _call(3, "add", 3, 3) + protocol.encode_frame(protocol.STATUS, 4, b"")
+                     + _call(5, "add", 5, 5) + _call(6, "add", 6, 6)[:7])
+        assert _reply(sock) == (protocol.RESULT, 2, 4)
+        assert _reply(sock) == (protocol.RESULT, 3, 6)
+        kind, request_id, status = _reply(sock)
+        assert (kind, request_id) == (protocol.RESULT, 4) and status["workers"]
+        assert _reply(sock) == (protocol.RESULT, 5, 10)
+        sock.sendall(_call(6, "add", 6, 6)[7:])  # the rest of a request begun in the same write
+        assert _reply(sock) == (protocol.RESULT, 6, 12)
+
+
+def test_a_request_arriving_in_pieces_on_a_lingering_connection(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, linger="5s")
+    sock = raw_connection(daemon)
+    sock.sendall(_call(1, "add", 1, 1))
+    assert _reply(sock) == (protocol.RESULT, 1, 2)
+    frame = _call(2, "add", 20, 22)
+    for cut in (3, 12, 15):  # in the header, at its end, in the body
+        sock.sendall(frame[:cut])
+        time.sleep(0.1)
+        sock.sendall(frame[cut:])
+        assert _reply(sock) == (protocol.RESULT, 2, 42)
+    assert daemon.client().call("add", 1, 1) == 2  # and the only worker is free for others
+
+
+def test_a_large_request_on_a_lingering_connection(make_daemon):
+    daemon = make_daemon({**EXPERTS, "echo": "testexperts:echo"}, workers=2, linger="5s")
+    client = daemon.client(pool_size=1)
+    assert client.call("add", 1, 1) == 2
+    for size in (70_000, 300_000, 3_000_000):  # more than one read of the worker's, more than the socket holds
+        text = "y" * size
+        assert client.call("echo", text)["args"] == [text]
+        assert client.call("add", 2, 2) == 4
+
+
+@pytest.mark.parametrize("linger", ["0", "5s"])
+def test_requests_sent_before_the_client_ends_its_input_are_all_answered(make_daemon, linger):
+    # A worker may have read them all; what it hands back is still answered after end of file.
+    daemon = make_daemon(EXPERTS, workers=2, linger=linger)
+    sock = raw_connection(daemon)
+    sock.sendall(_call(1, "add", 1, 1))
+    assert _reply(sock) == (protocol.RESULT, 1, 2)
+    sock.sendall(_call(2, "add", 2, 2) + _call(3, "add", 3, 3) + protocol.encode_frame(protocol.STATUS, 4, b"")
+                 + _call(5, "add", 5, 5))
+    sock.shutdown(socket.SHUT_WR)
+    assert _reply(sock) == (protocol.RESULT, 2, 4)
+    assert _reply(sock) == (protocol.RESULT, 3, 6)
+    assert _reply(sock)[:2] == (protocol.RESULT, 4)
+    assert _reply(sock) == (protocol.RESULT, 5, 10)
+    assert sock.recv(16) == b""  # then closed
