@@ -8,8 +8,10 @@
     client.opinion("sentiment", {"text": "what a lovely day"})
 
 A :class:`Client` is safe to share between threads: it keeps a small pool of
-connections and gives each call its own.  After ``os.fork()`` the child
-drops the inherited pool and opens its own connections.
+connections and gives each call its own.  After ``os.fork()`` (multiprocessing
+included) the child drops the inherited pool and opens its own connections;
+a fork made behind Python's back (a C library calling fork() and then running
+Python in the child) skips that hook, and must not reuse a Client made before it.
 
 Retries (see docs/protocol.md): a call is sent again, once, on a fresh
 connection when a pooled connection turns out to have been closed by the
