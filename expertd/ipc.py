@@ -4,7 +4,9 @@ The master owns every client connection.  When a connection has a complete
 request, the master hands the connection's file descriptor to an idle worker
 (SCM_RIGHTS); the worker answers that one request on the connection, closes
 its copy of the descriptor and reports back.  Idle and slow connections
-therefore never occupy a worker.
+therefore never occupy a worker.  When no worker is idle, the master may
+hand a busy worker its next connection ahead: SERVE messages queue in the
+channel, and a worker reads the next only after reporting the one in hand.
 
 A request that arrived whole in the socket is read by the worker.  One that
 arrived in pieces was gathered by the master, which sends it along: inside
@@ -45,6 +47,7 @@ FAILED = b"F"
 MEMORY = b"M"
 
 _FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 _SERVE = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IBI")
@@ -109,12 +112,27 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
             os.close(memfd)
 
 
+# Room for this many descriptors in a message's ancillary data.
+_FDS_SPACE = socket.CMSG_SPACE(2 * struct.calcsize("i"))
+_INT = struct.Struct("i")
+
+
+def _receive(channel: socket.socket, size: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries (socket.recv_fds without its per-call set-up)."""
+    data, ancillary, _flags, _addr = channel.recvmsg(size, _FDS_SPACE, flags)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += [_INT.unpack_from(payload, i)[0] for i in range(0, len(payload) - _INT.size + 1, _INT.size)]
+    return data, fds
+
+
 def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None, bool] | None:
     """Block for the next connection: ``(conn_id, fd, frame or None, speaks_http)``.
 
     None when the master closed the channel.
     """
-    data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE + MAX_INLINE, 2)
+    data, fds = _receive(channel, _MAX_MESSAGE + MAX_INLINE)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
             os.close(fd)
@@ -180,7 +198,7 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     worker's end closed.
     """
     try:
-        data, fds, _flags, _addr = socket.recv_fds(channel, _MAX_MESSAGE, 2, socket.MSG_DONTWAIT)
+        data, fds = _receive(channel, _MAX_MESSAGE, _DONTWAIT)
     except BlockingIOError:
         return None
     except OSError:

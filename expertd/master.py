@@ -9,7 +9,9 @@ connection, which is what keeps idle and slow clients from pinning workers:
 * when one has a *complete* request waiting (checked by peeking at the
   12-byte header and the bytes queued, never by reading), it joins a FIFO
   queue, and the next idle worker gets its descriptor (:mod:`expertd.ipc`);
-* the worker answers that one request and hands the connection back.
+* the worker answers that one request and hands the connection back;
+* when every worker is busy, each gets its next connection ahead, so that it
+  need not wait a round trip through the master between requests.
 
 N workers thus serve any number of connected clients fairly, in arrival
 order.  Because the master knows which request each worker holds, a worker
@@ -75,6 +77,11 @@ _BACKOFF_MAX = 10.0
 _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
+# systemd's STATUS line: at most this often (it counts requests; a message per request would
+# cost the master a system call and the service manager a wake-up per request).
+_STATUS_INTERVAL = 1.0
+# Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
+_PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _LINGER_PAUSE = 0.1
 _METRICS_MEMORY_TTL = 5.0
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
@@ -119,6 +126,7 @@ class _WorkerSlot:
     deadline: float = 0.0  # when the request in hand times out
     board: int = 0  # its slot in the scoreboard
     lingering: bool = False  # it holds slot.conn after answering, for the connection's next request
+    next_conn: _Connection | None = None  # handed ahead: waits in its channel until it reports slot.conn
     reclaim_sent: bool = False
     overdue: float = 0.0  # start time of a lingering request seen past its deadline once
     requests: int = 0
@@ -148,6 +156,7 @@ class Master:
         self._reload: _Reload | None = None
         self._durations: list[float] = []
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
+        self._next_status = 0.0
         self.listener: Listener | None = None
         self.scoreboard = Scoreboard()
         self.metrics = Metrics(MAX_SLOTS, experts)
@@ -233,7 +242,9 @@ class Master:
         """Watchdog pings, the service status line and the periodic log summary."""
         now = time.monotonic()
         self.notifier.watchdog(now)
-        if self._announced_ready and self._reload is None and self._stop_deadline is None:
+        if (now >= self._next_status and self._announced_ready and self._reload is None
+                and self._stop_deadline is None):
+            self._next_status = now + _STATUS_INTERVAL
             ready = sum(1 for slot in self.workers.values() if slot.ready_at is not None and slot.leaving is None)
             self.notifier.status(f"{ready} workers ready, {self.requests_served} requests served, "
                                  f"generation {self.generation}")
@@ -255,7 +266,9 @@ class Master:
             elif conn.state == _WRITING:
                 self._flush(conn)
         elif fd in self._by_channel:
-            self._read_reports(self._by_channel[fd])
+            # One report per event: the channel is level-triggered, so epoll reports it again while
+            # more wait, and reading until empty would cost a failed read per report.
+            self._read_reports(self._by_channel[fd], drain=False)
         elif fd == self._wakeup_r:
             try:
                 while os.read(self._wakeup_r, 512):
@@ -371,7 +384,7 @@ class Master:
         self.epoll.register(master_end.fileno(), select.EPOLLIN)
         log.debug("worker %d spawned (pid %d)", number, pid)
 
-    def _read_reports(self, slot: _WorkerSlot) -> None:
+    def _read_reports(self, slot: _WorkerSlot, drain: bool = True) -> None:
         while True:
             try:
                 report = ipc.receive_report(slot.channel)
@@ -402,6 +415,8 @@ class Master:
             else:  # the worker's end closed: it is exiting; SIGCHLD will follow
                 if self._by_channel.pop(slot.channel.fileno(), None) is not None:
                     self.epoll.unregister(slot.channel.fileno())
+                return
+            if not drain:
                 return
 
     def _maybe_announce_ready(self) -> None:
@@ -435,15 +450,26 @@ class Master:
             slot.conn.state = _LINGERING
             # Its requests are the worker's now: an edge per request would wake the master for nothing.
             self.epoll.modify(slot.conn.fd, _ET_QUIET)
-            if slot.leaving is not None or self._queue or self._stop_deadline is not None:
+            if slot.leaving is not None or self._queue or slot.next_conn is not None or self._stop_deadline is not None:
                 self._reclaim(slot)
             return
         conn, slot.conn = slot.conn, None
+        upcoming, slot.next_conn = slot.next_conn, None
+        if upcoming is not None:
+            self.scoreboard.set_next(slot.board, False)
+            if retiring:  # it exits without reading its channel: the request is still whole in its socket
+                self._requeue(upcoming)
+            else:  # it goes on with the connection handed ahead at once
+                slot.conn = upcoming
+                slot.busy_since = slot.last_done
+                slot.deadline = slot.busy_since + self.config.expert_timeout(upcoming.expert or "")
         if slot.lingering and conn is not None:
             self.epoll.modify(conn.fd, _ET_READ)
         slot.lingering = False
         if retiring:
             slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
+        elif slot.conn is not None:
+            pass  # busy with the connection handed ahead
         elif slot.leaving is not None:
             self._close_channel(slot)  # retired while busy (reload, scale down): it may go now
         else:
@@ -493,6 +519,10 @@ class Master:
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
         how = _describe_status(status)
+        upcoming, slot.next_conn = slot.next_conn, None
+        if upcoming is not None:  # never reached: a worker reports the connection in hand before reading the next
+            self.scoreboard.set_next(slot.board, False)
+            self._requeue(upcoming)
         self.metrics.retire(slot.board)
         began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
         # A lingering worker that was only waiting on its connection was serving nothing.
@@ -816,7 +846,7 @@ class Master:
         ended = False  # the client has sent all it will (end of file after what a worker handed back)
         try:
             # One peek usually sees the whole of a small request, saving the FIONREAD call.
-            peeked = conn.sock.recv(_PEEK_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = conn.sock.recv(_PEEK_SIZE, _PEEK_NOW)
         except BlockingIOError:
             if not unread:
                 return
@@ -898,7 +928,7 @@ class Master:
                 if queued <= conn.head_scanned:
                     return
                 conn.head_scanned = queued
-                head = conn.sock.recv(http.MAX_HEAD, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                head = conn.sock.recv(http.MAX_HEAD, _PEEK_NOW)
                 request = http.scan_head(head)
             if request is None:
                 self._mark_partial(conn)
@@ -1089,6 +1119,7 @@ class Master:
                 "requests": max(slot.requests, self.scoreboard.requests(slot.board)),
                 "age_s": round(now - slot.born, 1),
                 "last_request_age_s": None if slot.last_done is None else round(now - slot.last_done, 3),
+                "handed_ahead": slot.next_conn is not None,  # its next connection waits in its channel
                 **memory,
             })
         master = _memory_of(os.getpid())
@@ -1197,6 +1228,43 @@ class Master:
             slot.conn = conn
             slot.busy_since = time.monotonic()
             slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
+        if self._queue:
+            self._hand_ahead()
+
+    def _hand_ahead(self) -> None:
+        """Every worker is busy and requests wait: give each busy worker its next connection now.
+
+        The worker finds it in its channel the moment it reports the one in
+        hand, instead of waiting a round trip through the master for it: with
+        more clients than workers, that round trip is a large part of each
+        request.  Only a request whole in the socket is handed ahead (one the
+        master gathered would die with a worker that dies before reaching it;
+        this one goes back to the queue), one per worker, and never to a
+        worker that lingers or is on its way out.
+        """
+        for slot in self.workers.values():
+            while self._queue and self._queue[0].state != _QUEUED:
+                self._queue.popleft()
+            if not self._queue or self._queue[0].inbuf is not None:
+                return  # (first come, first served: a gathered request waits for an idle worker)
+            if (slot.conn is None or slot.next_conn is not None or slot.lingering or slot.leaving is not None
+                    or slot.channel.fileno() < 0):
+                continue
+            conn = self._queue[0]
+            try:
+                ipc.send_serve(slot.channel, conn.conn_id, conn.fd, None, conn.speaks == "http")
+            except OSError:
+                return  # the worker is gone (SIGCHLD will tell) or the master is short of resources: it waits
+            self._queue.popleft()
+            conn.state = _BUSY
+            slot.next_conn = conn
+            self.scoreboard.set_next(slot.board, True)
+
+    def _requeue(self, conn: _Connection) -> None:
+        """A connection handed ahead that its worker never reached: first in the queue again."""
+        if conn.state == _BUSY:
+            conn.state = _QUEUED
+            self._queue.appendleft(conn)
 
     def _fail(self, conn: _Connection, error: RemoteError | http.HttpRefusal) -> None:
         """Answer the connection's current request with ``error`` (HTTP refusals: HTTP only) and close it."""

@@ -25,11 +25,13 @@ import struct
 _HEADER = struct.Struct("=Id")  # requests waiting in the master's queue; lingering paused until (monotonic)
 _PAUSED = struct.Struct("=d")
 _COUNT = struct.Struct("=I")
-# began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in all
-_SLOT = struct.Struct("=ddIB47sI")
+# began (monotonic, 0 = idle), timeout, request id, writing, expert, next connection waiting in the
+# worker's channel, requests served by the worker in all
+_SLOT = struct.Struct("=ddIB46sBI")
 _REQUESTS = struct.Struct("=I")
 _BEGAN = struct.Struct("=d")
-_TAIL = struct.Struct("=dIB47s")
+_TAIL = struct.Struct("=dIB46s")
+_NEXT_AT = 67
 _REQUESTS_AT = 68
 _IDLE = _BEGAN.pack(0.0)
 MAX_SLOTS = 4096
@@ -55,13 +57,17 @@ class Scoreboard:
         offset = self._offset(slot)
         self._map[offset : offset + _REQUESTS_AT] = bytes(_REQUESTS_AT)
 
+    def set_next(self, slot: int, waiting: bool) -> None:
+        """Whether a connection handed ahead waits in the worker's channel (it must not linger then)."""
+        self._map[self._offset(slot) + _NEXT_AT] = 1 if waiting else 0
+
     def requests(self, slot: int) -> int:
         """How many requests the worker in ``slot`` has served (it keeps this current itself)."""
         return _REQUESTS.unpack_from(self._map, self._offset(slot) + _REQUESTS_AT)[0]
 
     def read(self, slot: int) -> tuple[float, float, int, bool, str]:
         """``(began, timeout, request_id, writing, expert)``; began is 0.0 when the worker is not serving."""
-        began, timeout, request_id, writing, expert, _requests = _SLOT.unpack_from(self._map, self._offset(slot))
+        began, timeout, request_id, writing, expert, _next, _requests = _SLOT.unpack_from(self._map, self._offset(slot))
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
 
     def slot(self, slot: int) -> SlotWriter:
@@ -81,20 +87,21 @@ class Scoreboard:
 class SlotWriter:
     """One worker's slot, written by that worker on every request (so: no lookups on the way)."""
 
-    __slots__ = ("_began", "_map", "_requests", "_tail", "_writing")
+    __slots__ = ("_began", "_map", "_next", "_requests", "_tail", "_writing")
 
     def __init__(self, shared: mmap.mmap, offset: int) -> None:
         self._map = shared
         self._began = slice(offset, offset + 8)
         self._tail = slice(offset + 8, offset + 8 + _TAIL.size)
         self._writing = offset + 20
+        self._next = offset + _NEXT_AT
         self._requests = slice(offset + _REQUESTS_AT, offset + _REQUESTS_AT + 4)
 
     def begin(self, began: float, timeout: float, request_id: int, expert: str) -> None:
         """The worker took a request out of its socket (or the master's frame)."""
         # The other fields first, ``began`` last: a reader that sees a request begin sees its
         # timeout too.
-        self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
+        self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:46])
         self._map[self._began] = _BEGAN.pack(began)
 
     def writing(self) -> None:
@@ -104,6 +111,10 @@ class SlotWriter:
     def end(self) -> None:
         """The reply is out; the worker serves nothing."""
         self._map[self._began] = _IDLE
+
+    def next_waiting(self) -> bool:
+        """The master handed this worker its next connection ahead (see Scoreboard.set_next)."""
+        return self._map[self._next] != 0
 
     def served(self, requests: int) -> None:
         self._map[self._requests] = _REQUESTS.pack(requests)

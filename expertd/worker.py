@@ -397,7 +397,7 @@ class Worker:
         return close, unsent, retire, served
 
     def _may_linger(self) -> bool:
-        return self._lingers and self.scoreboard.may_linger(time.monotonic())
+        return self._lingers and self.scoreboard.may_linger(time.monotonic()) and not self.board.next_waiting()
 
     def _await_next(self, conn: socket.socket) -> _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next HTTP request.

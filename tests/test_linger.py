@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import threading
 import time
 
 import msgpack
@@ -11,7 +12,7 @@ import pytest
 from expertd import protocol
 from expertd.errors import RequestTimeout
 
-from conftest import raw_connection
+from conftest import raw_connection, wait_until
 
 EXPERTS = {"add": "testexperts:add", "pid": "testexperts:pid",
            "slow": {"function": "testexperts:slow", "timeout": "1s"}}
@@ -175,3 +176,63 @@ def test_requests_sent_before_the_client_ends_its_input_are_all_answered(make_da
     assert _reply(sock)[:2] == (protocol.RESULT, 4)
     assert _reply(sock) == (protocol.RESULT, 5, 10)
     assert sock.recv(16) == b""  # then closed
+
+
+# ---------------------------------------------------------------- more clients than workers
+# With every worker busy, the master hands each busy worker its next connection ahead, to be
+# served the moment the one in hand is reported.
+
+def _in_thread(function, *args):
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = function(*args)
+        except Exception as exc:  # the test inspects it
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def test_many_clients_on_one_worker_all_get_their_own_answers(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, linger="5ms")
+    clients = [daemon.client(retries=0) for _ in range(6)]
+
+    def calls(client, base):
+        return [client.call("add", base, i) for i in range(300)]
+
+    threads = [_in_thread(calls, client, 1000 * n) for n, client in enumerate(clients)]
+    for thread, _result in threads:
+        thread.join(60)
+    for n, (_thread, result) in enumerate(threads):
+        assert result.get("value") == [1000 * n + i for i in range(300)], result.get("error")
+    assert daemon.client().status()["workers"][0]["requests"] >= 1800
+
+
+def test_a_connection_handed_ahead_to_a_worker_that_dies_is_served_by_another(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, linger="0")
+    busy_worker = daemon.client().call("pid")
+    slow_thread, slow = _in_thread(daemon.client(retries=0).call, "slow", 30)
+    time.sleep(0.3)  # the only worker is in the slow call
+    quick_thread, quick = _in_thread(daemon.client(retries=0).call, "add", 2, 3)
+    assert wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"])  # to the busy worker
+    os.kill(busy_worker, signal.SIGKILL)
+    quick_thread.join(20)
+    slow_thread.join(20)
+    assert quick.get("value") == 5, quick  # never reached by the dead worker: served by its replacement
+    assert type(slow.get("error")).__name__ == "WorkerLost"
+
+
+def test_a_connection_handed_ahead_to_a_retiring_worker_is_served_by_another(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, linger="0", max_requests=2, max_requests_jitter=0)
+    first = daemon.client().call("pid")  # request 1 of 2
+    slow_thread, slow = _in_thread(daemon.client(retries=0).call, "slow", 0.5)  # request 2: then it retires
+    time.sleep(0.2)
+    quick_thread, quick = _in_thread(daemon.client(retries=0).call, "pid")
+    assert wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"])
+    slow_thread.join(20)
+    quick_thread.join(20)
+    assert slow.get("value") == first
+    assert quick.get("value") not in (None, first), quick  # the replacement answered it, without an error

@@ -34,6 +34,30 @@ def _messages(sock: socket.socket, until: str, timeout: float = 60) -> list[str]
     raise AssertionError(f"no {until!r} among {got}")
 
 
+def test_the_status_line_is_not_sent_per_request(make_daemon, short_dir):
+    # STATUS counts requests served; sent on every loop it would cost the service manager a
+    # message per request.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1, linger="0",
+                         env={"NOTIFY_SOCKET": str(short_dir / "notify")})
+    _messages(notify, "READY=1")
+    first, second = daemon.client(), daemon.client()  # two connections: every call goes through the master
+    started = time.monotonic()
+    for i in range(300):
+        assert (first if i % 2 else second).call("add", i, 1) == i + 1
+    elapsed = time.monotonic() - started
+    notify.settimeout(0.05)
+    lines = []
+    while True:
+        try:
+            lines.append(notify.recv(4096).decode())
+        except TimeoutError:
+            break
+    status_lines = [line for line in lines if "STATUS=" in line]
+    assert len(status_lines) <= elapsed + 2, status_lines
+
+
 def test_notify_ready_reloading_stopping_in_order(make_daemon, short_dir):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(short_dir / "notify"))
