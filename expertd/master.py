@@ -80,6 +80,9 @@ _SUMMARY_INTERVAL = 60.0
 # systemd's STATUS line: at most this often (it counts requests; a message per request would
 # cost the master a system call and the service manager a wake-up per request).
 _STATUS_INTERVAL = 1.0
+# A busy worker is handed its next connection ahead only while the request in hand is short: an
+# expert whose calls typically take less than this, running for less than this (see _hand_ahead).
+_HAND_AHEAD_UNDER = 0.002
 # Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
 _PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _LINGER_PAUSE = 0.1
@@ -157,6 +160,7 @@ class Master:
         self._durations: list[float] = []
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self._next_status = 0.0
+        self._typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
         self.listener: Listener | None = None
         self.scoreboard = Scoreboard()
         self.metrics = Metrics(MAX_SLOTS, experts)
@@ -443,7 +447,12 @@ class Master:
         self.requests_served += served
         slot.last_done = time.monotonic()
         if not slot.lingering:
-            self._durations.append(slot.last_done - slot.busy_since)
+            elapsed = slot.last_done - slot.busy_since
+            self._durations.append(elapsed)
+            if slot.conn is not None and served == 1:
+                name = slot.conn.expert or ""
+                typical = self._typical.get(name)
+                self._typical[name] = elapsed if typical is None else typical + (elapsed - typical) / 8
         if linger and slot.conn is not None and slot.conn.conn_id == conn_id:
             # The worker keeps the connection for its next request; it hands it back with another DONE.
             slot.lingering, slot.reclaim_sent = True, False
@@ -467,7 +476,7 @@ class Master:
             self.epoll.modify(conn.fd, _ET_READ)
         slot.lingering = False
         if retiring:
-            slot.leaving = "retiring"  # it exits now; its replacement is spawned at once
+            slot.leaving = slot.leaving or "retiring"  # it exits now; its replacement is spawned at once
         elif slot.conn is not None:
             pass  # busy with the connection handed ahead
         elif slot.leaving is not None:
@@ -527,6 +536,13 @@ class Master:
         began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
         # A lingering worker that was only waiting on its connection was serving nothing.
         serving = slot.conn is not None and (not slot.lingering or began)
+        if serving and not slot.lingering and not began and _exited_cleanly(status) and slot.conn.state == _BUSY \
+                and self._still_unread(slot.conn):
+            # A worker exits cleanly only between connections, so it never started this one (a
+            # SIGTERM as it was handed over): the request is still whole in its socket.
+            conn, slot.conn = slot.conn, None
+            self._requeue(conn)
+            serving = False
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         elif serving:
@@ -1203,6 +1219,7 @@ class Master:
             for slot in self.workers.values():
                 if slot.lingering:
                     self._reclaim(slot)
+            self._hand_ahead()
         self.scoreboard.set_queued(len(self._queue))
 
     def _hand_out(self) -> None:
@@ -1228,8 +1245,6 @@ class Master:
             slot.conn = conn
             slot.busy_since = time.monotonic()
             slot.deadline = slot.busy_since + self.config.expert_timeout(conn.expert or "")
-        if self._queue:
-            self._hand_ahead()
 
     def _hand_ahead(self) -> None:
         """Every worker is busy and requests wait: give each busy worker its next connection now.
@@ -1241,14 +1256,22 @@ class Master:
         master gathered would die with a worker that dies before reaching it;
         this one goes back to the queue), one per worker, and never to a
         worker that lingers or is on its way out.
+
+        Only a worker busy with a short request gets one: an expert whose
+        calls typically take under _HAND_AHEAD_UNDER, running for less than
+        that.  The connection waits for that request to end, even if another
+        worker falls idle first; for short requests that wait is shorter
+        than the round trip it saves, and a long one keeps its queue.
         """
+        now = time.monotonic()
         for slot in self.workers.values():
             while self._queue and self._queue[0].state != _QUEUED:
                 self._queue.popleft()
             if not self._queue or self._queue[0].inbuf is not None:
                 return  # (first come, first served: a gathered request waits for an idle worker)
             if (slot.conn is None or slot.next_conn is not None or slot.lingering or slot.leaving is not None
-                    or slot.channel.fileno() < 0):
+                    or slot.channel.fileno() < 0 or now - slot.busy_since > _HAND_AHEAD_UNDER
+                    or self._typical.get(slot.conn.expert or "", _HAND_AHEAD_UNDER) >= _HAND_AHEAD_UNDER):
                 continue
             conn = self._queue[0]
             try:
@@ -1259,6 +1282,13 @@ class Master:
             conn.state = _BUSY
             slot.next_conn = conn
             self.scoreboard.set_next(slot.board, True)
+
+    def _still_unread(self, conn: _Connection) -> bool:
+        """Whether the connection's request is still whole in its socket (no worker read any of it)."""
+        try:
+            return conn.frame_size > 0 and protocol.queued_bytes(conn.fd) >= conn.frame_size
+        except OSError:
+            return False
 
     def _requeue(self, conn: _Connection) -> None:
         """A connection handed ahead that its worker never reached: first in the queue again."""
@@ -1318,7 +1348,9 @@ class Master:
                 else:
                     slot.overdue = 0.0
             elif now > slot.deadline:
-                self._time_out(slot)
+                self._read_reports(slot)  # a report already waiting means it finished in time
+                if slot.conn is not None and not slot.lingering and now > slot.deadline:
+                    self._time_out(slot)
         if now < self._next_expiry_check:
             return  # a scan of every connection is too dear to run on every loop iteration
         self._next_expiry_check = now + _EXPIRY_INTERVAL

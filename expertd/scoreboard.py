@@ -25,14 +25,14 @@ import struct
 _HEADER = struct.Struct("=Id")  # requests waiting in the master's queue; lingering paused until (monotonic)
 _PAUSED = struct.Struct("=d")
 _COUNT = struct.Struct("=I")
-# began (monotonic, 0 = idle), timeout, request id, writing, expert, next connection waiting in the
-# worker's channel, requests served by the worker in all
-_SLOT = struct.Struct("=ddIB46sBI")
+# began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in
+# all, next connection waiting in the worker's channel
+_SLOT = struct.Struct("=ddIB47sIB7x")
 _REQUESTS = struct.Struct("=I")
 _BEGAN = struct.Struct("=d")
-_TAIL = struct.Struct("=dIB46s")
-_NEXT_AT = 67
+_TAIL = struct.Struct("=dIB47s")
 _REQUESTS_AT = 68
+_NEXT_AT = 72
 _IDLE = _BEGAN.pack(0.0)
 MAX_SLOTS = 4096
 
@@ -67,7 +67,7 @@ class Scoreboard:
 
     def read(self, slot: int) -> tuple[float, float, int, bool, str]:
         """``(began, timeout, request_id, writing, expert)``; began is 0.0 when the worker is not serving."""
-        began, timeout, request_id, writing, expert, _next, _requests = _SLOT.unpack_from(self._map, self._offset(slot))
+        began, timeout, request_id, writing, expert, _requests, _next = _SLOT.unpack_from(self._map, self._offset(slot))
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
 
     def slot(self, slot: int) -> SlotWriter:
@@ -101,7 +101,7 @@ class SlotWriter:
         """The worker took a request out of its socket (or the master's frame)."""
         # The other fields first, ``began`` last: a reader that sees a request begin sees its
         # timeout too.
-        self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:46])
+        self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
         self._map[self._began] = _BEGAN.pack(began)
 
     def writing(self) -> None:
@@ -115,6 +115,10 @@ class SlotWriter:
     def next_waiting(self) -> bool:
         """The master handed this worker its next connection ahead (see Scoreboard.set_next)."""
         return self._map[self._next] != 0
+
+    def taking_next(self) -> None:
+        """A new connection: the last reply's "writing" mark no longer says anything about it."""
+        self._map[self._writing] = 0
 
     def served(self, requests: int) -> None:
         self._map[self._requests] = _REQUESTS.pack(requests)

@@ -161,6 +161,7 @@ class Worker:
             if command is None:  # the master closed our channel: time to go
                 return
             conn_id, fd, frame, speaks_http = command
+            self.board.taking_next()
             # No timeout on the socket object: every request handed to us is whole in the socket,
             # so reads never wait, and Python polls before each call on a socket with a timeout.
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
@@ -172,8 +173,10 @@ class Worker:
                     close, unsent, retire, served, unread = self._serve_msgpack_connection(conn_id, conn, frame)
             finally:
                 conn.close()
-            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None, unsent=unsent, served=served,
-                          unread=unread)
+            # Retiring also when stopping: a connection the master handed ahead waits in the channel,
+            # and it must know that this worker will not read it.
+            ipc.send_done(self.channel, conn_id, close, retiring=retire is not None or self._stop_requested,
+                          unsent=unsent, served=served, unread=unread)
             if retire is not None:
                 log.info("worker %d (pid %d) retiring after %d requests: %s",
                          self.number, os.getpid(), self.requests, retire)

@@ -211,28 +211,43 @@ def test_many_clients_on_one_worker_all_get_their_own_answers(make_daemon):
     assert daemon.client().status()["workers"][0]["requests"] >= 1800
 
 
+def _hand_ahead_behind_slow(daemon, seconds: float):
+    """Get the only worker busy with slow(seconds) and a pid() call handed ahead to it.
+
+    Returns the two raw connections (slow's, pid's), replies unread.  Both
+    requests are sent at once, slow's first, so that the second arrives while
+    the first has only just begun (only then is it handed ahead).
+    """
+    for _attempt in range(20):
+        warm = daemon.client()
+        for _ in range(60):  # slow(0) is quick: the master learns that slow's calls are short
+            warm.call("slow", 0)
+        first, second = raw_connection(daemon), raw_connection(daemon)
+        first.sendall(_call(1, "slow", seconds))
+        second.sendall(_call(2, "pid"))
+        if wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"], timeout=0.3):
+            return first, second
+        _reply(first), _reply(second)  # (too late to be handed ahead: it was queued; again)
+    raise AssertionError("the master never handed a connection ahead")
+
+
 def test_a_connection_handed_ahead_to_a_worker_that_dies_is_served_by_another(make_daemon):
     daemon = make_daemon(EXPERTS, workers=1, linger="0")
     busy_worker = daemon.client().call("pid")
-    slow_thread, slow = _in_thread(daemon.client(retries=0).call, "slow", 30)
-    time.sleep(0.3)  # the only worker is in the slow call
-    quick_thread, quick = _in_thread(daemon.client(retries=0).call, "add", 2, 3)
-    assert wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"])  # to the busy worker
+    slow, quick = _hand_ahead_behind_slow(daemon, 0.9)  # (slow's timeout is 1 s)
     os.kill(busy_worker, signal.SIGKILL)
-    quick_thread.join(20)
-    slow_thread.join(20)
-    assert quick.get("value") == 5, quick  # never reached by the dead worker: served by its replacement
-    assert type(slow.get("error")).__name__ == "WorkerLost"
+    kind, _request_id, error = _reply(slow)
+    assert kind == protocol.ERROR and error["code"] == "worker_lost"
+    kind, _request_id, served_by = _reply(quick)
+    assert kind == protocol.RESULT and served_by != busy_worker  # never reached: its replacement served it
 
 
-def test_a_connection_handed_ahead_to_a_retiring_worker_is_served_by_another(make_daemon):
-    daemon = make_daemon(EXPERTS, workers=1, linger="0", max_requests=2, max_requests_jitter=0)
-    first = daemon.client().call("pid")  # request 1 of 2
-    slow_thread, slow = _in_thread(daemon.client(retries=0).call, "slow", 0.5)  # request 2: then it retires
-    time.sleep(0.2)
-    quick_thread, quick = _in_thread(daemon.client(retries=0).call, "pid")
-    assert wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"])
-    slow_thread.join(20)
-    quick_thread.join(20)
-    assert slow.get("value") == first
-    assert quick.get("value") not in (None, first), quick  # the replacement answered it, without an error
+def test_a_connection_handed_ahead_to_a_stopping_worker_is_served_by_another(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, linger="0")
+    busy_worker = daemon.client().call("pid")
+    slow, quick = _hand_ahead_behind_slow(daemon, 0.9)
+    os.kill(busy_worker, signal.SIGTERM)  # it finishes the call in hand, then exits without the next
+    assert _reply(slow) == (protocol.RESULT, 1, busy_worker)
+    kind, _request_id, served_by = _reply(quick)
+    assert kind == protocol.RESULT and served_by != busy_worker
+    assert "while serving" not in daemon.log
