@@ -538,15 +538,18 @@ GRID_NOTE = """\
 With no more clients than workers, each client keeps a lingering worker and
 calls go straight to it. With more clients than workers, every call passes
 through the master, which hands the connection to a worker and takes it
-back; that costs about 60 µs of the master's CPU and 55 µs of the worker's
+back; that cost about 60 µs of the master's CPU and 55 µs of the worker's
 per call on this machine, against about 11 µs for a call to a lingering
-worker. Two changes measured A B A B in one run (`--clients C`, 2 s rounds):
-the master hands each busy worker its next connection ahead, so a worker
-starts on it the moment it reports the one in hand instead of after a round
-trip through the master, and reads one report per event without the
-descriptor-passing helper's set-up. 1 worker, 2 clients: 7.7k → 16.8k
-calls/s; 2 workers, 8 clients: 16.8k → 23.3k calls/s. The rest of the
-hand-over's cost is Python in the master's loop and its own issue."""
+worker. Two changes, measured A B A B in one run (1 worker with 2 clients, 2
+workers with 8; 2 s rounds): the master hands a busy worker its next
+connection ahead, so that the worker starts on it the moment it reports the
+one in hand instead of after a round trip through the master (only behind a
+short request: an expert whose calls typically take under 2 ms, running for
+less than that, so that a slow call never holds a request another worker
+could take), and it reads one report per event without the
+descriptor-passing helper's set-up. 1 worker, 2 clients: 7.9k → 15.5k
+calls/s; 2 workers, 8 clients: 17.8k → 22.5k calls/s. The rest of the
+hand-over's cost is Python in the master's loop, noted as its own issue."""
 
 
 MEMORY_NOTE = """\
