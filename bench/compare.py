@@ -602,7 +602,7 @@ but not served handed back to the master; fewer Python calls per request | pinne
 Both sides now make exactly the floor's system calls per call (client: one
 send, one receive; worker: one receive, one send). The difference left is
 Python, and the table of CPU time per call shows it: on one core expertd's
-client and worker together use about 7 µs more CPU per call than the floor's
+client and worker together use about 8 µs more CPU per call than the floor's
 two loops, the whole of the gap. The hot-path table below says where: timed
 in a warm loop, the worker's Python for one call costs about 2.7 µs more than
 the floor server's, and the client's about 1.3 µs more than the floor
