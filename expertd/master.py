@@ -463,9 +463,8 @@ class Master:
                 self._reclaim(slot)
             return
         conn, slot.conn = slot.conn, None
-        upcoming, slot.next_conn = slot.next_conn, None
+        upcoming = self._take_next(slot)
         if upcoming is not None:
-            self.scoreboard.set_next(slot.board, False)
             if retiring:  # it exits without reading its channel: the request is still whole in its socket
                 self._requeue(upcoming)
             else:  # it goes on with the connection handed ahead at once
@@ -528,9 +527,8 @@ class Master:
         if slot in self._idle_workers:
             self._idle_workers.remove(slot)
         how = _describe_status(status)
-        upcoming, slot.next_conn = slot.next_conn, None
+        upcoming = self._take_next(slot)
         if upcoming is not None:  # never reached: a worker reports the connection in hand before reading the next
-            self.scoreboard.set_next(slot.board, False)
             self._requeue(upcoming)
         self.metrics.retire(slot.board)
         began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
@@ -1282,6 +1280,13 @@ class Master:
             conn.state = _BUSY
             slot.next_conn = conn
             self.scoreboard.set_next(slot.board, True)
+
+    def _take_next(self, slot: _WorkerSlot) -> _Connection | None:
+        """The connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""
+        upcoming, slot.next_conn = slot.next_conn, None
+        if upcoming is not None:
+            self.scoreboard.set_next(slot.board, False)
+        return upcoming
 
     def _still_unread(self, conn: _Connection) -> bool:
         """Whether the connection's request is still whole in its socket (no worker read any of it)."""

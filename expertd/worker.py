@@ -244,10 +244,8 @@ class Worker:
                 break
             if not lingering:
                 lingering = True
-                ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
+                self._start_lingering(conn_id, conn, served)
                 served = 0
-                # Waiting is a blocking read that gives up after `linger`; a reclaim interrupts it.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._linger_timeval)
             if start == end:
                 got = self._wait(conn.recv_into, (buf,), True)
                 if got.__class__ is str:
@@ -337,18 +335,10 @@ class Worker:
                 finally:  # (the master must see the request begin even when it is refused)
                     board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
                                 expert_name or "")
-                # The limits are checked in full only where a cheap look says they might bite
-                # (each Python call on this path costs a tenth of a microsecond).
+                # The limits are checked in full only where a cheap look says they might bite.
                 if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
                     protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
-                expert = self.experts.get(expert_name)
-                if expert is None:
-                    self._invoke(expert_name, args, kwargs)  # raises UnknownExpert
-                try:
-                    result = expert.function(*args, **kwargs)
-                except BaseException as exc:  # an expert's failure is a reply, never a dead worker
-                    raise _failure(expert, args, kwargs, exc) from None
-                reply_kind, reply = _RESULT, _pack_result(expert_name, result)
+                reply_kind, reply = _RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
             else:
                 board.begin(started, self.config.timeout, request_id, "")
                 reply_kind = _RESULT
@@ -387,9 +377,8 @@ class Worker:
         while not (close or unsent or retire or self._stop_requested) and self._may_linger():
             if not lingering:
                 lingering = True
-                ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
+                self._start_lingering(conn_id, conn, served)
                 served = 0
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._linger_timeval)
             waiting = self._await_next(conn)
             if isinstance(waiting, str):
                 close = waiting == "eof"
@@ -398,6 +387,12 @@ class Worker:
             retire = self._after_request()
             served += 1
         return close, unsent, retire, served
+
+    def _start_lingering(self, conn_id: int, conn: socket.socket, served: int) -> None:
+        """Tell the master this worker keeps the connection (reporting what it served so far)."""
+        ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
+        # Waiting is a blocking read that gives up after `linger`; a reclaim interrupts it.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._linger_timeval)
 
     def _may_linger(self) -> bool:
         return self._lingers and self.scoreboard.may_linger(time.monotonic()) and not self.board.next_waiting()
