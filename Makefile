@@ -51,15 +51,21 @@ install:
 clean:
 	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-model
 $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[tensorflow,bench]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.installed-run
 
-# Full comparison (about 15 minutes): writes BENCHMARKS.md and bench/plots/.
-bench: $(VENV)/.installed-bench
+# Full comparison (about 17 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
+# (model experts against Keras, bench/models.py, on the MLP that bench-model builds).
+bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/weight_sharing.py
+	$(BIN)/python bench/models.py
+
+# The model benchmark's 192 MiB Keras MLP (bench/models/, git-ignored); skipped when up to date.
+bench-model: $(VENV)/.installed-bench
+	$(BIN)/python bench/make_mlp.py
 
 # The same harness with fewer rounds and sizes, under 2 minutes.
 bench-quick: $(VENV)/.installed-bench

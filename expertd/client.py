@@ -31,6 +31,7 @@ import struct
 import time
 from _weakrefset import WeakSet
 
+from expertd import arrays as _arrays
 from expertd import protocol
 from expertd.errors import (
     ConnectError,
@@ -101,6 +102,29 @@ class Client:
     def opinion(self, expert: str, document: Any) -> Any:
         """Ask ``expert`` for its opinion on ``document`` (the expert's one positional argument)."""
         return self.call(expert, document)
+
+    def predict(self, expert: str, inputs: Any, *, arrays: bool | None = None) -> Any:
+        """Run model expert ``expert`` on a batch: one output row per input row.
+
+        ``inputs`` is a batch of rows (a numpy array or nested lists), or a
+        dict of them by input name for a model with several inputs.  numpy
+        arrays travel as raw bytes (docs/protocol.md, "Arrays"), not as lists
+        of numbers.  The outputs come back as numpy arrays (a dict of them for
+        a model with several outputs) when ``arrays`` is true, which is the
+        default when ``inputs`` holds a numpy array, else as nested lists.
+        """
+        if _arrays.is_array(inputs):
+            encoded: Any = _arrays.encode(inputs)
+        elif isinstance(inputs, dict):
+            encoded = {name: _arrays.encode(rows) if _arrays.is_array(rows) else rows for name, rows in inputs.items()}
+        else:
+            encoded = inputs
+        if arrays is None:
+            arrays = _arrays.is_encoded(encoded) or (
+                isinstance(encoded, dict) and any(_arrays.is_encoded(rows) for rows in encoded.values()))
+        if not arrays:
+            return self.call(expert, encoded)
+        return _arrays.decode_tree(self.call(expert, encoded, arrays=True))
 
     def ping(self) -> dict:
         """Round-trip to a worker; returns its pid, number, version and request count."""

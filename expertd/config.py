@@ -227,6 +227,7 @@ GROUP = _Type("group name or gid", _parse_group)
 MODE = _Type("octal mode", _parse_mode)
 PATH = _Type("path", _parse_text)
 PATHS = _Type("list of paths", _parse_words)
+OPTIONAL_PATH = _Type("path, or empty", str.strip)
 MODULES = _Type("list of modules", _parse_modules)
 LOG_LEVEL = _Type("one of " + ", ".join(_LOG_LEVELS), _parse_log_level)
 FUNCTION = _Type("module:function", _parse_function)
@@ -327,9 +328,21 @@ SETTINGS: tuple[Setting, ...] = (
             "Bearer token that HTTP requests on http_listen must send (Authorization: Bearer TOKEN). "
             "Keep the config file unreadable to others. The Unix socket is guarded by its file mode, "
             "socket_group and allow_uids instead."),
-    Setting("function", "expert", FUNCTION, None,
+    Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
+            "Directory where model experts' files are prepared (converted for the serving runtime, weights "
+            "laid out once for every worker to map) and kept, by content hash, across restarts and reloads. "
+            "Empty: $CACHE_DIRECTORY (systemd's CacheDirectory=), else ~/.cache/expertd. Safe to share between "
+            "daemons; delete entries freely (they are prepared again)."),
+    Setting("prepare_timeout", MAIN_SECTION, DURATION, "600s",
+            "Longest the preparation of one model (conversion, weight layout, reference outputs) may take "
+            "at start-up or reload; it runs in a child process, never in the master."),
+    Setting("function", "expert", FUNCTION, "",
             "The expert's callable as module:function (module.function, Firefly's form, also works). "
-            "The module is imported in the master."),
+            "The module is imported in the master. Give either function or model."),
+    Setting("model", "expert", PATH, "",
+            "Serve a saved model with no Python code: a Keras .keras file, an exported SavedModel directory "
+            "or a .tflite file (docs/experts.md, \"Model experts\"). A call takes a batch of input rows and "
+            "returns one output row per input row. Give either function or model."),
     Setting("timeout", "expert", DURATION, "",
             "Longest a request to this expert may run; empty means the [expertd] timeout."),
 )
@@ -343,7 +356,8 @@ class ExpertSpec:
     """An ``[expert:NAME]`` section, validated."""
 
     name: str
-    function: str
+    function: str = ""  # module:function, or
+    model: str = ""  # the absolute path of a saved model
     timeout: float | None = None  # None: the [expertd] timeout
 
 
@@ -382,6 +396,8 @@ class Config:
     intra_op_threads: int | None
     inter_op_threads: int | None
     tf_log_level: str
+    model_cache: str
+    prepare_timeout: float
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -454,9 +470,14 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
                 raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(_EXPERT_KEYS))}")
             if raw.strip() or _EXPERT_KEYS[key].default is None:  # an empty optional key means its default
                 values[key] = _parse_setting(_EXPERT_KEYS[key], raw, f"{path}: [{section}]")
-        for key, setting in _EXPERT_KEYS.items():
-            if setting.default is None and key not in values:
-                raise ConfigError(f"{path}: [{section}] {key}: missing; add '{key} = module:function'")
+        if "function" in values and "model" in values:
+            raise ConfigError(f"{path}: [{section}]: both function and model are set; keep one")
+        if "function" not in values and "model" not in values:
+            raise ConfigError(
+                f"{path}: [{section}]: no function or model; add 'function = module:function' or 'model = PATH'"
+            )
+        if "model" in values:
+            values["model"] = _resolve(values["model"], base_dir)
         config.experts[name] = ExpertSpec(name=name, **values)
 
     main = parser[MAIN_SECTION]
@@ -466,12 +487,12 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     for name, setting in _MAIN_KEYS.items():
         if overrides and overrides.get(name) is not None:
             value = _parse_setting(setting, overrides[name], f"command line {setting.flag}:")
-            if setting.type is PATH:
+            if setting.type is PATH or (setting.type is OPTIONAL_PATH and value):
                 value = os.path.abspath(value)
         else:
             raw = main.get(name, setting.default)
             value = _parse_setting(setting, raw, f"{path}: [{MAIN_SECTION}]")
-            if setting.type is PATH:
+            if setting.type is PATH or (setting.type is OPTIONAL_PATH and value):
                 value = _resolve(value, base_dir)
             elif setting.type is PATHS:
                 value = [_resolve(item, base_dir) for item in value]

@@ -23,6 +23,8 @@ from expertd import runtimes
 from expertd.config import MAIN_SECTION, Config, ExpertSpec
 from expertd.errors import ExpertLoadError
 from expertd.expert import hooks_of
+from expertd.model import Model, collect, model_expert
+from expertd.modelcache import cache_directory
 
 log = logging.getLogger("expertd.loader")
 
@@ -38,15 +40,22 @@ class LoadedExpert:
     summary: str
     before_fork: Callable[[], Any] | None
     after_fork: Callable[[], Any] | None
+    # Every Model of this generation (the same tuple on each expert): loaded in each worker before after_fork hooks.
+    models: tuple[Model, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """What ``expertctl list`` shows."""
-        return {
+        described = {
             "name": self.name,
             "function": self.reference,
             "signature": f"{self.name}{self.signature}" if self.signature else f"{self.name}(...)",
             "doc": self.summary,
         }
+        model = getattr(self.function, "__expertd_model__", None)
+        if model is not None:
+            described.update(model=model.path, runtime=model.runtime, version=model.version,
+                             inputs=model.inputs, outputs=model.outputs)
+        return described
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -137,7 +146,15 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
         _import(module, f"{config.path}: [{MAIN_SECTION}] preload")
 
     experts: dict[str, LoadedExpert] = {}
+    served: list[tuple[Model, str]] = []  # each model, with where the config or code declares it
     for spec in config.experts.values():
+        if spec.model:
+            model = Model(spec.model, name=spec.name, _register=False)
+            served.append((model, f"{config.path}: [expert:{spec.name}] model = {spec.model}"))
+            experts[spec.name] = LoadedExpert(
+                name=spec.name, reference=f"model:{spec.model}", function=model_expert(spec.name, model),
+                signature=None, summary="", before_fork=None, after_fork=None)
+            continue
         where = f"{config.path}: [expert:{spec.name}] function = {spec.function}"
         function = _resolve(spec, where)
         hooks = hooks_of(function)
@@ -151,6 +168,17 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
             before_fork=hooks.before_fork,
             after_fork=hooks.after_fork,
         )
+
+    served += [(model, f"{config.path}: Model({model.path!r}) in {model._module}") for model in collect()]
+    cache = cache_directory(config.model_cache)
+    for model, where in served:
+        model.prepare(cache, config.prepare_timeout, where)
+    for expert in experts.values():
+        model = getattr(expert.function, "__expertd_model__", None)
+        if model is not None:  # described only now that the model's inputs and outputs are known
+            expert.signature = _signature(expert.function)
+            expert.summary = model.summary()
+        expert.models = tuple(model for model, _ in served)
 
     for hook, names in _distinct_hooks(experts, "before_fork"):
         where = f"{config.path}: [expert:{names[0]}] before_fork hook {_hook_name(hook)}"
@@ -166,8 +194,16 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
     return experts
 
 
-def run_after_fork(experts: dict[str, LoadedExpert]) -> None:
-    """Run every distinct after-fork hook once, in the calling (worker) process."""
+def run_after_fork(experts: dict[str, LoadedExpert], threads: int = 1) -> None:
+    """Load every model, then run every distinct after-fork hook once, in the calling (worker) process."""
+    models = next(iter(experts.values())).models if experts else ()
+    for model in models:
+        try:
+            model.load(threads)
+        except ExpertLoadError:
+            raise
+        except BaseException as exc:
+            raise ExpertLoadError(f"loading model {model.path} failed: {describe_exception(exc)}") from None
     for hook, names in _distinct_hooks(experts, "after_fork"):
         _run_hook(hook, f"[expert:{names[0]}] after_fork hook {_hook_name(hook)} failed")
 

@@ -32,7 +32,10 @@ from collections.abc import Iterator
 _TF_CPP_LEVEL = {"debug": "0", "info": "0", "warning": "1", "error": "2"}
 _NATIVE_NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*)$"
+    r"|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*"
+    # LiteRT's start-up notices: accelerators it registers, the NPU support it looks for.
+    r"|INFO: \[[\w./]+:\d+\] .*|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
+    r"|WARNING: \[npu_registry\.cc:\d+\] NPU accelerator could not be loaded.*)$"
 )
 
 

@@ -88,13 +88,11 @@ class Worker:
         self._install_signals()
         self._set_title("booting")
         config = self.config
-        runtimes.apply_worker_threads(
-            runtimes.resolve_threads(config.intra_op_threads, config.workers),
-            runtimes.resolve_threads(config.inter_op_threads, config.workers),
-        )
+        intra_op = runtimes.resolve_threads(config.intra_op_threads, config.workers)
+        runtimes.apply_worker_threads(intra_op, runtimes.resolve_threads(config.inter_op_threads, config.workers))
         try:
             with runtimes.quiet_native_logs(config.tf_log_level in ("warning", "error")):
-                run_after_fork(self.experts)
+                run_after_fork(self.experts, intra_op)
         except ExpertLoadError as exc:
             message = f"worker {self.number}: {exc}"
             log.error("%s", message)
@@ -592,6 +590,10 @@ def _pack_result(name: str, result: Any) -> bytes:
 
 def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException) -> RemoteError:
     """The error reply for an expert call that raised ``exc``."""
+    if isinstance(exc, BadRequest):  # the expert's own refusal of its input (a model expert's, say) goes as is
+        if exc.expert is None:
+            exc.expert = expert.name
+        return exc
     if isinstance(exc, TypeError):
         try:
             _refuse_misfit(expert, args, kwargs, exc)

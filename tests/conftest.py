@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -21,6 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_EXPERTS = Path(__file__).resolve().parent / "experts"
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
+
+# One model cache for the whole test session, so that a model is prepared once (tests that are about
+# preparing use their own).
+MODEL_CACHE = tempfile.mkdtemp(prefix="xd-models-")
+atexit.register(shutil.rmtree, MODEL_CACHE, True)
 
 DEFAULT_EXPERTS = {
     "echo": "testexperts:echo",
@@ -50,6 +56,7 @@ DEFAULT_EXPERTS = {
 def write_config(directory: Path, experts: dict[str, str] | None = None, **settings: object) -> Path:
     """Write an expertd.conf; settings go into [expertd] verbatim."""
     settings.setdefault("pythonpath", f"{TEST_EXPERTS} {EXAMPLES}")
+    settings.setdefault("model_cache", MODEL_CACHE)  # shared by the session: each model is prepared once
     lines = ["[expertd]"] + [f"{key} = {value}" for key, value in settings.items()]
     for name, spec in (DEFAULT_EXPERTS if experts is None else experts).items():
         keys = spec if isinstance(spec, dict) else {"function": spec}

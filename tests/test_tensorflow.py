@@ -64,7 +64,7 @@ def test_shipped_sentiment_expert(tf_daemon):
     sad = client.opinion("sentiment", {"text": "the food was awful and the staff rude"})
     assert happy["label"] == "positive" and happy["score"] > 0.8
     assert sad["label"] == "negative" and sad["score"] < 0.2
-    digest = hashlib.sha256((ROOT / "examples" / "sentiment" / "model.npz").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((ROOT / "examples" / "sentiment" / "sentiment.keras").read_bytes()).hexdigest()[:16]
     assert happy["model"] == digest
 
 

@@ -1,77 +1,43 @@
-"""A TensorFlow expert: the sentiment of a document's ``text``.
+"""A model expert with its own pre- and post-processing: the sentiment of a document's ``text``.
 
-Set-up follows the fork rule (docs/experts.md):
+The model (sentiment.keras, a small Keras text classifier) is declared once,
+at module level, with :class:`expertd.Model`; expertd does the rest (see
+docs/experts.md, "Models in Python experts"):
 
-* ``read_model`` runs once in the master, before fork: it reads model.npz
-  into plain numpy arrays and hashes the file for the model version.  No
-  TensorFlow op runs, so the runtime is not started and every worker shares
-  these pages copy-on-write.
-* ``build_model`` runs in every worker, after fork: it builds the Keras
-  model from those arrays, traces one ``tf.function`` (any batch size) and
-  warms it up, before the worker takes requests.
+* at start-up the master has it prepared in a child process (converted for
+  LiteRT, weights laid out once in the model cache) without starting
+  TensorFlow itself;
+* every worker maps the prepared files after fork, checks its outputs against
+  Keras' own on reference inputs, and serves calls in microseconds.
 
-Opinions are deterministic: the same text gives the same score.
+This module only tokenises (before the model) and turns the probability into
+an opinion (after it).  Opinions are deterministic: the same text gives the
+same score, in every worker and every batch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 
-import numpy as np
-
-from expertd import expert
+from expertd import Model, expert
 from sentiment.model import encode
 
-MODEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.npz")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-_vocabulary: dict[str, int] = {}
-_weights: list[np.ndarray] = []
-_version = ""
-_predict = None  # the traced tf.function, per worker
-
-
-def read_model() -> None:
-    """Master, before fork: read the weights and vocabulary into numpy arrays."""
-    global _version
-    with open(MODEL_FILE, "rb") as handle:
-        data = handle.read()
-    _version = hashlib.sha256(data).hexdigest()[:16]
-    with np.load(io.BytesIO(data)) as arrays:
-        words = arrays["vocabulary"].tolist()
-        count = sum(1 for name in arrays.files if name.startswith("weight_"))
-        _weights[:] = [arrays[f"weight_{i}"] for i in range(count)]
-    _vocabulary.clear()
-    _vocabulary.update((word, index) for index, word in enumerate(words, start=2))
-
-
-def build_model() -> None:
-    """Worker, after fork: build the model, trace the tf.function, warm it up."""
-    global _predict
-    import tensorflow as tf
-
-    from sentiment.model import SEQUENCE_LENGTH, build
-
-    model = build(len(_vocabulary) + 2)
-    model.set_weights(_weights)
-    _predict = tf.function(
-        lambda ids: model(ids, training=False),
-        input_signature=[tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32)],
-        reduce_retracing=True,
-    )
-    for batch in (1, 64):  # the first calls allocate; do them before taking requests
-        _predict(tf.zeros((batch, SEQUENCE_LENGTH), tf.int32))
+MODEL = Model("sentiment.keras")  # relative to this file
+with open(os.path.join(HERE, "vocabulary.txt"), encoding="utf-8") as _words:
+    # Word ids start at 2: 0 pads, 1 stands for any unknown word (sentiment/model.py).
+    VOCABULARY = {word: index for index, word in enumerate(_words.read().split(), start=2)}
 
 
 def _scores(texts: list[str]) -> list[float]:
-    probabilities = _predict(encode(texts, _vocabulary)).numpy()[:, 0]
+    probabilities = MODEL.predict(encode(texts, VOCABULARY))[:, 0]
     # Rounded so that float noise from thread scheduling can never show.
     return [round(float(p), 4) for p in probabilities]
 
 
 def _opinion(score: float) -> dict:
-    return {"label": "positive" if score >= 0.5 else "negative", "score": score, "model": _version}
+    return {"label": "positive" if score >= 0.5 else "negative", "score": score, "model": MODEL.version}
 
 
 def _text_of(document: object, where: str) -> str:
@@ -80,13 +46,13 @@ def _text_of(document: object, where: str) -> str:
     return document["text"]
 
 
-@expert(before_fork=read_model, after_fork=build_model)
+@expert
 def opinion(document: dict) -> dict:
     """Sentiment of document['text']: label, score (probability of positive) and model version."""
     return _opinion(_scores([_text_of(document, "document")])[0])
 
 
-@expert(before_fork=read_model, after_fork=build_model)
+@expert
 def opinions(documents: list) -> list:
     """Sentiment of many documents in one batch (same opinions as calling sentiment on each)."""
     if not isinstance(documents, list):

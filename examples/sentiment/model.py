@@ -1,13 +1,13 @@
-"""The sentiment model's shape, shared by training (train.py) and serving (__init__.py).
+"""The sentiment model's shape and tokeniser, shared by training (train.py) and serving (__init__.py).
 
 Text is lower-cased and split into words; each word maps to an id from the
-vocabulary stored with the weights (0 pads, 1 is any unknown word); ids are
+vocabulary (vocabulary.txt; 0 pads, 1 is any unknown word); ids are
 padded or cut to SEQUENCE_LENGTH.  The Keras model averages word embeddings
 (ignoring padding) and scores them with a small dense network: the output is
 the probability that the text is positive.
 
-This module imports TensorFlow only inside :func:`build`, so the master can
-import it (to tokenise, to read weights) without starting anything.
+This module imports Keras only inside :func:`build` (training), so serving
+never needs TensorFlow: the expert tokenises here and runs the prepared model.
 """
 
 from __future__ import annotations

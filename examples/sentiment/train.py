@@ -1,11 +1,11 @@
-"""Train the sentiment model from corpus.tsv and write model.npz.
+"""Train the sentiment model from corpus.tsv and write sentiment.keras and vocabulary.txt.
 
     cd examples && python -m sentiment.train      (or: make model)
 
-The output holds only numpy arrays: the vocabulary and the weights, in layer
-order.  The daemon's master reads it without TensorFlow; each worker builds
-the Keras model from it.  Training is seeded and deterministic, so re-running
-it reproduces the committed file's opinions.
+The Keras file is what the expert serves (``Model("sentiment.keras")``:
+expertd prepares it for LiteRT); the vocabulary is one word per line, word
+ids counting from 2.  Training is seeded and deterministic, so re-running it
+reproduces the committed files' opinions.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def read_corpus(path: str) -> tuple[list[str], np.ndarray]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=os.path.join(HERE, "corpus.tsv"))
-    parser.add_argument("--output", default=os.path.join(HERE, "model.npz"))
+    parser.add_argument("--output", default=os.path.join(HERE, "sentiment.keras"))
+    parser.add_argument("--vocabulary", default=os.path.join(HERE, "vocabulary.txt"))
     parser.add_argument("--epochs", type=int, default=10)
     options = parser.parse_args()
 
@@ -83,8 +84,9 @@ def main() -> int:
     model = fit(list(range(len(texts))))
     _, train_accuracy = model.evaluate(encode(texts, vocabulary), labels, verbose=0)
 
-    arrays = {f"weight_{i}": w for i, w in enumerate(model.get_weights())}
-    np.savez(options.output, vocabulary=np.array(words), **arrays)
+    model.save(options.output)
+    with open(options.vocabulary, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(words) + "\n")
     size = os.path.getsize(options.output)
     print(f"{len(texts)} examples, {len(vocabulary)} words; held-out accuracy {held_out_accuracy:.3f} "
           f"(80/20 split), training accuracy {train_accuracy:.3f}; wrote {options.output} ({size} bytes) "

@@ -1,0 +1,269 @@
+"""Models served by experts: the :class:`Model` handle and config-only model experts.
+
+An expert with its own pre- and post-processing declares its model at module
+level; expertd prepares it before fork and loads it in every worker::
+
+    from expertd import Model, expert
+
+    CLASSIFIER = Model("classifier.keras")   # relative to this module's file
+
+    @expert
+    def opinion(document):
+        ids = tokenize(document["text"])
+        return {"score": float(CLASSIFIER.predict(ids)[0, 0])}
+
+``[expert:NAME] model = PATH`` in the config needs no module at all: the
+loader wraps the model in :func:`model_expert`.
+
+A Model's life, across processes:
+
+* created when its module is imported, in the master (and in ``--check``);
+* :meth:`Model.prepare`, in the master: the cache entry is found or made by
+  a child process (:mod:`expertd.modelcache`); nothing here starts a runtime;
+* :meth:`Model.load`, in each worker after fork: the runtime maps the
+  prepared files, and the worker checks its outputs on the reference inputs
+  against the original model's before it takes a request (the correctness
+  guard: a worker that disagrees refuses to start);
+* :meth:`Model.predict`, per call.
+
+State owned: the registry of Models created by expert modules (read by the
+loader once per generation), and each Model's prepared entry and runner.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from typing import Any
+
+from expertd import arrays
+from expertd.errors import BadRequest, ExpertLoadError
+
+log = logging.getLogger("expertd.model")
+
+_created: list[Model] = []
+
+
+class Model:
+    """A saved model (``.keras``, ``.h5``, ``.tflite`` or a SavedModel directory) served from shared memory."""
+
+    def __init__(self, path: str, *, name: str | None = None, _register: bool = True) -> None:
+        caller = sys._getframe(1).f_globals
+        if not os.path.isabs(path) and caller.get("__file__"):
+            path = os.path.join(os.path.dirname(os.path.abspath(caller["__file__"])), path)
+        self.path = os.path.normpath(path)
+        self.name = name or os.path.basename(self.path.rstrip(os.sep))
+        self.prepared: Any = None  # modelcache.Prepared, once prepare() ran
+        self._runner: Any = None
+        self._module = caller.get("__name__", "")
+        self._module_dict = caller
+        if _register:
+            _created.append(self)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._runner is not None else "prepared" if self.prepared is not None else "declared"
+        return f"<Model {self.path} ({state})>"
+
+    # ------------------------------------------------------------ master side
+    def prepare(self, cache: str, timeout: float, where: str) -> None:
+        """Find or make the model's cache entry (a child process does any work)."""
+        from expertd.modelcache import ensure_prepared
+
+        self.prepared = ensure_prepared(self.path, cache, timeout, where)
+        for warning in self.prepared.manifest.get("warnings", []):
+            log.warning("%s: %s", where, warning)
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """The model's inputs: name, dtype and shape (-1 for any size; the first dimension is the batch)."""
+        return self._manifest()["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """The model's outputs, named as the model names them."""
+        renamed = self._manifest().get("output_names", {})
+        return [dict(spec, name=renamed.get(spec["name"], spec["name"])) for spec in self._manifest()["outputs"]]
+
+    @property
+    def version(self) -> str:
+        """A short hash of the model file's content."""
+        return self._manifest()["sha256"][:16]
+
+    @property
+    def runtime(self) -> str:
+        """``litert`` or ``tensorflow`` (the fallback)."""
+        return self._manifest()["runtime"]
+
+    def summary(self) -> str:
+        """One line for ``expertctl list``: the runtime, inputs and outputs."""
+        inputs = ", ".join(f"{s['name']}: {_describe(s)}" for s in self.inputs)
+        outputs = ", ".join(f"{s['name']}: {_describe(s)}" for s in self.outputs)
+        return f"model on {self.runtime}: inputs {inputs}; outputs {outputs}"
+
+    def _manifest(self) -> dict[str, Any]:
+        if self.prepared is None:
+            raise RuntimeError(f"{self!r} is not prepared: create Models at module level, so expertd prepares them "
+                               "at start-up")
+        return self.prepared.manifest
+
+    # ------------------------------------------------------------ worker side
+    def load(self, threads: int) -> None:
+        """Start the runtime on the prepared files and check it against the reference outputs."""
+        import numpy as np
+
+        from expertd.model_runtimes import LiteRT, TensorFlowSavedModel
+        from expertd.prepare import agree
+
+        prepared = self._manifest() and self.prepared
+        if prepared.runtime == "litert":
+            runner: Any = LiteRT(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
+        else:
+            runner = TensorFlowSavedModel(prepared.path("saved_model"))
+        with np.load(prepared.path("reference.npz")) as reference:
+            given = {key[3:]: reference[key] for key in reference.files if key.startswith("in:")}
+            expected = {key[4:]: reference[key] for key in reference.files if key.startswith("out:")}
+        got = runner.run(given)
+        for name, value in expected.items():
+            ok, difference = agree(got.get(name, np.empty(0)), value)
+            if not ok:
+                raise ExpertLoadError(
+                    f"model {self.path}: the prepared model's output {name!r} differs from the original model's by "
+                    f"{difference:.3g} on the reference inputs (tolerance 1e-4 relative); delete {prepared.directory} "
+                    "to prepare it again"
+                )
+        self._runner = runner
+
+    def predict(self, inputs: Any) -> Any:
+        """Run the model on a batch: an array (or nested lists) of rows, or a dict of them by input name.
+
+        Returns one output row per input row: an array, or a dict of arrays
+        by output name for a model with several outputs.  Inputs that do not
+        fit raise :class:`~expertd.errors.BadRequest` naming the input and the
+        expected shape.
+        """
+        import numpy as np
+
+        if self._runner is None:
+            raise RuntimeError(f"{self!r} is not loaded in this process: create Models at module level, so expertd "
+                               "loads them in every worker")
+        specs = self._manifest()["inputs"]
+        batch = _check_inputs(self.name, specs, inputs)
+        rows = next(iter(batch.values())).shape[0]
+        if rows == 0:
+            results = {spec["name"]: np.zeros([0] + [max(d, 0) for d in spec["shape"][1:]], spec["dtype"])
+                       for spec in self._manifest()["outputs"]}
+        else:
+            results = self._runner.run(batch)
+        renamed = self._manifest().get("output_names", {})
+        if len(results) == 1:
+            return next(iter(results.values()))
+        return {renamed.get(name, name): value for name, value in results.items()}
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    dims = ", ".join("batch" if i == 0 else ("*" if d < 0 else str(d)) for i, d in enumerate(spec["shape"]))
+    return f"{spec['dtype']}[{dims}]"
+
+
+def _dtype(name: str) -> Any:
+    found = _dtypes.get(name)
+    if found is None:
+        import numpy as np
+
+        found = _dtypes[name] = np.dtype(name)
+    return found
+
+
+_dtypes: dict[str, Any] = {}
+
+
+def _check_inputs(model: str, specs: list[dict[str, Any]], inputs: Any) -> dict[str, Any]:
+    """``inputs`` as one C-contiguous array per input name, or BadRequest saying what was expected."""
+    if len(specs) == 1 and not (isinstance(inputs, dict) and not arrays.is_encoded(inputs)):
+        given = {specs[0]["name"]: inputs}
+    elif isinstance(inputs, dict) and not arrays.is_encoded(inputs):
+        given = inputs
+        expected_names = [spec["name"] for spec in specs]
+        if set(given) != set(expected_names):
+            raise BadRequest(f"{model}: inputs are {sorted(given)}; this model takes {expected_names} "
+                             "(a dict of batches by input name)", expert=model)
+    else:
+        names = ", ".join(f"{s['name']}: {_describe(s)}" for s in specs)
+        raise BadRequest(f"{model}: this model takes several inputs; send a dict of batches by name ({names})",
+                         expert=model)
+    batch: dict[str, Any] = {}
+    rows = None
+    for spec in specs:
+        name = spec["name"]
+        array = _as_array(model, spec, given[name])
+        if rows is not None and array.shape[0] != rows:
+            raise BadRequest(f"{model}: input {name!r} has {array.shape[0]} rows where other inputs have {rows}",
+                             expert=model)
+        rows = array.shape[0]
+        batch[name] = array
+    return batch
+
+
+def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
+    """One input's rows as a C-contiguous array of the input's dtype, or BadRequest."""
+    import numpy as np
+
+    expected, shape = _dtype(spec["dtype"]), spec["shape"]
+    where = f"{model}: input {spec['name']!r}"
+    try:
+        if arrays.is_encoded(value):
+            array = arrays.decode(value, where)
+        elif type(value) is np.ndarray:
+            array = value
+        else:
+            array = np.asarray(value)
+    except ValueError as exc:
+        message = str(exc) if str(exc).startswith(where) else f"{where}: rows are ragged (rows of different lengths)"
+        raise BadRequest(f"{message}; expected {_describe(spec)}", expert=model) from None
+    if array.dtype == expected and array.flags.c_contiguous and array.ndim == len(shape) and all(
+            d < 0 or d == g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
+        return array  # (the common case, checked in one pass)
+    if array.dtype.kind not in "biuf" or (expected.kind in "iub" and array.dtype.kind == "f"):
+        got = {"f": "floats", "U": "text", "S": "bytes"}.get(array.dtype.kind, "non-numbers")
+        raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {_describe(spec)}", expert=model)
+    if array.size == 0 and array.ndim == 1:  # [] is an empty batch
+        array = array.reshape([0] + [max(d, 0) for d in shape[1:]])
+    if array.ndim != len(shape) or any(d >= 0 and d != g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
+        raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)",
+                         expert=model)
+    return np.ascontiguousarray(array, dtype=expected)
+
+
+def collect() -> list[Model]:
+    """The Models created by modules that are still the live ones (a reload replaces modules: theirs drop out)."""
+    live = [m for m in _created if getattr(sys.modules.get(m._module), "__dict__", None) is m._module_dict]
+    _created[:] = live
+    return list(live)
+
+
+def model_expert(name: str, model: Model) -> Any:
+    """The callable that serves ``[expert:NAME] model = PATH``: rows in, one output row per input row out."""
+
+    def serve(inputs: Any, *, arrays: bool = False) -> Any:
+        result = model.predict(inputs)
+        if arrays:
+            return _encode_outputs(result)
+        if isinstance(result, dict):
+            return {key: value.tolist() for key, value in result.items()}
+        return result.tolist()
+
+    serve.__name__ = serve.__qualname__ = name
+    serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("arrays", inspect.Parameter.KEYWORD_ONLY, default=False),
+    ])
+    serve.__expertd_model__ = model  # type: ignore[attr-defined]
+    return serve
+
+
+def _encode_outputs(result: Any) -> Any:
+    if isinstance(result, dict):
+        return {key: arrays.encode(value) for key, value in result.items()}
+    return arrays.encode(result)

@@ -1,0 +1,126 @@
+"""The runtimes a prepared model runs on, in a worker (or in the preparing child process).
+
+* :class:`LiteRT` — the default: LiteRT's CompiledModel on XNNPACK, whose
+  packed weights live in the cache entry's ``xnnpack.cache`` file.  Every
+  worker maps that file read-only, so the weights exist once in the page cache
+  however many workers there are, and a call costs microseconds of framework
+  overhead instead of TensorFlow's half a millisecond.
+* :class:`TensorFlowSavedModel` — the fallback for models LiteRT cannot
+  express: the SavedModel's traced serving function.  Each worker holds its
+  own copy of the weights.
+
+A runner owns its runtime objects and the buffers of the batch size it ran
+last (resizing costs tens of microseconds, so a run of calls at one size pays
+it once).  ``run`` takes arrays already checked against the model's inputs
+(see :mod:`expertd.model`) and returns one array per output name.
+
+Imports of the runtimes happen in ``__init__``: this module is imported by
+the master, which must not start them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+class LiteRT:
+    """A ``.tflite`` model on LiteRT's CompiledModel with XNNPACK's weight cache."""
+
+    def __init__(self, model_path: str, weight_cache: str, threads: int, signature: str | None = None) -> None:
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.environment import Environment, EnvironmentOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        # Plugin and dispatch paths point at a directory without vendor libraries: otherwise LiteRT tries
+        # to load every NPU vendor's plugin it ships (and logs each failure) on every worker start.
+        quiet = os.path.dirname(os.path.abspath(model_path))
+        environment = Environment.create(options=EnvironmentOptions(
+            runtime_path=os.path.dirname(os.path.abspath(_package_file())),
+            compiler_plugin_path=quiet, dispatch_library_path=quiet,
+        ))
+        options = Options(hardware_accelerators=HardwareAccelerator.CPU,
+                          cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=weight_cache))
+        self._model = CompiledModel.from_file(model_path, options=options, environment=environment)
+        signatures = self._model.get_signature_list()
+        self.signature = signature if signature in signatures else next(iter(signatures))
+        self._index = self._model.get_signature_index(self.signature)
+        self.input_names: list[str] = list(signatures[self.signature]["inputs"])
+        self.output_names: list[str] = list(signatures[self.signature]["outputs"])
+        self._shapes: list[tuple[int, ...]] | None = None
+        self._inputs: list[Any] = []
+        self._outputs: list[Any] = []
+        from ai_edge_litert import tensor_buffer
+
+        self._write = tensor_buffer._tb.WriteTensorBuffer
+        self._read = tensor_buffer._tb.ReadTensorToBuffer
+        self._run = self._model._model.RunByIndex
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = [inputs[name] for name in self.input_names]
+        shapes = [array.shape for array in arrays]
+        if shapes != self._shapes:
+            self._resize(shapes)
+        # The buffers' own write/read/run wrappers re-normalise dtypes on every call (a third of a
+        # small model's cost); the same native calls are made here with what _resize worked out once.
+        write, read = self._write, self._read
+        for capsule, array, dtype in zip(self._input_capsules, arrays, self._input_dtypes, strict=True):
+            write(capsule, array.reshape(-1), dtype)
+        self._run(self._index, self._input_capsules, self._output_capsules)
+        results = {}
+        for name, capsule, (dtype, np_dtype, shape, count) in zip(
+                self.output_names, self._output_capsules, self._output_layout, strict=True):
+            result = np.empty(count, dtype=np_dtype)
+            read(capsule, result, dtype)
+            results[name] = result.reshape(shape)
+        return results
+
+    def _resize(self, shapes: list[tuple[int, ...]]) -> None:
+        from ai_edge_litert.tensor_buffer import TensorBuffer
+
+        model = self._model
+        for index, shape in enumerate(shapes):
+            model.resize_input_tensor(index, list(shape), self._index, strict=False)
+        self._inputs = model.create_input_buffers(self._index)  # (kept: they own the capsules)
+        self._outputs = model.create_output_buffers(self._index)
+        self._input_capsules = [buffer.capsule for buffer in self._inputs]
+        self._output_capsules = [buffer.capsule for buffer in self._outputs]
+        self._input_dtypes = [TensorBuffer._normalize_dtype(buffer.get_tensor_details()["dtype"])[0]
+                              for buffer in self._inputs]
+        self._output_layout = []
+        for buffer in self._outputs:
+            details = buffer.get_tensor_details()
+            dtype, np_dtype = TensorBuffer._normalize_dtype(details["dtype"])
+            count = 1
+            for dimension in details["shape"]:
+                count *= dimension
+            self._output_layout.append((dtype, np_dtype, tuple(details["shape"]), count))
+        self._shapes = shapes
+
+
+class TensorFlowSavedModel:
+    """A SavedModel's serving signature, traced by TensorFlow (the fallback runtime)."""
+
+    def __init__(self, directory: str, signature: str = "serving_default") -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._loaded = tf.saved_model.load(directory)
+        self._function = self._loaded.signatures[signature]
+        _, keywords = self._function.structured_input_signature
+        self.input_names = list(keywords)
+        self.output_names = list(self._function.structured_outputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._function(**{name: self._tf.constant(inputs[name]) for name in self.input_names})
+        return {name: outputs[name].numpy() for name in self.output_names}
+
+
+def _package_file() -> str:
+    import ai_edge_litert
+
+    return ai_edge_litert.__file__

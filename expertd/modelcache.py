@@ -1,0 +1,224 @@
+"""Prepared models on disk: the cache's layout, its key, its lock, and the child process that fills it.
+
+A model expert's file is prepared once for the serving runtime (see
+:mod:`expertd.prepare`) and kept under the ``model_cache`` directory::
+
+    CACHE/KEY/manifest.json      what was prepared: runtime, inputs, outputs, warnings
+    CACHE/KEY/model.tflite       the converted model (LiteRT runtime), or
+    CACHE/KEY/saved_model/       the model as a SavedModel (TensorFlow fallback)
+    CACHE/KEY/xnnpack.cache      XNNPACK's packed weights, mapped read-only by every worker
+    CACHE/KEY/reference.npz      inputs and the original model's outputs, for the correctness guard
+    CACHE/KEY.lock               held while KEY is being prepared
+
+KEY is the SHA-256 of the model's content (every file of a SavedModel
+directory) with the preparation format and runtime versions, so a changed
+model, a new expertd or a new runtime gets a new entry and an old entry is
+never reused for them.  An entry appears whole or not at all: it is prepared
+in a temporary directory beside it and renamed into place.  Two daemons that
+need the same entry at once take turns on the lock; the second finds the
+entry ready.
+
+This module owns nothing in memory: the state is the files.  It runs in the
+master and never imports TensorFlow (preparation starts TensorFlow's runtime,
+which must not run in the master: docs/experts.md); the work is done by
+``python -m expertd.prepare`` in a child process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from expertd.errors import ExpertLoadError
+
+FORMAT = 1  # bump when prepare's output changes: old entries are then left alone
+MODEL_SUFFIXES = (".keras", ".h5", ".tflite")
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model's cache entry, ready for workers to load."""
+
+    source: str  # the model as configured
+    directory: str  # its cache entry
+    manifest: dict[str, Any]
+
+    @property
+    def runtime(self) -> str:
+        return self.manifest["runtime"]
+
+    @property
+    def version(self) -> str:
+        """A short content hash: changes whenever the model file does."""
+        return self.manifest["sha256"][:16]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+
+def cache_directory(setting: str) -> str:
+    """The cache directory: the ``model_cache`` setting, else systemd's CacheDirectory=, else ~/.cache/expertd."""
+    if setting:
+        return setting
+    systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return systemd
+    return os.path.join(os.path.expanduser("~"), ".cache", "expertd")
+
+
+def model_kind(source: str) -> str:
+    """``keras``, ``saved_model`` or ``tflite``; ValueError with what to do for anything else."""
+    if os.path.isdir(source):
+        if os.path.isfile(os.path.join(source, "saved_model.pb")):
+            return "saved_model"
+        raise ValueError(f"{source} is a directory without saved_model.pb; give a SavedModel directory "
+                         "(model.export(...) or tf.saved_model.save) or a model file")
+    if not os.path.exists(source):
+        raise ValueError(f"no model at {source}; check the path (relative paths are relative to the config file)")
+    suffix = os.path.splitext(source)[1].lower()
+    if suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"{source}: unknown model format {suffix or '(no suffix)'!r}; "
+                         "use a .keras or .h5 file, a .tflite file or a SavedModel directory")
+    return "tflite" if suffix == ".tflite" else "keras"
+
+
+def content_hash(source: str) -> str:
+    """SHA-256 of a model file, or of every file in a SavedModel directory (names and contents)."""
+    digest = hashlib.sha256()
+    if os.path.isdir(source):
+        for root, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, source).encode() + b"\0")
+                _hash_file(digest, path)
+    else:
+        _hash_file(digest, source)
+    return digest.hexdigest()
+
+
+def _hash_file(digest: Any, path: str) -> None:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+
+
+def _versions() -> str:
+    found = []
+    for distribution in ("tensorflow-cpu", "tensorflow", "ai-edge-litert"):
+        try:
+            found.append(f"{distribution}={metadata.version(distribution)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ",".join(found)
+
+
+def entry_key(sha256: str) -> str:
+    """The entry's name: the content hash, tied to the preparation format and runtime versions."""
+    tied = hashlib.sha256(f"{FORMAT}|{_versions()}".encode()).hexdigest()[:8]
+    return f"{sha256[:32]}-{tied}"
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def ensure_prepared(source: str, cache: str, timeout: float, where: str) -> Prepared:
+    """The cache entry for ``source``, prepared first (in a child process) if there is none yet.
+
+    ``where`` starts every error message (config file, section, key).
+    """
+    try:
+        model_kind(source)
+        sha256 = content_hash(source)
+    except ValueError as exc:
+        raise ExpertLoadError(f"{where}: {exc}") from None
+    except OSError as exc:
+        raise ExpertLoadError(f"{where}: cannot read {source}: {exc.strerror or exc}") from None
+    entry = os.path.join(cache, entry_key(sha256))
+    manifest = read_manifest(entry)
+    if manifest is not None:
+        return Prepared(source, entry, manifest)
+    try:
+        os.makedirs(cache, mode=0o755, exist_ok=True)
+        lock = os.open(entry + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ExpertLoadError(
+            f"{where}: cannot use the model cache {cache}: {exc.strerror or exc}; set model_cache to a writable "
+            "directory"
+        ) from None
+    try:
+        _lock(lock, timeout, where, entry)
+        manifest = read_manifest(entry)  # another daemon may have prepared it while we waited
+        if manifest is None:
+            _prepare(source, sha256, cache, entry, timeout, where)
+            manifest = read_manifest(entry)
+            if manifest is None:
+                raise ExpertLoadError(f"{where}: preparing {source} left no manifest in {entry}")
+    finally:
+        os.close(lock)  # (closing releases the lock)
+    return Prepared(source, entry, manifest)
+
+
+def _lock(fd: int, timeout: float, where: str, entry: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ExpertLoadError(
+                    f"{where}: another process has been preparing {entry} for over {timeout:g}s; "
+                    f"wait for it, or stop it and delete {entry}.lock"
+                ) from None
+            time.sleep(0.1)
+
+
+def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, where: str) -> None:
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
+    command = [sys.executable, "-m", "expertd.prepare", source, scratch, "--sha256", sha256]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    try:
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise ExpertLoadError(
+                f"{where}: preparing {source} took over {timeout:g}s; raise prepare_timeout or check the model"
+            ) from None
+        if done.returncode != 0:
+            raise ExpertLoadError(f"{where}: preparing {source} failed: {_last_error(done.stderr)}")
+        for name in os.listdir(scratch):  # workers only read: nothing in an entry is ever written again
+            os.chmod(os.path.join(scratch, name), 0o444 if os.path.isfile(os.path.join(scratch, name)) else 0o555)
+        os.chmod(scratch, 0o755)
+        os.rename(scratch, entry)
+    finally:
+        if os.path.exists(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _last_error(stderr: bytes) -> str:
+    """The child's one-line error (its last line that says ``error:``), else its last line."""
+    lines = [line.strip() for line in stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("expertd.prepare: error: "):
+            return line[len("expertd.prepare: error: "):]
+    return lines[-1] if lines else "the preparing process exited without a message"

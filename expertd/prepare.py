@@ -1,0 +1,257 @@
+"""Prepare a model for serving, in a child process: ``python -m expertd.prepare SOURCE OUTDIR``.
+
+Run by :mod:`expertd.modelcache` (never imported by the master: this starts
+TensorFlow's runtime).  Into OUTDIR it writes
+
+1. the model in the serving format: Keras files are exported as a SavedModel,
+   a SavedModel is converted to ``model.tflite`` with TensorFlow Lite's
+   builtin ops only; a ``.tflite`` file is copied;
+2. ``reference.npz``: a few seeded input rows and the *original* model's
+   outputs for them (Keras' own call, or the SavedModel's serving function),
+   which every worker checks its own outputs against before serving;
+3. ``xnnpack.cache``: XNNPACK's packed weights, built here once so that the
+   workers only map it (its first builder would otherwise write it while
+   others read it);
+4. ``manifest.json``: runtime, inputs and outputs (name, dtype, shape with
+   -1 for any size), warnings.
+
+A model LiteRT cannot express (ops outside the builtin set), or whose
+converted outputs differ from the original's, is kept as a SavedModel for the
+TensorFlow runtime instead, with a warning naming why.  Errors end the process
+with one line on stderr: ``expertd.prepare: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from expertd.modelcache import FORMAT, MANIFEST, model_kind
+
+REFERENCE_ROWS = 3
+DYNAMIC_SIZE = 8  # any non-batch dimension of unknown size in the reference inputs
+# Outputs must agree with the original model's within this (relative to the outputs' largest magnitude).
+TOLERANCE = 1e-4
+
+
+class PrepareError(Exception):
+    """Preparation failed; the message is the one line the daemon shows."""
+
+
+def agree(got: np.ndarray, expected: np.ndarray) -> tuple[bool, float]:
+    """Whether ``got`` matches ``expected`` within :data:`TOLERANCE`, and the largest difference."""
+    if got.shape != expected.shape:
+        return False, float("inf")
+    if got.size == 0:
+        return True, 0.0
+    difference = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+    scale = max(1.0, float(np.max(np.abs(expected.astype(np.float64)))))
+    return difference <= TOLERANCE * scale, difference
+
+
+def _spec(name: str, dtype: Any, shape: Any) -> dict[str, Any]:
+    dims = [-1 if d is None else int(d) for d in (shape.as_list() if hasattr(shape, "as_list") else shape)]
+    return {"name": name, "dtype": np.dtype(dtype).name, "shape": dims}
+
+
+def reference_inputs(inputs: list[dict[str, Any]], rows: int = REFERENCE_ROWS) -> dict[str, np.ndarray]:
+    """Seeded inputs of every declared input: normal floats, 0/1 integers (valid ids for any embedding)."""
+    generator = np.random.default_rng(20261125)
+    made = {}
+    for spec in inputs:
+        shape = [rows] + [DYNAMIC_SIZE if d < 0 else d for d in spec["shape"][1:]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            made[spec["name"]] = generator.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iub":
+            made[spec["name"]] = generator.integers(0, 2, size=shape).astype(dtype)
+        else:
+            raise PrepareError(f"input {spec['name']!r} has dtype {dtype.name}, which model experts do not serve")
+    return made
+
+
+def _saved_model_signature(directory: str) -> tuple[Any, list[dict], list[dict]]:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(directory)
+    if "serving_default" not in loaded.signatures:
+        raise PrepareError(f"{directory} has no serving_default signature; export it with one")
+    function = loaded.signatures["serving_default"]
+    _, keywords = function.structured_input_signature
+    inputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in keywords.items()]
+    outputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in function.structured_outputs.items()]
+    for spec in inputs:
+        if not spec["shape"] or spec["shape"][0] != -1:
+            raise PrepareError(
+                f"input {spec['name']!r} has shape {spec['shape']}: its first dimension must be the batch (None); "
+                "export the model with a batch dimension of any size"
+            )
+    return loaded, inputs, outputs
+
+
+def _run_signature(loaded: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    outputs = loaded.signatures["serving_default"](**{name: tf.constant(value) for name, value in inputs.items()})
+    return {name: value.numpy() for name, value in outputs.items()}
+
+
+def _keras_to_saved_model(source: str, out: str) -> tuple[str, Any]:
+    import keras
+
+    try:
+        model = keras.models.load_model(source, compile=False)
+    except Exception as exc:
+        raise PrepareError(f"Keras cannot load {source}: {type(exc).__name__}: {_one_line(exc)}") from None
+    exported = os.path.join(out, "saved_model")
+    try:
+        model.export(exported, format="tf_saved_model", verbose=False)
+    except Exception as exc:
+        raise PrepareError(f"exporting {source} as a SavedModel failed: {type(exc).__name__}: {_one_line(exc)}"
+                           ) from None
+    return exported, model
+
+
+def _convert(saved_model: str) -> tuple[bytes | None, str]:
+    """The TFLite flatbuffer (builtin ops only), or None and why not."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        return converter.convert(), ""
+    except Exception as exc:
+        message = _one_line(exc)
+        ops = sorted(set(re.findall(r"'(tf\.[A-Za-z0-9_]+)'", message))) or sorted(
+            set(re.findall(r"\b(tf\.[A-Z][A-Za-z0-9_]+)", message)))
+        why = f"ops outside TensorFlow Lite's builtin set: {', '.join(ops)}" if ops else message[:300]
+        return None, why
+
+
+def _litert_outputs(out: str, inputs: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
+    from expertd.model_runtimes import LiteRT
+
+    runner = LiteRT(os.path.join(out, "model.tflite"), os.path.join(out, "xnnpack.cache"), threads)
+    return runner.run(inputs)
+
+
+def _litert_specs(model_path: str) -> tuple[list[dict], list[dict]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=model_path)
+    runner = interpreter.get_signature_runner()
+    inputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
+              for name, d in runner.get_input_details().items()]
+    outputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
+               for name, d in runner.get_output_details().items()]
+    return inputs, outputs
+
+
+def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
+    """Prepare ``source`` into ``out``; returns the manifest (also written there)."""
+    started = time.monotonic()
+    kind = model_kind(source)
+    warnings: list[str] = []
+    output_names: dict[str, str] = {}
+    if kind == "tflite":
+        shutil.copyfile(source, os.path.join(out, "model.tflite"))
+        inputs, outputs = _litert_specs(os.path.join(out, "model.tflite"))
+        reference_in = reference_inputs(inputs)
+        # The original is the converted model itself: the reference guards the copy in the cache.
+        reference_out = _litert_outputs(out, reference_in)
+        runtime = "litert"
+    else:
+        with tempfile.TemporaryDirectory(dir=out) as scratch:
+            if kind == "keras":
+                saved_model, keras_model = _keras_to_saved_model(source, scratch)
+            else:
+                saved_model, keras_model = source, None
+            loaded, inputs, outputs = _saved_model_signature(saved_model)
+            reference_in = reference_inputs(inputs)
+            reference_out = _run_signature(loaded, reference_in)
+            if keras_model is not None:
+                # The reference comes from Keras itself, not from the export being checked.
+                keras_out = keras_model({name: reference_in[name] for name in reference_in}
+                                        if len(reference_in) > 1 else next(iter(reference_in.values())),
+                                        training=False)
+                keras_list = keras_out if isinstance(keras_out, (list, tuple)) else [keras_out]
+                if isinstance(keras_out, dict):
+                    keras_list = [keras_out[name] for name in keras_out]
+                if len(keras_list) == len(outputs):
+                    reference_out = {spec["name"]: np.asarray(value)
+                                     for spec, value in zip(outputs, keras_list, strict=True)}
+                    if len(getattr(keras_model, "output_names", [])) == len(outputs):
+                        output_names = dict(zip([s["name"] for s in outputs], keras_model.output_names, strict=True))
+            flatbuffer, why = _convert(saved_model)
+            runtime = "litert"
+            if flatbuffer is not None:
+                with open(os.path.join(out, "model.tflite"), "wb") as handle:
+                    handle.write(flatbuffer)
+                got = _litert_outputs(out, reference_in)
+                for name, expected in reference_out.items():
+                    ok, difference = agree(got.get(name, np.empty(0)), expected)
+                    if not ok:
+                        why = f"LiteRT's output {name!r} differs from the original's by {difference:.3g}"
+                        flatbuffer = None
+                        break
+            if flatbuffer is None:
+                runtime = "tensorflow"
+                warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); each worker holds its own "
+                                "copy of the weights and calls cost TensorFlow's overhead")
+                for name in ("model.tflite", "xnnpack.cache"):
+                    if os.path.exists(os.path.join(out, name)):
+                        os.remove(os.path.join(out, name))
+                shutil.copytree(saved_model, os.path.join(out, "saved_model"))
+    np.savez(os.path.join(out, "reference.npz"),
+             **{f"in:{k}": v for k, v in reference_in.items()}, **{f"out:{k}": v for k, v in reference_out.items()})
+    manifest = {
+        "format": FORMAT,
+        "runtime": runtime,
+        "source": source,
+        "kind": kind,
+        "sha256": sha256,
+        "inputs": inputs,
+        "outputs": outputs,
+        "output_names": output_names,  # runtime name -> the model's own name, where they differ
+        "warnings": warnings,
+        "prepared_at": time.time(),
+        "prepare_seconds": round(time.monotonic() - started, 3),
+    }
+    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    return manifest
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m expertd.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a .keras/.h5/.tflite file or a SavedModel directory")
+    parser.add_argument("out", help="an empty directory to prepare into")
+    parser.add_argument("--sha256", required=True, help="the source's content hash, recorded in the manifest")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        prepare(os.path.abspath(args.source), args.out, args.sha256)
+    except (PrepareError, ValueError, OSError) as exc:
+        print(f"expertd.prepare: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"expertd.prepare: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
