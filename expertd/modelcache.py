@@ -9,6 +9,7 @@ A model expert's file is prepared once for the serving runtime (see
     CACHE/KEY/xnnpack.cache      XNNPACK's packed weights, mapped read-only by every worker
     CACHE/KEY/reference.npz      inputs and the original model's outputs, for the correctness guard
     CACHE/KEY.lock               held while KEY is being prepared
+    CACHE/.hashes/               model files' content hashes by file identity (a restart reads no model)
 
 KEY is the SHA-256 of the model's content (every file of a SavedModel
 directory) with the preparation format and runtime versions, so a changed
@@ -94,8 +95,39 @@ def model_kind(source: str) -> str:
     return "tflite" if suffix == ".tflite" else "keras"
 
 
-def content_hash(source: str) -> str:
-    """SHA-256 of a model file, or of every file in a SavedModel directory (names and contents)."""
+def content_hash(source: str, cache: str | None = None) -> str:
+    """SHA-256 of a model file, or of every file in a SavedModel directory (names and contents).
+
+    With ``cache``, a file's hash is remembered under CACHE/.hashes with the
+    file's identity (device, inode, size, mtime and ctime, as git's index
+    does), so a restart does not read a large unchanged model again; any write,
+    rename or replacement of the file changes its ctime and forces a new hash.
+    """
+    if cache is None or os.path.isdir(source):
+        return _content_hash(source)
+    stat = os.stat(source)
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    memo = os.path.join(cache, ".hashes", hashlib.sha256(os.fsencode(source)).hexdigest()[:32])
+    try:
+        with open(memo, encoding="utf-8") as handle:
+            remembered = json.load(handle)
+        if remembered.get("identity") == identity and isinstance(remembered.get("sha256"), str):
+            return remembered["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = _content_hash(source)
+    if os.stat(source).st_ctime_ns == stat.st_ctime_ns:  # unchanged while it was read
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(memo), delete=False, encoding="utf-8") as out:
+                json.dump({"path": source, "identity": identity, "sha256": digest}, out)
+            os.replace(out.name, memo)
+        except OSError:
+            pass  # a read-only cache only costs the next start a hash
+    return digest
+
+
+def _content_hash(source: str) -> str:
     digest = hashlib.sha256()
     if os.path.isdir(source):
         for root, dirs, files in os.walk(source):
@@ -147,7 +179,7 @@ def ensure_prepared(source: str, cache: str, timeout: float, where: str) -> Prep
     """
     try:
         model_kind(source)
-        sha256 = content_hash(source)
+        sha256 = content_hash(source, cache)
     except ValueError as exc:
         raise ExpertLoadError(f"{where}: {exc}") from None
     except OSError as exc:
@@ -168,6 +200,9 @@ def ensure_prepared(source: str, cache: str, timeout: float, where: str) -> Prep
         _lock(lock, timeout, where, entry)
         manifest = read_manifest(entry)  # another daemon may have prepared it while we waited
         if manifest is None:
+            for stale in os.listdir(cache):  # left by a preparation that was killed (we hold the lock)
+                if stale.startswith(f".{os.path.basename(entry)}."):
+                    shutil.rmtree(os.path.join(cache, stale), ignore_errors=True)
             _prepare(source, sha256, cache, entry, timeout, where)
             manifest = read_manifest(entry)
             if manifest is None:
@@ -199,7 +234,7 @@ def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, w
     try:
         try:
             done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
-                                  check=False)
+                                  check=False, preexec_fn=_die_with_parent)
         except subprocess.TimeoutExpired:
             raise ExpertLoadError(
                 f"{where}: preparing {source} took over {timeout:g}s; raise prepare_timeout or check the model"
@@ -213,6 +248,14 @@ def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, w
     finally:
         if os.path.exists(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a master killed mid-preparation takes its preparing child with it."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _last_error(stderr: bytes) -> str:
