@@ -428,7 +428,7 @@ def markdown(data: dict, quick: bool) -> str:
             f"{median(cpu[1]):.0f} calls/s = {cpu_ratio:.2f}× | {verdict(cpu_ratio >= 1.6)} |"]
     memory_runs = {r["workers"]: r for r in data["memory"]["expertd"]}
     independents = {r["count"]: r for r in data["memory"]["independent"]}
-    weights_mib = (ROOT / "examples" / "sentiment" / "model.npz").stat().st_size / 2**20
+    weights_mib = (ROOT / "examples" / "sentiment" / "sentiment.keras").stat().st_size / 2**20
     worst_uss = max(max(r["worker_uss"]) for r in memory_runs.values())
     # Workers boot in parallel; past two per core they queue for the CPU, so the target is read there.
     within = [r for n, r in memory_runs.items() if n <= 2 * psutil.cpu_count()] or list(memory_runs.values())

@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--independent", type=int, default=5)
     options = parser.parse_args()
 
-    weights = (ROOT / "examples" / "sentiment" / "model.npz").stat().st_size / MIB
+    weights = (ROOT / "examples" / "sentiment" / "sentiment.keras").stat().st_size / MIB
     workdir = Path(tempfile.mkdtemp(prefix="xdm-", dir="/tmp"))
     try:
         runs = [measure_expertd(workers, workdir) for workers in options.workers]
@@ -152,7 +152,7 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"# expertd memory — {time.strftime('%Y-%m-%d')}, {psutil.cpu_count()} cores, "
-          f"model.npz {weights * 1024:.0f} KiB")
+          f"sentiment.keras {weights * 1024:.0f} KiB")
     print()
     print("| daemon | fork→ready per worker (s) | worker USS (MiB) | worker PSS (MiB) | worker RSS (MiB) "
           "| master RSS / USS (MiB) | master+workers PSS (MiB) |")

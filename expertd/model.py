@@ -113,12 +113,14 @@ class Model:
         """Start the runtime on the prepared files and check it against the reference outputs."""
         import numpy as np
 
-        from expertd.model_runtimes import LiteRT, TensorFlowSavedModel
+        from expertd.model_runtimes import SMALL_MODEL, LiteRT, LiteRTInterpreter, TensorFlowSavedModel
         from expertd.prepare import agree
 
         prepared = self._manifest() and self.prepared
-        if prepared.runtime == "litert":
-            runner: Any = LiteRT(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
+        if prepared.runtime == "litert" and os.path.getsize(prepared.path("model.tflite")) < SMALL_MODEL:
+            runner: Any = LiteRTInterpreter(prepared.path("model.tflite"), threads)
+        elif prepared.runtime == "litert":
+            runner = LiteRT(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
         else:
             runner = TensorFlowSavedModel(prepared.path("saved_model"))
         with np.load(prepared.path("reference.npz")) as reference:
@@ -145,26 +147,35 @@ class Model:
         """
         import numpy as np
 
-        if self._runner is None:
+        runner = self._runner
+        if runner is None:
             raise RuntimeError(f"{self!r} is not loaded in this process: create Models at module level, so expertd "
                                "loads them in every worker")
-        specs = self._manifest()["inputs"]
-        batch = _check_inputs(self.name, specs, inputs)
-        rows = next(iter(batch.values())).shape[0]
-        if rows == 0:
-            results = {spec["name"]: np.zeros([0] + [max(d, 0) for d in spec["shape"][1:]], spec["dtype"])
-                       for spec in self._manifest()["outputs"]}
+        manifest = self.prepared.manifest
+        batch = _check_inputs(self.name, manifest["inputs"], inputs)
+        for array in batch.values():
+            if array.shape[0] == 0:
+                results = {spec["name"]: np.zeros([0] + [max(d, 0) for d in spec["shape"][1:]], spec["dtype"])
+                           for spec in manifest["outputs"]}
+                break
         else:
-            results = self._runner.run(batch)
-        renamed = self._manifest().get("output_names", {})
+            results = runner.run(batch)
         if len(results) == 1:
-            return next(iter(results.values()))
+            for value in results.values():
+                return value
+        renamed = manifest.get("output_names", {})
         return {renamed.get(name, name): value for name, value in results.items()}
 
 
 def _describe(spec: dict[str, Any]) -> str:
     dims = ", ".join("batch" if i == 0 else ("*" if d < 0 else str(d)) for i, d in enumerate(spec["shape"]))
     return f"{spec['dtype']}[{dims}]"
+
+
+def _ndarray() -> type:
+    import numpy as np
+
+    return np.ndarray
 
 
 def _dtype(name: str) -> Any:
@@ -181,6 +192,12 @@ _dtypes: dict[str, Any] = {}
 
 def _check_inputs(model: str, specs: list[dict[str, Any]], inputs: Any) -> dict[str, Any]:
     """``inputs`` as one C-contiguous array per input name, or BadRequest saying what was expected."""
+    if len(specs) == 1 and type(inputs) is _ndarray():  # (the common case, checked in one pass)
+        spec = specs[0]
+        shape = spec["shape"]
+        if inputs.dtype == _dtype(spec["dtype"]) and inputs.ndim == len(shape) and inputs.flags.c_contiguous and all(
+                d < 0 or d == g for d, g in zip(shape[1:], inputs.shape[1:], strict=True)):
+            return {spec["name"]: inputs}
     if len(specs) == 1 and not (isinstance(inputs, dict) and not arrays.is_encoded(inputs)):
         given = {specs[0]["name"]: inputs}
     elif isinstance(inputs, dict) and not arrays.is_encoded(inputs):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -41,6 +42,8 @@ from importlib import metadata
 from typing import Any
 
 from expertd.errors import ExpertLoadError
+
+log = logging.getLogger("expertd.modelcache")
 
 FORMAT = 1  # bump when prepare's output changes: old entries are then left alone
 MODEL_SUFFIXES = (".keras", ".h5", ".tflite")
@@ -228,6 +231,8 @@ def _lock(fd: int, timeout: float, where: str, entry: str) -> None:
 
 
 def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, where: str) -> None:
+    log.info("preparing %s for serving (first use of this content; the result is kept in %s)", source, entry)
+    started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
     command = [sys.executable, "-m", "expertd.prepare", source, scratch, "--sha256", sha256]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
@@ -245,6 +250,7 @@ def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, w
             os.chmod(os.path.join(scratch, name), 0o444 if os.path.isfile(os.path.join(scratch, name)) else 0o555)
         os.chmod(scratch, 0o755)
         os.rename(scratch, entry)
+        log.info("prepared %s in %.1fs", source, time.monotonic() - started)
     finally:
         if os.path.exists(scratch):
             shutil.rmtree(scratch, ignore_errors=True)

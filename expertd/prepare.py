@@ -121,6 +121,30 @@ def _keras_to_saved_model(source: str, out: str) -> tuple[str, Any]:
     return exported, model
 
 
+def _keras_reference(model: Any, inputs: dict[str, np.ndarray], outputs: list[dict],
+                     exported: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Keras' own outputs by the export's output names, and the export's names -> Keras' names where they differ.
+
+    A dict of outputs is exported under its keys; a list (or one output) as
+    ``output_0``, ``output_1``, ... in order.  Where the two cannot be matched
+    the export's own outputs are the reference.
+    """
+    given = inputs if len(inputs) > 1 else next(iter(inputs.values()))
+    got = model(given, training=False)
+    names = [spec["name"] for spec in outputs]
+    if isinstance(got, dict):
+        if set(got) == set(names):
+            return {name: np.asarray(got[name]) for name in names}, {}
+        return exported, {}
+    values = list(got) if isinstance(got, (list, tuple)) else [got]
+    numbered = sorted(names, key=lambda n: int(n.rsplit("_", 1)[1]) if re.fullmatch(r"output_\d+", n) else -1)
+    if len(values) != len(names) or not all(re.fullmatch(r"output_\d+", n) for n in names):
+        return exported, {}
+    keras_names = list(getattr(model, "output_names", []))
+    renamed = dict(zip(numbered, keras_names, strict=True)) if len(keras_names) == len(names) else {}
+    return {name: np.asarray(value) for name, value in zip(numbered, values, strict=True)}, renamed
+
+
 def _convert(saved_model: str) -> tuple[bytes | None, str]:
     """The TFLite flatbuffer (builtin ops only), or None and why not."""
     import tensorflow as tf
@@ -180,17 +204,7 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
             reference_out = _run_signature(loaded, reference_in)
             if keras_model is not None:
                 # The reference comes from Keras itself, not from the export being checked.
-                keras_out = keras_model({name: reference_in[name] for name in reference_in}
-                                        if len(reference_in) > 1 else next(iter(reference_in.values())),
-                                        training=False)
-                keras_list = keras_out if isinstance(keras_out, (list, tuple)) else [keras_out]
-                if isinstance(keras_out, dict):
-                    keras_list = [keras_out[name] for name in keras_out]
-                if len(keras_list) == len(outputs):
-                    reference_out = {spec["name"]: np.asarray(value)
-                                     for spec, value in zip(outputs, keras_list, strict=True)}
-                    if len(getattr(keras_model, "output_names", [])) == len(outputs):
-                        output_names = dict(zip([s["name"] for s in outputs], keras_model.output_names, strict=True))
+                reference_out, output_names = _keras_reference(keras_model, reference_in, outputs, reference_out)
             flatbuffer, why = _convert(saved_model)
             runtime = "litert"
             if flatbuffer is not None:

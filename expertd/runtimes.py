@@ -108,13 +108,16 @@ def quiet_native_logs(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+    global _real_stderr
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
+        _real_stderr = saved
         try:
             yield
         finally:
+            _real_stderr = None
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
@@ -124,3 +127,23 @@ def quiet_native_logs(enabled: bool) -> Iterator[None]:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
+
+
+_real_stderr: int | None = None  # the real fd 2 while quiet_native_logs holds it
+
+
+@contextlib.contextmanager
+def native_logs_shown() -> Iterator[None]:
+    """Inside quiet_native_logs, let a block write to the real stderr at once (e.g. progress of a long step)."""
+    if _real_stderr is None:
+        yield
+        return
+    sys.stderr.flush()
+    capture = os.dup(2)
+    os.dup2(_real_stderr, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(capture, 2)
+        os.close(capture)

@@ -172,7 +172,7 @@ def test_a_changed_model_file_is_prepared_again_on_reload(models, short_dir):
         daemon.send_signal(signal.SIGHUP)
         assert wait_until(lambda: "reload done" in daemon.log, timeout=120), daemon.log
         np.testing.assert_allclose(client.predict("current", first["x"]), second["y"], rtol=1e-5, atol=1e-5)
-        entries = [p for p in cache.iterdir() if p.is_dir()]
+        entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
         assert len(entries) == 2  # one per content; neither is rewritten
     finally:
         daemon.kill()
@@ -182,14 +182,14 @@ def test_the_correctness_guard_refuses_a_wrong_prepared_file(models, short_dir):
     cache = short_dir / "cache"
     config = write_config(short_dir, {"mlp": {"model": models / "mlp.keras"}}, model_cache=cache)
     assert run_expertd("--config", str(config), "--check", timeout=300).returncode == 0
-    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    (entry,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     # Put another model (same shape, other weights) where the prepared one was.
     os.chmod(entry / "model.tflite", 0o644)
     other = short_dir / "other"
     other.mkdir()
     config_other = write_config(other, {"mlp": {"model": models / "mlp2.keras"}}, model_cache=other / "cache")
     assert run_expertd("--config", str(config_other), "--check", timeout=300).returncode == 0
-    (other_entry,) = [p for p in (other / "cache").iterdir() if p.is_dir()]
+    (other_entry,) = [p for p in (other / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     shutil.copy(other_entry / "model.tflite", entry / "model.tflite")
     (entry / "xnnpack.cache").unlink()
 
@@ -210,7 +210,7 @@ def test_two_daemons_preparing_one_model_at_once_make_one_entry(models, short_di
     for check in checks:
         assert check.wait(300) == 0, check.stderr.read()
     entries = list(cache.iterdir())
-    assert len([p for p in entries if p.is_dir()]) == 1
+    assert len([p for p in entries if p.is_dir() and not p.name.startswith(".")]) == 1
     assert not [p for p in entries if p.name.startswith(".") and p.name != ".hashes"]  # nothing half-prepared
 
 
@@ -235,7 +235,8 @@ def test_a_bad_model_stops_start_up_with_one_line(short_dir, model, message):
     config = write_config(short_dir, {"m": {"model": model}}, model_cache=short_dir / "cache")
     done = run_expertd("--config", str(config), "--check", timeout=300)
     assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # Progress lines (preparing ...) are log lines; the error is one line of its own.
+    lines = [line for line in done.stderr.splitlines() if line.startswith("expertd: ")]
     assert len(lines) == 1, done.stderr
     assert __import__("re").search(message, lines[0]), lines[0]
 
