@@ -431,7 +431,7 @@ def measure_sentiment(cfg: dict, workdir: Path) -> dict:
     config = write_config(workdir / "sentiment", 1, {"sentiment": {"function": "sentiment:opinion"},
                                                      "square": {"function": "squares:square"}},
                           preload="tensorflow keras numpy", pythonpath=ROOT / "examples", log_level="info",
-                          tf_log_level="error")
+                          tf_log_level="error", model_cache=workdir / "sentiment-cache")
     print("sentiment vs square ...", flush=True)
     times: dict[str, list[float]] = {"sentiment": [], "square": []}
     document = {"text": "what a wonderful day"}
@@ -452,7 +452,53 @@ def measure_sentiment(cfg: dict, workdir: Path) -> dict:
                         begin = time.perf_counter()
                         client.call("square", 7)
                     bucket.append(time.perf_counter() - begin)
-    return {"times": times, "reply": label}
+    return {"times": times, "reply": label, "compute": measure_sentiment_compute(cfg, workdir / "sentiment-cache")}
+
+
+def measure_sentiment_compute(cfg: dict, cache: Path) -> dict:
+    """The sentiment model's compute per call, in one process: before (Keras in a tf.function) and after (Model)."""
+    print("sentiment compute per call ...", flush=True)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--sentiment-compute", str(cache),
+                           str(cfg["sentiment_blocks"])], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    if done.returncode != 0:
+        raise RuntimeError(f"the sentiment compute probe failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sentiment_compute(cache: str, blocks: int) -> int:
+    """(Child process.) Median µs per call of the shipped sentiment model on one text, both ways, interleaved."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import keras
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from sentiment.model import SEQUENCE_LENGTH, encode
+
+    from expertd.model import Model
+
+    path = ROOT / "examples" / "sentiment" / "sentiment.keras"
+    with open(ROOT / "examples" / "sentiment" / "vocabulary.txt", encoding="utf-8") as words:
+        vocabulary = {word: index for index, word in enumerate(words.read().split(), start=2)}
+    ids = encode(["what a wonderful day"], vocabulary)
+    keras_model = keras.models.load_model(path)
+    before = tf.function(lambda x: keras_model(x, training=False),
+                         input_signature=[tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32)])
+    after = Model(str(path), _register=False)
+    after.prepare(cache, 600, "bench")
+    after.load(1)
+    ways = {"tf.function": lambda: before(ids).numpy(), "expertd.Model": lambda: after.predict(ids)}
+    assert abs(float(ways["tf.function"]()[0, 0]) - float(ways["expertd.Model"]()[0, 0])) < 1e-4
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(blocks):
+        for name, call in ways.items():
+            for _ in range(100):
+                begin = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - begin)
+    print(json.dumps({name: statistics.median(values) * 1e6 for name, values in times.items()}))
+    return 0
 
 
 # ----------------------------------------------------------------- report
@@ -616,6 +662,14 @@ def markdown(data: dict, quick: bool) -> str:
         p90 = values[int(0.9 * (len(values) - 1))] * 1e6
         out.append(f"| `{label}` | {median(values) * 1e6:.0f} | {p90:.0f} | "
                    f"{median(values) * 1e6 / square_us:.2f}× |")
+    compute = sentiment["compute"]
+    out += ["", "The same model's compute per call (one text, in one process, one thread, interleaved blocks of 100; "
+            "median): before, the Keras model in a `tf.function` (what the expert did until now); after, "
+            "`expertd.Model` (the file prepared for LiteRT, as the expert runs it now).", "",
+            "| way | µs per call |", "| --- | --- |",
+            f"| Keras in a `tf.function` (before) | {compute['tf.function']:.1f} |",
+            f"| `expertd.Model.predict` (after) | {compute['expertd.Model']:.1f} "
+            f"({compute['tf.function'] / compute['expertd.Model']:.0f}× less) |"]
     return "\n".join(out)
 
 
@@ -623,6 +677,8 @@ def markdown(data: dict, quick: bool) -> str:
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--keras-server":
         return keras_server(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 4 and sys.argv[1] == "--sentiment-compute":
+        return sentiment_compute(sys.argv[2], int(sys.argv[3]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (under 3 minutes)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts (default 1 2 4)")

@@ -116,7 +116,8 @@ class Model:
         from expertd.model_runtimes import SMALL_MODEL, LiteRT, LiteRTInterpreter, TensorFlowSavedModel
         from expertd.prepare import agree
 
-        prepared = self._manifest() and self.prepared
+        self._manifest()  # (raises if the model was never prepared)
+        prepared = self.prepared
         if prepared.runtime == "litert" and os.path.getsize(prepared.path("model.tflite")) < SMALL_MODEL:
             runner: Any = LiteRTInterpreter(prepared.path("model.tflite"), threads)
         elif prepared.runtime == "litert":

@@ -234,12 +234,13 @@ def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, w
     log.info("preparing %s for serving (first use of this content; the result is kept in %s)", source, entry)
     started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
-    command = [sys.executable, "-m", "expertd.prepare", source, scratch, "--sha256", sha256]
+    command = [sys.executable, "-m", "expertd.prepare", source, scratch, "--sha256", sha256,
+               "--parent", str(os.getpid())]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     try:
         try:
             done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
-                                  check=False, preexec_fn=_die_with_parent)
+                                  check=False)
         except subprocess.TimeoutExpired:
             raise ExpertLoadError(
                 f"{where}: preparing {source} took over {timeout:g}s; raise prepare_timeout or check the model"
@@ -254,14 +255,6 @@ def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, w
     finally:
         if os.path.exists(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: a master killed mid-preparation takes its preparing child with it."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
 def _last_error(stderr: bytes) -> str:

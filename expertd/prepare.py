@@ -245,6 +245,16 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
     return manifest
 
 
+def _die_with(parent: int) -> None:
+    """A master killed mid-preparation takes this process with it (set here, not between fork and exec)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it was gone before the line above took effect
+        sys.exit(1)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -254,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a .keras/.h5/.tflite file or a SavedModel directory")
     parser.add_argument("out", help="an empty directory to prepare into")
     parser.add_argument("--sha256", required=True, help="the source's content hash, recorded in the manifest")
+    parser.add_argument("--parent", type=int, help="exit when this process (the daemon's master) is gone")
     args = parser.parse_args(argv)
+    if args.parent:
+        _die_with(args.parent)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         prepare(os.path.abspath(args.source), args.out, args.sha256)
