@@ -33,12 +33,11 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
+from importlib.util import find_spec
 from typing import Any
 
 from expertd.errors import ExpertLoadError
@@ -151,12 +150,24 @@ def _hash_file(digest: Any, path: str) -> None:
 
 
 def _versions() -> str:
+    """The installed TensorFlow and LiteRT, by their dist-info directories' names (e.g. tensorflow_cpu-2.21.0).
+
+    Read beside each package without importing it, and without importlib.metadata
+    (50 ms to import, a fifth of a warm start).
+    """
     found = []
-    for distribution in ("tensorflow-cpu", "tensorflow", "ai-edge-litert"):
+    runtimes = (("tensorflow", ("tensorflow_cpu-", "tensorflow-")), ("ai_edge_litert", ("ai_edge_litert-",)))
+    for package, distributions in runtimes:
+        spec = find_spec(package)
+        if spec is None or not spec.origin:
+            continue
+        site = os.path.dirname(os.path.dirname(spec.origin))
         try:
-            found.append(f"{distribution}={metadata.version(distribution)}")
-        except metadata.PackageNotFoundError:
-            pass
+            names = os.listdir(site)
+        except OSError:
+            continue
+        found += sorted(name[: -len(".dist-info")] for name in names
+                        if name.endswith(".dist-info") and name.startswith(distributions))
     return ",".join(found)
 
 
@@ -231,6 +242,8 @@ def _lock(fd: int, timeout: float, where: str, entry: str) -> None:
 
 
 def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, where: str) -> None:
+    import subprocess  # (here: a warm start never needs it)
+
     log.info("preparing %s for serving (first use of this content; the result is kept in %s)", source, entry)
     started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
