@@ -173,11 +173,13 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
     cache = cache_directory(config.model_cache)
     for model, where in served:
         model.prepare(cache, config.prepare_timeout, where)
-    if any(model.runtime == "litert" for model, _ in served):
+    runtimes_used = {model.runtime for model, _ in served}
+    if runtimes_used:
         from expertd.model_runtimes import preload
 
-        _run_hook(preload, "importing LiteRT (ai-edge-litert) for the model experts failed")
-        _check_fork_safety("importing LiteRT")
+        # Imported (never started) here, so that every worker shares the libraries.
+        _run_hook(lambda: preload(runtimes_used), "importing the model runtimes failed")
+        _check_fork_safety("importing the model runtimes")
     for expert in experts.values():
         model = getattr(expert.function, "__expertd_model__", None)
         if model is not None:  # described only now that the model's inputs and outputs are known

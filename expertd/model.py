@@ -93,7 +93,7 @@ class Model:
 
     @property
     def runtime(self) -> str:
-        """``litert`` or ``tensorflow`` (the fallback)."""
+        """``litert``, or ``tensorflow-graph`` / ``tensorflow`` (the fallbacks: shared weights / a copy per worker)."""
         return self._manifest()["runtime"]
 
     def summary(self) -> str:
@@ -113,7 +113,13 @@ class Model:
         """Start the runtime on the prepared files and check it against the reference outputs."""
         import numpy as np
 
-        from expertd.model_runtimes import SMALL_MODEL, LiteRT, LiteRTInterpreter, TensorFlowSavedModel
+        from expertd.model_runtimes import (
+            SMALL_MODEL,
+            LiteRT,
+            LiteRTInterpreter,
+            TensorFlowGraph,
+            TensorFlowSavedModel,
+        )
         from expertd.prepare import agree
 
         self._manifest()  # (raises if the model was never prepared)
@@ -122,6 +128,8 @@ class Model:
             runner: Any = LiteRTInterpreter(prepared.path("model.tflite"), threads)
         elif prepared.runtime == "litert":
             runner = LiteRT(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
+        elif prepared.runtime == "tensorflow-graph":
+            runner = TensorFlowGraph(prepared.directory)
         else:
             runner = TensorFlowSavedModel(prepared.path("saved_model"))
         with np.load(prepared.path("reference.npz")) as reference:

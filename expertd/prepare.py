@@ -16,8 +16,10 @@ TensorFlow's runtime).  Into OUTDIR it writes
    -1 for any size), warnings.
 
 A model LiteRT cannot express (ops outside the builtin set), or whose
-converted outputs differ from the original's, is kept as a SavedModel for the
-TensorFlow runtime instead, with a warning naming why.  Errors end the process
+converted outputs differ from the original's, runs on TensorFlow instead, with
+a warning naming why: as a frozen graph whose weights lie in ``weights.bin``
+for the workers to map (shared), or, when the function cannot be frozen, as
+the SavedModel itself (each worker then holds its own copy).  Errors end the process
 with one line on stderr: ``expertd.prepare: error: ...``.
 """
 
@@ -145,6 +147,74 @@ def _keras_reference(model: Any, inputs: dict[str, np.ndarray], outputs: list[di
     return {name: np.asarray(value) for name, value in zip(numbered, values, strict=True)}, renamed
 
 
+LIFTED_MIN_BYTES = 1024  # constants at least this large are weights, mapped from weights.bin
+
+
+def _lift_weights(loaded: Any, out: str, reference_in: dict[str, np.ndarray],
+                  reference_out: dict[str, np.ndarray]) -> dict | None:
+    """The serving function as a frozen graph whose weights are inputs, and the weights in one file.
+
+    Writes ``graph.pb`` (the graph, weights replaced by placeholders),
+    ``weights.bin`` (each weight 64-byte aligned: TensorFlow's alignment) and
+    ``graph.json`` (names, and where each weight lies).  A worker maps
+    weights.bin and hands TensorFlow the mapped memory through DLPack, which
+    TensorFlow uses without copying (``tf.constant`` and ``convert_to_tensor``
+    always copy), so the weights stay in the page cache, once.  Returns the
+    index, or None when the function cannot be frozen or the result differs
+    from the original.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework import tensor_util
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2_as_graph
+
+    function = loaded.signatures["serving_default"]
+    try:
+        frozen, graph = convert_variables_to_constants_v2_as_graph(function)
+    except Exception:
+        return None
+    _, keywords = function.structured_input_signature
+    input_names = sorted(keywords)  # the order the frozen function's inputs take (tf.nest sorts keys)
+    output_names = tf.nest.flatten({name: name for name in function.structured_outputs})
+    if len(input_names) != len(frozen.inputs) or len(output_names) != len(frozen.outputs):
+        return None
+    weights, offset = [], 0
+    with open(os.path.join(out, "weights.bin"), "wb") as blob:
+        for node in graph.node:
+            if node.op != "Const":
+                continue
+            value = tensor_util.MakeNdarray(node.attr["value"].tensor)
+            if value.nbytes < LIFTED_MIN_BYTES or value.dtype.kind not in "biuf":
+                continue
+            pad = -offset % 64
+            blob.write(b"\0" * pad)
+            offset += pad
+            blob.write(np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes())
+            weights.append({"tensor": f"{node.name}:0", "dtype": value.dtype.name, "shape": list(value.shape),
+                            "offset": offset})
+            offset += value.nbytes
+            node.op = "Placeholder"
+            del node.attr["value"]
+            node.attr["shape"].shape.CopyFrom(tf.TensorShape(value.shape).as_proto())
+    with open(os.path.join(out, "graph.pb"), "wb") as handle:
+        handle.write(graph.SerializeToString())
+    index = {"inputs": {name: tensor.name for name, tensor in zip(input_names, frozen.inputs, strict=True)},
+             "outputs": {name: tensor.name for name, tensor in zip(output_names, frozen.outputs, strict=True)},
+             "weights": weights}
+    with open(os.path.join(out, "graph.json"), "w", encoding="utf-8") as handle:
+        json.dump(index, handle)
+    from expertd.model_runtimes import TensorFlowGraph
+
+    try:
+        got = TensorFlowGraph(out).run(reference_in)
+    except Exception:
+        got = {}
+    if not all(agree(got.get(name, np.empty(0)), value)[0] for name, value in reference_out.items()):
+        for name in ("graph.pb", "graph.json", "weights.bin"):
+            os.remove(os.path.join(out, name))
+        return None
+    return index
+
+
 def _convert(saved_model: str) -> tuple[bytes | None, str]:
     """The TFLite flatbuffer (builtin ops only), or None and why not."""
     import tensorflow as tf
@@ -218,13 +288,19 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
                         flatbuffer = None
                         break
             if flatbuffer is None:
-                runtime = "tensorflow"
-                warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); each worker holds its own "
-                                "copy of the weights and calls cost TensorFlow's overhead")
                 for name in ("model.tflite", "xnnpack.cache"):
                     if os.path.exists(os.path.join(out, name)):
                         os.remove(os.path.join(out, name))
-                shutil.copytree(saved_model, os.path.join(out, "saved_model"))
+                lifted = _lift_weights(loaded, out, reference_in, reference_out)
+                if lifted is None:
+                    runtime = "tensorflow"
+                    warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); each worker holds its own "
+                                    "copy of the weights and calls cost TensorFlow's overhead")
+                    shutil.copytree(saved_model, os.path.join(out, "saved_model"))
+                else:
+                    runtime = "tensorflow-graph"
+                    warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); the weights are still "
+                                    "shared by every worker, but calls cost TensorFlow's overhead")
     np.savez(os.path.join(out, "reference.npz"),
              **{f"in:{k}": v for k, v in reference_in.items()}, **{f"out:{k}": v for k, v in reference_out.items()})
     manifest = {

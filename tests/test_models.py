@@ -224,6 +224,22 @@ def test_a_model_litert_cannot_express_runs_on_tensorflow_with_a_warning_naming_
         daemon.kill()
 
 
+def test_the_tensorflow_fallback_still_shares_the_weights_between_workers(models, short_dir):
+    """64 MiB of weights behind an op LiteRT lacks, 2 workers: each worker's private memory stays well below it."""
+    daemon = start(short_dir, {"odd": {"model": models / "unsupported_big"}}, workers=2, intra_op_threads=1)
+    try:
+        expected = reference(models, "unsupported_big")
+        client = daemon.client()
+        for _ in range(6):
+            np.testing.assert_allclose(client.predict("odd", expected["x"]), expected["y"], rtol=1e-4, atol=1e-5)
+        assert client.experts()[0]["runtime"] == "tensorflow-graph"
+        assert "the weights are still shared by every worker" in daemon.log
+        private = {pid: psutil.Process(pid).memory_full_info().uss for pid in daemon.worker_pids()}
+        assert all(uss < 48 * 2**20 for uss in private.values()), {p: u / 2**20 for p, u in private.items()}
+    finally:
+        daemon.kill()
+
+
 @pytest.mark.parametrize(("model", "message"), [
     ("missing.keras", r"\[expert:m\] model = .*missing.keras: no model at .*missing.keras; check the path"),
     ("notes.txt", r"unknown model format '.txt'; use a .keras or .h5 file, a .tflite file or a SavedModel directory"),

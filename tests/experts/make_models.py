@@ -57,6 +57,19 @@ class Unsupported(tf.Module):
         return {"y": tf.math.igamma(tf.abs(x) + 1.0, tf.abs(x) + 2.0)}
 
 
+class UnsupportedBig(tf.Module):
+    """64 MiB of weights behind an op LiteRT lacks: the TensorFlow fallback must still share the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = np.random.default_rng(5)
+        self.w = tf.Variable(generator.standard_normal((4096, 4096)).astype(np.float32) * 0.01)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4096], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.math.igamma(tf.abs(tf.matmul(x, self.w)) + 1.0, 2.0)}
+
+
 def main(directory: str) -> None:
     generator = np.random.default_rng(1)
     x = generator.standard_normal((6, 8)).astype(np.float32)
@@ -84,6 +97,12 @@ def main(directory: str) -> None:
     tf.saved_model.save(module, os.path.join(directory, "unsupported"), signatures={"serving_default": module.serve})
     u = np.abs(generator.standard_normal((3, 4)).astype(np.float32))
     np.savez(os.path.join(directory, "unsupported.npz"), x=u, y=module.serve(u)["y"].numpy())
+
+    module = UnsupportedBig()
+    tf.saved_model.save(module, os.path.join(directory, "unsupported_big"),
+                        signatures={"serving_default": module.serve})
+    u = generator.standard_normal((2, 4096)).astype(np.float32)
+    np.savez(os.path.join(directory, "unsupported_big.npz"), x=u, y=module.serve(u)["y"].numpy())
 
 
 if __name__ == "__main__":
