@@ -89,8 +89,10 @@ def _saved_model_signature(directory: str) -> tuple[Any, list[dict], list[dict]]
         raise PrepareError(f"{directory} has no serving_default signature; export it with one")
     function = loaded.signatures["serving_default"]
     _, keywords = function.structured_input_signature
-    inputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in keywords.items()]
-    outputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in function.structured_outputs.items()]
+    # Sorted by name: the order a SavedModel lists them in varies from one export to the next.
+    inputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in sorted(keywords.items())]
+    outputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape)
+               for name, spec in sorted(function.structured_outputs.items())]
     for spec in inputs:
         if not spec["shape"] or spec["shape"][0] != -1:
             raise PrepareError(
@@ -244,9 +246,9 @@ def _litert_specs(model_path: str) -> tuple[list[dict], list[dict]]:
     interpreter = Interpreter(model_path=model_path)
     runner = interpreter.get_signature_runner()
     inputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
-              for name, d in runner.get_input_details().items()]
+              for name, d in sorted(runner.get_input_details().items())]
     outputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
-               for name, d in runner.get_output_details().items()]
+               for name, d in sorted(runner.get_output_details().items())]
     return inputs, outputs
 
 
