@@ -254,12 +254,23 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
     if array.dtype.kind not in "biuf" or (expected.kind in "iub" and array.dtype.kind == "f"):
         got = {"f": "floats", "U": "text", "S": "bytes"}.get(array.dtype.kind, "non-numbers")
         raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {_describe(spec)}", expert=model)
+    if expected.kind in "iu" and array.dtype.kind in "iu" and array.size and not _fits(array, expected):
+        raise BadRequest(f"{where}: values from {array.min()} to {array.max()} do not fit {expected.name}; "
+                         f"expected {_describe(spec)}", expert=model)
     if array.size == 0 and array.ndim == 1:  # [] is an empty batch
         array = array.reshape([0] + [max(d, 0) for d in shape[1:]])
     if array.ndim != len(shape) or any(d >= 0 and d != g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
         raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)",
                          expert=model)
     return np.ascontiguousarray(array, dtype=expected)
+
+
+def _fits(array: Any, dtype: Any) -> bool:
+    """Whether every integer in ``array`` survives conversion to ``dtype`` (numpy would wrap it silently)."""
+    import numpy as np
+
+    limits = np.iinfo(dtype)
+    return bool(limits.min <= array.min() and array.max() <= limits.max)
 
 
 def collect() -> list[Model]:

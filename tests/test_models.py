@@ -125,6 +125,8 @@ BAD_INPUTS = [
     ("mlp", {arrays.KEY: ["float32", [1, 8], b"\0" * 31]}, r"mlp: input 'x': shape \[1, 8\] of float32 needs 32 bytes"),
     ("mlp", {arrays.KEY: ["object", [1, 8], b""]}, r"mlp: input 'x': dtype 'object' is not accepted"),
     ("multi", [[1.0] * 4], r"multi: this model takes several inputs; send a dict of batches by name"),
+    ("multi", {"features": [[0.5] * 4], "ids": [[2**40] * 5]},
+     r"multi: input 'ids': values from 1099511627776 to 1099511627776 do not fit int32"),
     ("multi", {"features": [[0.5] * 4], "ids": [[0.5] * 5]}, r"multi: input 'ids': got floats .*; expected int32"),
     ("multi", {"features": [[0.5] * 4] * 2, "ids": [[1] * 5]},
      r"multi: input 'ids' has 1 rows where other inputs have 2"),
