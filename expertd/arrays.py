@@ -58,17 +58,6 @@ def encode(array: Any) -> dict:
 _names: dict = {}
 
 
-def encode_tree(value: Any) -> Any:
-    """``value`` with every numpy array in it (top level, or in a dict or list) encoded."""
-    if is_array(value) and getattr(value, "ndim", 0) > 0:
-        return encode(value)
-    if isinstance(value, dict):
-        return {key: encode_tree(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_tree(item) for item in value]
-    return value
-
-
 def decode(value: Any, where: str = "array") -> Any:
     """The numpy array (read-only, no copy) that an encoded map stands for.
 
@@ -80,7 +69,7 @@ def decode(value: Any, where: str = "array") -> Any:
     if not (type(parts) is list and len(parts) == 3):
         raise ValueError(f"{where}: an encoded array is {{{KEY!r}: [dtype, shape, bytes]}}")
     dtype, shape, data = parts
-    if dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {dtype!r} is not accepted; use one of {', '.join(sorted(DTYPES))}")
     if (type(shape) is not list or len(shape) > MAX_DIMENSIONS
             or not all(type(d) is int and 0 <= d < 2**40 for d in shape)):

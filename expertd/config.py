@@ -27,6 +27,7 @@ from expertd.protocol import DEFAULT_SOCKET
 
 MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
+DEFAULT_MAX_ROWS = 4096  # a model expert's max_rows
 EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -331,8 +332,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
             "Directory where model experts' files are prepared (converted for the serving runtime, weights "
             "laid out once for every worker to map) and kept, by content hash, across restarts and reloads. "
-            "Empty: $CACHE_DIRECTORY (systemd's CacheDirectory=), else ~/.cache/expertd. Safe to share between "
-            "daemons; delete entries freely (they are prepared again)."),
+            "Empty: $CACHE_DIRECTORY (systemd's CacheDirectory=), else ~/.cache/expertd. Daemons of one user may "
+            "share it; entries writable by other users are refused. Delete an entry only when no running daemon "
+            "serves it (or reload afterwards): it is prepared again when next needed."),
     Setting("prepare_timeout", MAIN_SECTION, DURATION, "600s",
             "Longest the preparation of one model (conversion, weight layout, reference outputs) may take "
             "at start-up or reload; it runs in a child process, never in the master."),
@@ -343,6 +345,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve a saved model with no Python code: a Keras .keras file, an exported SavedModel directory "
             "or a .tflite file (docs/experts.md, \"Model experts\"). A call takes a batch of input rows and "
             "returns one output row per input row. Give either function or model."),
+    Setting("max_rows", "expert", _int_at_least(1), str(DEFAULT_MAX_ROWS),
+            "Model experts: the most input rows one call may carry; more get a bad_request error. A runtime keeps "
+            "the memory of the largest batch it has run, so this bounds what one caller can make every worker "
+            "hold. (expertd.Model takes max_rows= likewise.)"),
     Setting("timeout", "expert", DURATION, "",
             "Longest a request to this expert may run; empty means the [expertd] timeout."),
 )
@@ -358,6 +364,7 @@ class ExpertSpec:
     name: str
     function: str = ""  # module:function, or
     model: str = ""  # the absolute path of a saved model
+    max_rows: int = DEFAULT_MAX_ROWS  # (model experts)
     timeout: float | None = None  # None: the [expertd] timeout
 
 
@@ -478,6 +485,9 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
             )
         if "model" in values:
             values["model"] = _resolve(values["model"], base_dir)
+        elif "max_rows" in values:
+            raise ConfigError(f"{path}: [{section}] max_rows: only model experts take it; remove it (a Python "
+                              "expert passes max_rows= to expertd.Model)")
         config.experts[name] = ExpertSpec(name=name, **values)
 
     main = parser[MAIN_SECTION]

@@ -24,7 +24,7 @@ from expertd.config import MAIN_SECTION, Config, ExpertSpec
 from expertd.errors import ExpertLoadError
 from expertd.expert import hooks_of
 from expertd.model import Model, collect, model_expert
-from expertd.modelcache import cache_directory
+from expertd.modelcache import Prepared, cache_directory
 
 log = logging.getLogger("expertd.loader")
 
@@ -40,8 +40,9 @@ class LoadedExpert:
     summary: str
     before_fork: Callable[[], Any] | None
     after_fork: Callable[[], Any] | None
-    # Every Model of this generation (the same tuple on each expert): loaded in each worker before after_fork hooks.
-    models: tuple[Model, ...] = ()
+    # Every Model of this generation with its cache entry (the same tuple on each expert): loaded in each
+    # worker before the after_fork hooks.
+    models: tuple[tuple[Model, Prepared], ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """What ``expertctl list`` shows."""
@@ -132,8 +133,11 @@ def _run_hook(hook: Callable[[], Any], where: str) -> None:
         raise ExpertLoadError(f"{where}: {describe_exception(exc)}") from None
 
 
-def load_experts(config: Config) -> dict[str, LoadedExpert]:
-    """Import everything the config names and run the before-fork hooks, in the calling process."""
+def load_experts(config: Config, keepalive: Callable[[], None] | None = None) -> dict[str, LoadedExpert]:
+    """Import everything the config names, prepare its models and run the before-fork hooks, in the calling process.
+
+    ``keepalive`` is called about once a second while a model is being prepared.
+    """
     for directory in reversed(config.pythonpath):
         if not os.path.isdir(directory):
             raise ExpertLoadError(
@@ -149,7 +153,7 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
     served: list[tuple[Model, str]] = []  # each model, with where the config or code declares it
     for spec in config.experts.values():
         if spec.model:
-            model = Model(spec.model, name=spec.name, _register=False)
+            model = Model(spec.model, name=spec.name, max_rows=spec.max_rows, _register=False)
             served.append((model, f"{config.path}: [expert:{spec.name}] model = {spec.model}"))
             experts[spec.name] = LoadedExpert(
                 name=spec.name, reference=f"model:{spec.model}", function=model_expert(spec.name, model),
@@ -172,7 +176,10 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
     served += [(model, f"{config.path}: Model({model.path!r}) in {model._module}") for model in collect()]
     cache = cache_directory(config.model_cache)
     for model, where in served:
-        model.prepare(cache, config.prepare_timeout, where)
+        # The preparing child imports what registers a Keras model's custom objects: preload and its module.
+        imports = [*config.preload, *([model._module] if model._module and model._module != "__main__" else [])]
+        model.prepare(cache, config.prepare_timeout, where, keepalive=keepalive, pythonpath=config.pythonpath,
+                      imports=imports)
     runtimes_used = {model.runtime for model, _ in served}
     if runtimes_used:
         from expertd.model_runtimes import preload
@@ -185,7 +192,9 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
         if model is not None:  # described only now that the model's inputs and outputs are known
             expert.signature = _signature(expert.function)
             expert.summary = model.summary()
-        expert.models = tuple(model for model, _ in served)
+        # (Each generation keeps its own entries: a Model of a module a reload does not re-import is
+        # prepared again, and a failed reload must leave the old generation's workers on theirs.)
+        expert.models = tuple((model, model.prepared) for model, _ in served)
 
     for hook, names in _distinct_hooks(experts, "before_fork"):
         where = f"{config.path}: [expert:{names[0]}] before_fork hook {_hook_name(hook)}"
@@ -204,7 +213,8 @@ def load_experts(config: Config) -> dict[str, LoadedExpert]:
 def run_after_fork(experts: dict[str, LoadedExpert], threads: int = 1) -> None:
     """Load every model, then run every distinct after-fork hook once, in the calling (worker) process."""
     models = next(iter(experts.values())).models if experts else ()
-    for model in models:
+    for model, prepared in models:
+        model.prepared = prepared
         try:
             model.load(threads)
         except ExpertLoadError:

@@ -115,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so that --help and config errors stay fast.
     from expertd.loader import load_experts
+    from expertd.notify import extend_start_timeout
     from expertd.runtimes import quiet_native_logs
 
     modules_before = set(sys.modules)
     try:
         with quiet_native_logs(config.tf_log_level in ("warning", "error")):
-            experts = load_experts(config)
+            experts = load_experts(config, keepalive=extend_start_timeout)
     except ExpertLoadError as exc:
         return fail(str(exc), EXIT_EXPERT)
     if args.check:

@@ -713,7 +713,8 @@ class Master:
                 del sys.modules[name]  # so that the experts' code is imported afresh
             before = set(sys.modules)
             with quiet_native_logs(config.tf_log_level in ("warning", "error")):
-                experts = load_experts(config)
+                # (A model prepared here holds the loop: prepare first with expertd --check; docs/experts.md.)
+                experts = load_experts(config, keepalive=self.notifier.keep_waiting)
         except (ConfigError, ExpertLoadError) as exc:
             self._restore_modules(reloadable_modules(set(sys.modules) - before, config.preload), previous_modules)
             self._reload_failed(str(exc))

@@ -39,6 +39,7 @@ import sys
 from typing import Any
 
 from expertd import arrays
+from expertd.config import DEFAULT_MAX_ROWS
 from expertd.errors import BadRequest, ExpertLoadError
 
 log = logging.getLogger("expertd.model")
@@ -46,15 +47,19 @@ log = logging.getLogger("expertd.model")
 _created: list[Model] = []
 
 
+
 class Model:
     """A saved model (``.keras``, ``.h5``, ``.tflite`` or a SavedModel directory) served from shared memory."""
 
-    def __init__(self, path: str, *, name: str | None = None, _register: bool = True) -> None:
+    def __init__(self, path: str, *, name: str | None = None, max_rows: int = DEFAULT_MAX_ROWS,
+                 _register: bool = True) -> None:
         caller = sys._getframe(1).f_globals
         if not os.path.isabs(path) and caller.get("__file__"):
             path = os.path.join(os.path.dirname(os.path.abspath(caller["__file__"])), path)
         self.path = os.path.normpath(path)
         self.name = name or os.path.basename(self.path.rstrip(os.sep))
+        self.max_rows = max_rows
+        self._expert = name  # the expert a refusal names: a config-only model's own; else the caller's (the worker's)
         self.prepared: Any = None  # modelcache.Prepared, once prepare() ran
         self._runner: Any = None
         self._module = caller.get("__name__", "")
@@ -67,11 +72,11 @@ class Model:
         return f"<Model {self.path} ({state})>"
 
     # ------------------------------------------------------------ master side
-    def prepare(self, cache: str, timeout: float, where: str) -> None:
-        """Find or make the model's cache entry (a child process does any work)."""
+    def prepare(self, cache: str, timeout: float, where: str, **options: Any) -> None:
+        """Find or make the model's cache entry (a child process does any work; options: see ensure_prepared)."""
         from expertd.modelcache import ensure_prepared
 
-        self.prepared = ensure_prepared(self.path, cache, timeout, where)
+        self.prepared = ensure_prepared(self.path, cache, timeout, where, **options)
         for warning in self.prepared.manifest.get("warnings", []):
             log.warning("%s: %s", where, warning)
 
@@ -104,8 +109,10 @@ class Model:
 
     def _manifest(self) -> dict[str, Any]:
         if self.prepared is None:
-            raise RuntimeError(f"{self!r} is not prepared: create Models at module level, so expertd prepares them "
-                               "at start-up")
+            raise RuntimeError(
+                f"{self!r} is not prepared yet: its inputs, outputs and version are known once expertd has prepared "
+                "it at start-up, after your module is imported; read them inside the expert or an after_fork hook "
+                "(and create Models at module level, so that expertd prepares them)")
         return self.prepared.manifest
 
     # ------------------------------------------------------------ worker side
@@ -113,21 +120,16 @@ class Model:
         """Start the runtime on the prepared files and check it against the reference outputs."""
         import numpy as np
 
-        from expertd.model_runtimes import (
-            SMALL_MODEL,
-            LiteRT,
-            LiteRTInterpreter,
-            TensorFlowGraph,
-            TensorFlowSavedModel,
-        )
+        from expertd.model_runtimes import TensorFlowGraph, TensorFlowSavedModel, litert_runner
         from expertd.prepare import agree
 
         self._manifest()  # (raises if the model was never prepared)
         prepared = self.prepared
-        if prepared.runtime == "litert" and os.path.getsize(prepared.path("model.tflite")) < SMALL_MODEL:
-            runner: Any = LiteRTInterpreter(prepared.path("model.tflite"), threads)
-        elif prepared.runtime == "litert":
-            runner = LiteRT(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
+        if not os.path.isdir(prepared.directory):
+            raise ExpertLoadError(f"model {self.path}: its cache entry {prepared.directory} was deleted while the "
+                                  "daemon uses it; reload (expertctl reload) to prepare it again")
+        if prepared.runtime == "litert":
+            runner: Any = litert_runner(prepared.path("model.tflite"), prepared.path("xnnpack.cache"), threads)
         elif prepared.runtime == "tensorflow-graph":
             runner = TensorFlowGraph(prepared.directory)
         else:
@@ -137,7 +139,10 @@ class Model:
             expected = {key[4:]: reference[key] for key in reference.files if key.startswith("out:")}
         got = runner.run(given)
         for name, value in expected.items():
-            ok, difference = agree(got.get(name, np.empty(0)), value)
+            if name not in got:
+                raise ExpertLoadError(f"model {self.path}: the prepared model has no output {name!r}; delete "
+                                      f"{prepared.directory} to prepare it again")
+            ok, difference = agree(got[name], value)
             if not ok:
                 raise ExpertLoadError(
                     f"model {self.path}: the prepared model's output {name!r} differs from the original model's by "
@@ -161,14 +166,26 @@ class Model:
             raise RuntimeError(f"{self!r} is not loaded in this process: create Models at module level, so expertd "
                                "loads them in every worker")
         manifest = self.prepared.manifest
-        batch = _check_inputs(self.name, manifest["inputs"], inputs)
-        for array in batch.values():
-            if array.shape[0] == 0:
-                results = {spec["name"]: np.zeros([0] + [max(d, 0) for d in spec["shape"][1:]], spec["dtype"])
-                           for spec in manifest["outputs"]}
-                break
-        else:
-            results = runner.run(batch)
+        try:
+            batch = _check_inputs(self.name, manifest["inputs"], inputs)
+            for array in batch.values():
+                if array.shape[0] > self.max_rows:
+                    raise BadRequest(f"{self.name}: {array.shape[0]} rows in one call; at most {self.max_rows} "
+                                     "(max_rows): send them in several calls")
+                if array.shape[0] == 0:
+                    results = {spec["name"]: np.zeros([0] + [max(d, 0) for d in spec["shape"][1:]], spec["dtype"])
+                               for spec in manifest["outputs"]}
+                    break
+            else:
+                try:
+                    results = runner.run(batch)
+                except (RuntimeError, ValueError) as exc:  # shapes and dtypes fit: the values do not (an id too large)
+                    message = " ".join(str(exc).split()).replace("failed to invoke.", "failed to invoke")
+                    raise BadRequest(f"{self.name}: the model cannot run on these inputs: {message[:300]}; check "
+                                     "their values (ids within the vocabulary, say)") from None
+        except BadRequest as refused:
+            refused.expert = self._expert
+            raise
         if len(results) == 1:
             for value in results.values():
                 return value
@@ -247,7 +264,11 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
             array = np.asarray(value)
     except ValueError as exc:
         message = str(exc) if str(exc).startswith(where) else f"{where}: rows are ragged (rows of different lengths)"
+        if "too big" in str(exc):
+            message = f"{where}: the array is too big"
         raise BadRequest(f"{message}; expected {_describe(spec)}", expert=model) from None
+    if array.size == 0 and array.ndim == 1:  # [] is an empty batch, whatever numpy guessed its dtype to be
+        array = np.zeros([0] + [max(d, 0) for d in shape[1:]], expected)
     if array.dtype == expected and array.flags.c_contiguous and array.ndim == len(shape) and all(
             d < 0 or d == g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
         return array  # (the common case, checked in one pass)
@@ -257,8 +278,6 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
     if expected.kind in "iu" and array.dtype.kind in "iu" and array.size and not _fits(array, expected):
         raise BadRequest(f"{where}: values from {array.min()} to {array.max()} do not fit {expected.name}; "
                          f"expected {_describe(spec)}", expert=model)
-    if array.size == 0 and array.ndim == 1:  # [] is an empty batch
-        array = array.reshape([0] + [max(d, 0) for d in shape[1:]])
     if array.ndim != len(shape) or any(d >= 0 and d != g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
         raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)",
                          expert=model)

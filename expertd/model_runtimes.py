@@ -28,6 +28,7 @@ the master, which must not start them.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -46,13 +47,14 @@ class LiteRT:
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import Options
 
-        # Plugin and dispatch paths point at a directory without vendor libraries: otherwise LiteRT tries
-        # to load every NPU vendor's plugin it ships (and logs each failure) on every worker start.
-        quiet = os.path.dirname(os.path.abspath(model_path))
-        environment = Environment.create(options=EnvironmentOptions(
-            runtime_path=os.path.dirname(os.path.abspath(_package_file())),
-            compiler_plugin_path=quiet, dispatch_library_path=quiet,
-        ))
+        # Plugin and dispatch paths point at an empty directory of our own: otherwise LiteRT tries to load
+        # every NPU vendor's plugin it ships (and logs each failure) on every worker start.  Never a
+        # directory others can write: LiteRT loads any plugin library it finds there.
+        with tempfile.TemporaryDirectory(prefix="expertd-litert-") as empty:
+            environment = Environment.create(options=EnvironmentOptions(
+                runtime_path=os.path.dirname(os.path.abspath(_package_file())),
+                compiler_plugin_path=empty, dispatch_library_path=empty,
+            ))
         options = Options(hardware_accelerators=HardwareAccelerator.CPU,
                           cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=weight_cache))
         self._model = CompiledModel.from_file(model_path, options=options, environment=environment)
@@ -235,6 +237,13 @@ class TensorFlowSavedModel:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._function(**{name: self._tf.constant(inputs[name]) for name in self.input_names})
         return {name: outputs[name].numpy() for name in self.output_names}
+
+
+def litert_runner(model_path: str, weight_cache: str, threads: int) -> LiteRT | LiteRTInterpreter:
+    """The LiteRT runner for a converted model: the interpreter below :data:`SMALL_MODEL` bytes, else CompiledModel."""
+    if os.path.getsize(model_path) < SMALL_MODEL:
+        return LiteRTInterpreter(model_path, threads)
+    return LiteRT(model_path, weight_cache, threads)
 
 
 def preload(runtimes: set[str]) -> None:

@@ -5,7 +5,9 @@ A model expert's file is prepared once for the serving runtime (see
 
     CACHE/KEY/manifest.json      what was prepared: runtime, inputs, outputs, warnings
     CACHE/KEY/model.tflite       the converted model (LiteRT runtime), or
-    CACHE/KEY/saved_model/       the model as a SavedModel (TensorFlow fallback)
+    CACHE/KEY/graph.pb, graph.json, weights.bin
+                                 the TensorFlow fallback: a frozen graph, its weights mapped by workers
+    CACHE/KEY/saved_model/       the model as saved (the last resort, for a graph that cannot be frozen)
     CACHE/KEY/xnnpack.cache      XNNPACK's packed weights, mapped read-only by every worker
     CACHE/KEY/reference.npz      inputs and the original model's outputs, for the correctness guard
     CACHE/KEY.lock               held while KEY is being prepared
@@ -36,15 +38,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from typing import Any
 
 from expertd.errors import ExpertLoadError
+from expertd.runtimes import native_logs_shown
 
 log = logging.getLogger("expertd.modelcache")
 
-FORMAT = 1  # bump when prepare's output changes: old entries are then left alone
+FORMAT = 2  # bump when prepare's output changes: old entries are then left alone
 MODEL_SUFFIXES = (".keras", ".h5", ".tflite")
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -61,11 +65,6 @@ class Prepared:
     @property
     def runtime(self) -> str:
         return self.manifest["runtime"]
-
-    @property
-    def version(self) -> str:
-        """A short content hash: changes whenever the model file does."""
-        return self.manifest["sha256"][:16]
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -89,7 +88,8 @@ def model_kind(source: str) -> str:
         raise ValueError(f"{source} is a directory without saved_model.pb; give a SavedModel directory "
                          "(model.export(...) or tf.saved_model.save) or a model file")
     if not os.path.exists(source):
-        raise ValueError(f"no model at {source}; check the path (relative paths are relative to the config file)")
+        raise ValueError(f"no model at {source}; check the path (relative to the config file in a config, to "
+                         "the module's file in Model())")
     suffix = os.path.splitext(source)[1].lower()
     if suffix not in MODEL_SUFFIXES:
         raise ValueError(f"{source}: unknown model format {suffix or '(no suffix)'!r}; "
@@ -100,15 +100,17 @@ def model_kind(source: str) -> str:
 def content_hash(source: str, cache: str | None = None) -> str:
     """SHA-256 of a model file, or of every file in a SavedModel directory (names and contents).
 
-    With ``cache``, a file's hash is remembered under CACHE/.hashes with the
-    file's identity (device, inode, size, mtime and ctime, as git's index
-    does), so a restart does not read a large unchanged model again; any write,
-    rename or replacement of the file changes its ctime and forces a new hash.
+    With ``cache``, the hash is remembered under CACHE/.hashes with the
+    identity of the file, or of every file and directory of a SavedModel
+    (device, inode, size, mtime and ctime, as git's index does), so a restart
+    does not read a large unchanged model again; any write, rename or
+    replacement changes a ctime and forces a new hash.  (The preparing child
+    hashes the copy it prepares from again, so a file that changes while it is
+    read can never be cached under the wrong hash.)
     """
-    if cache is None or os.path.isdir(source):
+    if cache is None:
         return _content_hash(source)
-    stat = os.stat(source)
-    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    identity = _identity(source)
     memo = os.path.join(cache, ".hashes", hashlib.sha256(os.fsencode(source)).hexdigest()[:32])
     try:
         with open(memo, encoding="utf-8") as handle:
@@ -118,7 +120,7 @@ def content_hash(source: str, cache: str | None = None) -> str:
     except (OSError, ValueError, AttributeError):
         pass
     digest = _content_hash(source)
-    if os.stat(source).st_ctime_ns == stat.st_ctime_ns:  # unchanged while it was read
+    if _identity(source) == identity:  # unchanged while it was read
         try:
             os.makedirs(os.path.dirname(memo), exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(memo), delete=False, encoding="utf-8") as out:
@@ -127,6 +129,22 @@ def content_hash(source: str, cache: str | None = None) -> str:
         except OSError:
             pass  # a read-only cache only costs the next start a hash
     return digest
+
+
+def _identity(source: str) -> list:
+    """What changes whenever a file (or any file or directory in a SavedModel directory) is written or replaced."""
+    def of(path: str) -> list[int]:
+        status = os.stat(path)
+        return [status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+
+    if not os.path.isdir(source):
+        return of(source)
+    found: list = []
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        found += [[os.path.relpath(os.path.join(root, name), source), *of(os.path.join(root, name))]
+                  for name in [".", *sorted(files)]]
+    return found
 
 
 def _content_hash(source: str) -> str:
@@ -186,10 +204,16 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
 
 
-def ensure_prepared(source: str, cache: str, timeout: float, where: str) -> Prepared:
+def ensure_prepared(source: str, cache: str, timeout: float, where: str, *,
+                    keepalive: Callable[[], None] | None = None, pythonpath: Sequence[str] = (),
+                    imports: Sequence[str] = ()) -> Prepared:
     """The cache entry for ``source``, prepared first (in a child process) if there is none yet.
 
     ``where`` starts every error message (config file, section, key).
+    ``keepalive`` is called about once a second while a preparation runs (the
+    master pings systemd's watchdog with it).  ``pythonpath`` and ``imports``
+    reach the preparing child, so that a Keras model's custom layers, which
+    the experts' modules register, can be loaded there.
     """
     try:
         model_kind(source)
@@ -199,34 +223,73 @@ def ensure_prepared(source: str, cache: str, timeout: float, where: str) -> Prep
     except OSError as exc:
         raise ExpertLoadError(f"{where}: cannot read {source}: {exc.strerror or exc}") from None
     entry = os.path.join(cache, entry_key(sha256))
-    manifest = read_manifest(entry)
+    manifest = _trusted_manifest(entry, where)
     if manifest is not None:
         return Prepared(source, entry, manifest)
+    keepalive = _at_most_once_a_second(keepalive)
     try:
         os.makedirs(cache, mode=0o755, exist_ok=True)
-        lock = os.open(entry + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # (Read-only is enough for flock: a lock file left by another user, e.g. root's --check, still works.)
+        lock = os.open(entry + ".lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ExpertLoadError(
-            f"{where}: cannot use the model cache {cache}: {exc.strerror or exc}; set model_cache to a writable "
-            "directory"
+            f"{where}: cannot use the model cache {cache}: {exc.strerror or exc}; set model_cache to a directory "
+            "this user can write"
         ) from None
     try:
-        _lock(lock, timeout, where, entry)
-        manifest = read_manifest(entry)  # another daemon may have prepared it while we waited
+        _lock(lock, timeout, where, entry, keepalive)
+        manifest = _trusted_manifest(entry, where)  # another daemon may have prepared it while we waited
         if manifest is None:
-            for stale in os.listdir(cache):  # left by a preparation that was killed (we hold the lock)
-                if stale.startswith(f".{os.path.basename(entry)}."):
-                    shutil.rmtree(os.path.join(cache, stale), ignore_errors=True)
-            _prepare(source, sha256, cache, entry, timeout, where)
-            manifest = read_manifest(entry)
+            with native_logs_shown():  # progress lines go out now, even while the loader quiets native logs
+                _prepare(source, sha256, cache, entry, timeout, where, keepalive, pythonpath, imports)
+            manifest = _trusted_manifest(entry, where)
             if manifest is None:
                 raise ExpertLoadError(f"{where}: preparing {source} left no manifest in {entry}")
+    except OSError as exc:
+        raise ExpertLoadError(f"{where}: preparing {source} in {cache} failed: {exc.strerror or exc} "
+                              f"({getattr(exc, 'filename', None) or cache})") from None
     finally:
         os.close(lock)  # (closing releases the lock)
     return Prepared(source, entry, manifest)
 
 
-def _lock(fd: int, timeout: float, where: str, entry: str) -> None:
+def _at_most_once_a_second(call: Callable[[], None] | None) -> Callable[[], None] | None:
+    if call is None:
+        return None
+    last = 0.0
+
+    def throttled() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 1.0:
+            last = now
+            call()
+
+    return throttled
+
+
+def _trusted_manifest(entry: str, where: str) -> dict[str, Any] | None:
+    """The entry's manifest, if the entry is whole; refuses an entry another user could have written.
+
+    Workers load what an entry holds (a model, and LiteRT and TensorFlow run
+    it), so an entry must belong to this user or root and be writable by no
+    one else.
+    """
+    try:
+        status = os.stat(entry)
+    except FileNotFoundError:
+        return None
+    if status.st_uid not in (os.geteuid(), 0) or status.st_mode & 0o022:
+        why = (f"belongs to uid {status.st_uid}" if status.st_uid not in (os.geteuid(), 0)
+               else f"is writable by others (mode {status.st_mode & 0o777:04o})")
+        raise ExpertLoadError(
+            f"{where}: the model cache entry {entry} {why}, and workers would run what it holds; use a model_cache "
+            "that only this user (or root) can write"
+        )
+    return read_manifest(entry)
+
+
+def _lock(fd: int, timeout: float, where: str, entry: str, keepalive: Callable[[], None] | None) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -235,33 +298,57 @@ def _lock(fd: int, timeout: float, where: str, entry: str) -> None:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 raise ExpertLoadError(
-                    f"{where}: another process has been preparing {entry} for over {timeout:g}s; "
-                    f"wait for it, or stop it and delete {entry}.lock"
+                    f"{where}: another process has been preparing {entry} for over {timeout:g}s "
+                    "(it holds the lock until it ends); wait for it, or stop it"
                 ) from None
+            if keepalive is not None:
+                keepalive()
             time.sleep(0.1)
 
 
-def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, where: str) -> None:
+def _prepare(source: str, sha256: str, cache: str, entry: str, timeout: float, where: str,
+             keepalive: Callable[[], None] | None, pythonpath: Sequence[str], imports: Sequence[str]) -> None:
+    """Run the preparing child into a scratch directory and rename it into place (we hold the entry's lock)."""
     import subprocess  # (here: a warm start never needs it)
 
+    for stale in os.listdir(cache):  # left by a preparation that was killed
+        if stale.startswith(f".{os.path.basename(entry)}."):
+            shutil.rmtree(os.path.join(cache, stale), ignore_errors=True)
+    if os.path.lexists(entry):  # an entry without a whole manifest (someone deleted part of it)
+        shutil.rmtree(entry)
     log.info("preparing %s for serving (first use of this content; the result is kept in %s)", source, entry)
     started = time.monotonic()
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(entry)}.", dir=cache)
     command = [sys.executable, "-m", "expertd.prepare", source, scratch, "--sha256", sha256,
-               "--parent", str(os.getpid())]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+               "--parent", str(os.getpid())] + [f"--import={name}" for name in imports]
+    env = {key: value for key, value in os.environ.items() if key not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONSAFEPATH"] = "1"  # (the child must not import from whatever directory it starts in)
+    env["PYTHONPATH"] = os.pathsep.join([*pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])])
     try:
-        try:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
-                                  check=False)
-        except subprocess.TimeoutExpired:
-            raise ExpertLoadError(
-                f"{where}: preparing {source} took over {timeout:g}s; raise prepare_timeout or check the model"
-            ) from None
-        if done.returncode != 0:
-            raise ExpertLoadError(f"{where}: preparing {source} failed: {_last_error(done.stderr)}")
-        for name in os.listdir(scratch):  # workers only read: nothing in an entry is ever written again
-            os.chmod(os.path.join(scratch, name), 0o444 if os.path.isfile(os.path.join(scratch, name)) else 0o555)
+        with tempfile.TemporaryFile() as errors:
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                                     env=env, cwd=scratch)
+            deadline = started + timeout
+            while child.poll() is None:
+                if time.monotonic() > deadline:
+                    child.kill()
+                    child.wait()
+                    raise ExpertLoadError(
+                        f"{where}: preparing {source} took over {timeout:g}s; raise prepare_timeout or check the model"
+                    )
+                if keepalive is not None:
+                    keepalive()
+                try:
+                    child.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            errors.seek(0)
+            if child.returncode != 0:
+                raise ExpertLoadError(f"{where}: preparing {source} failed: {_last_error(errors.read())}")
+        for root, _dirs, files in os.walk(scratch):  # workers only read: nothing in an entry is written again
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o444)
         os.chmod(scratch, 0o755)
         os.rename(scratch, entry)
         log.info("prepared %s in %.1fs", source, time.monotonic() - started)

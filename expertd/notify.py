@@ -64,11 +64,29 @@ class Notifier:
             self._last_status = text
             self.send(f"STATUS={text}")
 
+    def keep_waiting(self) -> None:
+        """A long step in the loop (a model being prepared): ping the watchdog, and give the manager 10 s more."""
+        self.watchdog(time.monotonic())
+        self.send("EXTEND_TIMEOUT_USEC=10000000")
+
     def watchdog(self, now: float) -> None:
         """Ping the watchdog at half its interval (call it from the main loop)."""
         if self.watchdog_interval and now - self._last_watchdog >= self.watchdog_interval / 2:
             self._last_watchdog = now
             self.send("WATCHDOG=1")
+
+
+def extend_start_timeout() -> None:
+    """Before the master's Notifier exists (start-up preparing models): 10 s more to become ready."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    address = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"EXTEND_TIMEOUT_USEC=10000000", address)
+    except OSError:
+        pass
 
 
 def _watchdog_interval() -> float:

@@ -26,6 +26,7 @@ with one line on stderr: ``expertd.prepare: error: ...``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -50,13 +51,25 @@ class PrepareError(Exception):
 
 
 def agree(got: np.ndarray, expected: np.ndarray) -> tuple[bool, float]:
-    """Whether ``got`` matches ``expected`` within :data:`TOLERANCE`, and the largest difference."""
+    """Whether ``got`` matches ``expected`` within :data:`TOLERANCE`, and the largest difference.
+
+    NaN and infinities must stand at the same places with the same signs (a
+    model may well compute them, e.g. log of a negative input); the finite
+    values must agree within the tolerance.
+    """
     if got.shape != expected.shape:
         return False, float("inf")
     if got.size == 0:
         return True, 0.0
-    difference = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
-    scale = max(1.0, float(np.max(np.abs(expected.astype(np.float64)))))
+    got, expected = got.astype(np.float64), expected.astype(np.float64)
+    finite = np.isfinite(expected)
+    if not np.array_equal(np.isfinite(got), finite) or not np.array_equal(got[~finite], expected[~finite],
+                                                                          equal_nan=True):
+        return False, float("inf")
+    if not finite.any():
+        return True, 0.0
+    difference = float(np.max(np.abs(got[finite] - expected[finite])))
+    scale = max(1.0, float(np.max(np.abs(expected[finite]))))
     return difference <= TOLERANCE * scale, difference
 
 
@@ -93,12 +106,7 @@ def _saved_model_signature(directory: str) -> tuple[Any, list[dict], list[dict]]
     inputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape) for name, spec in sorted(keywords.items())]
     outputs = [_spec(name, spec.dtype.as_numpy_dtype, spec.shape)
                for name, spec in sorted(function.structured_outputs.items())]
-    for spec in inputs:
-        if not spec["shape"] or spec["shape"][0] != -1:
-            raise PrepareError(
-                f"input {spec['name']!r} has shape {spec['shape']}: its first dimension must be the batch (None); "
-                "export the model with a batch dimension of any size"
-            )
+    _check_batch_dimension(inputs, "export the model with a batch dimension of any size (None)")
     return loaded, inputs, outputs
 
 
@@ -234,22 +242,55 @@ def _convert(saved_model: str) -> tuple[bytes | None, str]:
 
 
 def _litert_outputs(out: str, inputs: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
-    from expertd.model_runtimes import LiteRT
+    """The converted model's outputs, on the runner workers will use (building XNNPACK's weight cache for it)."""
+    from expertd.model_runtimes import litert_runner
 
-    runner = LiteRT(os.path.join(out, "model.tflite"), os.path.join(out, "xnnpack.cache"), threads)
-    return runner.run(inputs)
+    return litert_runner(os.path.join(out, "model.tflite"), os.path.join(out, "xnnpack.cache"), threads).run(inputs)
 
 
 def _litert_specs(model_path: str) -> tuple[list[dict], list[dict]]:
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=model_path)
-    runner = interpreter.get_signature_runner()
+    signatures = interpreter.get_signature_list()
+    if not signatures:
+        raise PrepareError(f"{model_path} has no signature; convert it with TFLiteConverter.from_saved_model or "
+                           "from_keras_model, which give it one (serving_default)")
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    runner = interpreter.get_signature_runner(key)
     inputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
               for name, d in sorted(runner.get_input_details().items())]
     outputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
                for name, d in sorted(runner.get_output_details().items())]
+    _check_batch_dimension(inputs, "convert the model with a batch dimension of any size (None)")
     return inputs, outputs
+
+
+def _check_batch_dimension(inputs: list[dict], what_to_do: str) -> None:
+    for spec in inputs:
+        if not spec["shape"] or spec["shape"][0] != -1:
+            raise PrepareError(f"input {spec['name']!r} has shape {spec['shape']}: its first dimension must be the "
+                               f"batch, of any size; {what_to_do}")
+
+
+def _copy_source(source: str, out: str, sha256: str) -> str:
+    """A private copy of the model to prepare from, checked against the hash the entry is named by.
+
+    The daemon hashed the file before starting this process; a file replaced
+    in between (a deploy landing) would otherwise be cached under the old
+    content's name.
+    """
+    from expertd.modelcache import content_hash
+
+    copy = os.path.join(out, "source" + ("" if os.path.isdir(source) else os.path.splitext(source)[1]))
+    if os.path.isdir(source):
+        shutil.copytree(source, copy)
+    else:
+        shutil.copyfile(source, copy)
+    if content_hash(copy) != sha256:
+        raise PrepareError(f"{source} changed while it was being prepared; start or reload again once it is "
+                           "written whole (deploy model files by renaming them into place)")
+    return copy
 
 
 def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
@@ -258,6 +299,51 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
     kind = model_kind(source)
     warnings: list[str] = []
     output_names: dict[str, str] = {}
+    original, source = source, _copy_source(source, out, sha256)
+    try:
+        runtime, inputs, outputs, reference_in, reference_out, output_names, why = _prepare_from(
+            source, kind, out, original)
+    except ModuleNotFoundError as exc:
+        raise PrepareError(f"preparing models needs {exc.name}, which is not installed; install expertd with the "
+                           "tensorflow extra: pip install 'expertd[tensorflow]'") from None
+    except Exception as exc:  # messages name the original, not the private copy
+        prefix = "" if isinstance(exc, PrepareError) else f"{type(exc).__name__}: "
+        raise PrepareError(prefix + _one_line(exc).replace(source, original)) from None
+    finally:
+        if os.path.isdir(source):
+            shutil.rmtree(source)
+        else:
+            os.remove(source)
+    if why:
+        warnings.append(f"{original} runs on TensorFlow, not LiteRT ({why}); " + (
+            "the weights are still shared by every worker, but calls cost TensorFlow's overhead"
+            if runtime == "tensorflow-graph" else
+            "each worker holds its own copy of the weights and calls cost TensorFlow's overhead"))
+    source = original
+    np.savez(os.path.join(out, "reference.npz"),
+             **{f"in:{k}": v for k, v in reference_in.items()}, **{f"out:{k}": v for k, v in reference_out.items()})
+    manifest = {
+        "format": FORMAT,
+        "runtime": runtime,
+        "source": source,
+        "kind": kind,
+        "sha256": sha256,
+        "inputs": inputs,
+        "outputs": outputs,
+        "output_names": output_names,  # runtime name -> the model's own name, where they differ
+        "warnings": warnings,
+        "prepared_at": time.time(),
+        "prepare_seconds": round(time.monotonic() - started, 3),
+    }
+    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    return manifest
+
+
+def _prepare_from(source: str, kind: str, out: str, original: str) -> tuple:
+    """(runtime, inputs, outputs, reference inputs, reference outputs, output names, why not LiteRT)."""
+    output_names: dict[str, str] = {}
+    why = ""
     if kind == "tflite":
         shutil.copyfile(source, os.path.join(out, "model.tflite"))
         inputs, outputs = _litert_specs(os.path.join(out, "model.tflite"))
@@ -282,8 +368,12 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
             if flatbuffer is not None:
                 with open(os.path.join(out, "model.tflite"), "wb") as handle:
                     handle.write(flatbuffer)
-                got = _litert_outputs(out, reference_in)
-                for name, expected in reference_out.items():
+                try:
+                    got = _litert_outputs(out, reference_in)
+                except Exception as exc:  # e.g. an output whose shape depends on the data
+                    got, why = {}, f"LiteRT cannot run it: {_one_line(exc)[:200]}"
+                    flatbuffer = None
+                for name, expected in reference_out.items() if flatbuffer is not None else ():
                     ok, difference = agree(got.get(name, np.empty(0)), expected)
                     if not ok:
                         why = f"LiteRT's output {name!r} differs from the original's by {difference:.3g}"
@@ -296,31 +386,10 @@ def prepare(source: str, out: str, sha256: str) -> dict[str, Any]:
                 lifted = _lift_weights(loaded, out, reference_in, reference_out)
                 if lifted is None:
                     runtime = "tensorflow"
-                    warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); each worker holds its own "
-                                    "copy of the weights and calls cost TensorFlow's overhead")
                     shutil.copytree(saved_model, os.path.join(out, "saved_model"))
                 else:
                     runtime = "tensorflow-graph"
-                    warnings.append(f"{source} runs on TensorFlow, not LiteRT ({why}); the weights are still "
-                                    "shared by every worker, but calls cost TensorFlow's overhead")
-    np.savez(os.path.join(out, "reference.npz"),
-             **{f"in:{k}": v for k, v in reference_in.items()}, **{f"out:{k}": v for k, v in reference_out.items()})
-    manifest = {
-        "format": FORMAT,
-        "runtime": runtime,
-        "source": source,
-        "kind": kind,
-        "sha256": sha256,
-        "inputs": inputs,
-        "outputs": outputs,
-        "output_names": output_names,  # runtime name -> the model's own name, where they differ
-        "warnings": warnings,
-        "prepared_at": time.time(),
-        "prepare_seconds": round(time.monotonic() - started, 3),
-    }
-    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1)
-    return manifest
+    return runtime, inputs, outputs, reference_in, reference_out, output_names, why
 
 
 def _die_with(parent: int) -> None:
@@ -343,11 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="an empty directory to prepare into")
     parser.add_argument("--sha256", required=True, help="the source's content hash, recorded in the manifest")
     parser.add_argument("--parent", type=int, help="exit when this process (the daemon's master) is gone")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (the expert modules, which register a Keras model's custom objects)")
     args = parser.parse_args(argv)
     if args.parent:
         _die_with(args.parent)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        for module in args.imports:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:
+                raise PrepareError(f"importing {module} (for the model's custom objects) failed: "
+                                   f"{type(exc).__name__}: {_one_line(exc)}") from None
         prepare(os.path.abspath(args.source), args.out, args.sha256)
     except (PrepareError, ValueError, OSError) as exc:
         print(f"expertd.prepare: error: {_one_line(exc)}", file=sys.stderr)

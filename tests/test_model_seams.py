@@ -44,6 +44,7 @@ def test_encoding_is_plain_msgpack_with_no_extension_types():
     ({arrays.KEY: ["float32", [1], "text"]}, "the data part must be msgpack bin"),
     ({arrays.KEY: ["float32", [1]]}, "an encoded array is"),
     ({arrays.KEY: "float32"}, "an encoded array is"),
+    ({arrays.KEY: [["float32"], [1], b"\0" * 4]}, "dtype ['float32'] is not accepted"),
 ])
 def test_malformed_arrays_are_refused_with_one_line(value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")) as refused:

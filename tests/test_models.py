@@ -55,6 +55,7 @@ def served(models, short_dir):
         "saved": {"model": models / "mlp_saved_model"},
         "lite": {"model": models / "mlp.tflite"},
         "multi": {"model": models / "multi.keras"},
+        "small": {"model": models / "mlp.keras", "max_rows": 2},
     })
     yield daemon
     daemon.kill()
@@ -127,6 +128,9 @@ BAD_INPUTS = [
     ("multi", [[1.0] * 4], r"multi: this model takes several inputs; send a dict of batches by name"),
     ("multi", {"features": [[0.5] * 4], "ids": [[2**40] * 5]},
      r"multi: input 'ids': values from 1099511627776 to 1099511627776 do not fit int32"),
+    ("multi", {"features": [[0.5] * 4], "ids": [[50] * 5]},
+     r"multi: the model cannot run on these inputs: .*gather index out of bounds.*; check their values"),
+    ("small", [[0.0] * 8] * 3, r"small: 3 rows in one call; at most 2 \(max_rows\): send them in several calls"),
     ("multi", {"features": [[0.5] * 4], "ids": [[0.5] * 5]}, r"multi: input 'ids': got floats .*; expected int32"),
     ("multi", {"features": [[0.5] * 4] * 2, "ids": [[1] * 5]},
      r"multi: input 'ids' has 1 rows where other inputs have 2"),
@@ -141,6 +145,12 @@ def test_bad_input_gets_a_one_line_bad_request_naming_the_input_and_shape(served
     assert "\n" not in str(refused.value)
     assert refused.value.expert == expert
     assert len(client.call("mlp", [[0.0] * 8])) == 1  # and the daemon goes on serving
+
+
+def test_an_empty_batch_gets_an_empty_answer_whatever_the_dtypes(served):
+    client = served.client()
+    assert client.call("multi", {"features": [], "ids": []}) == {"score": [], "vector": []}
+    assert client.call("mlp", []) == []
 
 
 def test_model_expert_answers_json_over_http(served, models):
@@ -193,7 +203,7 @@ def test_the_correctness_guard_refuses_a_wrong_prepared_file(models, short_dir):
     assert run_expertd("--config", str(config_other), "--check", timeout=300).returncode == 0
     (other_entry,) = [p for p in (other / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     shutil.copy(other_entry / "model.tflite", entry / "model.tflite")
-    (entry / "xnnpack.cache").unlink()
+    (entry / "xnnpack.cache").unlink(missing_ok=True)  # (small models run on the interpreter: none)
 
     done = run_expertd("--config", str(config), "--socket", str(short_dir / "g.sock"), "--workers", "1", timeout=120)
     assert done.returncode != 0
@@ -259,6 +269,52 @@ def test_a_bad_model_stops_start_up_with_one_line(short_dir, model, message):
     assert __import__("re").search(message, lines[0]), lines[0]
 
 
+def test_a_model_that_computes_nan_is_served_with_its_nans(models, short_dir):
+    daemon = start(short_dir, {"log": {"model": models / "log1p"}}, workers=1)
+    try:
+        got = daemon.client().predict("log", np.array([[-2.0, 0.0, 1.0, -1.0]], np.float32))
+        assert np.isnan(got[0, 0]) and got[0, 1] == 0.0 and np.isinf(got[0, 3])
+    finally:
+        daemon.kill()
+
+
+def test_a_half_deleted_cache_entry_is_prepared_again(models, short_dir):
+    config = write_config(short_dir, {"m": {"model": models / "mlp.keras"}}, model_cache=short_dir / "cache")
+    assert run_expertd("--config", str(config), "--check", timeout=300).returncode == 0
+    (entry,) = [p for p in (short_dir / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    (entry / "manifest.json").unlink()
+    done = run_expertd("--config", str(config), "--check", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (entry / "manifest.json").exists()
+
+
+def test_a_cache_entry_others_can_write_is_refused(models, short_dir):
+    config = write_config(short_dir, {"m": {"model": models / "mlp.keras"}}, model_cache=short_dir / "cache")
+    assert run_expertd("--config", str(config), "--check", timeout=300).returncode == 0
+    (entry,) = [p for p in (short_dir / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    entry.chmod(0o777)
+    done = run_expertd("--config", str(config), "--check", timeout=60)
+    assert done.returncode != 0
+    assert f"the model cache entry {entry} is writable by others (mode 0777)" in done.stderr
+
+
+def test_a_model_file_that_changes_while_being_prepared_is_not_cached(models, short_dir):
+    out = short_dir / "scratch"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "expertd.prepare", str(models / "mlp.keras"), str(out),
+                           "--sha256", "0" * 64], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "mlp.keras changed while it was being prepared" in done.stderr
+    assert not (out / "manifest.json").exists()
+
+
+def test_max_rows_belongs_to_model_experts(short_dir):
+    config = write_config(short_dir, {"f": {"function": "squares:square", "max_rows": 3}})
+    done = run_expertd("--config", str(config), "--check")
+    assert done.returncode != 0
+    assert "[expert:f] max_rows: only model experts take it" in done.stderr
+
+
 def test_model_and_function_together_are_a_config_error(short_dir):
     config = write_config(short_dir, {"m": {"model": "x.keras", "function": "squares:square"}})
     done = run_expertd("--config", str(config), "--check")
@@ -296,5 +352,8 @@ def test_model_in_a_python_expert_is_prepared_and_loaded_for_it(models, short_di
     try:
         expected = reference(models, "mlp")
         assert daemon.client().call("best", expected["x"].tolist()) == expected["y"].argmax(axis=1).tolist()
+        with pytest.raises(BadRequest, match=r"mlp.keras: input 'x': got shape \[1, 2\]") as refused:
+            daemon.client().call("best", [[1.0, 2.0]])
+        assert refused.value.expert == "best"  # the expert called, not the model's file
     finally:
         daemon.kill()

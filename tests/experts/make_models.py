@@ -70,6 +70,14 @@ class UnsupportedBig(tf.Module):
         return {"y": tf.math.igamma(tf.abs(tf.matmul(x, self.w)) + 1.0, 2.0)}
 
 
+class Log(tf.Module):
+    """log1p: NaN for inputs below -1, which the reference inputs (standard normal) contain."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.math.log1p(x)}
+
+
 def main(directory: str) -> None:
     generator = np.random.default_rng(1)
     x = generator.standard_normal((6, 8)).astype(np.float32)
@@ -97,6 +105,9 @@ def main(directory: str) -> None:
     tf.saved_model.save(module, os.path.join(directory, "unsupported"), signatures={"serving_default": module.serve})
     u = np.abs(generator.standard_normal((3, 4)).astype(np.float32))
     np.savez(os.path.join(directory, "unsupported.npz"), x=u, y=module.serve(u)["y"].numpy())
+
+    module = Log()
+    tf.saved_model.save(module, os.path.join(directory, "log1p"), signatures={"serving_default": module.serve})
 
     module = UnsupportedBig()
     tf.saved_model.save(module, os.path.join(directory, "unsupported_big"),
