@@ -30,7 +30,7 @@ other, so that no part's pages or CPU use hide in another's figures:
 
 Writes the report (markdown, also printed) to --output, default
 BENCHMARKS-models.md at the repository root, and the raw results as JSON
-next to it (the same name, .json).
+(bench/plots/models-results.json for the default report, else next to it).
 """
 
 from __future__ import annotations
@@ -728,11 +728,13 @@ def main() -> int:
     text = markdown(data, options.quick)
     output = Path(options.output)
     output.write_text(text + "\n")
-    output.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    default = output.name == "BENCHMARKS-models.md"
+    raw = BENCH / "plots" / "models-results.json" if default else output.with_suffix(".json")
+    raw.write_text(json.dumps(data, indent=1, default=str) + "\n")
     print()
     print(text)
     print()
-    print(f"wrote {output} and {output.with_suffix('.json')} in {data['elapsed_s']:.0f}s")
+    print(f"wrote {output} and {raw} in {data['elapsed_s']:.0f}s")
     return 0
 
 
