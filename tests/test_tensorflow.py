@@ -68,6 +68,12 @@ def test_shipped_sentiment_expert(tf_daemon):
     assert happy["model"] == digest
 
 
+def test_sentiment_of_a_text_without_words_is_a_number(tf_daemon):
+    for text in ("", "  !?  "):
+        opinion = tf_daemon.client().opinion("sentiment", {"text": text})
+        assert 0.0 <= opinion["score"] <= 1.0 and opinion["label"] in ("positive", "negative")
+
+
 def test_sentiment_is_deterministic_across_workers_and_batches(tf_daemon):
     texts = [f"day {i}: the hotel was {'lovely' if i % 2 else 'dirty'} and the staff were friendly" * 3
              for i in range(512)]

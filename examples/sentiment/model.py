@@ -31,7 +31,8 @@ def encode(texts: list[str], vocabulary: dict[str, int]) -> np.ndarray:
     """Word ids, shape (len(texts), SEQUENCE_LENGTH), int32."""
     ids = np.zeros((len(texts), SEQUENCE_LENGTH), dtype=np.int32)
     for row, text in enumerate(texts):
-        words = [vocabulary.get(word, UNKNOWN) for word in tokenize(text)][:SEQUENCE_LENGTH]
+        # A text without words reads as one unknown word: an all-padding row would average nothing (NaN).
+        words = [vocabulary.get(word, UNKNOWN) for word in tokenize(text)][:SEQUENCE_LENGTH] or [UNKNOWN]
         ids[row, : len(words)] = words
     return ids
 
