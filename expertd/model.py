@@ -198,12 +198,6 @@ def _describe(spec: dict[str, Any]) -> str:
     return f"{spec['dtype']}[{dims}]"
 
 
-def _ndarray() -> type:
-    import numpy as np
-
-    return np.ndarray
-
-
 def _dtype(name: str) -> Any:
     found = _dtypes.get(name)
     if found is None:
@@ -217,33 +211,28 @@ _dtypes: dict[str, Any] = {}
 
 
 def _check_inputs(model: str, specs: list[dict[str, Any]], inputs: Any) -> dict[str, Any]:
-    """``inputs`` as one C-contiguous array per input name, or BadRequest saying what was expected."""
-    if len(specs) == 1 and type(inputs) is _ndarray():  # (the common case, checked in one pass)
-        spec = specs[0]
-        shape = spec["shape"]
-        if inputs.dtype == _dtype(spec["dtype"]) and inputs.ndim == len(shape) and inputs.flags.c_contiguous and all(
-                d < 0 or d == g for d, g in zip(shape[1:], inputs.shape[1:], strict=True)):
-            return {spec["name"]: inputs}
+    """``inputs`` as one C-contiguous array per input name, or BadRequest saying what was expected.
+
+    (Model.predict, the caller, sets which expert a refusal names.)
+    """
     if len(specs) == 1 and not (isinstance(inputs, dict) and not arrays.is_encoded(inputs)):
-        given = {specs[0]["name"]: inputs}
-    elif isinstance(inputs, dict) and not arrays.is_encoded(inputs):
+        return {specs[0]["name"]: _as_array(model, specs[0], inputs)}  # (the common case, in fewer steps)
+    if isinstance(inputs, dict) and not arrays.is_encoded(inputs):
         given = inputs
         expected_names = [spec["name"] for spec in specs]
         if set(given) != set(expected_names):
             raise BadRequest(f"{model}: inputs are {sorted(given)}; this model takes {expected_names} "
-                             "(a dict of batches by input name)", expert=model)
+                             "(a dict of batches by input name)")
     else:
         names = ", ".join(f"{s['name']}: {_describe(s)}" for s in specs)
-        raise BadRequest(f"{model}: this model takes several inputs; send a dict of batches by name ({names})",
-                         expert=model)
+        raise BadRequest(f"{model}: this model takes several inputs; send a dict of batches by name ({names})")
     batch: dict[str, Any] = {}
     rows = None
     for spec in specs:
         name = spec["name"]
         array = _as_array(model, spec, given[name])
         if rows is not None and array.shape[0] != rows:
-            raise BadRequest(f"{model}: input {name!r} has {array.shape[0]} rows where other inputs have {rows}",
-                             expert=model)
+            raise BadRequest(f"{model}: input {name!r} has {array.shape[0]} rows where other inputs have {rows}")
         rows = array.shape[0]
         batch[name] = array
     return batch
@@ -266,21 +255,20 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
         message = str(exc) if str(exc).startswith(where) else f"{where}: rows are ragged (rows of different lengths)"
         if "too big" in str(exc):
             message = f"{where}: the array is too big"
-        raise BadRequest(f"{message}; expected {_describe(spec)}", expert=model) from None
+        raise BadRequest(f"{message}; expected {_describe(spec)}") from None
     if array.size == 0 and array.ndim == 1:  # [] is an empty batch, whatever numpy guessed its dtype to be
         array = np.zeros([0] + [max(d, 0) for d in shape[1:]], expected)
-    if array.dtype == expected and array.flags.c_contiguous and array.ndim == len(shape) and all(
-            d < 0 or d == g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
+    fits = array.ndim == len(shape) and all(d < 0 or d == g for d, g in zip(shape[1:], array.shape[1:], strict=True))
+    if fits and array.dtype == expected and array.flags.c_contiguous:
         return array  # (the common case, checked in one pass)
     if array.dtype.kind not in "biuf" or (expected.kind in "iub" and array.dtype.kind == "f"):
         got = {"f": "floats", "U": "text", "S": "bytes"}.get(array.dtype.kind, "non-numbers")
-        raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {_describe(spec)}", expert=model)
+        raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {_describe(spec)}")
     if expected.kind in "iu" and array.dtype.kind in "iu" and array.size and not _fits(array, expected):
         raise BadRequest(f"{where}: values from {array.min()} to {array.max()} do not fit {expected.name}; "
-                         f"expected {_describe(spec)}", expert=model)
-    if array.ndim != len(shape) or any(d >= 0 and d != g for d, g in zip(shape[1:], array.shape[1:], strict=True)):
-        raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)",
-                         expert=model)
+                         f"expected {_describe(spec)}")
+    if not fits:
+        raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)")
     return np.ascontiguousarray(array, dtype=expected)
 
 

@@ -40,7 +40,7 @@ SMALL_MODEL = 4 * 2**20
 class LiteRT:
     """A ``.tflite`` model on LiteRT's CompiledModel with XNNPACK's weight cache."""
 
-    def __init__(self, model_path: str, weight_cache: str, threads: int, signature: str | None = None) -> None:
+    def __init__(self, model_path: str, weight_cache: str, threads: int) -> None:
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.cpu_options import CpuOptions
         from ai_edge_litert.environment import Environment, EnvironmentOptions
@@ -59,7 +59,7 @@ class LiteRT:
                           cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=weight_cache))
         self._model = CompiledModel.from_file(model_path, options=options, environment=environment)
         signatures = self._model.get_signature_list()
-        self.signature = signature if signature in signatures else next(iter(signatures))
+        self.signature = signature_key(signatures)
         self._index = self._model.get_signature_index(self.signature)
         self.input_names: list[str] = list(signatures[self.signature]["inputs"])
         self.output_names: list[str] = list(signatures[self.signature]["outputs"])
@@ -132,7 +132,7 @@ class LiteRTInterpreter:
         self._interpreter = Interpreter(
             model_path=model_path, num_threads=threads,
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-        runner = self._interpreter.get_signature_runner()
+        runner = self._interpreter.get_signature_runner(signature_key(self._interpreter.get_signature_list()))
         inputs, outputs = runner.get_input_details(), runner.get_output_details()
         self.input_names = list(inputs)
         self.output_names = list(outputs)
@@ -237,6 +237,11 @@ class TensorFlowSavedModel:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._function(**{name: self._tf.constant(inputs[name]) for name in self.input_names})
         return {name: outputs[name].numpy() for name in self.output_names}
+
+
+def signature_key(signatures: dict) -> str:
+    """The signature served (by every runner and expertd.prepare): serving_default, else the first."""
+    return "serving_default" if "serving_default" in signatures else next(iter(signatures))
 
 
 def litert_runner(model_path: str, weight_cache: str, threads: int) -> LiteRT | LiteRTInterpreter:

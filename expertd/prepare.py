@@ -256,8 +256,9 @@ def _litert_specs(model_path: str) -> tuple[list[dict], list[dict]]:
     if not signatures:
         raise PrepareError(f"{model_path} has no signature; convert it with TFLiteConverter.from_saved_model or "
                            "from_keras_model, which give it one (serving_default)")
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-    runner = interpreter.get_signature_runner(key)
+    from expertd.model_runtimes import signature_key
+
+    runner = interpreter.get_signature_runner(signature_key(signatures))
     inputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
               for name, d in sorted(runner.get_input_details().items())]
     outputs = [_spec(name, d["dtype"], d.get("shape_signature", d["shape"]))
