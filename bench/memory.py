@@ -98,7 +98,8 @@ def measure_expertd(workers: int, workdir: Path) -> dict:
         pids = [daemon.pid] + [child.pid for child in master.children()]
         total_pss, total_uss = _group_pss(pids)
         master_info = master.memory_full_info()
-        splits = [_private_split(child.pid) for child in master.children()]
+        splits = [_private_split(child.pid) for child in master.children()  # the workers, not the generation's parent
+                  if not " ".join(child.cmdline()).startswith("expertd: generation")]
         return {
             "worker_private_own": [own for own, _clean in splits],
             "worker_private_clean_files": [clean for _own, clean in splits],

@@ -92,7 +92,8 @@ def _chaos(master_pid: int, stop: threading.Event, counts: Counts, low: float = 
     rng = random.Random(0)
     while not stop.wait(rng.uniform(low, high)):
         try:
-            workers = psutil.Process(master_pid).children()
+            workers = [child for child in psutil.Process(master_pid).children()
+                       if not " ".join(child.cmdline()).startswith("expertd: generation")]  # (its parent)
         except psutil.Error:
             return
         if workers:

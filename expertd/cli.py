@@ -238,6 +238,9 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     return 0
 
 
+_RELOAD_WAIT = 24 * 3600.0
+
+
 def _cmd_reload(client: Client, options: argparse.Namespace) -> int:
     reply = client.reload()
     last = reply.get("last_reload") or {}
@@ -268,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
     parser.add_argument("--socket", "-s", metavar="PATH",
                         help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for each reply (default: 60)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for each reply (default: 60; for reload, as long as the daemon's "
+                             "reload_timeout lets loading take)")
     parser.add_argument("--traceback", action="store_true",
                         help="on an expert's error, also print the remote traceback")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -312,7 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    client = Client(options.socket, timeout=options.timeout)
+    timeout = options.timeout
+    if timeout is None:
+        # A reload's reply comes once the new generation has loaded (or failed to), which the daemon
+        # bounds with reload_timeout; any other reply is quick.
+        timeout = _RELOAD_WAIT if options.run is _cmd_reload else 60.0
+    client = Client(options.socket, timeout=timeout)
     try:
         return options.run(client, options)
     except ConnectError as exc:

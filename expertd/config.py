@@ -312,6 +312,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_timeout", MAIN_SECTION, DURATION, "120s",
             "How long a new worker may spend in its after-fork hooks (building models, warming up) "
             "before it is killed."),
+    Setting("reload_timeout", MAIN_SECTION, DURATION, "600s",
+            "How long loading a generation of experts may take (imports, preparing models, before-fork hooks, "
+            "in a process of its own) before it is abandoned: at start-up expertd then exits; on reload the "
+            "old generation keeps serving and the reload is reported failed."),
     Setting("max_connections", MAIN_SECTION, _int_at_least(1), "1000",
             "Most client connections held open at once; connections past it are closed at once."),
     Setting("intra_op_threads", MAIN_SECTION, THREADS, "auto",
@@ -399,6 +403,7 @@ class Config:
     read_timeout: float
     graceful_timeout: float
     boot_timeout: float
+    reload_timeout: float
     max_connections: int
     intra_op_threads: int | None
     inter_op_threads: int | None

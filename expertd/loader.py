@@ -133,11 +133,8 @@ def _run_hook(hook: Callable[[], Any], where: str) -> None:
         raise ExpertLoadError(f"{where}: {describe_exception(exc)}") from None
 
 
-def load_experts(config: Config, keepalive: Callable[[], None] | None = None) -> dict[str, LoadedExpert]:
-    """Import everything the config names, prepare its models and run the before-fork hooks, in the calling process.
-
-    ``keepalive`` is called about once a second while a model is being prepared.
-    """
+def preload_libraries(config: Config) -> None:
+    """Put ``pythonpath`` on sys.path and import the ``preload`` modules (libraries such as TensorFlow)."""
     for directory in reversed(config.pythonpath):
         if not os.path.isdir(directory):
             raise ExpertLoadError(
@@ -149,6 +146,13 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
     for module in config.preload:
         _import(module, f"{config.path}: [{MAIN_SECTION}] preload")
 
+
+def load_experts(config: Config, keepalive: Callable[[], None] | None = None) -> dict[str, LoadedExpert]:
+    """Import everything the config names, prepare its models and run the before-fork hooks, in the calling process.
+
+    ``keepalive`` is called about once a second while a model is being prepared.
+    """
+    preload_libraries(config)
     experts: dict[str, LoadedExpert] = {}
     served: list[tuple[Model, str]] = []  # each model, with where the config or code declares it
     for spec in config.experts.values():

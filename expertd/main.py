@@ -114,23 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     # Imported here so that --help and config errors stay fast.
-    from expertd.loader import load_experts
+    from expertd.loader import load_experts, preload_libraries
     from expertd.notify import extend_start_timeout
     from expertd.runtimes import quiet_native_logs
 
-    modules_before = set(sys.modules)
-    try:
-        with quiet_native_logs(config.tf_log_level in ("warning", "error")):
-            experts = load_experts(config, keepalive=extend_start_timeout)
-    except ExpertLoadError as exc:
-        return fail(str(exc), EXIT_EXPERT)
-    if args.check:
+    if args.check:  # in this process: nothing is served, and a traceback-free report is all it gives
+        try:
+            with quiet_native_logs(config.tf_log_level in ("warning", "error")):
+                experts = load_experts(config, keepalive=extend_start_timeout)
+        except ExpertLoadError as exc:
+            return fail(str(exc), EXIT_EXPERT)
         print(f"expertd: {config.path}: OK, {len(experts)} experts: {', '.join(sorted(experts))}")
         return 0
 
-    from expertd.master import Master, reloadable_modules
-
-    expert_modules = reloadable_modules(set(sys.modules) - modules_before, config.preload)
+    from expertd.master import Master
 
     def on_ready() -> None:
         if pidfile:
@@ -142,8 +139,18 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger("expertd").error("cannot write pidfile %s: %s", pidfile, exc.strerror)
         tell_launcher("ready")
 
+    master = Master(config, overrides=overrides, on_ready=on_ready)
     try:
-        master = Master(config, experts, overrides=overrides, on_ready=on_ready, expert_modules=expert_modules)
+        # The libraries named in preload, imported here, are shared by every generation; the experts load
+        # in a process of their own (expertd.generation): the master never runs expert code.
+        with quiet_native_logs(config.tf_log_level in ("warning", "error")):
+            preload_libraries(config)
+        master.load_first_generation(keepalive=extend_start_timeout)
+    except ExpertLoadError as exc:
+        return fail(str(exc), EXIT_EXPERT)
+    except OSError as exc:
+        return fail(f"cannot start the process that loads the experts: {exc.strerror}", 1)
+    try:
         status = master.run()
     except ListenerError as exc:
         return fail(str(exc), 1)

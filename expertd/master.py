@@ -29,8 +29,6 @@ import select
 import signal
 import socket
 import struct
-import sys
-import sysconfig
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +40,6 @@ from expertd.errors import (
     AccessDenied,
     BadRequest,
     ConfigError,
-    ExpertLoadError,
     FrameTooLarge,
     Overloaded,
     RemoteError,
@@ -50,12 +47,19 @@ from expertd.errors import (
     ShuttingDown,
     WorkerLost,
 )
+from expertd.generation import (
+    KEEPALIVE,
+    LOADED,
+    RETIRED,
+    SERVING,
+    Generation,
+    GenerationError,
+    become_subreaper,
+)
 from expertd.listener import Listener, bind_tcp
-from expertd.loader import LoadedExpert
 from expertd.metrics import Metrics
 from expertd.notify import Notifier
 from expertd.scoreboard import MAX_SLOTS, Scoreboard
-from expertd.worker import worker_main
 
 log = logging.getLogger("expertd.master")
 
@@ -91,6 +95,7 @@ _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is re
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 _LINGERING = "lingering"  # a worker holds the connection to serve its next request directly
+_WAITING = "waiting"  # a RELOAD request waits for the new generation to load (or fail)
 
 
 @dataclass(eq=False)
@@ -143,11 +148,10 @@ class _WorkerSlot:
 class Master:
     """Supervises workers and dispatches requests; :meth:`run` returns the exit status."""
 
-    def __init__(self, config: Config, experts: dict[str, LoadedExpert], *,
-                 overrides: dict[str, str] | None = None, on_ready: Callable[[], None] | None = None,
-                 expert_modules: set[str] | None = None) -> None:
+    def __init__(self, config: Config, *, overrides: dict[str, str] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.experts = experts
+        self.experts: dict[str, dict] = {}  # name -> description, from the serving generation's parent
         self.overrides = overrides or {}  # command-line settings, kept across reloads
         self.on_ready = on_ready  # called once, when the first generation is serving (pidfile)
         self.notifier = Notifier()
@@ -155,15 +159,20 @@ class Master:
         self.started_at = time.time()
         self.requests_served = 0
         self.last_reload: dict | None = None
-        self._expert_modules = expert_modules or set()  # what a reload re-imports
-        self._reload: _Reload | None = None
+        self._reload: _Reload | None = None  # a loaded generation starting its workers: what it replaces
+        self._parent: Generation | None = None  # the serving generation's parent: it forks the workers
+        self._loading: Generation | None = None  # a generation whose parent is loading its experts
+        self._generations: dict[int, Generation] = {}  # every generation parent alive, by pid
+        self._by_control: dict[int, Generation] = {}  # a loading parent's control socket, watched by epoll
+        self._reload_pending = False  # a reload asked for while another ran: it runs when that one ends
+        self._pending_waiters: list[tuple[_Connection, int]] = []  # RELOAD requests for that pending reload
         self._durations: list[float] = []
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self._next_status = 0.0
         self._typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
         self.listener: Listener | None = None
         self.scoreboard = Scoreboard()
-        self.metrics = Metrics(MAX_SLOTS, experts)
+        self.metrics = Metrics(MAX_SLOTS, config.experts)
         self.http_listener: socket.socket | None = None
         self._status_cache: tuple[float, dict] | None = None
         self.epoll = select.epoll()
@@ -195,10 +204,24 @@ class Master:
         self._allowed_gids = set(config.allow_gids)
 
     # ----------------------------------------------------------------- run
+    def load_first_generation(self, keepalive: Callable[[], None] | None = None) -> None:
+        """Load the experts in generation 1's parent, waiting for it (start-up: no loop runs yet).
+
+        Raises ExpertLoadError with the reason when they do not load: nothing was bound yet.
+        """
+        become_subreaper()  # before any worker is forked: they must become the master's children
+        parent = self._start_generation(1, self.config)
+        try:
+            self.experts = parent.wait_loaded(keepalive)
+        finally:
+            if parent.exited or parent.state != SERVING:
+                self._generations.pop(parent.pid, None)
+        self._parent = parent
+
     def run(self) -> int:
-        """Bind, fork the workers and serve until stopped."""
-        # Everything loaded so far is shared with the workers; freezing it keeps the
-        # collector from touching (and so copying) those pages in every worker.
+        """Bind, fork the workers and serve until stopped (after :meth:`load_first_generation`)."""
+        # What the master loaded (preloaded libraries) is shared with every generation; freezing
+        # it keeps the collector from touching (and so copying) those pages in each of them.
         gc.freeze()
         if self.config.http_listen is not None:  # first: a port in use must not leave the Unix socket behind
             self.http_listener = bind_tcp(*self.config.http_listen)
@@ -269,6 +292,8 @@ class Master:
                 self._examine(conn)
             elif conn.state == _WRITING:
                 self._flush(conn)
+        elif fd in self._by_control:
+            self._read_generation(self._by_control[fd])
         elif fd in self._by_channel:
             # One report per event: the channel is level-triggered, so epoll reports it again while
             # more wait, and reading until empty would cost a failed read per report.
@@ -344,6 +369,8 @@ class Master:
             for listener in (self.listener, self.http_listener):
                 if listener is not None:
                     self.epoll.register(listener.fileno(), select.EPOLLIN)
+        if self._parent is None or self._parent.exited or self._parent.state == RETIRED:
+            return  # its replacement is loading
         while self._active_workers() < self.config.workers and now >= self._next_spawn_at:
             self._spawn()
             if self._fast_failures:
@@ -362,24 +389,18 @@ class Master:
             log.error("cannot create a worker channel: %s; retrying in a second", exc.strerror)
             self._next_spawn_at = time.monotonic() + 1.0
             return
-        inherited = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, master_end.fileno()]
-        inherited += [self.listener.fileno()] if self.listener else []
-        inherited += [self.http_listener.fileno()] if self.http_listener else []
-        inherited += list(self.connections)
-        inherited += list(self._by_channel)
+        assert self._parent is not None
         try:
-            pid = os.fork()
-        except OSError as exc:
+            pid = self._parent.spawn(number, board, worker_end, self.metrics.index)
+        except (OSError, GenerationError) as exc:
             master_end.close()
-            worker_end.close()
-            log.error("cannot fork a worker: %s; retrying in a second", exc.strerror)
+            log.error("cannot start a worker: %s; retrying in a second", exc)
             self._next_spawn_at = time.monotonic() + 1.0
+            if isinstance(exc, GenerationError):
+                self._replace_parent(str(exc))
             return
-        if pid == 0:  # child
-            signal.set_wakeup_fd(-1)
-            worker_main(number, self.config, self.experts, worker_end, inherited, self.scoreboard, board,
-                        self.metrics.recorder(board))
-        worker_end.close()
+        finally:
+            worker_end.close()
         master_end.setblocking(False)
         slot = _WorkerSlot(number=number, pid=pid, channel=master_end, born=time.monotonic(),
                            generation=self.generation, board=board)
@@ -440,6 +461,7 @@ class Master:
             self.notifier.ready(status)
             if self.on_ready is not None:
                 self.on_ready()
+            self._run_pending_reload()  # one asked for while starting
 
     def _on_done(self, slot: _WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
                  unsent: bytearray | None, unread: bytes | None) -> None:
@@ -514,6 +536,10 @@ class Master:
             slot = self.workers.pop(pid, None)
             if slot is not None:
                 self._on_worker_exit(slot, status)
+                continue
+            parent = self._generations.pop(pid, None)
+            if parent is not None:
+                self._on_parent_exit(parent, status)
 
     def _on_worker_exit(self, slot: _WorkerSlot, status: int) -> None:
         now = time.monotonic()
@@ -669,6 +695,8 @@ class Master:
             return
         log.info("scaling from %d to %d workers", self.config.workers, workers)
         self.config.workers = workers
+        if self._loading is not None:
+            self._loading.config.workers = workers  # the operator's word holds for the generation loading too
         current = [s for s in self.workers.values() if s.generation == self.generation and s.leaving is None]
         # Retire the idle ones first, then the youngest.
         current.sort(key=lambda s: (s.conn is not None, -s.born))
@@ -676,93 +704,178 @@ class Master:
             self._retire(slot, "scaled down")
         self._maybe_announce_ready()  # fewer workers to wait for, during start-up or a reload
 
-    def reload(self) -> None:
-        """HUP: re-read the config and experts into a new generation of workers.
+    def reload(self, waiter: tuple[_Connection, int] | None = None) -> None:
+        """HUP or RELOAD: re-read the config and load the experts into a new generation.
 
-        The old generation serves until every new worker is ready, then retires
-        (finishing the requests in hand).  If the new config or experts fail to
-        load, or a new worker fails to start, the old generation keeps serving.
+        A new generation's parent process loads the experts while this loop goes on
+        serving with the old one; once loaded, its workers start, and the old
+        generation retires when every new worker is ready (finishing the requests
+        in hand).  If the config or the experts fail to load, loading takes longer
+        than reload_timeout, or a new worker fails to start, the old generation
+        keeps serving.  A reload asked for while one runs is remembered (once) and
+        runs when that one ends, so that an edit made after the first HUP is not
+        lost.  ``waiter``, a RELOAD request, is answered when its load ends.
         """
+        if waiter is not None:
+            self._pending_waiters.append(waiter)
         if self._stop_deadline is not None:
             return
-        if self._reload is not None:
-            log.warning("reload requested while one is in progress; ignoring it")
+        if not self._announced_ready or self._loading is not None or self._reload is not None:
+            if not self._reload_pending:
+                log.info("reload requested %s; it runs when that ends",
+                         "while one is in progress" if self._announced_ready
+                         else "before the daemon finished starting")
+            self._reload_pending = True
             return
-        if not self._announced_ready:
-            log.warning("reload requested before the daemon finished starting; ignoring it")
-            return
+        self._begin_reload()
+
+    def _run_pending_reload(self) -> None:
+        if (self._reload_pending and self._loading is None and self._reload is None and self._announced_ready
+                and self._stop_deadline is None):
+            self._begin_reload()
+
+    def _begin_reload(self) -> None:
+        from expertd.config import load_config
+
+        self._reload_pending = False
+        waiters, self._pending_waiters = self._pending_waiters, []
         self.notifier.reloading()
         log.info("reloading %s", self.config.path)
-        from expertd.config import load_config
-        from expertd.loader import load_experts
-        from expertd.runtimes import quiet_native_logs
-
-        previous_modules = {name: sys.modules[name] for name in self._expert_modules if name in sys.modules}
-        before = set(sys.modules)
         try:
             config = load_config(self.config.path, self.overrides)
-            if config.socket != self.config.socket:
-                log.warning("the socket path changed to %s; that takes a restart, keeping %s",
-                            config.socket, self.config.socket)
-                config.socket = self.config.socket
-            if (config.http_listen, config.token) != (self.config.http_listen, self.config.token):
-                log.warning("http_listen or token changed; that takes a restart, keeping the listener and "
-                            "token in force")
-                config.http_listen, config.token = self.config.http_listen, self.config.token
-            for name in previous_modules:
-                del sys.modules[name]  # so that the experts' code is imported afresh
-            before = set(sys.modules)
-            with quiet_native_logs(config.tf_log_level in ("warning", "error")):
-                # (A model prepared here holds the loop: prepare first with expertd --check; docs/experts.md.)
-                experts = load_experts(config, keepalive=self.notifier.keep_waiting)
-        except (ConfigError, ExpertLoadError) as exc:
-            self._restore_modules(reloadable_modules(set(sys.modules) - before, config.preload), previous_modules)
-            self._reload_failed(str(exc))
+        except ConfigError as exc:
+            self._reload_failed(str(exc), waiters)
             return
-        self._reload = _Reload(self.config, self.experts, self._expert_modules, previous_modules)
-        self._expert_modules = reloadable_modules(set(sys.modules) - before, config.preload)
-        self.config, self.experts = config, experts
-        for name in experts:
+        if config.socket != self.config.socket:
+            log.warning("the socket path changed to %s; that takes a restart, keeping %s",
+                        config.socket, self.config.socket)
+            config.socket = self.config.socket
+        if (config.http_listen, config.token) != (self.config.http_listen, self.config.token):
+            log.warning("http_listen or token changed; that takes a restart, keeping the listener and "
+                        "token in force")
+            config.http_listen, config.token = self.config.http_listen, self.config.token
+        try:
+            loading = self._start_generation(self.generation + 1, config)
+        except OSError as exc:
+            self._reload_failed(f"cannot start a process to load the new generation: {exc.strerror}", waiters)
+            return
+        loading.waiters = waiters
+        self._loading = loading
+        self._by_control[loading.control.fileno()] = loading
+        self.epoll.register(loading.control.fileno(), select.EPOLLIN)
+
+    def _start_generation(self, number: int, config: Config) -> Generation:
+        """Fork the parent process that loads generation ``number`` (it holds none of the master's descriptors)."""
+        own = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.connections, *self._by_channel,
+               *self._by_control]
+        own += [listener.fileno() for listener in (self.listener, self.http_listener) if listener is not None]
+        own += [parent.control.fileno() for parent in self._generations.values() if parent.control.fileno() >= 0]
+        parent = Generation.start(number, config, (self.scoreboard, self.metrics), own)
+        self._generations[parent.pid] = parent
+        log.debug("generation %d loading in process %d", number, parent.pid)
+        return parent
+
+    def _read_generation(self, loading: Generation) -> None:
+        """Reports of a parent loading its generation: keep-alives, then LOADED or FAILED."""
+        while loading is self._loading:
+            report = loading.receive()
+            if report is None:
+                return
+            op, value = report
+            if op == KEEPALIVE:
+                self.notifier.keep_waiting()  # preparing a model: systemd waits on
+            elif op == LOADED:
+                self._loaded(loading)
+            else:
+                self._load_failed(loading, str(value) if value else
+                                  f"the process loading generation {loading.number} ended without a word")
+
+    def _stop_watching(self, parent: Generation) -> None:
+        if self._by_control.pop(parent.control.fileno(), None) is not None:
+            self.epoll.unregister(parent.control.fileno())
+
+    def _loaded(self, loading: Generation) -> None:
+        self._stop_watching(loading)
+        self._loading = None
+        self._reload = _Reload(self.config, self.experts, self._parent, self.generation)
+        self.config, self.experts, self._parent = loading.config, loading.experts, loading
+        for name in self.experts:
             self.metrics.add_expert(name)  # before the new generation forks: its workers count it
-        self.generation += 1
-        gc.freeze()
-        log.info("generation %d loaded (%d experts); starting %d workers",
-                 self.generation, len(experts), config.workers)
+        self.generation = loading.number
+        log.info("generation %d loaded (%d experts) in %.1fs; starting %d workers", self.generation,
+                 len(self.experts), time.monotonic() - loading.started, self.config.workers)
+        self._answer_waiters(loading.waiters, {"generation": self.generation, "reloading": True,
+                                               "last_reload": self.last_reload})
+
+    def _load_failed(self, loading: Generation, reason: str) -> None:
+        if loading is not self._loading:
+            return
+        self._stop_watching(loading)
+        self._loading = None
+        loading.kill()  # it may be stuck in an import: nothing it holds is needed
+        self._reload_failed(reason, loading.waiters)
 
     def _finish_reload(self) -> None:
         assert self._reload is not None
         old = [slot for slot in self.workers.values() if slot.generation < self.generation]
         for slot in old:
             self._retire(slot, f"replaced by generation {self.generation}")
-        self._reload = None
-        # The old generation's modules and models are garbage now; freeze pinned them.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        saved, self._reload = self._reload, None
+        if saved.parent is not None:
+            saved.parent.close()  # it forks no more workers: it exits, and its modules and models with it
         self.last_reload = {"ok": True, "at": time.time(), "generation": self.generation, "error": None}
         log.info("reload done: generation %d serving; %d old workers retiring", self.generation, len(old))
+        self._run_pending_reload()
 
     def _abort_reload(self, reason: str) -> None:
         assert self._reload is not None
         saved, self._reload = self._reload, None
         for slot in [s for s in self.workers.values() if s.generation == self.generation]:
             self._retire(slot, "reload aborted")
-        self.generation -= 1
-        self._restore_modules(self._expert_modules, saved.previous_modules)
-        self.config, self.experts, self._expert_modules = saved.config, saved.experts, saved.modules
+        if self._parent is not None:
+            self._parent.kill()
+        self.config, self.experts, self._parent, self.generation = (
+            saved.config, saved.experts, saved.parent, saved.generation)
         self._reload_failed(reason)
 
-    @staticmethod
-    def _restore_modules(failed: set[str], previous: dict) -> None:
-        """Forget a failed generation's modules (so the next reload imports them again) and put the old ones back."""
-        for name in failed:
-            sys.modules.pop(name, None)
-        sys.modules.update(previous)
-
-    def _reload_failed(self, reason: str) -> None:
+    def _reload_failed(self, reason: str, waiters: list[tuple[_Connection, int]] = ()) -> None:
         log.error("reload failed; generation %d keeps serving: %s", self.generation, reason)
         self.last_reload = {"ok": False, "at": time.time(), "generation": self.generation, "error": reason}
         self.notifier.ready(f"reload failed: {reason}"[:200])
+        self._answer_waiters(waiters, {"generation": self.generation, "reloading": False,
+                                       "last_reload": self.last_reload})
+        self._run_pending_reload()
+
+    def _answer_waiters(self, waiters: list[tuple[_Connection, int]], reply: dict) -> None:
+        for conn, request_id in waiters:
+            if conn.state != _WAITING:
+                continue  # closed meanwhile
+            conn.state = _IDLE
+            conn.last_active = time.monotonic()
+            self._send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
+            if conn.state == _IDLE:
+                self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+
+    def _on_parent_exit(self, parent: Generation, status: int) -> None:
+        parent.exited = True
+        if parent is self._loading:
+            how = _describe_status(status)
+            self._read_generation(parent)  # its last words (FAILED) come first
+            self._load_failed(parent, f"the process loading generation {parent.number} {how}")
+        elif parent is self._parent and parent.state != RETIRED and self._stop_deadline is None:
+            self._replace_parent(f"generation {parent.number}'s parent process {_describe_status(status)}")
+        else:
+            log.debug("generation %d's parent (pid %d) %s", parent.number, parent.pid, _describe_status(status))
+        if parent.control.fileno() >= 0:
+            self._stop_watching(parent)
+            parent.close()
+
+    def _replace_parent(self, reason: str) -> None:
+        """The serving generation's parent is gone or stuck: load the config again to get a new one."""
+        if self._parent is not None and self._parent.state != RETIRED:
+            log.error("%s; loading the generation again to fork its workers", reason)
+            self._parent.kill()
+        self.reload()
 
     def _reopen_logs(self) -> None:
         """USR1: reopen log files (after logrotate moved them), here and in every worker."""
@@ -1022,7 +1135,7 @@ class Master:
                                "workers_wanted": self.config.workers, "generation": self.generation,
                                "stopping": self._stop_deadline is not None})
         elif route == "experts":
-            body = http.dumps([expert.describe() for expert in self.experts.values()])
+            body = http.dumps(list(self.experts.values()))
         else:
             body, content_type = self._metrics_text().encode("utf-8"), http.METRICS_TYPE
         reply, keep_alive = http.respond(request, status, body, content_type)
@@ -1067,9 +1180,9 @@ class Master:
         if kind == protocol.STATUS:
             reply = self.status()
         elif kind == protocol.RELOAD:
-            self.reload()
-            reply = {"generation": self.generation, "reloading": self._reload is not None,
-                     "last_reload": self.last_reload}
+            conn.state = _WAITING  # answered with the outcome once the new generation loads or fails
+            self.reload(waiter=(conn, request_id))
+            return
         elif kind == protocol.SCALE:
             if not isinstance(body, int) or isinstance(body, bool) or not 1 <= body <= self._max_workers:
                 self._fail(conn, BadRequest(f"workers N needs a whole number 1 ≤ N ≤ {self._max_workers}"))
@@ -1137,7 +1250,16 @@ class Master:
                 "handed_ahead": slot.next_conn is not None,  # its next connection waits in its channel
                 **memory,
             })
+        parents, others = [], {"rss": 0, "pss": 0, "uss": 0}  # the generations' parents, then the master
+        for parent in sorted(self._generations.values(), key=lambda p: p.number):
+            memory = _memory_of(parent.pid)
+            for key in others:
+                others[key] += memory.get(key, 0)
+            parents.append({"generation": parent.number, "pid": parent.pid, "state": parent.state,
+                            "age_s": round(now - parent.started, 1), **memory})
         master = _memory_of(os.getpid())
+        for key in others:
+            others[key] += master.get(key, 0)
         return {
             "pid": os.getpid(), "version": __version__, "config": self.config.path,
             "socket": self.listener.path if self.listener else self.config.socket,
@@ -1147,13 +1269,15 @@ class Master:
             "requests": self.requests_served + sum(  # what lingering workers served and have not reported yet
                 max(0, self.scoreboard.requests(s.board) - s.requests) for s in self.workers.values() if s.lingering),
             "connections": len(self.connections),
-            "last_reload": self.last_reload, "workers": workers, "master": master,
+            "last_reload": self.last_reload, "reloading": self._loading is not None or self._reload is not None,
+            "workers": workers, "generation_parents": parents, "master": master,
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
-                # Counted once across master and workers: what the group really costs.
-                "total_pss": totals["pss"] + master.get("pss", 0),
-                "private": totals["uss"] + master.get("uss", 0),
-                "shared": totals["pss"] + master.get("pss", 0) - totals["uss"] - master.get("uss", 0),
+                # Counted once across the master, the generations' parents and the workers: what the
+                # group really costs.
+                "total_pss": totals["pss"] + others["pss"],
+                "private": totals["uss"] + others["uss"],
+                "shared": totals["pss"] + others["pss"] - totals["uss"] - others["uss"],
             },
             "cpu_count": psutil.cpu_count(),
         }
@@ -1337,8 +1461,13 @@ class Master:
         conn.sock.close()
 
     def _expire(self) -> None:
-        """Kill workers past their request timeout; close stalled and idle connections; kill stuck boots."""
+        """Kill workers past their request timeout; close stalled and idle connections; kill stuck boots and loads."""
         now = time.monotonic()
+        if self._loading is not None and now > self._loading.deadline:
+            self._load_failed(self._loading, (
+                f"loading generation {self._loading.number} took longer than reload_timeout "
+                f"({self._loading.config.reload_timeout:g}s) and was abandoned; find what hangs at import or in a "
+                "before_fork hook, or raise reload_timeout"))
         for slot in list(self.workers.values()):
             if slot.conn is None:
                 continue
@@ -1398,11 +1527,15 @@ class Master:
                 self.http_listener.close()
                 self.http_listener = None
             for conn in list(self.connections.values()):
-                if conn.state in (_IDLE, _PARTIAL):
+                if conn.state in (_IDLE, _PARTIAL, _WAITING):
                     self._close(conn)
             for slot in self.workers.values():
                 if slot.lingering:
                     self._reclaim(slot)
+            if self._loading is not None:
+                self._stop_watching(self._loading)
+                self._loading.kill()
+                self._loading = None
         self._stop_deadline = now + self.config.graceful_timeout if graceful else now
 
     def _stopped(self) -> bool:
@@ -1453,6 +1586,13 @@ class Master:
             except ChildProcessError:
                 pass
         self.workers.clear()
+        for parent in self._generations.values():  # they hold nothing to save: loaded experts, a load in progress
+            parent.kill()
+            try:
+                os.waitpid(parent.pid, 0)
+            except ChildProcessError:
+                pass
+        self._generations.clear()
         signal.set_wakeup_fd(-1)
         self.epoll.close()
         os.close(self._wakeup_r)
@@ -1462,36 +1602,12 @@ class Master:
 
 @dataclass
 class _Reload:
-    """What a reload in progress replaces, to put back if it fails."""
+    """What a loaded generation starting its workers replaces, to put back if they fail."""
 
     config: Config
-    experts: dict[str, LoadedExpert]
-    modules: set[str]
-    previous_modules: dict
-
-
-_STDLIB_AND_SITE = tuple(
-    {os.path.realpath(p) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib")
-     if (p := sysconfig.get_paths().get(key))}
-)
-
-
-def reloadable_modules(names: set[str], preload: list[str] = ()) -> set[str]:
-    """The modules among ``names`` that are the experts' own code.
-
-    Not the stdlib, installed packages, expertd itself or ``preload`` modules:
-    only the experts' own code is imported afresh on reload (re-importing an
-    extension module such as numpy in a running process is not safe).
-    """
-    kept = ("expertd", *preload)
-    found = set()
-    for name in names:
-        if any(name == root or name.startswith(root + ".") for root in kept):
-            continue
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if path and not os.path.realpath(path).startswith(_STDLIB_AND_SITE):
-            found.add(name)
-    return found
+    experts: dict[str, dict]
+    parent: Generation | None
+    generation: int
 
 
 def reopen_log_files() -> None:

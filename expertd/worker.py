@@ -49,7 +49,7 @@ class Worker:
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
     def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
-                 scoreboard: Scoreboard, board_slot: int, recorder: Recorder) -> None:
+                 scoreboard: Scoreboard, board_slot: int, recorder: Recorder, master_pid: int | None = None) -> None:
         self.number = number
         self.recorder = recorder
         self.scoreboard = scoreboard
@@ -69,7 +69,8 @@ class Worker:
         self._waiting = False  # waiting on a lingering connection (see _wait)
         self._wait_consumes = False  # ... in a read that takes bytes out of the socket (msgpack), not a peek
         self._reclaim_signalled = False
-        self._master_pid = os.getppid()
+        # (Forked by its generation's parent through a process that exits at once: the master adopts it.)
+        self._master_pid = master_pid or os.getppid()
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
         self._max_args, self._max_depth = config.max_args, config.max_depth
         self._debug = log.isEnabledFor(logging.DEBUG)
@@ -723,7 +724,7 @@ def _send_quietly(send: Any, *args: Any) -> None:
 
 def worker_main(
     number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket, close_fds: list[int],
-    scoreboard: Scoreboard, board_slot: int, recorder: Recorder,
+    scoreboard: Scoreboard, board_slot: int, recorder: Recorder, master_pid: int | None = None,
 ) -> NoReturn:
     """Entry point in the child right after fork(): drop the master's descriptors, then run."""
     try:
@@ -732,7 +733,7 @@ def worker_main(
                 os.close(fd)
             except OSError:
                 pass
-        Worker(number, config, experts, channel, scoreboard, board_slot, recorder).run()
+        Worker(number, config, experts, channel, scoreboard, board_slot, recorder, master_pid).run()
     except BaseException as exc:
         sys.stderr.write(f"expertd: worker {number} failed to start: {describe_exception(exc)}\n")
     finally:

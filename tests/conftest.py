@@ -113,7 +113,14 @@ class Daemon:
         )
 
     def worker_pids(self) -> set[int]:
-        return {child.pid for child in psutil.Process(self.proc.pid).children()}
+        return {child.pid for child in self._children() if not _title(child).startswith(_NOT_WORKERS)}
+
+    def generation_parent_pids(self) -> set[int]:
+        """The processes that loaded each generation and fork its workers (expertd.generation)."""
+        return {child.pid for child in self._children() if _title(child).startswith("expertd: generation")}
+
+    def _children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children()
 
     def wait_workers(self, count: int, exclude: set[int] = frozenset(), timeout: float = 20.0) -> set[int]:
         """Wait until ``count`` workers exist and answer, none of them in ``exclude``."""
@@ -187,6 +194,17 @@ def raw_connection(daemon: Daemon, timeout: float = 10) -> socket.socket:
     sock.settimeout(timeout)
     sock.connect(str(daemon.socket))
     return sock
+
+
+# A generation's parent, and one just forked that has not retitled itself yet (the master's title).
+_NOT_WORKERS = ("expertd: generation", "expertd: master")
+
+
+def _title(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

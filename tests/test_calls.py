@@ -106,11 +106,12 @@ def test_remote_errors_share_one_base(daemon):
         daemon.client().call("boom")
 
 
-def test_hooks_run_before_and_after_fork(daemon):
+def test_hooks_run_before_fork_in_the_generation_parent_and_after_fork_in_the_worker(daemon):
     info = daemon.client().call("hooks")
-    assert info["master"] == daemon.proc.pid  # before_fork ran in the master
+    # before_fork ran in the process that loaded the generation and forks its workers, never in the master
+    assert info["master"] in daemon.generation_parent_pids() and info["master"] != daemon.proc.pid
     assert info["worker"] == info["me"]  # after_fork ran in the worker that answers
-    assert info["parent"] == daemon.proc.pid
+    assert info["parent"] == daemon.proc.pid  # workers are the master's children: it supervises them
 
 
 def test_concurrent_clients_use_several_workers(make_daemon):

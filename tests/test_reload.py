@@ -1,0 +1,195 @@
+"""Reloads that go wrong: a config typo, a hanging import, HUPs in a burst, a lost generation parent.
+
+Each generation's experts load in a process of their own (expertd.generation): whatever a
+reload does, the master's loop goes on serving the old generation and says why a reload failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import ROOT, wait_until
+
+CODE = '''
+import os, time
+from expertd import expert
+
+MARK = {mark!r}
+IMPORTED_IN = os.getpid()
+{extra}
+
+@expert
+def version():
+    return [MARK, IMPORTED_IN]
+'''
+
+
+def _write(code: Path, mark: str, extra: str = "") -> None:
+    (code / "versioned.py").write_text(CODE.format(mark=mark, extra=extra))
+
+
+def _daemon(make_daemon, short_dir: Path, **settings: object):
+    code = short_dir / "code"
+    code.mkdir(exist_ok=True)
+    _write(code, "v1")
+    daemon = make_daemon({"version": "versioned:version", "add": "testexperts:add"}, workers=2,
+                         pythonpath=f"{code} {ROOT / 'tests' / 'experts'}", **settings)
+    return daemon, code
+
+
+def _calls_while(daemon, during: float) -> list[float]:
+    """Durations of add calls made back to back for ``during`` seconds."""
+    client, durations = daemon.client(timeout=30), []
+    end = time.monotonic() + during
+    while time.monotonic() < end:
+        began = time.monotonic()
+        assert client.call("add", 1, 2) == 3
+        durations.append(time.monotonic() - began)
+    return durations
+
+
+def test_a_reload_with_a_config_typo_keeps_the_old_generation_serving_and_says_why(make_daemon, short_dir):
+    daemon, _code = _daemon(make_daemon, short_dir)
+    config = daemon.config.read_text()
+    daemon.config.write_text(config.replace("[expertd]", "[expertd]\nread_timeot = 3s"))
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: (daemon.client().status()["last_reload"] or {}).get("ok") is False)
+    assert daemon.proc.poll() is None and daemon.socket.exists()
+    assert "read_timeot" in daemon.client().status()["last_reload"]["error"]
+    assert "reload failed; generation 1 keeps serving" in daemon.log and "read_timeot" in daemon.log
+    done = daemon.ctl("reload")  # and the same through a RELOAD request, with the reason in its reply
+    assert done.returncode == 1 and "read_timeot" in done.stderr
+    assert daemon.client().call("add", 1, 2) == 3
+    daemon.config.write_text(config)
+    assert daemon.ctl("reload").returncode == 0
+    assert wait_until(lambda: daemon.client().status()["generation"] == 2)
+
+
+def test_a_reload_while_the_master_is_out_of_descriptors_fails_cleanly(make_daemon, short_dir):
+    daemon, _code = _daemon(make_daemon, short_dir)
+    master = psutil.Process(daemon.proc.pid)
+    limits = master.rlimit(psutil.RLIMIT_NOFILE)
+    held = []
+    try:
+        master.rlimit(psutil.RLIMIT_NOFILE, (master.num_fds() + 8, limits[1]))
+        for _ in range(40):  # more connections than it has descriptors left
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(daemon.socket))
+            held.append(sock)
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed; generation 1 keeps serving" in daemon.log, timeout=20)
+        assert daemon.proc.poll() is None
+    finally:
+        for sock in held:
+            sock.close()
+        if daemon.proc.poll() is None:
+            master.rlimit(psutil.RLIMIT_NOFILE, limits)
+    assert wait_until(lambda: daemon.proc.poll() is not None or daemon.client().call("add", 2, 2) == 4)
+    assert daemon.proc.poll() is None and daemon.socket.exists()
+    assert daemon.ctl("reload").returncode == 0
+
+
+def test_the_master_never_imports_expert_code(make_daemon, short_dir):
+    daemon, _code = _daemon(make_daemon, short_dir)
+    _mark, imported_in = daemon.client().call("version")
+    assert imported_in != daemon.proc.pid
+    assert imported_in in daemon.generation_parent_pids()
+    status = daemon.client().status()
+    assert [p["pid"] for p in status["generation_parents"]] == [imported_in]
+
+
+def test_a_reload_whose_import_is_slow_does_not_delay_calls(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    quiet = _calls_while(daemon, 1.0)
+    _write(code, "v2", "time.sleep(4)")
+    daemon.send_signal(signal.SIGHUP)
+    during = _calls_while(daemon, 3.0)  # while the new generation imports
+    assert max(during) < 1.0, max(during)
+    assert statistics.median(during) < max(0.05, 20 * statistics.median(quiet))
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
+
+
+def test_a_reload_whose_import_never_returns_is_abandoned_after_reload_timeout(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir, reload_timeout="2s")
+    _write(code, "v2", "while True:\n    time.sleep(1)")
+    began = time.monotonic()
+    done = daemon.ctl("reload")
+    assert done.returncode == 1
+    assert "reload_timeout" in done.stderr and "generation 1 keeps serving" in done.stderr
+    assert 1.5 < time.monotonic() - began < 20
+    assert daemon.client().call("version")[0] == "v1"
+    assert wait_until(lambda: len(daemon.generation_parent_pids()) == 1)  # the stuck one is gone
+    _write(code, "v3")
+    assert daemon.ctl("reload").returncode == 0
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v3", timeout=30)
+
+
+def test_hups_during_a_reload_are_remembered_and_the_last_edit_is_served(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    _write(code, "v2", "time.sleep(1.5)")
+    daemon.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    _write(code, "v3")
+    for _ in range(20):  # a burst while v2 loads: they make one more reload, not twenty, and none is lost
+        daemon.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v3", timeout=30)
+    assert wait_until(lambda: daemon.client().status()["generation"] == 3 and
+                      not daemon.client().status()["reloading"], timeout=30)
+    time.sleep(0.5)
+    assert daemon.client().status()["generation"] == 3
+
+
+def test_a_killed_generation_parent_is_replaced_and_workers_are_still_replaced(make_daemon, short_dir):
+    daemon, _code = _daemon(make_daemon, short_dir)
+    (parent,) = daemon.generation_parent_pids()
+    os.kill(parent, signal.SIGKILL)
+    assert wait_until(lambda: daemon.generation_parent_pids() - {parent}, timeout=30)
+    assert wait_until(lambda: daemon.client().status()["generation"] == 2, timeout=30)
+    workers = daemon.wait_workers(2, timeout=30)
+    os.kill(next(iter(workers)), signal.SIGKILL)
+    assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+    assert daemon.client().call("add", 1, 1) == 2
+
+
+def test_expertctl_reload_waits_for_the_new_generation_to_load(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    _write(code, "v2", "time.sleep(1)")
+    done = daemon.ctl("reload")
+    assert done.returncode == 0, done.stderr
+    assert "generation 2 loaded" in done.stdout
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
+
+
+def test_a_reload_keeps_serving_during_many_concurrent_callers(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    errors, stop = [], threading.Event()
+
+    def loop() -> None:
+        client = daemon.client(timeout=30)
+        while not stop.is_set():
+            try:
+                client.call("version")
+            except Exception as exc:  # every failure is the finding
+                errors.append(repr(exc))
+
+    callers = [threading.Thread(target=loop) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for mark in ("v2", "v3"):
+        _write(code, mark)
+        assert daemon.ctl("reload").returncode == 0
+        assert wait_until(lambda mark=mark: daemon.client().call("version")[0] == mark, timeout=30)
+    stop.set()
+    for caller in callers:
+        caller.join(30)
+    assert errors == []
