@@ -63,6 +63,9 @@ EXIT_WORKER_BOOT_FAILED = 3
 
 # Requests that do not arrive whole are gathered by the master, up to this many bytes in all.
 _GATHER_BUDGET_FRAMES = 4
+# When that budget is spent, a request that has sent nothing for this long gives its room up to one
+# that is arriving (a few stalled senders must not deny large requests to everyone else).
+_GATHER_STALLED = 0.5
 _GATHER_CHUNK = 256 * 1024
 _ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _PEEK_SIZE = 4096
@@ -87,6 +90,9 @@ _HAND_AHEAD_UNDER = 0.002
 _PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _LINGER_PAUSE = 0.1
 _METRICS_MEMORY_TTL = 5.0
+# STATUS shares memory readings for this long: reading a process's smaps takes milliseconds, and a
+# client looping STATUS would otherwise keep the master reading them instead of serving.
+_STATUS_MEMORY_TTL = 1.0
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
@@ -102,7 +108,7 @@ class _Connection:
     request_id: int = 0
     expert: str | None = None  # of the request waiting or in progress, when it is a call
     partial_since: float = 0.0
-    last_active: float = 0.0
+    last_active: float = 0.0  # idle since; while a request is gathered, when its last bytes came
     frame_size: int = 0
     inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
     unread: bytes = b""  # input a worker read but did not serve: it comes before the socket's
@@ -166,6 +172,7 @@ class Master:
         self.metrics = Metrics(MAX_SLOTS, experts)
         self.http_listener: socket.socket | None = None
         self._status_cache: tuple[float, dict] | None = None
+        self._memory_readings: tuple[float, dict[int, dict]] = (0.0, {})  # (when, by pid) for status()
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
@@ -229,7 +236,10 @@ class Master:
                 for fd, _mask in events:
                     self._on_event(fd)
                 self._handle_signals()
-                while self._recheck:
+                # Fair turns: one request per connection per iteration.  A connection answered here
+                # (a pipelined GET /health, a STATUS loop) goes back on the list for the next
+                # iteration, after epoll, signals and timeouts, never round again in this one.
+                for _ in range(len(self._recheck)):
                     conn = self._recheck.popleft()
                     if conn.state == _IDLE:
                         self._examine(conn)
@@ -285,6 +295,8 @@ class Master:
             self._accept(self.http_listener, tcp=True)
 
     def _poll_timeout(self) -> float:
+        if self._recheck:
+            return 0.0  # connections wait for their next turn: look at the others, then come back at once
         if self._stop_deadline is not None:
             return 0.1
         now = time.monotonic()
@@ -930,8 +942,11 @@ class Master:
         # Arriving in pieces, or begun in bytes a worker handed back: gathered here and handed
         # over as a frame.  (The socket may never hold all of a request sent in small pieces:
         # they fill the queue's accounting long before its byte count.)
-        conn.inbuf, conn.unread = bytearray(unread), b""
-        self._gathered += len(unread)
+        conn.inbuf, conn.unread = bytearray(), b""
+        if not self._hold_gathered(conn, len(unread)):
+            self._fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
+            return
+        conn.inbuf += unread
         self._gather(conn)
 
     def _examine_http(self, conn: _Connection, head: bytes) -> None:
@@ -1126,7 +1141,7 @@ class Master:
         workers, totals = [], {"rss": 0, "pss": 0, "uss": 0}
         for slot in sorted(self.workers.values(), key=lambda s: (s.generation, s.number)):
             state = self._worker_state(slot)
-            memory = _memory_of(slot.pid)
+            memory = self._memory_reading(slot.pid, now)
             for key in totals:
                 totals[key] += memory.get(key, 0)
             workers.append({
@@ -1137,7 +1152,7 @@ class Master:
                 "handed_ahead": slot.next_conn is not None,  # its next connection waits in its channel
                 **memory,
             })
-        master = _memory_of(os.getpid())
+        master = self._memory_reading(os.getpid(), now)
         return {
             "pid": os.getpid(), "version": __version__, "config": self.config.path,
             "socket": self.listener.path if self.listener else self.config.socket,
@@ -1158,8 +1173,20 @@ class Master:
             "cpu_count": psutil.cpu_count(),
         }
 
+    def _memory_reading(self, pid: int, now: float) -> dict:
+        """Process ``pid``'s memory figures, read at most once per _STATUS_MEMORY_TTL."""
+        taken, readings = self._memory_readings
+        if now - taken > _STATUS_MEMORY_TTL:
+            readings = {}  # (also forgets the pids of workers gone since)
+            self._memory_readings = (now, readings)
+        memory = readings.get(pid)
+        if memory is None:
+            memory = readings[pid] = _memory_of(pid)
+        return memory
+
     def _gather(self, conn: _Connection) -> None:
         assert conn.inbuf is not None
+        conn.last_active = time.monotonic()  # (called when bytes arrive: how long a request stalled is seen here)
         while len(conn.inbuf) < conn.frame_size:
             try:
                 data = conn.sock.recv(min(_GATHER_CHUNK, conn.frame_size - len(conn.inbuf)), socket.MSG_DONTWAIT)
@@ -1172,11 +1199,10 @@ class Master:
             if not data:
                 self._close(conn)
                 return
-            if self._gathered + len(data) > _GATHER_BUDGET_FRAMES * self.config.max_frame:
+            if not self._hold_gathered(conn, len(data)):
                 self._fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
                 return
             conn.inbuf += data
-            self._gathered += len(data)
         conn.state = _QUEUED
         self._queue.append(conn)
 
@@ -1316,6 +1342,31 @@ class Master:
         except OSError:
             pass  # the client is gone or not reading: closing is all that is left
         self._close(conn)
+
+    def _hold_gathered(self, conn: _Connection, size: int) -> bool:
+        """Count ``size`` more bytes gathered for ``conn``; False if they do not fit in the gathering budget.
+
+        The accounting of gathered bytes is here and in :meth:`_release_gathered`
+        alone (a per-uid share would be checked here too).  When the budget is
+        spent, gathered requests that have sent nothing for _GATHER_STALLED
+        give their room up, the longest stalled first, rather than ``conn``,
+        which is sending.
+        """
+        budget = _GATHER_BUDGET_FRAMES * self.config.max_frame
+        while self._gathered + size > budget:
+            stalled = min((other for other in self.connections.values()
+                           if other.inbuf is not None and other.state == _PARTIAL and other is not conn),
+                          key=lambda other: other.last_active, default=None)
+            quiet = time.monotonic() - stalled.last_active if stalled is not None else 0.0
+            if stalled is None or quiet < _GATHER_STALLED:
+                return False
+            log.info("closing connection %d: its request stalled for %.1fs while the gathering budget "
+                     "(%d bytes) was needed", stalled.conn_id, quiet, budget)
+            self._fail(stalled, Overloaded(
+                f"request stalled for {quiet:.1f}s while others needed the room it held; "
+                "send a request without pausing, or retry"))
+        self._gathered += size
+        return True
 
     def _release_gathered(self, conn: _Connection) -> None:
         if conn.inbuf is not None:
