@@ -113,6 +113,7 @@ class _Connection:
     inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
     unread: bytes = b""  # input a worker read but did not serve: it comes before the socket's
     outbuf: memoryview | None = None  # the rest of a reply the client was slow to take
+    held: int = 0  # bytes of outbuf counted against max_reply_buffer (see _hold_reply)
     write_deadline: float = 0.0
     tcp: bool = False  # accepted on http_listen: HTTP only, and the token applies
     speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
@@ -193,6 +194,7 @@ class Master:
         self._next_expiry_check = 0.0
         self._recent_deaths: deque[float] = deque()
         self._gathered = 0  # bytes held in connections' inbufs
+        self._held_replies = 0  # bytes held in connections' outbufs
         self._recheck: deque[_Connection] = deque()
         self._max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._accept_paused_until = 0.0
@@ -500,9 +502,16 @@ class Master:
         conn.unread = unread or b""
         if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.
+            refusal = self._hold_reply(conn, memoryview(unsent))
+            if refusal is not None:
+                # Part of the reply is out: an error frame would corrupt the stream; the log says why.
+                log.warning("closing connection %d: its client is not taking its reply, and the %d bytes left "
+                            "would take the master past %s; raise it if such replies are expected",
+                            conn.conn_id, len(unsent), refusal)
+                self._close(conn)
+                return
             conn.close_when_written = close
             conn.state = _WRITING
-            conn.outbuf = memoryview(unsent)
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
             self._flush(conn)
@@ -1119,8 +1128,13 @@ class Master:
             self._close(conn)
             return
         if sent < len(frame):
+            refusal = self._hold_reply(conn, memoryview(frame)[sent:])
+            if refusal is not None:
+                log.warning("closing connection %d: its client is not taking the master's reply, and holding "
+                            "the rest would take the master past %s", conn.conn_id, refusal)
+                self._close(conn)
+                return
             conn.state = _WRITING
-            conn.outbuf = memoryview(frame)[sent:]
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
 
@@ -1217,7 +1231,7 @@ class Master:
         except OSError:
             self._close(conn)
             return
-        conn.outbuf = None
+        self._release_reply(conn)
         self.epoll.modify(conn.fd, _ET_READ)
         if self._stop_deadline is not None or conn.close_when_written:
             self._close(conn)
@@ -1368,6 +1382,28 @@ class Master:
         self._gathered += size
         return True
 
+    def _hold_reply(self, conn: _Connection, rest: memoryview) -> str | None:
+        """Keep ``rest`` of a reply to write as ``conn``'s client takes it; else the limit it would break.
+
+        The accounting of bytes held for slow readers is here and in
+        :meth:`_release_reply` alone (a per-uid share would be checked here
+        too).  A connection holds one reply at most: while it is written, the
+        connection's next requests wait in its socket (backpressure).
+        """
+        size = rest.nbytes
+        if size > self.config.max_reply_buffer_per_connection:
+            return f"max_reply_buffer_per_connection ({self.config.max_reply_buffer_per_connection} bytes)"
+        if self._held_replies + size > self.config.max_reply_buffer:
+            return (f"max_reply_buffer ({self.config.max_reply_buffer} bytes, "
+                    f"{self._held_replies} held for other slow readers)")
+        conn.outbuf, conn.held = rest, size
+        self._held_replies += size
+        return None
+
+    def _release_reply(self, conn: _Connection) -> None:
+        self._held_replies -= conn.held
+        conn.outbuf, conn.held = None, 0
+
     def _release_gathered(self, conn: _Connection) -> None:
         if conn.inbuf is not None:
             self._gathered -= len(conn.inbuf)
@@ -1377,7 +1413,7 @@ class Master:
         if conn.state == _CLOSED:
             return
         self._release_gathered(conn)
-        conn.outbuf = None
+        self._release_reply(conn)
         conn.unread = b""
         conn.state = _CLOSED
         self.connections.pop(conn.fd, None)

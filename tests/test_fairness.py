@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from expertd import protocol
 from expertd.client import Client
-from expertd.errors import Overloaded
+from expertd.errors import ConnectionLost, Overloaded
 
-from conftest import ROOT, raw_connection
+from conftest import ROOT, raw_connection, wait_until
 
 # A client in a process of its own (so that it does not share the test's GIL): connects to the
 # socket in argv[1] and runs until killed (or 15 s, so that a failing test cannot hang).
@@ -131,3 +133,65 @@ def test_a_burst_of_large_requests_past_the_budget_refuses_the_newest(make_daemo
         sock.sendall(protocol.encode_call(i + 1, "echo", [b"s" * 900_000], {})[-10_000:])
         kind, _request_id, _body = protocol.read_frame(sock, 2 << 20, time.monotonic() + 10)
         assert kind == protocol.RESULT
+
+
+# ---------------------------------------------------------------- replies held for slow readers (item 6)
+def _call_without_reading(daemon, request_id: int, size: int) -> socket.socket:
+    sock = raw_connection(daemon)
+    sock.sendall(protocol.encode_call(request_id, "blob", [size], {}))
+    return sock
+
+
+def _read_whole_reply(sock: socket.socket) -> int | None:
+    """The size of the blob in the reply, or None if the daemon closed the connection before its end."""
+    try:
+        kind, _request_id, body = protocol.read_frame(sock, 64 * 2**20, time.monotonic() + 10)
+    except ConnectionLost:
+        return None
+    assert kind == protocol.RESULT
+    return len(protocol.unpack(body))
+
+
+def test_clients_that_never_read_cannot_grow_the_master_past_max_reply_buffer(make_daemon):
+    daemon = make_daemon({"blob": "testexperts:blob", "add": "testexperts:add"}, workers=1,
+                         max_reply_buffer="20M")
+    master = psutil.Process(daemon.proc.pid)
+    assert daemon.client().call("add", 1, 1) == 2
+    before = master.memory_info().rss
+    hogs = []
+    for i in range(6):  # 6 replies of 8 MiB, none read: 48 MiB held before the limit
+        hogs.append(_call_without_reading(daemon, i + 1, 8 * 2**20))
+        time.sleep(0.2)  # (in this order)
+    assert wait_until(lambda: daemon.log.count("would take the master past max_reply_buffer (") == 4)
+    grown = master.memory_info().rss - before
+    assert grown < 32 * 2**20, f"the master grew by {grown / 2**20:.0f} MiB"
+    started = time.monotonic()
+    assert daemon.client().call("add", 2, 2) == 4  # everyone else is served meanwhile
+    assert time.monotonic() - started < 1.0
+    # The first two fit and arrive whole; the rest were cut off.
+    assert [_read_whole_reply(sock) for sock in hogs] == [8 * 2**20] * 2 + [None] * 4
+
+
+def test_a_reply_over_the_per_connection_limit_is_dropped_for_a_slow_reader(make_daemon):
+    daemon = make_daemon({"blob": "testexperts:blob"}, workers=1, max_reply_buffer_per_connection="4M")
+    big = _call_without_reading(daemon, 1, 8 * 2**20)
+    small = _call_without_reading(daemon, 2, 3 * 2**20)
+    assert wait_until(lambda: "would take the master past max_reply_buffer_per_connection" in daemon.log)
+    time.sleep(0.3)
+    assert _read_whole_reply(big) is None
+    assert _read_whole_reply(small) == 3 * 2**20
+    assert daemon.client().call("blob", 2**20) == b"\x01" * 2**20
+
+
+def test_an_idle_worker_does_not_keep_the_reply_it_handed_to_the_master(make_daemon):
+    daemon = make_daemon({"blob": "testexperts:blob", "add": "testexperts:add"}, workers=1)
+    (worker,) = (psutil.Process(pid) for pid in daemon.worker_pids())
+    master = psutil.Process(daemon.proc.pid)
+    assert daemon.client().call("add", 1, 1) == 2
+    before, master_before = worker.memory_info().rss, master.memory_info().rss
+    hog = _call_without_reading(daemon, 1, 48 * 2**20)
+    assert wait_until(lambda: master.memory_info().rss - master_before > 32 * 2**20)  # the master holds the reply
+    # Handed to the master, the reply is the master's to write: the worker, idle now, lets it go.
+    assert wait_until(lambda: worker.memory_info().rss - before < 16 * 2**20, timeout=3), \
+        f"the idle worker holds {(worker.memory_info().rss - before) / 2**20:.0f} MiB more"
+    assert _read_whole_reply(hog) == 48 * 2**20  # the master has it all
