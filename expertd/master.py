@@ -241,10 +241,13 @@ class Master:
                 # Fair turns: one request per connection per iteration.  A connection answered here
                 # (a pipelined GET /health, a STATUS loop) goes back on the list for the next
                 # iteration, after epoll, signals and timeouts, never round again in this one.
-                for _ in range(len(self._recheck)):
-                    conn = self._recheck.popleft()
-                    if conn.state == _IDLE:
-                        self._examine(conn)
+                if self._recheck:
+                    # Each connection once (an event may have listed one again), so the list stays short.
+                    turns = dict.fromkeys(self._recheck)
+                    self._recheck.clear()
+                    for conn in turns:
+                        if conn.state == _IDLE:
+                            self._examine(conn)
                 self._dispatch()
                 self._expire()
                 self._housekeeping()

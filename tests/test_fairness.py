@@ -88,7 +88,7 @@ def test_clients_looping_status_leave_the_master_free_for_calls(make_daemon):
             calls += 1
         # Before the status memory cache: about 8 a second (the master read every process's
         # memory for each STATUS); thousands a second on an idle machine.
-        assert calls >= 150, f"{calls} calls in 2 s"
+        assert calls >= 100, f"{calls} calls in 2 s"
     finally:
         _stop_clients(loops)
 
