@@ -318,6 +318,15 @@ SETTINGS: tuple[Setting, ...] = (
             "old generation keeps serving and the reload is reported failed."),
     Setting("max_connections", MAIN_SECTION, _int_at_least(1), "1000",
             "Most client connections held open at once; connections past it are closed at once."),
+    Setting("max_reply_buffer", MAIN_SECTION, SIZE, "256M",
+            "Most bytes of replies the master holds, in all, for clients slow to read them (a worker hands "
+            "over what its client did not take at once). A reply that would take the master past it is "
+            "dropped and its connection closed, with a log line: the daemon's memory stays bounded whatever "
+            "clients do. A connection holds one reply at most; its next requests wait until it is taken."),
+    Setting("max_reply_buffer_per_connection", MAIN_SECTION, SIZE, "64M",
+            "Most bytes of one reply the master holds for a slow reader; a larger rest of a reply is dropped "
+            "and its connection closed, as above. A reply larger than this reaches only a client that takes all "
+            "but this much of it within 50 ms of its being ready."),
     Setting("intra_op_threads", MAIN_SECTION, THREADS, "auto",
             "Threads each worker gives TensorFlow (and OpenMP/torch) for one op, set after fork before the "
             "runtime starts; auto shares the cores among the workers (cores // workers, at least 1)."),
@@ -405,6 +414,8 @@ class Config:
     boot_timeout: float
     reload_timeout: float
     max_connections: int
+    max_reply_buffer: int
+    max_reply_buffer_per_connection: int
     intra_op_threads: int | None
     inter_op_threads: int | None
     tf_log_level: str

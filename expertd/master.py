@@ -67,6 +67,9 @@ EXIT_WORKER_BOOT_FAILED = 3
 
 # Requests that do not arrive whole are gathered by the master, up to this many bytes in all.
 _GATHER_BUDGET_FRAMES = 4
+# When that budget is spent, a request that has sent nothing for this long gives its room up to one
+# that is arriving (a few stalled senders must not deny large requests to everyone else).
+_GATHER_STALLED = 0.5
 _GATHER_CHUNK = 256 * 1024
 _ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _PEEK_SIZE = 4096
@@ -91,6 +94,9 @@ _HAND_AHEAD_UNDER = 0.002
 _PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _LINGER_PAUSE = 0.1
 _METRICS_MEMORY_TTL = 5.0
+# STATUS shares memory readings for this long: reading a process's smaps takes milliseconds, and a
+# client looping STATUS would otherwise keep the master reading them instead of serving.
+_STATUS_MEMORY_TTL = 1.0
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
@@ -107,11 +113,12 @@ class _Connection:
     request_id: int = 0
     expert: str | None = None  # of the request waiting or in progress, when it is a call
     partial_since: float = 0.0
-    last_active: float = 0.0
+    last_active: float = 0.0  # idle since; while a request is gathered, when its last bytes came
     frame_size: int = 0
     inbuf: bytearray | None = None  # a request the master is gathering from a slow sender
     unread: bytes = b""  # input a worker read but did not serve: it comes before the socket's
     outbuf: memoryview | None = None  # the rest of a reply the client was slow to take
+    held: int = 0  # bytes of outbuf counted against max_reply_buffer (see _hold_reply)
     write_deadline: float = 0.0
     tcp: bool = False  # accepted on http_listen: HTTP only, and the token applies
     speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
@@ -175,6 +182,7 @@ class Master:
         self.metrics = Metrics(MAX_SLOTS, config.experts)
         self.http_listener: socket.socket | None = None
         self._status_cache: tuple[float, dict] | None = None
+        self._memory_readings: tuple[float, dict[int, dict]] = (0.0, {})  # (when, by pid) for status()
         self.epoll = select.epoll()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
@@ -195,6 +203,7 @@ class Master:
         self._next_expiry_check = 0.0
         self._recent_deaths: deque[float] = deque()
         self._gathered = 0  # bytes held in connections' inbufs
+        self._held_replies = 0  # bytes held in connections' outbufs
         self._recheck: deque[_Connection] = deque()
         self._max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._accept_paused_until = 0.0
@@ -252,10 +261,16 @@ class Master:
                 for fd, _mask in events:
                     self._on_event(fd)
                 self._handle_signals()
-                while self._recheck:
-                    conn = self._recheck.popleft()
-                    if conn.state == _IDLE:
-                        self._examine(conn)
+                # Fair turns: one request per connection per iteration.  A connection answered here
+                # (a pipelined GET /health, a STATUS loop) goes back on the list for the next
+                # iteration, after epoll, signals and timeouts, never round again in this one.
+                if self._recheck:
+                    # Each connection once (an event may have listed one again), so the list stays short.
+                    turns = dict.fromkeys(self._recheck)
+                    self._recheck.clear()
+                    for conn in turns:
+                        if conn.state == _IDLE:
+                            self._examine(conn)
                 self._dispatch()
                 self._expire()
                 self._housekeeping()
@@ -310,6 +325,8 @@ class Master:
             self._accept(self.http_listener, tcp=True)
 
     def _poll_timeout(self) -> float:
+        if self._recheck:
+            return 0.0  # connections wait for their next turn: look at the others, then come back at once
         if self._stop_deadline is not None:
             return 0.1
         now = time.monotonic()
@@ -510,9 +527,16 @@ class Master:
         conn.unread = unread or b""
         if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.
+            refusal = self._hold_reply(conn, memoryview(unsent))
+            if refusal is not None:
+                # Part of the reply is out: an error frame would corrupt the stream; the log says why.
+                log.warning("closing connection %d: its client is not taking its reply, and the %d bytes left "
+                            "would take the master past %s; raise it if such replies are expected",
+                            conn.conn_id, len(unsent), refusal)
+                self._close(conn)
+                return
             conn.close_when_written = close
             conn.state = _WRITING
-            conn.outbuf = memoryview(unsent)
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
             self._flush(conn)
@@ -1043,8 +1067,11 @@ class Master:
         # Arriving in pieces, or begun in bytes a worker handed back: gathered here and handed
         # over as a frame.  (The socket may never hold all of a request sent in small pieces:
         # they fill the queue's accounting long before its byte count.)
-        conn.inbuf, conn.unread = bytearray(unread), b""
-        self._gathered += len(unread)
+        conn.inbuf, conn.unread = bytearray(), b""
+        if not self._hold_gathered(conn, len(unread)):
+            self._fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
+            return
+        conn.inbuf += unread
         self._gather(conn)
 
     def _examine_http(self, conn: _Connection, head: bytes) -> None:
@@ -1217,8 +1244,13 @@ class Master:
             self._close(conn)
             return
         if sent < len(frame):
+            refusal = self._hold_reply(conn, memoryview(frame)[sent:])
+            if refusal is not None:
+                log.warning("closing connection %d: its client is not taking the master's reply, and holding "
+                            "the rest would take the master past %s", conn.conn_id, refusal)
+                self._close(conn)
+                return
             conn.state = _WRITING
-            conn.outbuf = memoryview(frame)[sent:]
             conn.write_deadline = time.monotonic() + self.config.read_timeout
             self.epoll.modify(conn.fd, _ET_READ_WRITE)
 
@@ -1239,7 +1271,7 @@ class Master:
         workers, totals = [], {"rss": 0, "pss": 0, "uss": 0}
         for slot in sorted(self.workers.values(), key=lambda s: (s.generation, s.number)):
             state = self._worker_state(slot)
-            memory = _memory_of(slot.pid)
+            memory = self._memory_reading(slot.pid, now)
             for key in totals:
                 totals[key] += memory.get(key, 0)
             workers.append({
@@ -1252,12 +1284,12 @@ class Master:
             })
         parents, others = [], {"rss": 0, "pss": 0, "uss": 0}  # the generations' parents, then the master
         for parent in sorted(self._generations.values(), key=lambda p: p.number):
-            memory = _memory_of(parent.pid)
+            memory = self._memory_reading(parent.pid, now)
             for key in others:
                 others[key] += memory.get(key, 0)
             parents.append({"generation": parent.number, "pid": parent.pid, "state": parent.state,
                             "age_s": round(now - parent.started, 1), **memory})
-        master = _memory_of(os.getpid())
+        master = self._memory_reading(os.getpid(), now)
         for key in others:
             others[key] += master.get(key, 0)
         return {
@@ -1282,8 +1314,20 @@ class Master:
             "cpu_count": psutil.cpu_count(),
         }
 
+    def _memory_reading(self, pid: int, now: float) -> dict:
+        """Process ``pid``'s memory figures, read at most once per _STATUS_MEMORY_TTL."""
+        taken, readings = self._memory_readings
+        if now - taken > _STATUS_MEMORY_TTL:
+            readings = {}  # (also forgets the pids of workers gone since)
+            self._memory_readings = (now, readings)
+        memory = readings.get(pid)
+        if memory is None:
+            memory = readings[pid] = _memory_of(pid)
+        return memory
+
     def _gather(self, conn: _Connection) -> None:
         assert conn.inbuf is not None
+        conn.last_active = time.monotonic()  # (called when bytes arrive: how long a request stalled is seen here)
         while len(conn.inbuf) < conn.frame_size:
             try:
                 data = conn.sock.recv(min(_GATHER_CHUNK, conn.frame_size - len(conn.inbuf)), socket.MSG_DONTWAIT)
@@ -1296,11 +1340,10 @@ class Master:
             if not data:
                 self._close(conn)
                 return
-            if self._gathered + len(data) > _GATHER_BUDGET_FRAMES * self.config.max_frame:
+            if not self._hold_gathered(conn, len(data)):
                 self._fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
                 return
             conn.inbuf += data
-            self._gathered += len(data)
         conn.state = _QUEUED
         self._queue.append(conn)
 
@@ -1315,7 +1358,7 @@ class Master:
         except OSError:
             self._close(conn)
             return
-        conn.outbuf = None
+        self._release_reply(conn)
         self.epoll.modify(conn.fd, _ET_READ)
         if self._stop_deadline is not None or conn.close_when_written:
             self._close(conn)
@@ -1441,6 +1484,53 @@ class Master:
             pass  # the client is gone or not reading: closing is all that is left
         self._close(conn)
 
+    def _hold_gathered(self, conn: _Connection, size: int) -> bool:
+        """Count ``size`` more bytes gathered for ``conn``; False if they do not fit in the gathering budget.
+
+        The accounting of gathered bytes is here and in :meth:`_release_gathered`
+        alone (a per-uid share would be checked here too).  When the budget is
+        spent, gathered requests that have sent nothing for _GATHER_STALLED
+        give their room up, the longest stalled first, rather than ``conn``,
+        which is sending.
+        """
+        budget = _GATHER_BUDGET_FRAMES * self.config.max_frame
+        while self._gathered + size > budget:
+            stalled = min((other for other in self.connections.values()
+                           if other.inbuf is not None and other.state == _PARTIAL and other is not conn),
+                          key=lambda other: other.last_active, default=None)
+            quiet = time.monotonic() - stalled.last_active if stalled is not None else 0.0
+            if stalled is None or quiet < _GATHER_STALLED:
+                return False
+            log.info("closing connection %d: its request stalled for %.1fs while the gathering budget "
+                     "(%d bytes) was needed", stalled.conn_id, quiet, budget)
+            self._fail(stalled, Overloaded(
+                f"request stalled for {quiet:.1f}s while others needed the room it held; "
+                "send a request without pausing, or retry"))
+        self._gathered += size
+        return True
+
+    def _hold_reply(self, conn: _Connection, rest: memoryview) -> str | None:
+        """Keep ``rest`` of a reply to write as ``conn``'s client takes it; else the limit it would break.
+
+        The accounting of bytes held for slow readers is here and in
+        :meth:`_release_reply` alone (a per-uid share would be checked here
+        too).  A connection holds one reply at most: while it is written, the
+        connection's next requests wait in its socket (backpressure).
+        """
+        size = rest.nbytes
+        if size > self.config.max_reply_buffer_per_connection:
+            return f"max_reply_buffer_per_connection ({self.config.max_reply_buffer_per_connection} bytes)"
+        if self._held_replies + size > self.config.max_reply_buffer:
+            return (f"max_reply_buffer ({self.config.max_reply_buffer} bytes, "
+                    f"{self._held_replies} held for other slow readers)")
+        conn.outbuf, conn.held = rest, size
+        self._held_replies += size
+        return None
+
+    def _release_reply(self, conn: _Connection) -> None:
+        self._held_replies -= conn.held
+        conn.outbuf, conn.held = None, 0
+
     def _release_gathered(self, conn: _Connection) -> None:
         if conn.inbuf is not None:
             self._gathered -= len(conn.inbuf)
@@ -1450,7 +1540,7 @@ class Master:
         if conn.state == _CLOSED:
             return
         self._release_gathered(conn)
-        conn.outbuf = None
+        self._release_reply(conn)
         conn.unread = b""
         conn.state = _CLOSED
         self.connections.pop(conn.fd, None)

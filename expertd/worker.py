@@ -176,6 +176,7 @@ class Worker:
             # and it must know that this worker will not read it.
             ipc.send_done(self.channel, conn_id, close, retiring=retire is not None or self._stop_requested,
                           unsent=unsent, served=served, unread=unread)
+            unsent = None  # the master writes it now: an idle worker must not keep a slow reader's reply alive
             if retire is not None:
                 log.info("worker %d (pid %d) retiring after %d requests: %s",
                          self.number, os.getpid(), self.requests, retire)
