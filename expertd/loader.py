@@ -74,7 +74,7 @@ def _check_fork_safety(what: str) -> None:
     started = runtimes.started_runtimes()
     if started:
         raise ExpertLoadError(
-            f"{what} started {started[0]} in the master, and workers forked from it would deadlock; "
+            f"{what} started {started[0]} in the process that forks the workers, and they would deadlock; "
             "move model building and loading into an after_fork hook (see docs/experts.md)"
         )
 
@@ -208,7 +208,8 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
     threads = runtimes.extra_threads()
     if threads:
         log.warning(
-            "threads running in the master will not exist in the workers: %s; start them in an after_fork hook",
+            "threads running in the generation's parent will not exist in the workers: %s; start them in an "
+            "after_fork hook",
             ", ".join(threads),
         )
     return experts
