@@ -305,7 +305,7 @@ def test_process_titles(make_daemon):
 def test_systemd_units_verify(tmp_path):
     for name in ("expertd.service", "expertd.socket"):
         text = (ROOT / "systemd" / name).read_text()
-        (tmp_path / name).write_text(text.replace("/opt/expertd/venv/bin/expertd", str(BIN / "expertd")))
+        (tmp_path / name).write_text(text.replace("/opt/expertd/venv/bin/", f"{BIN}/"))
     done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "expertd.service"),
                            str(tmp_path / "expertd.socket")], capture_output=True, text=True, timeout=60)
     problems = [line for line in done.stderr.splitlines() if "expertd" in line]
