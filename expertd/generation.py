@@ -235,6 +235,15 @@ class Generation:
         return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def _reopen_log_files(signum: int, frame: object) -> None:
+    from expertd.master import reopen_log_files  # (at call time: the master imports this module)
+
+    try:
+        reopen_log_files()
+    except OSError:
+        pass  # the master logs why; workers forked from here keep the old file until the next USR1
+
+
 class _Parent:
     """Inside the generation's parent process: load, report, then fork workers until told to stop."""
 
@@ -257,8 +266,10 @@ class _Parent:
         self.master_pid = os.getppid()
         if self.master_pid == 1:
             return 1  # the master died before the line above
-        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)  # the master's words, not this process's
+        # USR1 (logrotate): the workers forked from here later must write to the new log file.
+        signal.signal(signal.SIGUSR1, _reopen_log_files)
         for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         set_title(f"expertd: generation {self.number} [{self.config.path}]")

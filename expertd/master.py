@@ -908,9 +908,9 @@ class Master:
         except OSError as exc:
             log.error("cannot reopen the log file: %s", exc.strerror)
             return
-        for slot in self.workers.values():
+        for pid in [*self.workers, *self._generations]:  # (a generation's parent: for the workers it forks later)
             try:
-                os.kill(slot.pid, signal.SIGUSR1)
+                os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
         log.info("log files reopened")

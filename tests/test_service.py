@@ -156,6 +156,14 @@ def test_daemon_mode_pidfile_and_log_rotation(short_dir):
         os.rename(log, short_dir / "expertd.log.1")
         os.kill(pid, signal.SIGUSR1)
         assert wait_until(lambda: log.exists() and "log files reopened" in log.read_text())
+
+        # The generation's parent follows too: the workers it forks later log to the new file.
+        def logs_of_the_generation_parent() -> set[str]:
+            return {f.path for child in psutil.Process(pid).children()
+                    if " ".join(child.cmdline()).startswith("expertd: generation") for f in child.open_files()}
+
+        assert wait_until(lambda: str(log) in logs_of_the_generation_parent())
+        assert str(short_dir / "expertd.log.1") not in logs_of_the_generation_parent()
     finally:
         os.kill(pid, signal.SIGTERM)
     assert wait_until(lambda: not pidfile.exists(), timeout=30)
