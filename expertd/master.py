@@ -896,10 +896,18 @@ class Master:
 
     def _replace_parent(self, reason: str) -> None:
         """The serving generation's parent is gone or stuck: load the config again to get a new one."""
-        if self._parent is not None and self._parent.state != RETIRED:
+        if self._parent is None or self._parent.state == RETIRED or self._stop_deadline is not None:
+            return
+        self._parent.kill()
+        if not self._announced_ready:  # starting: there is no generation to fall back on
+            log.error("%s before the workers were ready", reason)
+            self._exit_status = EXIT_WORKER_BOOT_FAILED
+            self._begin_stop(graceful=False, reason="the experts' process failed")
+        elif self._reload is not None:  # a new generation starting its workers: the old one takes over again
+            self._abort_reload(reason)
+        else:
             log.error("%s; loading the generation again to fork its workers", reason)
-            self._parent.kill()
-        self.reload()
+            self.reload()
 
     def _reopen_logs(self) -> None:
         """USR1: reopen log files (after logrotate moved them), here and in every worker."""
