@@ -225,6 +225,11 @@ def call_arguments(request: Request) -> tuple[list, dict]:
     if request.route == "opinion":
         if not isinstance(value, dict):
             raise BadRequest(f"the document must be a JSON object, not {_json_type(value)}", expert=request.expert)
+        # The reply adds to the document's opinions: a document where that cannot be done is refused
+        # before the expert runs (the caller's error, not the expert's result).
+        if "opinions" in value and not isinstance(value["opinions"], dict):
+            raise BadRequest(f"the document's 'opinions' is {_json_type(value['opinions'])}, not an object",
+                             expert=request.expert)
         return [value], {}
     if isinstance(value, list):
         return value, {}

@@ -145,6 +145,14 @@ def test_errors_are_json_with_their_status(daemon, method, path, body, status, c
     assert daemon.client().call("add", 1, 1) == 2  # nothing bad request does harms the daemon
 
 
+def test_opinion_on_a_document_whose_opinions_is_not_an_object_is_the_callers_error(web):
+    for opinions in ([1, 2], "none", 3, None):
+        status, _, error = request(web, "POST", "/opinion/document_length", {"text": "hi", "opinions": opinions})
+        assert status == 400, error
+        assert error["error"]["code"] == "bad_request" and "'opinions'" in error["error"]["message"]
+    assert request(web, "POST", "/opinion/document_length", {"text": "hi", "opinions": {}})[0] == 200
+
+
 def test_a_result_json_cannot_carry_is_500_and_the_worker_lives(daemon, web):
     before = daemon.worker_pids()
     status, _, error = request(web, "POST", "/call/deep", [])
