@@ -159,6 +159,24 @@ def check_route(head: Head, experts: set[str] | dict, max_body: int) -> None:
         raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
 
 
+def admit(head: Head, *, tcp: bool, token: str) -> None:
+    """Refuse a request that may not be served on its connection: the one check of credentials and origin.
+
+    The master runs it on every request it examines and a lingering worker on
+    every request it serves directly, so that no path can skip it.  A request on
+    the Unix socket is admitted here (its file mode and allow_uids guard it); on
+    http_listen it needs the bearer token, or without one a local Host.
+    """
+    if not tcp:
+        return
+    if token:
+        if not token_accepted(head.authorization, token):
+            raise HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
+                              close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
+    else:
+        check_local_origin(head)
+
+
 _LOCAL_HOST = re.compile(rb"^(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?$", re.IGNORECASE)
 
 

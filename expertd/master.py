@@ -957,11 +957,7 @@ class Master:
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         try:
-            if conn.tcp and self.config.token and not http.token_accepted(request.authorization, self.config.token):
-                raise http.HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
-                                       close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
-            if conn.tcp and not self.config.token:
-                http.check_local_origin(request)
+            http.admit(request, tcp=conn.tcp, token=self.config.token)
             http.check_route(request, self.experts, self.config.max_frame)
             if request.route not in http.WORKER_ROUTES and request.body_size:
                 raise http.HttpRefusal(400, "bad_request", f"{request.method} /{request.route} takes no body")

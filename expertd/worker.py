@@ -371,13 +371,17 @@ class Worker:
         self._reclaim_signalled = False  # (a late signal meant for the previous connection)
         close, unsent = self._serve_http_request(conn, frame)
         retire = self._after_request()
-        served, lingering = 1, False
+        served, lingering, tcp = 1, False, False
         while not (close or unsent or retire or self._stop_requested) and self._may_linger():
             if not lingering:
                 lingering = True
                 self._start_lingering(conn_id, conn, served)
                 served = 0
-            waiting = self._await_next(conn)
+                # Whether the connection came in on http_listen (http.admit then checks token or Host):
+                # asked once per connection, and only where there is such a listener.
+                tcp = (self.config.http_listen is not None
+                       and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX)
+            waiting = self._await_next(conn, tcp)
             if isinstance(waiting, str):
                 close = waiting == "eof"
                 break
@@ -395,7 +399,7 @@ class Worker:
     def _may_linger(self) -> bool:
         return self._lingers and self.scoreboard.may_linger(time.monotonic()) and not self.board.next_waiting()
 
-    def _await_next(self, conn: socket.socket) -> _PeekedHttp | str:
+    def _await_next(self, conn: socket.socket, tcp: bool) -> _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next HTTP request.
 
         Returns what a peek saw of it (the request is whole in the socket, still
@@ -404,7 +408,7 @@ class Worker:
         head = self._wait(conn.recv, (_PEEK, _PEEK_WAIT), False)
         if head.__class__ is str:
             return head
-        return self._peek_http(conn, head)
+        return self._peek_http(conn, head, tcp)
 
     def _on_reclaim(self, signum: int, frame: FrameType | None) -> None:
         # The master wants the connection back.  Raising is what interrupts the blocking wait
@@ -417,20 +421,18 @@ class Worker:
             self._waiting = False
             raise _Reclaimed
 
-    def _peek_http(self, conn: socket.socket, head: bytes) -> _PeekedHttp | str:
-        # Only a whole call that the master would pass on as it is.
+    def _peek_http(self, conn: socket.socket, head: bytes, tcp: bool) -> _PeekedHttp | str:
+        # Only a whole call that the master would pass on as it is: the same checks as the master's.
         try:
             framing = http.scan_head(head)
             if framing is None:
                 return "expired"
+            http.admit(framing, tcp=tcp, token=self.config.token)
             http.check_route(framing, self.experts, self.config.max_frame)
         except http.HttpRefusal:
             return "expired"  # the master refuses it
         if framing.route not in http.WORKER_ROUTES:
             return "expired"
-        if (self.config.token and not http.token_accepted(framing.authorization, self.config.token)
-                and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX):
-            return "expired"  # an http_listen connection without the token: the master refuses it
         if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
             return "expired"
         return _PeekedHttp(head, framing)

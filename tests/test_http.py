@@ -343,6 +343,18 @@ def test_loopback_needs_no_token_but_a_loopback_host(make_daemon):
     assert status == 403 and error["error"]["code"] == "forbidden_host"
 
 
+def test_every_request_on_a_kept_alive_loopback_connection_has_its_host_checked(make_daemon):
+    port = free_port()
+    make_daemon(http_listen=f"127.0.0.1:{port}", linger="1s")  # a lingering worker serves the next request
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\n[1, 1]")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # The same connection, another host name (DNS rebinding after a first innocent request):
+        sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 6\r\n\r\n[1, 1]")
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 403 ") and b"forbidden_host" in reply, reply
+
+
 def test_reload_keeps_the_token_in_force(tcp_daemon):
     config = tcp_daemon.config.read_text()
     tcp_daemon.config.write_text(config.replace(f"token = {TOKEN}\n", ""))
