@@ -452,7 +452,10 @@ class Master:
             if slot.conn is not None and served == 1:
                 name = slot.conn.expert or ""
                 typical = self._typical.get(name)
-                self._typical[name] = elapsed if typical is None else typical + (elapsed - typical) / 8
+                if typical is not None:
+                    self._typical[name] = typical + (elapsed - typical) / 8
+                elif name in self.experts:  # a name the client sent: only served experts get an entry
+                    self._typical[name] = elapsed
         if linger and slot.conn is not None and slot.conn.conn_id == conn_id:
             # The worker keeps the connection for its next request; it hands it back with another DONE.
             slot.lingering, slot.reclaim_sent = True, False

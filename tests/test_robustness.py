@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from expertd import protocol
@@ -162,6 +163,44 @@ def test_array_bomb_is_refused_cheaply(make_daemon):
     assert (kind, request_id) == (protocol.ERROR, 9)
     assert "arrays and maps" in protocol.unpack(reply)["message"]
     assert daemon.client().call("echo", 1) == {"args": [1], "kwargs": {}}
+
+
+def _call_unknown_experts(daemon: Daemon, first: int, count: int, distinct: bool = True) -> None:
+    """``count`` calls to experts that do not exist, each named afresh (or all one name), pipelined."""
+    sock = raw_connection(daemon, timeout=30)
+    batch = 200
+    for start in range(first, first + count, batch):
+        sock.sendall(b"".join(protocol.encode_call(n, f"no-such-expert-{n if distinct else 0:08d}", [], {})
+                              for n in range(start, start + batch)))
+        for n in range(start, start + batch):
+            kind, request_id, body = protocol.read_frame(sock, 1 << 20, time.monotonic() + 30)
+            assert (kind, request_id) == (protocol.ERROR, n)
+            assert protocol.unpack(body)["code"] == "unknown_expert"
+    sock.close()
+
+
+def test_calls_to_many_distinct_unknown_experts_do_not_grow_the_master(make_daemon):
+    # No lingering: every call passes the master, which is where per-expert state lived.
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1, linger="0")
+    master = psutil.Process(daemon.proc.pid)
+    _call_unknown_experts(daemon, 0, 5_000)  # the master's own caches and free lists settle
+    before = master.memory_full_info().uss
+    # As many calls to one unknown name: what the calls cost the master in any case (the
+    # minute's latencies kept for the log summary, say).
+    _call_unknown_experts(daemon, 5_000, 25_000, distinct=False)
+    middle = master.memory_full_info().uss
+    _call_unknown_experts(daemon, 30_000, 25_000)
+    after = master.memory_full_info().uss
+    extra = (after - middle) - (middle - before)
+    assert extra < 2**20, f"25k distinct unknown names cost the master {extra / 2**20:.1f} MiB more than one name"
+    conn = raw_connection(daemon)
+    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    metrics = b""
+    while b"expertd_build_info" not in metrics:
+        metrics += conn.recv(65536)
+    assert b"no-such-expert" not in metrics
+    assert b'expertd_errors_total{expert="(unknown)",code="unknown_expert"} 55000' in metrics
+    assert daemon.client().call("add", 1, 2) == 3
 
 
 def test_request_written_in_small_pieces_is_served(make_daemon):
