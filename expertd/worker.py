@@ -54,6 +54,7 @@ class Worker:
         self.recorder = recorder
         self.scoreboard = scoreboard
         self.board = scoreboard.slot(board_slot)
+        self._board_slot = board_slot
         self.config = config
         self.experts = experts
         self.channel = channel
@@ -86,6 +87,7 @@ class Worker:
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
         self._install_signals()
+        _die_with_master(self._master_pid)
         self._set_title("booting")
         config = self.config
         intra_op = runtimes.resolve_threads(config.intra_op_threads, config.workers)
@@ -133,6 +135,8 @@ class Worker:
         # SA_RESTART: an expert's own blocking calls carry on through a reclaim. The lingering
         # wait is still interrupted: reads with SO_RCVTIMEO are never restarted (signal(7)).
         signal.siginterrupt(signal.SIGUSR2, False)
+        signal.signal(_MASTER_GONE, self._on_master_gone)
+        signal.siginterrupt(_MASTER_GONE, False)
 
     def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
@@ -141,6 +145,26 @@ class Worker:
             _reopen_logs_quietly()
         else:
             self._reopen_logs = True
+
+    def _on_master_gone(self, signum: int, frame: FrameType | None) -> None:
+        # The kernel's word that the master died (PR_SET_PDEATHSIG): nobody else will time out the
+        # request in hand now.  It may still finish within its timeout (its caller gets the reply);
+        # past that, SIGALRM's default action ends the process, whatever the expert is doing, and
+        # the caller sees its connection close instead of a late reply.  Costs nothing per request:
+        # the timer is armed only here.
+        self._stop_requested = True
+        if self._idle or self._interruptible():
+            raise SystemExit(0)
+        now = time.monotonic()
+        began, timeout = self.scoreboard.read(self._board_slot)[:2]
+        if began:
+            deadline = began + timeout
+        else:  # between requests, or one being read: no longer than any call may take
+            deadline = now + max(self.config.timeout, *self._timeouts.values())
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - now, 0.001))
+        log.warning("worker %d (pid %d): the master is gone; exiting after the request in hand, "
+                    "or at its timeout (%.1fs from now)", self.number, os.getpid(), max(deadline - now, 0.0))
 
     def _set_title(self, state: str) -> None:
         notify.set_title(f"expertd: worker {self.number} [{state}, {self.requests} requests]")
@@ -714,6 +738,20 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 def _rss() -> int:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+# Sent by the kernel to a worker when its master dies (see Worker._on_master_gone); otherwise unused.
+_MASTER_GONE = signal.SIGRTMIN
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_master(master_pid: int) -> None:
+    """Have the kernel send _MASTER_GONE when the master dies (and send it now if it already has)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(_MASTER_GONE))
+    if os.getppid() != master_pid:  # it died before the request was in place
+        os.kill(os.getpid(), _MASTER_GONE)
 
 
 def _send_quietly(send: Any, *args: Any) -> None:

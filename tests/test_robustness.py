@@ -38,6 +38,25 @@ def test_stuck_expert_times_out_and_its_worker_is_replaced(make_daemon):
     assert "respawning with backoff" not in daemon.log  # a timeout kill is not a crash
 
 
+def test_worker_whose_master_was_killed_keeps_the_call_timeout_and_exits(make_daemon):
+    daemon = make_daemon({"slow": {"function": "testexperts:slow", "timeout": "3s"}}, workers=1)
+    worker = psutil.Process(next(iter(daemon.worker_pids())))
+    sock = raw_connection(daemon, timeout=30)
+    try:
+        started = time.monotonic()
+        sock.sendall(protocol.encode_call(1, "slow", [25], {}))
+        time.sleep(0.5)  # the worker is in the call
+        daemon.proc.kill()  # nobody left to enforce the timeout but the worker itself
+        daemon.proc.wait()
+        assert sock.recv(65536) == b""  # closed, never a late reply
+        assert time.monotonic() - started < 5.0  # the 3 s timeout, give or take the machine
+        assert wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 2.0)
+    finally:
+        sock.close()
+        if worker.is_running():
+            worker.kill()
+
+
 def test_default_timeout_applies_to_every_expert(make_daemon):
     daemon = make_daemon({"slow": "testexperts:slow"}, workers=1, timeout="500ms")
     started = time.monotonic()
