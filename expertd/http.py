@@ -354,6 +354,7 @@ def error_response(request: Request | None, error: RemoteError | HttpRefusal,
 _STATUS_BY_CODE = {
     "bad_request": 400, "unknown_expert": 404, "frame_too_large": 413, "expert_failed": 500, "bad_result": 500,
     "timeout": 504, "worker_lost": 503, "overloaded": 503, "shutting_down": 503, "access_denied": 403,
+    "quarantined": 503,
 }
 _REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
