@@ -215,6 +215,10 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     print(f"socket {status['socket']}: {status['workers_wanted']} workers wanted, "
           f"{status['requests']} requests served, {status['connections']} connections open")
     print(f"experts: {', '.join(status['experts'])}")
+    for quarantine in status.get("quarantined", ()):  # (an older daemon sends none)
+        print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
+              f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "
+              f"{_duration(quarantine['seconds_left'])} from now")
     reload = status.get("last_reload")
     if reload:
         outcome = "ok" if reload["ok"] else f"FAILED: {reload['error']}"

@@ -302,6 +302,16 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a worker that just answered keeps the connection to serve its next request directly "
             "(saving the master's hand-over), while no other request waits; the master takes it back at once "
             "when one does. 0 turns it off."),
+    Setting("quarantine_after", MAIN_SECTION, _int_at_least(0), "3",
+            "An expert whose calls kill the worker serving them this many times within quarantine_window is "
+            "quarantined: its calls are refused (error quarantined) for quarantine_time, so that a caller in a "
+            "crash loop holds back that expert, not everyone's workers. 0: never (such deaths then count "
+            "toward the daemon-wide respawn backoff)."),
+    Setting("quarantine_window", MAIN_SECTION, DURATION, "10s",
+            "The window in which quarantine_after crashes of one expert's calls quarantine it."),
+    Setting("quarantine_time", MAIN_SECTION, DURATION, "30s",
+            "How long a quarantine lasts. An expert quarantined again within as long after its last "
+            "quarantine ended gets twice the last one's time, up to 32 times this."),
     Setting("idle_timeout", MAIN_SECTION, DURATION_OR_OFF, "300s",
             "A client connection idle this long is closed (0: never). Clients reconnect transparently."),
     Setting("read_timeout", MAIN_SECTION, DURATION, "10s",
@@ -408,6 +418,9 @@ class Config:
     max_depth: int
     max_args: int
     idle_timeout: float
+    quarantine_after: int
+    quarantine_window: float
+    quarantine_time: float
     linger: float
     read_timeout: float
     graceful_timeout: float

@@ -133,6 +133,12 @@ class Overloaded(RemoteError):
     retryable = True
 
 
+class Quarantined(RemoteError):
+    """The expert's calls kept killing their workers: it is refused for a while (quarantine_* settings)."""
+
+    code = "quarantined"
+
+
 class AccessDenied(RemoteError):
     """The daemon refused the connection: the peer's user is not allowed (allow_uids/allow_gids)."""
 
@@ -159,6 +165,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         RequestTimeout,
         AccessDenied,
         Overloaded,
+        Quarantined,
         ShuttingDown,
     )
 }

@@ -315,6 +315,11 @@ class _Parent:
                 worker = os.fork()
                 if worker == 0:
                     os.close(write_end)
+                    # Start only once adopted by the master (this process's parent is exiting): the
+                    # worker's parent-death signal must be about the master, not about that exit.
+                    adopted_by = time.monotonic() + _SPAWN_TIMEOUT
+                    while os.getppid() != self.master_pid and time.monotonic() < adopted_by:
+                        time.sleep(0.0002)
                     channel = socket.socket(fileno=channel_fd)
                     self.metrics.index = dict(request["index"])  # the master's, with this generation's experts
                     worker_main(request["number"], self.config, experts, channel, [self.control.fileno()],

@@ -159,6 +159,24 @@ def check_route(head: Head, experts: set[str] | dict, max_body: int) -> None:
         raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
 
 
+def admit(head: Head, *, tcp: bool, token: str) -> None:
+    """Refuse a request that may not be served on its connection: the one check of credentials and origin.
+
+    The master runs it on every request it examines and a lingering worker on
+    every request it serves directly, so that no path can skip it.  A request on
+    the Unix socket is admitted here (its file mode and allow_uids guard it); on
+    http_listen it needs the bearer token, or without one a local Host.
+    """
+    if not tcp:
+        return
+    if token:
+        if not token_accepted(head.authorization, token):
+            raise HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
+                              close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
+    else:
+        check_local_origin(head)
+
+
 _LOCAL_HOST = re.compile(rb"^(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?$", re.IGNORECASE)
 
 
@@ -225,6 +243,11 @@ def call_arguments(request: Request) -> tuple[list, dict]:
     if request.route == "opinion":
         if not isinstance(value, dict):
             raise BadRequest(f"the document must be a JSON object, not {_json_type(value)}", expert=request.expert)
+        # The reply adds to the document's opinions: a document where that cannot be done is refused
+        # before the expert runs (the caller's error, not the expert's result).
+        if "opinions" in value and not isinstance(value["opinions"], dict):
+            raise BadRequest(f"the document's 'opinions' is {_json_type(value['opinions'])}, not an object",
+                             expert=request.expert)
         return [value], {}
     if isinstance(value, list):
         return value, {}
@@ -331,6 +354,7 @@ def error_response(request: Request | None, error: RemoteError | HttpRefusal,
 _STATUS_BY_CODE = {
     "bad_request": 400, "unknown_expert": 404, "frame_too_large": 413, "expert_failed": 500, "bad_result": 500,
     "timeout": 504, "worker_lost": 503, "overloaded": 503, "shutting_down": 503, "access_denied": 403,
+    "quarantined": 503,
 }
 _REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",

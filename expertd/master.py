@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import math
 import os
 import select
 import signal
@@ -42,6 +43,7 @@ from expertd.errors import (
     ConfigError,
     FrameTooLarge,
     Overloaded,
+    Quarantined,
     RemoteError,
     RequestTimeout,
     ShuttingDown,
@@ -93,6 +95,7 @@ _HAND_AHEAD_UNDER = 0.002
 # Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
 _PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
 _LINGER_PAUSE = 0.1
+_QUARANTINE_GROWTH_MAX = 32  # a repeated quarantine doubles, up to this many times quarantine_time
 _METRICS_MEMORY_TTL = 5.0
 # STATUS shares memory readings for this long: reading a process's smaps takes milliseconds, and a
 # client looping STATUS would otherwise keep the master reading them instead of serving.
@@ -152,6 +155,16 @@ class _WorkerSlot:
     last_done: float | None = None
 
 
+@dataclass(eq=False)
+class _Quarantine:
+    """An expert refused for a while: its calls kept killing their workers."""
+
+    until: float  # monotonic
+    length: float  # seconds; a repeat soon after doubles it
+    wall_until: float  # the same moment by the wall clock, for expertctl status
+    over: bool = False  # its end has been logged
+
+
 class Master:
     """Supervises workers and dispatches requests; :meth:`run` returns the exit status."""
 
@@ -202,6 +215,11 @@ class Master:
         self._connections_full_logged = False
         self._next_expiry_check = 0.0
         self._recent_deaths: deque[float] = deque()
+        # Keyed by served expert names only (never a name a client sent that is not served).
+        self._crashes: dict[str, deque[tuple[float, int]]] = {}  # expert -> (when its call killed a worker,
+        # how many of its calls had been answered then)
+        self._quarantined: dict[str, _Quarantine] = {}  # expert -> its quarantine, current or last
+        self._linger_paused_until = 0.0  # lingering is off while an expert is quarantined
         self._gathered = 0  # bytes held in connections' inbufs
         self._held_replies = 0  # bytes held in connections' outbufs
         self._recheck: deque[_Connection] = deque()
@@ -491,7 +509,10 @@ class Master:
             if slot.conn is not None and served == 1:
                 name = slot.conn.expert or ""
                 typical = self._typical.get(name)
-                self._typical[name] = elapsed if typical is None else typical + (elapsed - typical) / 8
+                if typical is not None:
+                    self._typical[name] = typical + (elapsed - typical) / 8
+                elif name in self.experts:  # a name the client sent: only served experts get an entry
+                    self._typical[name] = elapsed
         if linger and slot.conn is not None and slot.conn.conn_id == conn_id:
             # The worker keeps the connection for its next request; it hands it back with another DONE.
             slot.lingering, slot.reclaim_sent = True, False
@@ -591,6 +612,8 @@ class Master:
             conn, slot.conn = slot.conn, None
             self._requeue(conn)
             serving = False
+        # The expert whose call the worker died in (a served one only: names come from clients).
+        blamed = (expert if slot.lingering else slot.conn.expert) if serving else None
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         elif serving:
@@ -631,6 +654,8 @@ class Master:
             self._exit_status = EXIT_WORKER_BOOT_FAILED
             self._begin_stop(graceful=False, reason="a worker failed to start")
             return
+        if blamed in self.experts and self.config.quarantine_after and self._count_crash(blamed, now):
+            return  # its quarantine holds that expert back, not everyone's respawn backoff
         # Crash loop: a worker that never became ready, or deaths faster than the
         # pool could plausibly need (an expert that kills its worker on every call).
         self._recent_deaths.append(now)
@@ -652,6 +677,78 @@ class Master:
             self._fast_failures = 0
             self._backoff_logged = False
             self._next_spawn_at = now
+
+    def _count_crash(self, expert: str, now: float) -> bool:
+        """A call to ``expert`` killed its worker: is that the expert's crash loop?
+
+        It is while, since its first crash within quarantine_window, the expert
+        answered no more calls than it crashed (kill_worker-like experts answer
+        none).  Then the crash counts toward the expert's quarantine (True);
+        quarantine_after of them quarantine it.  An expert that mostly answers
+        had its workers killed from outside (an operator, the OOM killer): those
+        deaths count toward the daemon-wide respawn backoff instead (False).
+        """
+        quarantine = self._quarantined.get(expert)
+        if quarantine is not None and now < quarantine.until:
+            return True  # a call queued before the quarantine began
+        answered = self.metrics.answered(expert, [slot.board for slot in self.workers.values()])
+        crashes = self._crashes.setdefault(expert, deque())
+        crashes.append((now, answered))
+        while now - crashes[0][0] > self.config.quarantine_window:
+            crashes.popleft()
+        if answered - crashes[0][1] > len(crashes):
+            return False
+        if len(crashes) < self.config.quarantine_after:
+            return True
+        crashes.clear()
+        length = self.config.quarantine_time
+        if quarantine is not None and now - quarantine.until < quarantine.length:  # again, soon after the last
+            length = min(2 * quarantine.length, _QUARANTINE_GROWTH_MAX * self.config.quarantine_time)
+        self._quarantined[expert] = _Quarantine(now + length, length, time.time() + length)
+        log.error("expert %s: its calls killed %d workers within %gs; refusing calls to it for %gs (quarantine)",
+                  expert, self.config.quarantine_after, self.config.quarantine_window, length)
+        # Calls a lingering worker serves never pass the master's check: no lingering until it ends.
+        self._linger_paused_until = max(self._linger_paused_until, now + length)
+        self.scoreboard.pause_lingering(self._linger_paused_until)
+        for slot in self.workers.values():
+            if slot.lingering:
+                self._reclaim(slot)
+        return True
+
+    def _quarantine_of(self, expert: str | None) -> _Quarantine | None:
+        """The quarantine ``expert`` is in now, if any."""
+        quarantine = self._quarantined.get(expert)  # type: ignore[arg-type]
+        if quarantine is None or quarantine.over:
+            return None
+        if time.monotonic() < quarantine.until:
+            return quarantine
+        quarantine.over = True
+        log.info("expert %s: quarantine over; serving its calls again", expert)
+        return None
+
+    def _quarantine_message(self, expert: str, quarantine: _Quarantine) -> str:
+        left = max(0.0, quarantine.until - time.monotonic())
+        return (f"{expert} is quarantined for {left:.0f}s more: its calls killed {self.config.quarantine_after} "
+                f"workers within {self.config.quarantine_window:g}s; retry after that, and see the daemon's log")
+
+    def _refuse_quarantined(self, conn: _Connection, quarantine: _Quarantine) -> None:
+        """Answer a whole call to a quarantined expert with the error; the connection stays open."""
+        expert = conn.expert or ""
+        self.metrics.count_failure(expert, Quarantined.code)
+        try:
+            frame = self._take_frame(conn)
+        except OSError:
+            self._close(conn)
+            return
+        if len(frame) != conn.frame_size:
+            self._close(conn)
+            return
+        conn.state = _IDLE
+        conn.last_active = time.monotonic()
+        error = Quarantined(self._quarantine_message(expert, quarantine), expert=expert)
+        self._send_reply(conn, protocol.encode_error(conn.request_id, error))
+        if conn.state == _IDLE:
+            self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
 
     def _backoff_delay(self) -> float:
         return min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
@@ -683,7 +780,7 @@ class Master:
         slot.reclaim_sent = True
         # More clients than idle workers: lingering would only make workers change hands
         # twice per request, so it pauses for a moment.
-        self.scoreboard.pause_lingering(time.monotonic() + _LINGER_PAUSE)
+        self.scoreboard.pause_lingering(max(time.monotonic() + _LINGER_PAUSE, self._linger_paused_until))
         try:
             os.kill(slot.pid, signal.SIGUSR2)  # interrupts the worker's wait on the connection (see ipc)
         except OSError:
@@ -1065,6 +1162,11 @@ class Master:
         if queued >= conn.frame_size and kind in protocol.CONTROL_KINDS:
             self._control(conn, kind, request_id)
             return
+        if queued >= conn.frame_size and self._quarantined and kind == protocol.CALL:
+            quarantine = self._quarantine_of(conn.expert)
+            if quarantine is not None:
+                self._refuse_quarantined(conn, quarantine)
+                return
         if queued >= conn.frame_size and not unread:
             conn.state = _QUEUED  # whole in the socket: the worker reads it
             self._queue.append(conn)
@@ -1105,12 +1207,12 @@ class Master:
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         try:
-            if conn.tcp and self.config.token and not http.token_accepted(request.authorization, self.config.token):
-                raise http.HttpRefusal(401, "unauthorized", "send the token: Authorization: Bearer TOKEN",
-                                       close=True, headers=(("WWW-Authenticate", 'Bearer realm="expertd"'),))
-            if conn.tcp and not self.config.token:
-                http.check_local_origin(request)
+            http.admit(request, tcp=conn.tcp, token=self.config.token)
             http.check_route(request, self.experts, self.config.max_frame)
+            quarantine = self._quarantine_of(request.expert) if self._quarantined else None
+            if quarantine is not None:
+                raise http.HttpRefusal(503, Quarantined.code, self._quarantine_message(request.expert, quarantine),
+                                       headers=(("Retry-After", str(math.ceil(quarantine.until - time.monotonic()))),))
             if request.route not in http.WORKER_ROUTES and request.body_size:
                 raise http.HttpRefusal(400, "bad_request", f"{request.method} /{request.route} takes no body")
         except http.HttpRefusal as refusal:
@@ -1119,6 +1221,8 @@ class Master:
                 return
             if refusal.code == "unknown_expert":
                 self.metrics.count_failure(None, refusal.code)
+            elif refusal.code == Quarantined.code:
+                self.metrics.count_failure(request.expert, refusal.code)
             self._fail(conn, refusal)
             return
         if request.route not in http.WORKER_ROUTES:
@@ -1311,6 +1415,8 @@ class Master:
             "connections": len(self.connections),
             "last_reload": self.last_reload, "reloading": self._loading is not None or self._reload is not None,
             "workers": workers, "generation_parents": parents, "master": master,
+            "quarantined": [{"expert": name, "until": round(q.wall_until, 1), "seconds_left": round(q.until - now, 1)}
+                            for name, q in sorted(self._quarantined.items()) if now < q.until],
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
                 # Counted once across the master, the generations' parents and the workers: what the
@@ -1401,6 +1507,13 @@ class Master:
             conn = self._queue.popleft()
             if conn.state != _QUEUED:
                 continue
+            if self._quarantined and conn.expert in self._quarantined:
+                quarantine = self._quarantine_of(conn.expert)
+                if quarantine is not None:  # gathered, or queued before its expert was quarantined
+                    self.metrics.count_failure(conn.expert, Quarantined.code)
+                    self._fail(conn, Quarantined(self._quarantine_message(conn.expert, quarantine),
+                                                 expert=conn.expert))
+                    continue
             slot = self._idle_workers.popleft()
             self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
             try:

@@ -75,6 +75,17 @@ class Metrics:
         key = (expert if expert in self.index else UNKNOWN_EXPERT, code)
         self._master_errors[key] = self._master_errors.get(key, 0) + 1
 
+    def answered(self, expert: str, live_slots: Iterable[int]) -> int:
+        """Calls to ``expert`` that workers answered (any outcome), live and exited workers together."""
+        index = self.index.get(expert)
+        if index is None:
+            return 0
+        total = sum(self._retired[index * _RECORD : index * _RECORD + _FIRST_BUCKET])
+        for slot in live_slots:
+            record = (slot * self.capacity + index) * _RECORD
+            total += sum(self._counts[record : record + _FIRST_BUCKET])
+        return total
+
     def recorder(self, slot: int) -> Recorder:
         """What the worker in ``slot`` counts with."""
         return Recorder(self._counts, self._seconds, slot * self.capacity * _RECORD, dict(self.index))

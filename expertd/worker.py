@@ -54,6 +54,7 @@ class Worker:
         self.recorder = recorder
         self.scoreboard = scoreboard
         self.board = scoreboard.slot(board_slot)
+        self._board_slot = board_slot
         self.config = config
         self.experts = experts
         self.channel = channel
@@ -87,6 +88,7 @@ class Worker:
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
         self._install_signals()
+        _die_with_master(self._master_pid)
         self._set_title("booting")
         config = self.config
         intra_op = runtimes.resolve_threads(config.intra_op_threads, config.workers)
@@ -134,6 +136,8 @@ class Worker:
         # SA_RESTART: an expert's own blocking calls carry on through a reclaim. The lingering
         # wait is still interrupted: reads with SO_RCVTIMEO are never restarted (signal(7)).
         signal.siginterrupt(signal.SIGUSR2, False)
+        signal.signal(_MASTER_GONE, self._on_master_gone)
+        signal.siginterrupt(_MASTER_GONE, False)
 
     def _on_usr1(self, signum: int, frame: FrameType | None) -> None:
         # The master rotated the log file. Reopen now if idle (no logging lock can be
@@ -142,6 +146,28 @@ class Worker:
             _reopen_logs_quietly()
         else:
             self._reopen_logs = True
+
+    def _on_master_gone(self, signum: int, frame: FrameType | None) -> None:
+        # The kernel's word that the master died (PR_SET_PDEATHSIG): nobody else will time out the
+        # request in hand now.  It may still finish within its timeout (its caller gets the reply);
+        # past that, SIGALRM's default action ends the process, whatever the expert is doing, and
+        # the caller sees its connection close instead of a late reply.  Costs nothing per request:
+        # the timer is armed only here.
+        if os.getppid() == self._master_pid:
+            return  # sent as the process that forked this worker exited, before the master adopted it
+        self._stop_requested = True
+        if self._idle or self._interruptible():
+            raise SystemExit(0)
+        now = time.monotonic()
+        began, timeout = self.scoreboard.read(self._board_slot)[:2]
+        if began:
+            deadline = began + timeout
+        else:  # between requests, or one being read: no longer than any call may take
+            deadline = now + max(self.config.timeout, *self._timeouts.values())
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, max(deadline - now, 0.001))
+        log.warning("worker %d (pid %d): the master is gone; exiting after the request in hand, "
+                    "or at its timeout (%.1fs from now)", self.number, os.getpid(), max(deadline - now, 0.0))
 
     def _set_title(self, state: str) -> None:
         notify.set_title(f"expertd: worker {self.number} [{state}, {self.requests} requests]")
@@ -373,13 +399,17 @@ class Worker:
         self._reclaim_signalled = False  # (a late signal meant for the previous connection)
         close, unsent = self._serve_http_request(conn, frame)
         retire = self._after_request()
-        served, lingering = 1, False
+        served, lingering, tcp = 1, False, False
         while not (close or unsent or retire or self._stop_requested) and self._may_linger():
             if not lingering:
                 lingering = True
                 self._start_lingering(conn_id, conn, served)
                 served = 0
-            waiting = self._await_next(conn)
+                # Whether the connection came in on http_listen (http.admit then checks token or Host):
+                # asked once per connection, and only where there is such a listener.
+                tcp = (self.config.http_listen is not None
+                       and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX)
+            waiting = self._await_next(conn, tcp)
             if isinstance(waiting, str):
                 close = waiting == "eof"
                 break
@@ -397,7 +427,7 @@ class Worker:
     def _may_linger(self) -> bool:
         return self._lingers and self.scoreboard.may_linger(time.monotonic()) and not self.board.next_waiting()
 
-    def _await_next(self, conn: socket.socket) -> _PeekedHttp | str:
+    def _await_next(self, conn: socket.socket, tcp: bool) -> _PeekedHttp | str:
         """Wait (up to ``linger``) for the connection's next HTTP request.
 
         Returns what a peek saw of it (the request is whole in the socket, still
@@ -406,7 +436,7 @@ class Worker:
         head = self._wait(conn.recv, (_PEEK, _PEEK_WAIT), False)
         if head.__class__ is str:
             return head
-        return self._peek_http(conn, head)
+        return self._peek_http(conn, head, tcp)
 
     def _on_reclaim(self, signum: int, frame: FrameType | None) -> None:
         # The master wants the connection back.  Raising is what interrupts the blocking wait
@@ -419,20 +449,18 @@ class Worker:
             self._waiting = False
             raise _Reclaimed
 
-    def _peek_http(self, conn: socket.socket, head: bytes) -> _PeekedHttp | str:
-        # Only a whole call that the master would pass on as it is.
+    def _peek_http(self, conn: socket.socket, head: bytes, tcp: bool) -> _PeekedHttp | str:
+        # Only a whole call that the master would pass on as it is: the same checks as the master's.
         try:
             framing = http.scan_head(head)
             if framing is None:
                 return "expired"
+            http.admit(framing, tcp=tcp, token=self.config.token)
             http.check_route(framing, self.experts, self.config.max_frame)
         except http.HttpRefusal:
             return "expired"  # the master refuses it
         if framing.route not in http.WORKER_ROUTES:
             return "expired"
-        if (self.config.token and not http.token_accepted(framing.authorization, self.config.token)
-                and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX):
-            return "expired"  # an http_listen connection without the token: the master refuses it
         if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
             return "expired"
         return _PeekedHttp(head, framing)
@@ -714,6 +742,20 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 def _rss() -> int:
     with open("/proc/self/statm", "rb") as statm:
         return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+# Sent by the kernel to a worker when its master dies (see Worker._on_master_gone); otherwise unused.
+_MASTER_GONE = signal.SIGRTMIN
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_master(master_pid: int) -> None:
+    """Have the kernel send _MASTER_GONE when the master dies (and send it now if it already has)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(_MASTER_GONE))
+    if os.getppid() != master_pid:  # it died before the request was in place
+        os.kill(os.getpid(), _MASTER_GONE)
 
 
 def _send_quietly(send: Any, *args: Any) -> None:

@@ -145,6 +145,14 @@ def test_errors_are_json_with_their_status(daemon, method, path, body, status, c
     assert daemon.client().call("add", 1, 1) == 2  # nothing bad request does harms the daemon
 
 
+def test_opinion_on_a_document_whose_opinions_is_not_an_object_is_the_callers_error(web):
+    for opinions in ([1, 2], "none", 3, None):
+        status, _, error = request(web, "POST", "/opinion/document_length", {"text": "hi", "opinions": opinions})
+        assert status == 400, error
+        assert error["error"]["code"] == "bad_request" and "'opinions'" in error["error"]["message"]
+    assert request(web, "POST", "/opinion/document_length", {"text": "hi", "opinions": {}})[0] == 200
+
+
 def test_a_result_json_cannot_carry_is_500_and_the_worker_lives(daemon, web):
     before = daemon.worker_pids()
     status, _, error = request(web, "POST", "/call/deep", [])
@@ -333,6 +341,18 @@ def test_loopback_needs_no_token_but_a_loopback_host(make_daemon):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     status, _, error = request(conn, "POST", "/call/fib", [5], {"Host": "attacker.example"})
     assert status == 403 and error["error"]["code"] == "forbidden_host"
+
+
+def test_every_request_on_a_kept_alive_loopback_connection_has_its_host_checked(make_daemon):
+    port = free_port()
+    make_daemon(http_listen=f"127.0.0.1:{port}", linger="1s")  # a lingering worker serves the next request
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\n\r\n[1, 1]")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # The same connection, another host name (DNS rebinding after a first innocent request):
+        sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 6\r\n\r\n[1, 1]")
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 403 ") and b"forbidden_host" in reply, reply
 
 
 def test_reload_keeps_the_token_in_force(tcp_daemon):

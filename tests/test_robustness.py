@@ -7,11 +7,20 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from expertd import protocol
+from expertd import cli, protocol
 from expertd.client import Client
-from expertd.errors import AccessDenied, BadRequest, BadResult, ExpertFailed, RequestTimeout, WorkerLost
+from expertd.errors import (
+    AccessDenied,
+    BadRequest,
+    BadResult,
+    ExpertFailed,
+    Quarantined,
+    RequestTimeout,
+    WorkerLost,
+)
 
 from conftest import ROOT, Daemon, raw_connection, run_expertd, wait_until, write_config
 
@@ -35,6 +44,25 @@ def test_stuck_expert_times_out_and_its_worker_is_replaced(make_daemon):
     assert client.call("add", 1, 1) == 2
     assert "exceeded the 1s timeout of slow" in daemon.log
     assert "respawning with backoff" not in daemon.log  # a timeout kill is not a crash
+
+
+def test_worker_whose_master_was_killed_keeps_the_call_timeout_and_exits(make_daemon):
+    daemon = make_daemon({"slow": {"function": "testexperts:slow", "timeout": "3s"}}, workers=1)
+    worker = psutil.Process(next(iter(daemon.worker_pids())))
+    sock = raw_connection(daemon, timeout=30)
+    try:
+        started = time.monotonic()
+        sock.sendall(protocol.encode_call(1, "slow", [25], {}))
+        time.sleep(0.5)  # the worker is in the call
+        daemon.proc.kill()  # nobody left to enforce the timeout but the worker itself
+        daemon.proc.wait()
+        assert sock.recv(65536) == b""  # closed, never a late reply
+        assert time.monotonic() - started < 5.0  # the 3 s timeout, give or take the machine
+        assert wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 2.0)
+    finally:
+        sock.close()
+        if worker.is_running():
+            worker.kill()
 
 
 def test_default_timeout_applies_to_every_expert(make_daemon):
@@ -75,8 +103,10 @@ def test_leaking_expert_is_recycled_at_its_memory_limit(make_daemon):
 
 
 # ---------------------------------------------------------------- crashes
-def test_expert_that_kills_every_worker_does_not_make_the_master_spin(make_daemon):
-    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=2)
+@pytest.mark.parametrize("quarantine_after", [3, 0])
+def test_expert_that_kills_every_worker_does_not_make_the_master_spin(make_daemon, quarantine_after):
+    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=2,
+                         quarantine_after=quarantine_after)
     stop = time.monotonic() + 3
 
     def hammer():
@@ -84,7 +114,7 @@ def test_expert_that_kills_every_worker_does_not_make_the_master_spin(make_daemo
         while time.monotonic() < stop:
             try:
                 client.call("kill_worker")
-            except WorkerLost:
+            except (WorkerLost, Quarantined):
                 pass
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
@@ -94,10 +124,102 @@ def test_expert_that_kills_every_worker_does_not_make_the_master_spin(make_daemo
         thread.join(60)
     spawned = daemon.log.count(" ready in ")
     assert spawned < 80, f"{spawned} workers started in 3 s"
-    assert daemon.log.count("respawning with backoff") == 1  # logged once per burst
+    if quarantine_after:  # the expert is held back, and only it: no daemon-wide backoff
+        assert daemon.log.count("(quarantine)") == 1 and "respawning with backoff" not in daemon.log
+    else:
+        assert daemon.log.count("respawning with backoff") == 1  # logged once per burst
     assert daemon.proc.poll() is None
     client = daemon.client(timeout=30)
     assert client.call("add", 2, 3) == 5  # serving again once the poison stops
+
+
+def _add_latencies(daemon: Daemon, seconds: float) -> list[float]:
+    client = daemon.client(retries=0, timeout=30)
+    latencies = []
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        started = time.monotonic()
+        assert client.call("add", 2, 3) == 5  # every call answers
+        latencies.append(time.monotonic() - started)
+    return sorted(latencies)
+
+
+def test_an_expert_that_keeps_killing_workers_is_quarantined_not_everyone(make_daemon, capsys):
+    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=2)
+    alone = _add_latencies(daemon, 2)  # the same calls with nobody crashing workers
+    outcomes: list[str] = []
+    stop = time.monotonic() + 3
+
+    def crasher() -> None:
+        client = daemon.client(retries=0, timeout=30)
+        while time.monotonic() < stop:
+            try:
+                client.call("kill_worker")
+            except (WorkerLost, Quarantined) as exc:
+                outcomes.append(exc.code if exc.code == "worker_lost" or "kill_worker is quarantined for" in str(exc)
+                                else str(exc))
+
+    threads = [threading.Thread(target=crasher) for _ in range(4)]  # enough to kill every worker at once
+    for thread in threads:
+        thread.start()
+    beside = _add_latencies(daemon, 3)
+    for thread in threads:
+        thread.join(60)
+    mean_alone, mean_beside = sum(alone) / len(alone), sum(beside) / len(beside)
+    # The crashers' refused calls cost the master and the CPUs something, so not quite as fast as alone;
+    # held back with everyone (a respawn backoff), add took 0.5-1 s a call here.
+    assert mean_beside < 20 * mean_alone + 0.02, f"add took {mean_beside * 1000:.2f} ms on average beside " \
+        f"the crashers, {mean_alone * 1000:.2f} ms alone"
+    # Its calls killed workers until the quarantine (and those already in a worker then), then were refused:
+    assert set(outcomes) == {"worker_lost", "quarantined"}, set(outcomes)
+    assert 3 <= outcomes.count("worker_lost") <= 3 + 2 and outcomes.count("quarantined") > 100, outcomes[:10]
+    assert "respawning with backoff" not in daemon.log  # nobody else was held back
+    assert daemon.log.count("refusing calls to it for 30s (quarantine)") == 1
+    assert cli.main(["--socket", str(daemon.socket), "status"]) == 0  # (this tree's expertctl, in-process)
+    shown = capsys.readouterr().out
+    assert "quarantined: kill_worker (its calls kept killing workers) until " in shown, shown
+    http = raw_connection(daemon)  # over HTTP too
+    http.sendall(b"POST /call/kill_worker HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]")
+    reply = http.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 503 ") and b'"quarantined"' in reply and b"Retry-After: " in reply
+
+
+def test_a_quarantine_ends_and_a_repeat_soon_after_lasts_twice_as_long(make_daemon):
+    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=1,
+                         quarantine_after=2, quarantine_time="2s")
+    client = daemon.client(retries=0, timeout=30)
+    for _ in range(2):
+        with pytest.raises(WorkerLost):
+            client.call("kill_worker")
+    with pytest.raises(Quarantined) as caught:
+        client.call("kill_worker")
+    assert "kill_worker is quarantined for 2s more" in str(caught.value)
+    assert client.call("add", 1, 1) == 2  # only that expert is refused
+    time.sleep(2.1)
+    for _ in range(2):  # served again, and killing its worker again: quarantined again, for longer
+        with pytest.raises(WorkerLost):
+            client.call("kill_worker")
+    with pytest.raises(Quarantined) as caught:
+        client.call("kill_worker")
+    assert "kill_worker is quarantined for 4s more" in str(caught.value)
+    assert "expert kill_worker: quarantine over" in daemon.log
+    assert "refusing calls to it for 2s (quarantine)" in daemon.log
+    assert "refusing calls to it for 4s (quarantine)" in daemon.log
+
+
+def test_crashes_in_calls_a_lingering_worker_served_count_and_quarantine_stops_lingering(make_daemon):
+    daemon = make_daemon({"kill_worker": "testexperts:kill_worker", "add": "testexperts:add"}, workers=2,
+                         linger="2s", quarantine_after=2)
+    client = daemon.client(retries=0, timeout=30)
+    for _ in range(2):
+        assert client.call("add", 1, 1) == 2  # the worker keeps the connection for its next call ...
+        with pytest.raises(WorkerLost):
+            client.call("kill_worker")  # ... and dies serving this one without the master's hand-over
+    assert wait_until(lambda: "(quarantine)" in daemon.log)
+    for _ in range(3):  # the master sees every call now, lingering or not
+        assert client.call("add", 1, 1) == 2
+        with pytest.raises(Quarantined):
+            client.call("kill_worker")
 
 
 def test_bad_exception_and_bad_result_do_not_kill_the_worker(daemon):
@@ -162,6 +284,44 @@ def test_array_bomb_is_refused_cheaply(make_daemon):
     assert (kind, request_id) == (protocol.ERROR, 9)
     assert "arrays and maps" in protocol.unpack(reply)["message"]
     assert daemon.client().call("echo", 1) == {"args": [1], "kwargs": {}}
+
+
+def _call_unknown_experts(daemon: Daemon, first: int, count: int, distinct: bool = True) -> None:
+    """``count`` calls to experts that do not exist, each named afresh (or all one name), pipelined."""
+    sock = raw_connection(daemon, timeout=30)
+    batch = 200
+    for start in range(first, first + count, batch):
+        sock.sendall(b"".join(protocol.encode_call(n, f"no-such-expert-{n if distinct else 0:08d}", [], {})
+                              for n in range(start, start + batch)))
+        for n in range(start, start + batch):
+            kind, request_id, body = protocol.read_frame(sock, 1 << 20, time.monotonic() + 30)
+            assert (kind, request_id) == (protocol.ERROR, n)
+            assert protocol.unpack(body)["code"] == "unknown_expert"
+    sock.close()
+
+
+def test_calls_to_many_distinct_unknown_experts_do_not_grow_the_master(make_daemon):
+    # No lingering: every call passes the master, which is where per-expert state lived.
+    daemon = make_daemon({"add": "testexperts:add"}, workers=1, linger="0")
+    master = psutil.Process(daemon.proc.pid)
+    _call_unknown_experts(daemon, 0, 5_000)  # the master's own caches and free lists settle
+    before = master.memory_full_info().uss
+    # As many calls to one unknown name: what the calls cost the master in any case (the
+    # minute's latencies kept for the log summary, say).
+    _call_unknown_experts(daemon, 5_000, 25_000, distinct=False)
+    middle = master.memory_full_info().uss
+    _call_unknown_experts(daemon, 30_000, 25_000)
+    after = master.memory_full_info().uss
+    extra = (after - middle) - (middle - before)
+    assert extra < 2**20, f"25k distinct unknown names cost the master {extra / 2**20:.1f} MiB more than one name"
+    conn = raw_connection(daemon)
+    conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    metrics = b""
+    while b"expertd_build_info" not in metrics:
+        metrics += conn.recv(65536)
+    assert b"no-such-expert" not in metrics
+    assert b'expertd_errors_total{expert="(unknown)",code="unknown_expert"} 55000' in metrics
+    assert daemon.client().call("add", 1, 2) == 3
 
 
 def test_request_written_in_small_pieces_is_served(make_daemon):
