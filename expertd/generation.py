@@ -49,6 +49,7 @@ from collections.abc import Callable
 
 import msgpack
 
+from expertd import ipc
 from expertd.config import Config
 from expertd.errors import ExpertLoadError
 from expertd.metrics import Metrics
@@ -57,7 +58,8 @@ from expertd.scoreboard import Scoreboard
 log = logging.getLogger("expertd.generation")
 
 KEEPALIVE, LOADED, FAILED, SPAWN, SPAWNED, SPAWN_FAILED = b"K", b"L", b"F", b"S", b"P", b"X"
-_MAX_MESSAGE = 1 << 20  # a LOADED description of many experts fits
+_MAX_MESSAGE = 64 * 1024
+_MAX_FAILURE = 16 * 1024  # bytes of a load's error message (one line, normally short)
 _PID = struct.Struct("!i")
 _SPAWN_TIMEOUT = 10.0  # two forks of a large process take milliseconds; this long means the parent is stuck
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
@@ -136,20 +138,25 @@ class Generation:
     def receive(self) -> tuple[bytes, object] | None:
         """One report without blocking: (KEEPALIVE | LOADED | FAILED, value), None, or (b"", None) at its end."""
         try:
-            data = self.control.recv(_MAX_MESSAGE, socket.MSG_DONTWAIT)
+            data, fds, _flags, _addr = socket.recv_fds(self.control, _MAX_MESSAGE, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError:
             return b"", None
         if not data:
+            for fd in fds:
+                os.close(fd)
             return b"", None
         op, body = data[:1], data[1:]
         if op == KEEPALIVE:
             return KEEPALIVE, None
-        if op == LOADED:
-            self.experts = msgpack.unpackb(body)
+        if op == LOADED and fds:
+            # In a memfd: the descriptions of many experts may not fit in one packet.
+            self.experts = msgpack.unpackb(ipc.read_memfd(fds[0]))
             self.state = SERVING
             return LOADED, self.experts
+        for fd in fds:
+            os.close(fd)
         if op == FAILED:
             return FAILED, body.decode("utf-8", "replace")
         return b"", None  # nothing else is sent unasked: a parent that does is broken
@@ -277,9 +284,16 @@ class _Parent:
             with quiet_native_logs(self.config.tf_log_level in ("warning", "error")):
                 experts = load_experts(self.config, keepalive=self._keepalive)
         except ExpertLoadError as exc:
-            self._send(FAILED + str(exc).encode("utf-8", "replace")[: _MAX_MESSAGE - 1])
+            self._send(FAILED + str(exc).encode("utf-8", "replace")[:_MAX_FAILURE])
             return 3
-        self._send(LOADED + msgpack.packb({name: expert.describe() for name, expert in experts.items()}))
+        described = ipc.write_memfd("expertd-experts",
+                                    msgpack.packb({name: expert.describe() for name, expert in experts.items()}))
+        try:
+            socket.send_fds(self.control, [LOADED], [described])
+        except OSError:
+            return 0  # the master is gone
+        finally:
+            os.close(described)
         # Everything loaded so far is shared with the workers; freezing it keeps the
         # collector from touching (and so copying) those pages in every worker.
         gc.freeze()

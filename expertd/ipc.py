@@ -66,6 +66,16 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return master_end, worker_end
 
 
+def write_memfd(name: str, data: bytes | bytearray | memoryview) -> int:
+    """A new memfd holding ``data`` (the caller closes it)."""
+    return _to_memfd(name, data)
+
+
+def read_memfd(fd: int) -> bytearray:
+    """What memfd ``fd`` holds; closes it."""
+    return _from_memfd(fd)
+
+
 def _to_memfd(name: str, data: bytes | bytearray | memoryview) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     view = memoryview(data)

@@ -193,3 +193,12 @@ def test_a_reload_keeps_serving_during_many_concurrent_callers(make_daemon, shor
     for caller in callers:
         caller.join(30)
     assert errors == []
+
+
+def test_a_generation_of_a_thousand_experts_loads_and_is_described(make_daemon):
+    # Their descriptions travel from the generation's parent to the master in one message (a memfd).
+    experts = {f"add_{i:04d}": "testexperts:add" for i in range(1000)}
+    daemon = make_daemon(experts, workers=1)
+    described = daemon.client().experts()
+    assert len(described) == 1000 and described[0]["name"] == "add_0000"
+    assert daemon.client().call("add_0999", 1, 2) == 3
