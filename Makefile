@@ -71,6 +71,13 @@ bench-model: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python bench/compare.py --quick --output BENCHMARKS-quick.md
 
+# A=REF B=REF make bench-ab: two commits' call path, interleaved A B A B in one run (bench/ab.py).
+A ?= HEAD~1
+B ?= HEAD
+.PHONY: bench-ab
+bench-ab: $(VENV)/.installed-bench
+	$(BIN)/python bench/ab.py $(A) $(B)
+
 # SOAK_SECONDS=300 make soak: load with chaos (workers SIGKILLed at random), every answer checked.
 SOAK_SECONDS ?= 300
 .PHONY: soak
