@@ -255,7 +255,13 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("socket", MAIN_SECTION, PATH, DEFAULT_SOCKET,
             "Path of the listening Unix socket. Clients find it through EXPERTD_SOCKET or this default. "
-            "A stale socket file left by a dead daemon is replaced; a live daemon on the path is refused.",
+            "A stale socket file left by a dead daemon is replaced; a live daemon on the path is refused. "
+            "Its directory is created (mode 0755) if missing. Only root and the daemon's user may be able "
+            "to write to it, or to any directory above it except sticky ones such as /tmp (which cannot be "
+            "the socket's own directory): one owned by another user, or writable by others or by a group "
+            "(but the owner's private group), stops start-up with one line naming it, since whoever can "
+            "write there could swap the socket. The file is created mode 0600 and then given socket_group "
+            "and socket_mode without following a symlink.",
             cli=True),
     Setting("workers", MAIN_SECTION, INT_WORKERS, "auto",
             "Number of worker processes forked from the master; auto means one per CPU core.",
@@ -587,6 +593,21 @@ def render_markdown() -> str:
             flag = f"`{setting.flag}`" if setting.cli else ""
             lines.append(f"| `{setting.name}` | {setting.type.name} | {default} | {flag} | {setting.help} |")
         lines.append("")
+    lines += [
+        "## Files named on the command line",
+        "",
+        "`--pidfile PATH` and `--log-file PATH` are never written through a symlink, so a link",
+        "planted at their path (in a shared directory such as /tmp) redirects nothing:",
+        "",
+        "- The pidfile is written under a fresh, unguessable name in its directory (created",
+        "  exclusively, mode 0644) and renamed over PATH. A symlink at PATH is stale (expertd never",
+        "  writes one): it is replaced, not followed. A live expertd named by the pidfile is refused.",
+        "- The log file is opened for appending without following a symlink, at start-up and when",
+        "  SIGUSR1 reopens it. It must be a regular file with one link, owned by root or the daemon's",
+        "  user (created mode 0644 if missing); anything else (a symlink, a FIFO, a hard link, another",
+        "  user's file) stops start-up with one line, or, on SIGUSR1, is logged and the old file kept.",
+        "",
+    ]
     return "\n".join(lines)
 
 

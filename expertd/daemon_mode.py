@@ -7,13 +7,22 @@ exits 0 only once the daemon is serving, or 1 with the reason when it failed
 to start, so scripts can rely on its status.  The pidfile is written only once
 every worker is ready, refused while a live expertd holds it, replaced when
 stale, and removed on exit.
+
+No file operation on the pidfile's path follows a symlink, so a link planted
+there (in a shared directory such as /tmp) cannot redirect the write to a file
+of someone else: the pidfile is written under a fresh, unguessable name
+(mkstemp: O_EXCL, O_NOFOLLOW) and renamed over the path, which replaces a link
+there rather than writing through it; it is read with O_NOFOLLOW.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import sys
+import tempfile
 from typing import IO
 
 from expertd.errors import ExpertdError
@@ -24,10 +33,14 @@ class PidfileError(ExpertdError):
 
 
 def check_pidfile(path: str) -> None:
-    """Refuse to start while a live expertd holds ``path``; remove a stale one."""
+    """Refuse to start while a live expertd holds ``path``; remove a stale one.
+
+    A symlink at ``path`` is not followed: expertd never writes one, so it is
+    stale like a pidfile naming a dead process, and is removed (the link, not
+    what it points to).
+    """
     try:
-        with open(path, encoding="ascii") as handle:
-            text = handle.read().strip()
+        text = _read_pidfile(path)
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -35,26 +48,49 @@ def check_pidfile(path: str) -> None:
     pid = int(text) if text.isdigit() else 0
     if pid and pid != os.getpid() and _is_expertd(pid):
         raise PidfileError(f"expertd is already running with pid {pid} (pidfile {path}); stop it first")
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(path)  # stale: its process is gone (or is not an expertd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise PidfileError(f"cannot remove stale pidfile {path}: {exc.strerror}; remove it, or keep the "
+                           "pidfile in a directory only the daemon's user can write") from None
+
+
+def _read_pidfile(path: str) -> str:
+    """The pidfile's text; empty for a symlink (not followed). OSError for anything but a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ""
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file; remove it or choose another path")
+        return handle.read(64).decode("ascii", "replace").strip()
 
 
 def write_pidfile(path: str) -> None:
-    """Write our pid atomically (a reader never sees a half-written file)."""
+    """Write our pid atomically (a reader never sees a half-written file), never through a symlink."""
     directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
-    with open(temporary, "w", encoding="ascii") as handle:
-        handle.write(f"{os.getpid()}\n")
-    os.replace(temporary, path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            os.fchmod(fd, 0o644)
+            handle.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def remove_pidfile(path: str) -> None:
     """Remove ``path`` if it still names this process."""
     try:
-        with open(path, encoding="ascii") as handle:
-            if handle.read().strip() != str(os.getpid()):
-                return
-        os.unlink(path)
+        if _read_pidfile(path) == str(os.getpid()):
+            os.unlink(path)
     except OSError:
         pass
 

@@ -5,12 +5,21 @@ still answers on is refused, so two daemons never fight over a path.  The file
 is created under a tight umask and then given ``socket_mode``, so there is no
 moment at which it is more open than configured.  On exit the file is removed
 only if it is still the one this process created.
+
+The socket's directory must be one that no other user can write to (nor any
+directory above it, except sticky ones such as /tmp, whose entries only their
+owner may move): otherwise another local user could swap the socket between
+bind and chmod, or rename it away and listen in its place.  Such a directory
+is refused at start-up.  The group and mode are then set without following a
+symlink, and the result is checked with lstat.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
 import os
+import pwd
 import socket
 import stat
 
@@ -34,11 +43,7 @@ class Listener:
     def bind(cls, path: str, mode: int = 0o660, group: int | None = None,
              backlog: int = socket.SOMAXCONN) -> Listener:
         """Create the socket file at ``path`` (replacing a stale one) and listen on it."""
-        directory = os.path.dirname(path) or "."
-        try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise ListenerError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+        check_socket_directory(os.path.dirname(path) or ".", create=True)
         _clear_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous_umask = os.umask(0o177)
@@ -50,15 +55,12 @@ class Listener:
         finally:
             os.umask(previous_umask)
         try:
-            if group is not None:
-                os.chown(path, -1, group)
-            os.chmod(path, mode)
-        except OSError as exc:
+            inode = _set_group_and_mode(path, mode, group)
+        except ListenerError:
             sock.close()
-            os.unlink(path)
-            raise ListenerError(f"cannot set group or mode of {path}: {exc.strerror}") from None
+            raise
         sock.listen(backlog)
-        return cls(sock, path, os.stat(path).st_ino)
+        return cls(sock, path, inode)
 
     @classmethod
     def inherit(cls, fd: int) -> Listener:
@@ -84,7 +86,7 @@ class Listener:
         if self._inode is None:
             return
         try:
-            if os.stat(self.path).st_ino == self._inode:
+            if os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
@@ -118,6 +120,176 @@ def check_socket_free(path: str) -> bool:
     finally:
         probe.close()
     raise ListenerError(f"another daemon is listening on {path}; stop it first or use another socket")
+
+
+def check_socket_directory(directory: str, create: bool = False) -> None:
+    """Raise ListenerError unless only root and this process's user can write ``directory``.
+
+    Every directory from / down is checked (with lstat, following only
+    symlinks that root or this user owns).  One owned by another user, or
+    writable by group or others, is refused: whoever can write it can swap the
+    socket.  Above the socket's own directory a sticky one (such as /tmp) is
+    accepted, since nobody else may move an entry of ours out of it; as the
+    socket's own directory it is refused, since anyone may create names in it.
+    A group-writable directory is accepted when the group is the owner's
+    private group (named after the owner, with no other member).  With
+    ``create``, missing directories are created (mode 0755); without, the
+    check stops at the first missing one.
+    """
+    try:
+        _walk_socket_directory(directory, create)
+    except OSError as exc:
+        raise ListenerError(f"cannot check socket directory {directory}: {exc.strerror}") from None
+
+
+def _walk_socket_directory(directory: str, create: bool) -> None:
+    trusted = {0, os.geteuid()}
+    pending = [part for part in reversed(os.path.abspath(directory).split("/")) if part]
+    current = "/"
+    _check_directory(directory, current, os.lstat(current), trusted)
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part in (".", ".."):
+            current = os.path.dirname(current) if part == ".." else current
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            info = _lstat_or_create(directory, candidate, create)
+        except FileNotFoundError:
+            return  # created (and checked) when the socket is bound
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid not in trusted:
+                raise _unsafe(directory, candidate, info, "a symlink owned by another user")
+            links += 1
+            if links > 40:
+                raise ListenerError(f"socket directory {directory}: too many levels of symbolic links")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(part for part in reversed(target.split("/")) if part)
+            continue
+        _check_directory(directory, candidate, info, trusted)
+        current = candidate
+    info = os.lstat(current)
+    if info.st_mode & stat.S_ISVTX and info.st_mode & 0o022:
+        raise _unsafe(directory, current, info, "shared (sticky and writable by others)",
+                      "make a directory of its own for the socket, or use /run/expertd")
+
+
+def _lstat_or_create(directory: str, path: str, create: bool) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+    except OSError as exc:
+        raise ListenerError(f"cannot check socket directory {directory}: {path}: {exc.strerror}") from None
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        pass  # made meanwhile, by whoever: checked like any other
+    except OSError as exc:
+        raise ListenerError(f"cannot create socket directory {path}: {exc.strerror}") from None
+    return os.lstat(path)
+
+
+def _check_directory(directory: str, path: str, info: os.stat_result, trusted: set[int]) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise ListenerError(f"socket directory {directory}: {path} is not a directory")
+    if info.st_uid not in trusted:
+        raise _unsafe(directory, path, info, "owned by another user")
+    if info.st_mode & stat.S_ISVTX:
+        return  # nobody else may rename or remove our entries; the socket's own directory is checked apart
+    if info.st_mode & 0o002:
+        raise _unsafe(directory, path, info, "writable by every user")
+    if info.st_mode & 0o020 and not _private_group(info):
+        raise _unsafe(directory, path, info, f"writable by group {_name(grp.getgrgid, info.st_gid)}")
+
+
+def _private_group(info: os.stat_result) -> bool:
+    """Whether the file's group is its owner's private group (user private groups, umask 002)."""
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+        group = grp.getgrgid(info.st_gid)
+    except KeyError:
+        return False
+    if group.gr_name != owner or set(group.gr_mem) - {owner}:
+        return False
+    return all(entry.pw_gid != info.st_gid or entry.pw_uid == info.st_uid for entry in pwd.getpwall())
+
+
+def _name(lookup, number: int) -> str:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
+
+
+def _unsafe(directory: str, path: str, info: os.stat_result, problem: str, remedy: str = "") -> ListenerError:
+    where = f"socket directory {directory}" if os.path.abspath(directory) == path else \
+        f"socket directory {directory} is unsafe: {path}"
+    if not remedy:
+        me = "root" if os.geteuid() == 0 else f"root or {_name(pwd.getpwuid, os.geteuid())}"
+        remedy = f"use a directory that only {me} can write, such as /run/expertd"
+    return ListenerError(
+        f"{where} is {problem} (owner {_name(pwd.getpwuid, info.st_uid)}, group {_name(grp.getgrgid, info.st_gid)}, "
+        f"mode {stat.S_IMODE(info.st_mode):04o}), so another user could replace the socket; {remedy}"
+    )
+
+
+def _set_group_and_mode(path: str, mode: int, group: int | None) -> int:
+    """Give the socket just bound at ``path`` its group and mode, never through a symlink; its inode.
+
+    The checked directory lets nobody but root and this user replace the file
+    meanwhile; lstat before and after confirms it is still our socket.
+    """
+    try:
+        before = os.lstat(path)
+        if not stat.S_ISSOCK(before.st_mode) or before.st_uid != os.geteuid():
+            raise _replaced(path)
+        if group is not None:
+            os.chown(path, -1, group, follow_symlinks=False)
+        try:
+            os.chmod(path, mode, follow_symlinks=False)
+        except NotImplementedError:  # a C library without fchmodat(AT_SYMLINK_NOFOLLOW) (glibc < 2.32)
+            _chmod_socket_through_proc(path, mode)
+        after = os.lstat(path)
+    except OSError as exc:
+        _remove_our_socket(path)
+        raise ListenerError(f"cannot set group or mode of {path}: {exc.strerror}") from None
+    if (after.st_ino, after.st_dev) != (before.st_ino, before.st_dev) or not stat.S_ISSOCK(after.st_mode):
+        raise _replaced(path)
+    if stat.S_IMODE(after.st_mode) != mode or (group is not None and after.st_gid != group):
+        _remove_our_socket(path)
+        wanted = f"mode {mode:04o}" + (f" and group {group}" if group is not None else "")
+        raise ListenerError(f"{path} did not take {wanted}")
+    return after.st_ino
+
+
+def _chmod_socket_through_proc(path: str, mode: int) -> None:
+    """chmod the socket at ``path`` through an O_PATH descriptor, as newer C libraries do, so no symlink is followed."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise _replaced(path)
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
+def _replaced(path: str) -> ListenerError:
+    return ListenerError(f"{path} was replaced by something other than the socket expertd bound; "
+                         "check who else can write to its directory")
+
+
+def _remove_our_socket(path: str) -> None:
+    try:
+        info = os.lstat(path)
+        if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _clear_stale(path: str) -> None:

@@ -39,15 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load the config and import the experts, then exit 0 if all is well")
     parser.add_argument("--daemon", action="store_true",
                         help="detach and run in the background (the command returns once the daemon serves)")
-    parser.add_argument("--pidfile", metavar="PATH", help="write the master's pid here once serving")
+    parser.add_argument("--pidfile", metavar="PATH",
+                        help="write the master's pid here once serving (replaced by rename, never written "
+                             "through a symlink)")
     parser.add_argument("--log-file", metavar="PATH",
-                        help="log here instead of stderr (SIGUSR1 reopens it, for logrotate)")
+                        help="log here instead of stderr (SIGUSR1 reopens it, for logrotate); a symlink, or "
+                             "a file that is not the daemon's own, is refused")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     return parser
 
 
 def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
-    handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
+    if log_file:
+        from expertd.logfile import LogFileHandler
+
+        handler: logging.Handler = LogFileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -79,16 +87,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     launcher = None
-    if args.daemon and not args.check:
-        from expertd.daemon_mode import detach
-        from expertd.listener import check_socket_free
+    if not args.check and not os.environ.get("LISTEN_FDS"):
+        from expertd.listener import check_socket_directory, check_socket_free
 
+        # Fail here, before the experts load and (daemon mode) on the terminal, not in a log file.
         try:
-            if not os.environ.get("LISTEN_FDS"):
-                check_socket_free(config.socket)  # fail here, on the terminal, not in a log file
+            check_socket_directory(os.path.dirname(config.socket) or ".")
+            if args.daemon:
+                check_socket_free(config.socket)
         except ListenerError as exc:
             print(f"expertd: {exc}", file=sys.stderr)
             return 1
+    if args.daemon and not args.check:
+        from expertd.daemon_mode import detach
+
         # Detach before the experts load: detaching closes every descriptor it was not
         # told about, and files an expert opens must survive. Their errors still reach
         # the terminal, through the launcher.

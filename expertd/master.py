@@ -1011,7 +1011,7 @@ class Master:
         try:
             reopen_log_files()
         except OSError as exc:
-            log.error("cannot reopen the log file: %s", exc.strerror)
+            log.error("cannot reopen the log file %s: %s", exc.filename, exc.strerror)
             return
         for pid in [*self.workers, *self._generations]:  # (a generation's parent: for the workers it forks later)
             try:
@@ -1822,26 +1822,17 @@ class _Reload:
 
 
 def reopen_log_files() -> None:
-    """Reopen every file the log writes to (after logrotate moved it).
+    """Reopen every file the log writes to (after logrotate moved it), never through a symlink.
 
     Where stderr is that same file (daemon mode: native libraries write to fd 2
-    directly), stdout and stderr follow it to the new file.
+    directly), stdout and stderr follow it to the new file.  OSError (with the
+    reason) if a file cannot be opened safely: that handler keeps its old file.
     """
+    from expertd.logfile import reopen
+
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                try:
-                    follow = os.path.samestat(os.fstat(2), os.fstat(handler.stream.fileno()))
-                except (OSError, AttributeError, ValueError):
-                    follow = False
-                handler.close()
-                handler.stream = handler._open()
-                if follow:
-                    os.dup2(handler.stream.fileno(), 1)
-                    os.dup2(handler.stream.fileno(), 2)
-            finally:
-                handler.release()
+            reopen(handler)
 
 
 def _memory_of(pid: int) -> dict:
