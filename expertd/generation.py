@@ -161,9 +161,19 @@ class Generation:
             return FAILED, body.decode("utf-8", "replace")
         return b"", None  # nothing else is sent unasked: a parent that does is broken
 
-    def wait_loaded(self, keepalive: Callable[[], None] | None = None) -> dict[str, dict]:
-        """Block until the experts are loaded (start-up, when there is no loop to run yet)."""
+    def wait_loaded(self, keepalive: Callable[[], None] | None = None,
+                    interrupted: Callable[[], None] | None = None) -> dict[str, dict]:
+        """Block until the experts are loaded (start-up, when there is no loop to run yet).
+
+        ``interrupted`` is called about once a second and after every signal; it may end the process.
+        """
         while True:
+            if interrupted is not None:
+                try:
+                    interrupted()
+                except BaseException:
+                    self.kill()
+                    raise
             left = self.deadline - time.monotonic()
             if left <= 0:
                 self.kill()

@@ -237,13 +237,23 @@ class Master:
         Raises ExpertLoadError with the reason when they do not load: nothing was bound yet.
         """
         become_subreaper()  # before any worker is forked: they must become the master's children
+        self._install_signals()  # queued until the loop runs (a HUP then reloads), except a stop:
         parent = self._start_generation(1, self.config)
         try:
-            self.experts = parent.wait_loaded(keepalive)
+            self.experts = parent.wait_loaded(keepalive, interrupted=self._stop_signal_queued)
         finally:
             if parent.exited or parent.state != SERVING:
                 self._generations.pop(parent.pid, None)
         self._parent = parent
+
+    def _stop_signal_queued(self) -> None:
+        """Stopping while the first generation loads: end the way the signal's default action would."""
+        for signum in self._signals:
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                signal.set_wakeup_fd(-1)
+                signal.signal(signum, signal.SIG_DFL)
+                log.info("%s before the experts loaded: stopping", signal.Signals(signum).name)
+                os.kill(os.getpid(), signum)
 
     def run(self) -> int:
         """Bind, fork the workers and serve until stopped (after :meth:`load_first_generation`)."""
@@ -261,7 +271,6 @@ class Master:
         if self.http_listener is not None:
             self.epoll.register(self.http_listener.fileno(), select.EPOLLIN)
         self.epoll.register(self._wakeup_r, select.EPOLLIN)
-        self._install_signals()
         notify.set_title(f"expertd: master [{self.config.path}]")
         log.info(
             "expertd master %d %s %s; starting %d workers for %d experts",

@@ -113,7 +113,8 @@ class Daemon:
         )
 
     def worker_pids(self) -> set[int]:
-        return {child.pid for child in self._children() if not _title(child).startswith(_NOT_WORKERS)}
+        # By title: the master's other children are its generations' parents (setproctitle is a dependency).
+        return {child.pid for child in self._children() if _title(child).startswith("expertd: worker")}
 
     def generation_parent_pids(self) -> set[int]:
         """The processes that loaded each generation and fork its workers (expertd.generation)."""
@@ -147,7 +148,10 @@ class Daemon:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                child.kill()
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass  # gone on its own meanwhile (a worker of a generation that retired)
             self.proc.kill()
             self.proc.wait()
 
@@ -194,10 +198,6 @@ def raw_connection(daemon: Daemon, timeout: float = 10) -> socket.socket:
     sock.settimeout(timeout)
     sock.connect(str(daemon.socket))
     return sock
-
-
-# A generation's parent, and one just forked that has not retitled itself yet (the master's title).
-_NOT_WORKERS = ("expertd: generation", "expertd: master")
 
 
 def _title(process: psutil.Process) -> str:
