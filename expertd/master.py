@@ -26,6 +26,7 @@ import gc
 import logging
 import math
 import os
+import random
 import select
 import signal
 import socket
@@ -86,6 +87,7 @@ _BACKOFF_MAX = 10.0
 _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
+_SUMMARY_SAMPLES = 10_000  # call durations kept for the summary's percentiles
 # systemd's STATUS line: at most this often (it counts requests; a message per request would
 # cost the master a system call and the service manager a wake-up per request).
 _STATUS_INTERVAL = 1.0
@@ -186,7 +188,8 @@ class Master:
         self._by_control: dict[int, Generation] = {}  # a loading parent's control socket, watched by epoll
         self._reload_pending = False  # a reload asked for while another ran: it runs when that one ends
         self._pending_waiters: list[tuple[_Connection, int]] = []  # RELOAD requests for that pending reload
-        self._durations: list[float] = []
+        self._durations: list[float] = []  # a uniform sample of this minute's handed-over calls (reservoir)
+        self._durations_seen = 0
         self._next_summary = time.monotonic() + _SUMMARY_INTERVAL
         self._next_status = 0.0
         self._typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
@@ -322,10 +325,10 @@ class Master:
             if self._durations:
                 durations = sorted(self._durations)
                 log.info("last %.0fs: %d requests, median %.2f ms, 99th percentile %.2f ms, %d connections open",
-                         _SUMMARY_INTERVAL, len(durations), durations[len(durations) // 2] * 1000,
+                         _SUMMARY_INTERVAL, self._durations_seen, durations[len(durations) // 2] * 1000,
                          durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000,
                          len(self.connections))
-                self._durations = []
+                self._durations, self._durations_seen = [], 0
 
     def _on_event(self, fd: int) -> None:
         conn = self.connections.get(fd)
@@ -514,7 +517,13 @@ class Master:
         slot.last_done = time.monotonic()
         if not slot.lingering:
             elapsed = slot.last_done - slot.busy_since
-            self._durations.append(elapsed)
+            self._durations_seen += 1
+            if self._durations_seen <= _SUMMARY_SAMPLES:
+                self._durations.append(elapsed)
+            else:  # the summary's memory stays bounded at any request rate: a uniform sample (reservoir)
+                kept = random.randrange(self._durations_seen)
+                if kept < _SUMMARY_SAMPLES:
+                    self._durations[kept] = elapsed
             if slot.conn is not None and served == 1:
                 name = slot.conn.expert or ""
                 typical = self._typical.get(name)
