@@ -134,7 +134,9 @@ class Client:
         """The served experts: name, function, signature and first docstring line."""
         return self._request(protocol.LIST, b"")
 
-    # Control requests, answered by the master (any user who can reach the socket may send them).
+    # Requests the master answers.  status (like experts) is open to every caller unless the daemon's
+    # public_status is no; reload, stop and set_workers need root, the daemon's own user or the daemon's
+    # control_uids / control_gids: others get AccessDenied.
     def status(self) -> dict:
         """The master's view: workers, their state, requests and memory (see ``expertctl status``)."""
         return self._request(protocol.STATUS, b"")

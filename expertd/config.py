@@ -106,6 +106,24 @@ def _parse_size_or_off(raw: str) -> int:
     return _parse_size(raw)
 
 
+def _parse_per_uid(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None  # half of max_connections
+    return _int_at_least(1).parse(raw)
+
+
+_TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _Invalid("not yes or no")
+
+
 def _parse_jitter(raw: str) -> int | None:
     if raw.strip().lower() == "auto":
         return None  # a tenth of max_requests
@@ -222,6 +240,8 @@ DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_dura
 DURATION_OR_OFF = _Type("duration, or 0 for none", _parse_duration_or_off)
 SIZE_OR_OFF = _Type("size, or 0 for none", _parse_size_or_off)
 JITTER = _Type("integer ≥ 0 or auto", _parse_jitter)
+PER_UID = _Type("integer ≥ 1 or auto", _parse_per_uid)
+BOOL = _Type("yes or no", _parse_bool)
 USERS = _Type("list of user names or uids", _parse_ids("user"))
 GROUPS = _Type("list of group names or gids", _parse_ids("group"))
 GROUP = _Type("group name or gid", _parse_group)
@@ -285,9 +305,22 @@ SETTINGS: tuple[Setting, ...] = (
             "empty keeps the daemon's own group."),
     Setting("allow_uids", MAIN_SECTION, USERS, "",
             "If set (with or without allow_gids), only these users may connect, checked with SO_PEERCRED "
-            "on accept; root and the daemon's own user are always allowed. Refused peers are logged."),
+            "on accept; root and the daemon's own user are always allowed. A refused peer is answered with "
+            "access_denied and closed at once (it never counts against max_connections), and logged with its uid "
+            "and pid, at most one line per uid per 10s with the count of those left out."),
     Setting("allow_gids", MAIN_SECTION, GROUPS, "",
             "If set, members of these groups (primary or supplementary) may connect too."),
+    Setting("control_uids", MAIN_SECTION, USERS, "",
+            "Users who may send control requests (expertctl reload, stop, workers N), besides root and the "
+            "daemon's own user, who always may; others get access_denied. Every control action is logged with "
+            "the requester's uid and pid."),
+    Setting("control_gids", MAIN_SECTION, GROUPS, "",
+            "Members of these groups (primary or supplementary) may send control requests too."),
+    Setting("public_status", MAIN_SECTION, BOOL, "yes",
+            "Whether every caller who may connect can read the daemon's state: expertctl status and list, and "
+            "HTTP /health, /experts and /metrics. no limits them to the users who may send control requests "
+            "(control_uids, control_gids, root, the daemon's user); http_listen connections carry no user, so "
+            "those routes are refused there."),
     Setting("timeout", MAIN_SECTION, DURATION, "60s",
             "Longest a request may run in an expert. Past it the worker is killed and replaced and the "
             "caller gets a timeout error. [expert:NAME] timeout overrides it per expert."),
@@ -333,7 +366,17 @@ SETTINGS: tuple[Setting, ...] = (
             "in a process of its own) before it is abandoned: at start-up expertd then exits; on reload the "
             "old generation keeps serving and the reload is reported failed."),
     Setting("max_connections", MAIN_SECTION, _int_at_least(1), "1000",
-            "Most client connections held open at once; connections past it are closed at once."),
+            "Most client connections held open at once. Fewer if the open-file limit leaves less room: the "
+            "daemon raises its soft limit to the hard one at start and keeps descriptors for its workers and for "
+            "control (root and the daemon's user may go a few connections past the limit). At the limit a new "
+            "connection closes the longest-idle connection of the user who holds the most (clients reconnect "
+            "transparently); if none of them is idle, the newcomer gets an overloaded error. Connections refused "
+            "by allow_uids do not count."),
+    Setting("max_connections_per_uid", MAIN_SECTION, PER_UID, "auto",
+            "Most connections one user may hold open at once (http_listen connections count as one user); auto "
+            "is half of max_connections, so that one user can never hold more than half. At the limit the user's "
+            "own longest-idle connection is closed to admit the new one; if none is idle, the new one gets an "
+            "overloaded error."),
     Setting("max_reply_buffer", MAIN_SECTION, SIZE, "256M",
             "Most bytes of replies the master holds, in all, for clients slow to read them (a worker hands "
             "over what its client did not take at once). A reply that would take the master past it is "
@@ -435,6 +478,10 @@ class Config:
     max_connections: int
     max_reply_buffer: int
     max_reply_buffer_per_connection: int
+    max_connections_per_uid: int | None
+    control_uids: list[int]
+    control_gids: list[int]
+    public_status: bool
     intra_op_threads: int | None
     inter_op_threads: int | None
     tf_log_level: str

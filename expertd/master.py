@@ -27,12 +27,13 @@ import logging
 import math
 import os
 import random
+import resource
 import select
 import signal
 import socket
 import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ from expertd.generation import (
     become_subreaper,
 )
 from expertd.listener import Listener, bind_tcp
+from expertd.logs import Throttle
 from expertd.metrics import Metrics
 from expertd.notify import Notifier
 from expertd.scoreboard import MAX_SLOTS, Scoreboard
@@ -74,10 +76,13 @@ _GATHER_BUDGET_FRAMES = 4
 # that is arriving (a few stalled senders must not deny large requests to everyone else).
 _GATHER_STALLED = 0.5
 _GATHER_CHUNK = 256 * 1024
-_ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+# EPOLLRDHUP: a client that ends its input with a request still incomplete is closed at once, not at
+# read_timeout (a peek sees the bytes it sent, not that nothing more will follow).
+_ET_READ_WRITE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP
 _PEEK_SIZE = 4096
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_ET_READ = select.EPOLLIN | select.EPOLLET
+_ET_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _ET_QUIET = select.EPOLLET  # only hang-ups and errors, once each
 # More unexpected worker deaths than this (or twice the pool) within the window is a crash loop.
 _DEATH_WINDOW = 1.0
@@ -103,6 +108,25 @@ _METRICS_MEMORY_TTL = 5.0
 # client looping STATUS would otherwise keep the master reading them instead of serving.
 _STATUS_MEMORY_TTL = 1.0
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
+# A peer refused by allow_uids is answered in the protocol its first bytes show; they are awaited this
+# long at most, for this many peers at once (past that, or then, the refusal goes out as a msgpack frame).
+_REFUSAL_WAIT = 0.2
+_REFUSAL_PEN = 32
+# Connections that root and the daemon's own user (and control_uids) may hold past the connection limits
+# when nothing idle can make room: expertctl keeps working when every connection is busy.
+_CONTROL_RESERVE = 4
+# Descriptors kept free beyond those counted (/proc reads, log files, a reload's imports, sd_notify).
+_FD_MARGIN = 24
+_NO_PEER = -1  # the uid, gid and pid of a connection without credentials (http_listen)
+# A connection that has not sent its first request is not closed for room until this long after accept:
+# its client is about to send it (and would not know to send it again on a new connection).
+_FRESH_GRACE = 1.0
+# Read by the master itself: open to every caller unless public_status = no.  Every other control
+# kind (RELOAD, STOP, SCALE, any added later) needs control_uids / control_gids.
+_READ_KINDS = frozenset({protocol.STATUS, protocol.LIST})
+_MASTER_KINDS = protocol.CONTROL_KINDS | {protocol.LIST}
+_KIND_NAMES = {protocol.STATUS: "STATUS", protocol.LIST: "LIST", protocol.RELOAD: "RELOAD", protocol.STOP: "STOP",
+               protocol.SCALE: "SCALE"}
 
 _IDLE, _PARTIAL, _QUEUED, _BUSY, _WRITING, _CLOSED = "idle", "partial", "queued", "busy", "writing", "closed"
 _LINGERING = "lingering"  # a worker holds the connection to serve its next request directly
@@ -129,7 +153,11 @@ class _Connection:
     speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
     close_when_written: bool = False  # a reply of the master's that ends the connection
     head_scanned: int = 0  # bytes of a long HTTP head looked at so far (a head is rescanned only as it grows)
-    denied: str | None = None  # refused by allow_uids: the refusal, sent once the protocol is known
+    # The peer's credentials (SO_PEERCRED), read once at accept; _NO_PEER (-1) on http_listen (TCP),
+    # whose connections share uid -1 for max_connections_per_uid.
+    uid: int = _NO_PEER
+    gid: int = _NO_PEER
+    pid: int = _NO_PEER
 
 
 @dataclass(eq=False)
@@ -215,7 +243,6 @@ class Master:
         self._last_fast_failure = 0.0
         self._next_spawn_at = 0.0
         self._backoff_logged = False
-        self._connections_full_logged = False
         self._next_expiry_check = 0.0
         self._recent_deaths: deque[float] = deque()
         # Keyed by served expert names only (never a name a client sent that is not served).
@@ -228,10 +255,15 @@ class Master:
         self._recheck: deque[_Connection] = deque()
         self._max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._accept_paused_until = 0.0
-        # None: no allow-list, anyone who can open the socket may connect.
-        restricted = bool(config.allow_uids or config.allow_gids)
-        self._allowed_uids = set(config.allow_uids) | {0, os.getuid()} if restricted else None
-        self._allowed_gids = set(config.allow_gids)
+        # Open connections by the peer's uid, each in the order it last fell idle (longest idle first).
+        self._by_uid: dict[int, OrderedDict[int, _Connection]] = {}
+        # Peers refused by allow_uids, by fd: (socket, until when their first bytes are awaited, refusal).
+        self._refusing: dict[int, tuple[socket.socket, float, AccessDenied]] = {}
+        self._throttle = Throttle(log)  # for the lines a client can make the master write at will
+        self._spare_fd: int | None = None  # given up for a moment to answer clients when out of descriptors
+        self._fd_limit = 1 << 20
+        self._fd_base = 0  # descriptors open before the first worker and connection
+        self._access_of: tuple[Config, _Access] | None = None
 
     # ----------------------------------------------------------------- run
     def load_first_generation(self, keepalive: Callable[[], None] | None = None) -> None:
@@ -240,6 +272,7 @@ class Master:
         Raises ExpertLoadError with the reason when they do not load: nothing was bound yet.
         """
         become_subreaper()  # before any worker is forked: they must become the master's children
+        self._fd_limit = raise_file_limit()  # (before forking: the generation's processes inherit it)
         self._install_signals()  # queued until the loop runs (a HUP then reloads), except a stop:
         parent = self._start_generation(1, self.config)
         try:
@@ -274,6 +307,8 @@ class Master:
         if self.http_listener is not None:
             self.epoll.register(self.http_listener.fileno(), select.EPOLLIN)
         self.epoll.register(self._wakeup_r, select.EPOLLIN)
+        self._spare_fd = _open_spare()
+        self._fd_base = _open_descriptors() or 64
         notify.set_title(f"expertd: master [{self.config.path}]")
         log.info(
             "expertd master %d %s %s; starting %d workers for %d experts",
@@ -284,12 +319,17 @@ class Master:
             host, port = self.config.http_listen  # type: ignore[misc]
             log.info("HTTP also on %s:%d (%s)", host, port,
                      "bearer token required" if self.config.token else "no token: loopback only")
+        limit = self._connection_limit()
+        if limit < self.config.max_connections:
+            log.warning("the open-file limit (%d) leaves room for %d connections, fewer than max_connections (%d); "
+                        "raise LimitNOFILE (ulimit -n) to allow more", self._fd_limit, limit,
+                        self.config.max_connections)
         try:
             while True:
                 self._maintain_workers()
                 events = self.epoll.poll(self._poll_timeout())
-                for fd, _mask in events:
-                    self._on_event(fd)
+                for fd, mask in events:
+                    self._on_event(fd, mask)
                 self._handle_signals()
                 # Fair turns: one request per connection per iteration.  A connection answered here
                 # (a pipelined GET /health, a STATUS loop) goes back on the list for the next
@@ -314,6 +354,7 @@ class Master:
         """Watchdog pings, the service status line and the periodic log summary."""
         now = time.monotonic()
         self.notifier.watchdog(now)
+        self._throttle.flush()
         if (now >= self._next_status and self._announced_ready and self._reload is None
                 and self._stop_deadline is None):
             self._next_status = now + _STATUS_INTERVAL
@@ -330,11 +371,13 @@ class Master:
                          len(self.connections))
                 self._durations, self._durations_seen = [], 0
 
-    def _on_event(self, fd: int) -> None:
+    def _on_event(self, fd: int, mask: int) -> None:
         conn = self.connections.get(fd)
         if conn is not None:
             if conn.state in (_IDLE, _PARTIAL):
                 self._examine(conn)
+                if mask & _ENDED and conn.state == _PARTIAL:
+                    self._close(conn)  # the client has ended its input: its request can never be whole
             elif conn.state == _WRITING:
                 self._flush(conn)
         elif fd in self._by_control:
@@ -353,6 +396,8 @@ class Master:
             self._accept(self.listener.sock, tcp=False)
         elif self.http_listener is not None and fd == self.http_listener.fileno():
             self._accept(self.http_listener, tcp=True)
+        elif fd in self._refusing:
+            self._settle_refusal(fd, expired=False)
 
     def _poll_timeout(self) -> float:
         if self._recheck:
@@ -370,6 +415,8 @@ class Master:
                 timeout = min(timeout, _EXPIRY_INTERVAL)  # its requests' deadlines are on the scoreboard
             elif slot.conn is not None:
                 timeout = min(timeout, slot.deadline - now)
+        if self._refusing:
+            timeout = min(timeout, min(until for _sock, until, _error in self._refusing.values()) - now)
         return max(0.0, timeout)
 
     def _active_workers(self) -> int:
@@ -431,9 +478,9 @@ class Master:
         self.scoreboard.clear(board)
         self.scoreboard.slot(board).served(0)
         try:
-            master_end, worker_end = ipc.channel_pair()
+            master_end, worker_end = self._channel_pair()
         except OSError as exc:
-            log.error("cannot create a worker channel: %s; retrying in a second", exc.strerror)
+            self._throttle.error("cannot create a worker channel: %s; retrying in a second", exc.strerror)
             self._next_spawn_at = time.monotonic() + 1.0
             return
         assert self._parent is not None
@@ -455,6 +502,17 @@ class Master:
         self._by_channel[master_end.fileno()] = slot
         self.epoll.register(master_end.fileno(), select.EPOLLIN)
         log.debug("worker %d spawned (pid %d)", number, pid)
+
+    def _channel_pair(self) -> tuple[socket.socket, socket.socket]:
+        try:
+            return ipc.channel_pair()
+        except OSError as exc:
+            # Out of descriptors despite the reserve (something else took them): supervision comes
+            # first, so two idle connections make room (their clients reconnect).
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not (self._evict_for_room() and self._evict_for_room()):
+                raise
+        log.warning("out of descriptors for a worker channel: closed two idle connections to make room")
+        return ipc.channel_pair()
 
     def _read_reports(self, slot: _WorkerSlot, drain: bool = True) -> None:
         while True:
@@ -582,8 +640,7 @@ class Master:
         elif close or self._stop_deadline is not None:
             self._close(conn)
         else:
-            conn.state = _IDLE
-            conn.last_active = time.monotonic()
+            self._rest(conn, time.monotonic())
             # Anything that arrived while the worker held the connection raised
             # its edge then; look now rather than wait for another.
             self._examine(conn)
@@ -650,8 +707,7 @@ class Master:
                 # client waiting for a reply that never comes.
                 self._close(conn)
             elif not serving:  # the client lost nothing: the master takes the connection back
-                conn.state = _IDLE
-                conn.last_active = now
+                self._rest(conn, now)
                 self._recheck.append(conn)
             else:
                 if slot.lingering:
@@ -905,8 +961,9 @@ class Master:
 
     def _start_generation(self, number: int, config: Config) -> Generation:
         """Fork the parent process that loads generation ``number`` (it holds none of the master's descriptors)."""
-        own = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.connections, *self._by_channel,
-               *self._by_control]
+        own = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.connections, *self._refusing,
+               *self._by_channel, *self._by_control]
+        own += [self._spare_fd] if self._spare_fd is not None else []
         own += [listener.fileno() for listener in (self.listener, self.http_listener) if listener is not None]
         own += [parent.control.fileno() for parent in self._generations.values() if parent.control.fileno() >= 0]
         parent = Generation.start(number, config, (self.scoreboard, self.metrics), own)
@@ -963,8 +1020,15 @@ class Master:
         if saved.parent is not None:
             saved.parent.close()  # it forks no more workers: it exits, and its modules and models with it
         self.last_reload = {"ok": True, "at": time.time(), "generation": self.generation, "error": None}
+        self._count_base_descriptors()  # the new experts' modules may keep files open here
         log.info("reload done: generation %d serving; %d old workers retiring", self.generation, len(old))
         self._run_pending_reload()
+
+    def _count_base_descriptors(self) -> None:
+        """Count again the descriptors open besides connections, refused peers and channels."""
+        count = _open_descriptors()
+        if count is not None:
+            self._fd_base = count - len(self.connections) - len(self._refusing) - len(self._by_channel)
 
     def _abort_reload(self, reason: str) -> None:
         assert self._reload is not None
@@ -1068,27 +1132,27 @@ class Master:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    # Level-triggered, the listener would wake us at once, for ever: pause accepting.
-                    log.error("cannot accept connections: %s; pausing accepts for a second "
-                              "(raise the file limit or lower max_connections)", exc.strerror)
-                    for paused in (self.listener, self.http_listener):
-                        if paused is not None:
-                            self.epoll.unregister(paused.fileno())
-                    self._accept_paused_until = time.monotonic() + 1.0
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._accept_without_descriptors(listener, tcp, exc):
+                    continue
                 return
-            if len(self.connections) >= self.config.max_connections:
-                if not self._connections_full_logged:
-                    log.warning("max_connections (%d) reached; closing new connections", self.config.max_connections)
-                    self._connections_full_logged = True
-                sock.close()
-                continue
-            self._connections_full_logged = False
-            denied = None
             if tcp:
+                pid = uid = gid = _NO_PEER
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole: send at once
-            elif self._allowed_uids is not None:
-                denied = self._peer_refusal(sock)
+            else:
+                try:
+                    pid, uid, gid = _PEERCRED.unpack(
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                except OSError:
+                    sock.close()
+                    continue
+                refusal = self._peer_refusal(uid, gid, pid)
+                if refusal is not None:
+                    self._refuse_peer(sock, refusal)
+                    continue
+            if not self._make_room(uid, gid, pid):
+                self._refuse_at_accept(sock, tcp, Overloaded(
+                    "the daemon holds as many connections as it may, none of them idle; retry shortly"))
+                continue
             # The descriptor stays blocking: every read and write of the master passes
             # MSG_DONTWAIT instead, and the file's blocking mode (shared with the worker it
             # is handed to) is what lets a lingering worker wait in a plain read. No Python
@@ -1096,21 +1160,203 @@ class Master:
             # Python polls before each call, MSG_DONTWAIT or not.
             sock.settimeout(None)
             conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
-                               tcp=tcp, speaks="http" if tcp else "", denied=denied)
+                               tcp=tcp, speaks="http" if tcp else "", uid=uid, gid=gid, pid=pid)
             self._next_conn_id += 1
             self.connections[conn.fd] = conn
+            bucket = self._by_uid.get(uid)
+            if bucket is None:
+                bucket = self._by_uid[uid] = OrderedDict()
+            bucket[conn.fd] = conn
             self.epoll.register(conn.fd, _ET_READ)
 
-    def _peer_refusal(self, sock: socket.socket) -> str | None:
-        """Check the peer's credentials against allow_uids/allow_gids: None, or why it is refused (logged).
+    def _accept_without_descriptors(self, listener: socket.socket, tcp: bool, exc: OSError) -> bool:
+        """Out of descriptors: make room, or answer a waiting client with overloaded (spare descriptor).
 
-        The refusal is sent once the client's first bytes say which protocol to send it in.
+        Something took descriptors the budget did not count (an expert module
+        that keeps files open in the master, imported by a reload): the count
+        is corrected, and idle connections past the corrected limit are closed.
+        If none can be, a client left in the backlog would hang after connect:
+        the spare descriptor, given up for a moment, lets the master accept it
+        and answer overloaded.  Returns whether accepting goes on; else accepts
+        pause for a second (level-triggered, the listener would wake the loop
+        at once, for ever).
         """
-        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        if uid in self._allowed_uids or gid in self._allowed_gids or self._allowed_gids & _groups_of(pid):
+        self._throttle.error("cannot accept connections: %s, with %d open (raise the open-file limit or lower "
+                             "max_connections)", exc.strerror, len(self.connections))
+        if exc.errno == errno.EMFILE:
+            # Every descriptor is in use (the limit may have been lowered: prlimit): what is not a
+            # connection, a refused peer or a channel is the base.
+            self._fd_limit = file_limit()
+            self._fd_base = max(self._fd_base, self._fd_limit - len(self.connections) - len(self._refusing)
+                                - len(self._by_channel))
+            limit = self._connection_limit()
+            freed = False
+            while len(self.connections) >= limit and self._evict_for_room():
+                freed = True
+            if freed:
+                return True
+        sock = None
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            try:
+                sock, _addr = listener.accept()
+            except OSError:
+                pass
+            if sock is not None:
+                self._refuse_at_accept(sock, tcp, Overloaded("the daemon is out of file descriptors; retry shortly"))
+            self._spare_fd = _open_spare()
+        if sock is not None and self._spare_fd is not None:
+            return True
+        if self._spare_fd is None:
+            for paused in (self.listener, self.http_listener):
+                if paused is not None and not self._accept_paused_until:
+                    self.epoll.unregister(paused.fileno())
+            self._accept_paused_until = time.monotonic() + 1.0
+        return False
+
+    def _peer_refusal(self, uid: int, gid: int, pid: int) -> AccessDenied | None:
+        """Check a Unix peer's credentials against allow_uids/allow_gids: None, or its refusal (logged)."""
+        if self._access.allows(uid, gid, pid):
             return None
-        log.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids", uid, pid)
-        return f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids"
+        self._throttle.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids",
+                               uid, pid, cause=("refused", uid))
+        return AccessDenied(f"uid {uid} may not use this expertd; ask for it to be added to allow_uids or allow_gids")
+
+    def _refuse_peer(self, sock: socket.socket, refusal: AccessDenied) -> None:
+        """Answer a refused peer and close: at once if its first bytes say its protocol, else soon.
+
+        It has not necessarily sent anything yet, and the refusal should go out in
+        the protocol it speaks (an HTTP client reads a msgpack frame as garbage).
+        So it waits, up to _REFUSAL_WAIT, outside the connection table (it never
+        counts against max_connections), with at most _REFUSAL_PEN others;
+        past either bound it gets the msgpack frame, which the client library
+        reports as AccessDenied.
+        """
+        head = _peek_now(sock)
+        if head is not None and _undecided(head) and len(self._refusing) < _REFUSAL_PEN:
+            sock.settimeout(None)
+            self._refusing[sock.fileno()] = (sock, time.monotonic() + _REFUSAL_WAIT, refusal)
+            self.epoll.register(sock.fileno(), _ET_READ)
+            return
+        _answer_and_close(sock, refusal, head)
+
+    def _settle_refusal(self, fd: int, expired: bool) -> None:
+        """A refused peer sent something (or its wait is over): answer it and close."""
+        sock, _until, refusal = self._refusing[fd]
+        head = _peek_now(sock)
+        if not expired and head is not None and _undecided(head):
+            return
+        del self._refusing[fd]
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        _answer_and_close(sock, refusal, head)
+
+    def _refuse_at_accept(self, sock: socket.socket, tcp: bool, error: RemoteError) -> None:
+        """Refuse a connection just accepted, in the protocol its first bytes say (if any arrived yet)."""
+        _answer_and_close(sock, error, b"GET " if tcp else _peek_now(sock))
+
+    # ----------------------------------------------------- connection limits
+    def _connection_limit(self) -> int:
+        """max_connections, or fewer where the open-file limit leaves less room.
+
+        Kept free: what was open before serving, a channel per worker (twice the
+        pool: a reload runs two generations), a channel pair being made, the
+        refused peers awaited, the control reserve and a margin.
+        """
+        workers = max(self.config.workers, len(self.workers))
+        room = (self._fd_limit - self._fd_base - 2 * workers - 2 - _REFUSAL_PEN - _CONTROL_RESERVE - _FD_MARGIN)
+        return max(1, min(self.config.max_connections, room))
+
+    def _per_uid_limit(self, limit: int) -> int:
+        per_uid = self.config.max_connections_per_uid
+        return max(1, limit // 2) if per_uid is None else min(per_uid, limit)
+
+    def _make_room(self, uid: int, gid: int, pid: int) -> bool:
+        """Whether a new connection of ``uid`` may be held, after closing an idle one if it must."""
+        limit = self._connection_limit()
+        per_uid = self._per_uid_limit(limit)
+        bucket = self._by_uid.get(uid)
+        held = len(bucket) if bucket is not None else 0
+        if held >= per_uid:
+            if bucket is not None and self._evict_idle(bucket):
+                self._throttle.warning("uid %d holds max_connections_per_uid (%d) connections: closing its "
+                                       "longest-idle connection for each new one", uid, per_uid,
+                                       cause=("per uid", uid))
+            elif not self._may_overflow(uid, gid, pid, held, per_uid):
+                self._throttle.warning("uid %d holds max_connections_per_uid (%d) connections, none of them idle: "
+                                       "refusing its new ones (overloaded)", uid, per_uid, cause=("per uid", uid))
+                return False
+        if len(self.connections) >= limit:
+            if self._evict_for_room():
+                self._throttle.warning("max_connections (%d) reached: closing the longest-idle connection of the "
+                                       "user holding the most for each new one", limit, cause="max_connections")
+            elif not self._may_overflow(uid, gid, pid, len(self.connections), limit):
+                self._throttle.warning("max_connections (%d) reached with no connection idle: refusing new "
+                                       "connections (overloaded)", limit, cause="max_connections")
+                return False
+        return True
+
+    def _may_overflow(self, uid: int, gid: int, pid: int, held: int, limit: int) -> bool:
+        """Whether a controller's connection may pass a limit, into the few kept for expertctl."""
+        return (uid != _NO_PEER and held < limit + _CONTROL_RESERVE
+                and self._access.controls(uid, gid, pid))
+
+    def _evict_for_room(self) -> bool:
+        """Close one idle connection: the longest-idle of the user holding the most connections (then the next)."""
+        for bucket in sorted(self._by_uid.values(), key=len, reverse=True):
+            if self._evict_idle(bucket):
+                return True
+        return False
+
+    def _evict_idle(self, bucket: OrderedDict[int, _Connection]) -> bool:
+        """Close the longest-idle connection in ``bucket``; False if none of them is idle.
+
+        Its client sees the connection closed with no request in flight: the
+        client library reconnects and sends its next request on a new one.  A
+        connection whose next request has begun to arrive is not idle, nor is
+        one that has not sent its first request yet, for _FRESH_GRACE.
+        """
+        victim = None
+        fresh_since = time.monotonic() - _FRESH_GRACE
+        for conn in bucket.values():
+            if conn.state != _IDLE or conn.unread or (conn.frame_size == 0 and conn.last_active > fresh_since):
+                continue
+            try:
+                arrived = conn.sock.recv(1, _PEEK_NOW)
+            except BlockingIOError:
+                arrived = b""
+            except OSError:
+                victim = conn
+                break
+            if arrived:
+                self._recheck.append(conn)  # a request is arriving: the loop looks at it
+                continue
+            victim = conn
+            break
+        if victim is None:
+            return False
+        log.debug("closing connection %d of uid %d, idle for %.1fs, to make room", victim.conn_id, victim.uid,
+                  time.monotonic() - victim.last_active)
+        self._close(victim)
+        return True
+
+    def _rest(self, conn: _Connection, now: float) -> None:
+        """The connection is idle from ``now``: the last of its user's connections to be closed for room."""
+        conn.state = _IDLE
+        conn.last_active = now
+        try:
+            self._by_uid[conn.uid].move_to_end(conn.fd)
+        except KeyError:
+            pass
+
+    @property
+    def _access(self) -> _Access:
+        """Who may connect, control and read status, by the config in force (reloads change it)."""
+        if self._access_of is None or self._access_of[0] is not self.config:
+            self._access_of = (self.config, _Access(self.config))
+        return self._access_of[1]
 
     def _examine(self, conn: _Connection) -> None:
         """Decide, without reading, whether ``conn`` has a whole request waiting."""
@@ -1148,9 +1394,6 @@ class Master:
                 self._fail(conn, BadRequest("bad frame magic: this socket speaks the expertd protocol "
                                             "(docs/protocol.md) and HTTP (docs/http.md)"))
                 return
-        if conn.denied is not None:
-            self._fail(conn, AccessDenied(conn.denied))
-            return
         if conn.speaks == "http":
             self._examine_http(conn, head)
             return
@@ -1177,7 +1420,7 @@ class Master:
             queued = len(unread) + protocol.queued_bytes(conn.fd)
         else:
             queued = len(head)
-        if queued >= conn.frame_size and kind in protocol.CONTROL_KINDS:
+        if queued >= conn.frame_size and kind in _MASTER_KINDS:
             self._control(conn, kind, request_id)
             return
         if queued >= conn.frame_size and self._quarantined and kind == protocol.CALL:
@@ -1189,7 +1432,7 @@ class Master:
             conn.state = _QUEUED  # whole in the socket: the worker reads it
             self._queue.append(conn)
             return
-        if kind in protocol.CONTROL_KINDS:
+        if kind in _MASTER_KINDS:
             self._close_or_wait(conn, ended)  # control requests are tiny: wait for the rest
             return
         # Arriving in pieces, or begun in bytes a worker handed back: gathered here and handed
@@ -1281,8 +1524,16 @@ class Master:
         except http.HttpRefusal as refusal:
             self._fail(conn, refusal)
             return
-        conn.state = _IDLE
-        conn.last_active = time.monotonic()
+        self._rest(conn, time.monotonic())
+        if not self._access.reads(conn.uid, conn.gid, conn.pid):
+            self._throttle.warning("refused GET /%s from uid %d (pid %d): public_status = no", route, conn.uid,
+                                   conn.pid, cause=("control refused", conn.uid))
+            who = "connections on http_listen" if conn.tcp else f"uid {conn.uid}"
+            reply, keep_alive = http.error_response(request, AccessDenied(
+                f"{who} may not read /{route} (public_status = no: only control_uids / control_gids, root and the "
+                "daemon's user may)"))
+            self._finish_http(conn, reply, keep_alive)
+            return
         status, content_type = 200, http.JSON_TYPE
         if route == "health":
             ready = sum(1 for s in self.workers.values() if s.ready_at is not None and s.leaving is None)
@@ -1296,6 +1547,9 @@ class Master:
         else:
             body, content_type = self._metrics_text().encode("utf-8"), http.METRICS_TYPE
         reply, keep_alive = http.respond(request, status, body, content_type)
+        self._finish_http(conn, reply, keep_alive)
+
+    def _finish_http(self, conn: _Connection, reply: bytes, keep_alive: bool) -> None:
         conn.close_when_written = not keep_alive
         self._send_reply(conn, reply)
         if conn.state == _IDLE:
@@ -1322,7 +1576,7 @@ class Master:
         })
 
     def _control(self, conn: _Connection, kind: int, request_id: int) -> None:
-        """Answer a control request here in the master: status, reload, stop, scale."""
+        """Answer a request of the master's here: status, list, and (for control_uids/gids) reload, stop, scale."""
         try:
             frame = self._take_frame(conn)
             if len(frame) != conn.frame_size:
@@ -1331,12 +1585,20 @@ class Master:
         except (OSError, ValueError) as exc:
             self._fail(conn, BadRequest(f"bad control request: {exc}"))
             return
-        conn.state = _IDLE
-        conn.last_active = time.monotonic()
+        self._rest(conn, time.monotonic())
+        refusal = self._control_refusal(conn, kind)
+        if refusal is not None:
+            self._send_reply(conn, protocol.encode_error(request_id, refusal))
+            if conn.state == _IDLE:
+                self._recheck.append(conn)
+            return
         after = None
         if kind == protocol.STATUS:
             reply = self.status()
+        elif kind == protocol.LIST:
+            reply = list(self.experts.values())
         elif kind == protocol.RELOAD:
+            log.info("control: RELOAD from uid %d (pid %d)", conn.uid, conn.pid)
             conn.state = _WAITING  # answered with the outcome once the new generation loads or fails
             self.reload(waiter=(conn, request_id))
             return
@@ -1344,9 +1606,11 @@ class Master:
             if not isinstance(body, int) or isinstance(body, bool) or not 1 <= body <= self._max_workers:
                 self._fail(conn, BadRequest(f"workers N needs a whole number 1 ≤ N ≤ {self._max_workers}"))
                 return
+            log.info("control: SCALE to %d workers from uid %d (pid %d)", body, conn.uid, conn.pid)
             self.scale(body)
             reply = {"workers": self.config.workers}
         else:  # STOP
+            log.info("control: STOP from uid %d (pid %d)", conn.uid, conn.pid)
             reply = {"stopping": True, "pid": os.getpid()}
             after = lambda: self._begin_stop(graceful=True, reason="expertctl stop")  # noqa: E731
         self._send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
@@ -1354,6 +1618,23 @@ class Master:
             after()
         elif conn.state == _IDLE:
             self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+
+    def _control_refusal(self, conn: _Connection, kind: int) -> AccessDenied | None:
+        """None if the peer may send this request; else the refusal (logged, rate-limited)."""
+        access = self._access
+        if kind in _READ_KINDS:
+            if access.reads(conn.uid, conn.gid, conn.pid):
+                return None
+            setting = "public_status = no: only control_uids / control_gids, root and the daemon's user may read it"
+        elif access.controls(conn.uid, conn.gid, conn.pid):
+            return None
+        else:
+            setting = "control requests need root, the daemon's user, or control_uids / control_gids"
+        name = _KIND_NAMES.get(kind, f"0x{kind:02x}")
+        self._throttle.warning("control: refused %s from uid %d (pid %d): not in control_uids or control_gids",
+                               name, conn.uid, conn.pid, cause=("control refused", conn.uid))
+        return AccessDenied(f"uid {conn.uid} may not send {name} to this expertd ({setting}); "
+                            f"ask for uid {conn.uid} to be added to control_uids")
 
     def _take_frame(self, conn: _Connection) -> bytes:
         """Read the request in hand (known to be whole) from what a worker handed back, then the socket."""
@@ -1431,6 +1712,8 @@ class Master:
             "requests": self.requests_served + sum(  # what lingering workers served and have not reported yet
                 max(0, self.scoreboard.requests(s.board) - s.requests) for s in self.workers.values() if s.lingering),
             "connections": len(self.connections),
+            "max_connections": (limit := self._connection_limit()),
+            "max_connections_per_uid": self._per_uid_limit(limit),
             "last_reload": self.last_reload, "reloading": self._loading is not None or self._reload is not None,
             "workers": workers, "generation_parents": parents, "master": master,
             "quarantined": [{"expert": name, "until": round(q.wall_until, 1), "seconds_left": round(q.until - now, 1)}
@@ -1495,8 +1778,7 @@ class Master:
         if self._stop_deadline is not None or conn.close_when_written:
             self._close(conn)
             return
-        conn.state = _IDLE
-        conn.last_active = time.monotonic()
+        self._rest(conn, time.monotonic())
         self._examine(conn)
 
     def _close_or_wait(self, conn: _Connection, ended: bool) -> None:
@@ -1683,6 +1965,11 @@ class Master:
         conn.unread = b""
         conn.state = _CLOSED
         self.connections.pop(conn.fd, None)
+        bucket = self._by_uid.get(conn.uid)
+        if bucket is not None:
+            bucket.pop(conn.fd, None)
+            if not bucket:
+                del self._by_uid[conn.uid]
         try:
             self.epoll.unregister(conn.fd)
         except (OSError, ValueError):
@@ -1697,6 +1984,9 @@ class Master:
                 f"loading generation {self._loading.number} took longer than reload_timeout "
                 f"({self._loading.config.reload_timeout:g}s) and was abandoned; find what hangs at import or in a "
                 "before_fork hook, or raise reload_timeout"))
+        if self._refusing:
+            for fd in [fd for fd, (_sock, until, _error) in self._refusing.items() if now >= until]:
+                self._settle_refusal(fd, expired=True)
         for slot in list(self.workers.values()):
             if slot.conn is None:
                 continue
@@ -1718,15 +2008,16 @@ class Master:
         if now < self._next_expiry_check:
             return  # a scan of every connection is too dear to run on every loop iteration
         self._next_expiry_check = now + _EXPIRY_INTERVAL
+        self._fd_limit = file_limit()  # (prlimit may change it from outside)
         idle_timeout = self.config.idle_timeout
         for conn in list(self.connections.values()):
             if conn.state == _PARTIAL and now - conn.partial_since > self.config.read_timeout:
-                log.info("closing connection %d: request incomplete after %.0fs",
-                         conn.conn_id, self.config.read_timeout)
+                self._throttle.info("closing connection %d of uid %d: request incomplete after %.0fs",
+                                    conn.conn_id, conn.uid, self.config.read_timeout, cause=("incomplete", conn.uid))
                 self._close(conn)
             elif conn.state == _WRITING and now > conn.write_deadline:
-                log.info("closing connection %d: the client did not take its reply within %.0fs",
-                         conn.conn_id, self.config.read_timeout)
+                self._throttle.info("closing connection %d of uid %d: the client did not take its reply within %.0fs",
+                                    conn.conn_id, conn.uid, self.config.read_timeout, cause=("not taken", conn.uid))
                 self._close(conn)
             elif conn.state == _IDLE and idle_timeout and now - conn.last_active > idle_timeout:
                 log.debug("closing connection %d: idle for %.0fs", conn.conn_id, idle_timeout)
@@ -1758,6 +2049,8 @@ class Master:
             for conn in list(self.connections.values()):
                 if conn.state in (_IDLE, _PARTIAL, _WAITING):
                     self._close(conn)
+            for fd in list(self._refusing):
+                self._settle_refusal(fd, expired=True)
             for slot in self.workers.values():
                 if slot.lingering:
                     self._reclaim(slot)
@@ -1822,10 +2115,16 @@ class Master:
             except ChildProcessError:
                 pass
         self._generations.clear()
+        for fd in list(self._refusing):
+            self._settle_refusal(fd, expired=True)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         signal.set_wakeup_fd(-1)
         self.epoll.close()
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
+        self._throttle.flush(force=True)
         log.info("expertd stopped")
 
 
@@ -1861,6 +2160,106 @@ def _memory_of(pid: int) -> dict:
     except (psutil.Error, OSError):
         return {}
     return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+
+class _Access:
+    """Who may connect (allow_uids/gids), send control requests (control_uids/gids) and read status."""
+
+    def __init__(self, config: Config) -> None:
+        own = {0, os.getuid()}  # root and the daemon's own user: always
+        # None: no allow-list, anyone who can open the socket may connect.
+        self.allowed_uids = set(config.allow_uids) | own if config.allow_uids or config.allow_gids else None
+        self.allowed_gids = set(config.allow_gids)
+        self.control_uids = set(config.control_uids) | own
+        self.control_gids = set(config.control_gids)
+        self.public_status = config.public_status
+
+    def allows(self, uid: int, gid: int, pid: int) -> bool:
+        return (self.allowed_uids is None or uid in self.allowed_uids
+                or _in_groups(self.allowed_gids, gid, pid))
+
+    def controls(self, uid: int, gid: int, pid: int) -> bool:
+        return uid != _NO_PEER and (uid in self.control_uids or _in_groups(self.control_gids, gid, pid))
+
+    def reads(self, uid: int, gid: int, pid: int) -> bool:
+        """Whether the peer may read the daemon's state (STATUS, LIST, /health, /experts, /metrics)."""
+        return self.public_status or self.controls(uid, gid, pid)
+
+
+def _in_groups(gids: set[int], gid: int, pid: int) -> bool:
+    """Whether a peer (primary ``gid``, process ``pid``) is in one of ``gids``, supplementary groups included."""
+    return bool(gids) and (gid in gids or bool(gids & _groups_of(pid)))
+
+
+def raise_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one; return the limit in force (logged if raised)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        else:
+            log.info("raised the open-file limit from %d to %d", soft, hard)
+    return file_limit()
+
+
+def file_limit() -> int:
+    """The soft open-file limit in force."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 30
+
+
+def _open_descriptors() -> int | None:
+    """How many descriptors this process has open (None if /proc cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # (less the one listdir opened)
+    except OSError:
+        return None
+
+
+def _open_spare() -> int | None:
+    """A descriptor to give up when out of them, to accept a client and answer it (None if none is free)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _peek_now(sock: socket.socket) -> bytes | None:
+    """The first bytes waiting on a new connection: b"" if none yet, None if the peer is gone."""
+    try:
+        return sock.recv(_PEEK_SIZE, _PEEK_NOW) or None
+    except BlockingIOError:
+        return b""
+    except OSError:
+        return None
+
+
+def _undecided(head: bytes) -> bool:
+    """Whether a connection's first bytes do not yet say which protocol it speaks."""
+    return not head or (len(head) < 4 and not protocol.MAGIC.startswith(head[:2]) and http.could_be_http(head))
+
+
+def _answer_and_close(sock: socket.socket, error: RemoteError, head: bytes | None) -> None:
+    """Refuse a connection the master holds no record of: ``error`` in the protocol ``head`` shows, then close.
+
+    msgpack (request id 0, the daemon's own) unless the first bytes are HTTP's.  What the
+    client sent is read first, so that closing cannot reset the connection, reply and all.
+    """
+    if head is not None:
+        reply = http.error_response(None, error)[0] if http.looks_like_http(head) else protocol.encode_error(0, error)
+        try:
+            for _ in range(16):
+                if not sock.recv(65536, socket.MSG_DONTWAIT):
+                    break
+        except OSError:
+            pass
+        try:
+            sock.send(reply, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # the client is gone or not reading: closing is all that is left
+    sock.close()
 
 
 def _groups_of(pid: int) -> set[int]:

@@ -37,6 +37,7 @@ from expertd.errors import (
     UnknownExpert,
 )
 from expertd.loader import LoadedExpert, describe_exception, run_after_fork
+from expertd.logs import Throttle
 from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
 
@@ -75,6 +76,7 @@ class Worker:
         self._timeouts = {name: config.expert_timeout(name) for name in experts}
         self._max_args, self._max_depth = config.max_args, config.max_depth
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._throttle = Throttle(log)  # a client can break its connections at will: those lines are rate-limited
         self._lingers = config.linger > 0
         micros = max(1, round(config.linger * 1e6))  # (a zero timeval would mean for ever)
         self._linger_timeval = _TIMEVAL.pack(*divmod(micros, 10**6))
@@ -180,6 +182,7 @@ class Worker:
 
     def _serve_forever(self) -> None:
         while not self._stop_requested:
+            self._throttle.flush()
             self._idle = True
             command = ipc.receive_command(self.channel)
             self._idle = False
@@ -367,12 +370,9 @@ class Worker:
                 reply_kind, reply = _RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
             else:
                 board.begin(started, self.config.timeout, request_id, "")
-                reply_kind = _RESULT
-                if kind == protocol.PING:
-                    reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
-                                           "requests": self.requests})
-                else:  # LIST
-                    reply = protocol.pack([e.describe() for e in self.experts.values()])
+                reply_kind = _RESULT  # PING
+                reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
+                                       "requests": self.requests})
             outcome = "ok"
         except RemoteError as exc:
             reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
@@ -383,7 +383,7 @@ class Worker:
                                       request_id)
         if self._debug and not close:
             log.debug("request %d %s %.3f ms %s", request_id,
-                      expert_name or {protocol.PING: "(ping)", protocol.LIST: "(list)"}.get(kind, "?"),
+                      expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),
                       (time.monotonic() - started) * 1000, outcome)
         return close, unsent
 
@@ -578,7 +578,7 @@ class Worker:
 
     def _give_up(self, reason: BaseException) -> tuple[bool, None]:
         """The request could not be read: close the connection (the master may only close it)."""
-        log.info("closing connection: %s", reason)
+        self._throttle.info("closing connection: %s", reason)
         self.board.writing()  # the stream is broken: an error frame from the master would not help
         return True, None
 
@@ -588,7 +588,7 @@ class Worker:
         try:
             unsent = _send_briefly(conn, reply)
         except OSError as exc:
-            log.info("could not deliver the reply to request %s: %s", request, exc)
+            self._throttle.info("could not deliver the reply to request %s: %s", request, exc)
             return True, None
         if unsent is None:
             self.board.end()  # else it stays "writing" until the master has the rest
@@ -681,7 +681,8 @@ _PEEK = 4096
 _READ_SIZE = 64 * 1024
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 _CALL, _RESULT, _ERROR = protocol.CALL, protocol.RESULT, protocol.ERROR
-_WORKER_KINDS = frozenset((protocol.CALL, protocol.PING, protocol.LIST))  # the rest are the master's
+# The rest are the master's: control requests, and LIST (the master checks who may read it: public_status).
+_WORKER_KINDS = frozenset((protocol.CALL, protocol.PING))
 
 
 class _Reclaimed(Exception):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -69,12 +70,14 @@ def write_config(directory: Path, experts: dict[str, str] | None = None, **setti
 class Daemon:
     """One expertd master process started with ``python -m expertd``."""
 
-    def __init__(self, config: Path, socket_path: Path, workers: int = 2, env: dict | None = None) -> None:
+    def __init__(self, config: Path, socket_path: Path, workers: int = 2, env: dict | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config = config
         self.socket = socket_path
         self.workers = workers
         self.log_path = config.parent / f"{socket_path.stem}.log"
         self.env = {**os.environ, **(env or {})}
+        self.preexec_fn = preexec_fn  # run in the child before expertd starts (e.g. to set resource limits)
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True, *extra: str) -> Daemon:
@@ -83,7 +86,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "expertd", "--config", str(self.config), "--socket", str(self.socket),
              "--workers", str(self.workers), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=self.preexec_fn,
         )
         if wait:
             self.wait_ready()
@@ -169,9 +172,9 @@ def make_daemon(short_dir):
     started: list[Daemon] = []
 
     def factory(experts: dict[str, str] | None = None, workers: int = 2, env: dict | None = None,
-                start: bool = True, **settings: object) -> Daemon:
+                start: bool = True, preexec_fn: Callable[[], None] | None = None, **settings: object) -> Daemon:
         config = write_config(short_dir, experts, **settings)
-        daemon = Daemon(config, short_dir / f"d{len(started)}.sock", workers=workers, env=env)
+        daemon = Daemon(config, short_dir / f"d{len(started)}.sock", workers=workers, env=env, preexec_fn=preexec_fn)
         started.append(daemon)
         if start:
             daemon.start()

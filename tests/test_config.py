@@ -29,6 +29,11 @@ PYTHONPATH = f"pythonpath = {ROOT / 'examples'} {ROOT / 'tests' / 'experts'}\n"
         ("[expertd]\nread_timeout = soon\n" + GOOD_EXPERT, 2, "[expertd] read_timeout = 'soon': not a duration"),
         ("[expertd]\nlog_level = chatty\n" + GOOD_EXPERT, 2, "[expertd] log_level = 'chatty': unknown log level"),
         ("[expertd]\nsocket_mode = 999\n" + GOOD_EXPERT, 2, "[expertd] socket_mode = '999': not an octal file mode"),
+        ("[expertd]\npublic_status = maybe\n" + GOOD_EXPERT, 2, "[expertd] public_status = 'maybe': not yes or no"),
+        ("[expertd]\nmax_connections_per_uid = 0\n" + GOOD_EXPERT, 2,
+         "[expertd] max_connections_per_uid = '0': must be at least 1"),
+        ("[expertd]\ncontrol_uids = no-such-user-here\n" + GOOD_EXPERT, 2,
+         "[expertd] control_uids = 'no-such-user-here': no user named 'no-such-user-here' on this system"),
         ("[expertd]\n[expert:fib]\nfunction = fibs:fib\nfuncton = x\n", 2,
          "[expert:fib] functon: unknown setting; did you mean 'function'?"),
         ("[expertd]\n[expert:fib]\n", 2,
@@ -116,3 +121,15 @@ def test_help_lists_command_line_settings():
     assert done.returncode == 0
     for flag in ("--config", "--socket", "--workers", "--log-level", "--check"):
         assert flag in done.stdout
+
+
+def test_access_and_connection_settings(short_dir):
+    from expertd.config import load_config
+
+    defaults = load_config(str(write_config(short_dir)))
+    assert (defaults.control_uids, defaults.control_gids, defaults.public_status) == ([], [], True)
+    assert (defaults.max_connections, defaults.max_connections_per_uid) == (1000, None)  # None: auto, half
+    config = load_config(str(write_config(short_dir, control_uids="root 4242", control_gids="0",
+                                          public_status="no", max_connections_per_uid="20")))
+    assert (config.control_uids, config.control_gids, config.public_status) == ([0, 4242], [0], False)
+    assert config.max_connections_per_uid == 20

@@ -1,0 +1,105 @@
+"""Rate-limited logging, for the lines a client can make the daemon write at will.
+
+A refused user connecting in a loop, a flood of connections past a limit, a
+client that keeps breaking its connections: each would otherwise cost a log
+line per attempt, and a local user could fill the disk or drown the lines that
+matter.  :class:`Throttle` writes the first line of a *cause* at once, then at
+most one more line per cause per ``interval``, which carries how many were left
+out::
+
+    refused a connection from uid 1001 (pid 4242): not in allow_uids or allow_gids
+    refused a connection from uid 1001 (pid 5113): ... (61832 more like this in the last 10s)
+
+A cause is any hashable key (by default the message template): give one per
+user, say, so that one user's flood cannot hide another's first line.
+:meth:`Throttle.flush` writes the counts of intervals that are over; call it
+now and then (the master does from its loop), or they are written with the
+cause's next line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+DEFAULT_INTERVAL = 10.0
+_MAX_CAUSES = 256  # past this many causes at once, causes fall back to their message template
+
+
+@dataclass
+class _Window:
+    until: float  # the end of the interval that began with the last line written
+    left_out: int = 0  # lines held back since that one
+    level: int = logging.WARNING
+    msg: str = ""
+    args: tuple = ()
+
+
+class Throttle:
+    """At most one line per cause per ``interval`` to ``logger``, with the count of those left out."""
+
+    def __init__(self, logger: logging.Logger, interval: float = DEFAULT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock
+        self._windows: dict[Hashable, _Window] = {}
+        self._next_flush = float("inf")
+
+    def warning(self, msg: str, *args: object, cause: Hashable = None) -> None:
+        self.log(logging.WARNING, msg, *args, cause=cause)
+
+    def info(self, msg: str, *args: object, cause: Hashable = None) -> None:
+        self.log(logging.INFO, msg, *args, cause=cause)
+
+    def error(self, msg: str, *args: object, cause: Hashable = None) -> None:
+        self.log(logging.ERROR, msg, *args, cause=cause)
+
+    def log(self, level: int, msg: str, *args: object, cause: Hashable = None) -> None:
+        """Log ``msg % args`` unless a line of the same cause went out less than ``interval`` ago."""
+        if not self.logger.isEnabledFor(level):
+            return
+        now = self._clock()
+        key = msg if cause is None else cause
+        window = self._windows.get(key)
+        if window is not None and now >= window.until:
+            self._close(key, window, now)
+            window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= _MAX_CAUSES:
+                key = msg
+                window = self._windows.get(key)
+        if window is None:
+            self._windows[key] = _Window(until=now + self.interval)
+            self._next_flush = min(self._next_flush, now + self.interval)
+            self.logger.log(level, msg, *args)
+            return
+        window.left_out += 1
+        window.level, window.msg, window.args = level, msg, args
+
+    def flush(self, force: bool = False) -> None:
+        """Write the count of every interval that is over (every one, with ``force``: at exit)."""
+        now = self._clock()
+        if not force and now < self._next_flush:
+            return
+        self._next_flush = float("inf")
+        for key, window in list(self._windows.items()):
+            if force or now >= window.until:
+                self._close(key, window, now, force)
+            else:
+                self._next_flush = min(self._next_flush, window.until)
+
+    def _close(self, key: Hashable, window: _Window, now: float, force: bool = False) -> None:
+        """An interval is over: write what it left out, if anything (and that starts the next interval)."""
+        if not window.left_out:
+            del self._windows[key]  # quiet for a whole interval: the cause's next line goes out at once
+            return
+        self.logger.log(window.level, window.msg + " (%d more like this in the last %gs)", *window.args,
+                        window.left_out, self.interval)
+        if force:
+            del self._windows[key]
+        else:
+            self._windows[key] = _Window(until=now + self.interval)
+            self._next_flush = min(self._next_flush, now + self.interval)
