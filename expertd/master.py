@@ -252,6 +252,9 @@ class Master:
         self._linger_paused_until = 0.0  # lingering is off while an expert is quarantined
         self._gathered = 0  # bytes held in connections' inbufs
         self._held_replies = 0  # bytes held in connections' outbufs
+        # The same two counts by peer uid: one user may hold at most half of each (_hold_gathered, _hold_reply).
+        self._gathered_by_uid: dict[int, int] = {}
+        self._held_by_uid: dict[int, int] = {}
         self._recheck: deque[_Connection] = deque()
         self._max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._accept_paused_until = 0.0
@@ -1909,25 +1912,36 @@ class Master:
         """Count ``size`` more bytes gathered for ``conn``; False if they do not fit in the gathering budget.
 
         The accounting of gathered bytes is here and in :meth:`_release_gathered`
-        alone (a per-uid share would be checked here too).  When the budget is
-        spent, gathered requests that have sent nothing for _GATHER_STALLED
-        give their room up, the longest stalled first, rather than ``conn``,
-        which is sending.
+        alone.  When the budget is spent, room is made rather than ``conn``
+        (which is sending) refused: first gathered requests that have sent
+        nothing for _GATHER_STALLED give it up, the longest stalled first; then,
+        if ``conn``'s user (peer uid; http_listen's connections are one) holds
+        less than half of the budget, the requests of a user holding more than
+        half do, even while they trickle in: one user can use the whole budget
+        while nobody else needs it, but never keep others from their half.
         """
         budget = _GATHER_BUDGET_FRAMES * self.config.max_frame
         while self._gathered + size > budget:
-            stalled = min((other for other in self.connections.values()
-                           if other.inbuf is not None and other.state == _PARTIAL and other is not conn),
-                          key=lambda other: other.last_active, default=None)
-            quiet = time.monotonic() - stalled.last_active if stalled is not None else 0.0
-            if stalled is None or quiet < _GATHER_STALLED:
-                return False
-            log.info("closing connection %d: its request stalled for %.1fs while the gathering budget "
-                     "(%d bytes) was needed", stalled.conn_id, quiet, budget)
+            gathering = [other for other in self.connections.values()
+                         if other.inbuf is not None and other.state == _PARTIAL and other is not conn]
+            now = time.monotonic()
+            stalled = min(gathering, key=lambda other: other.last_active, default=None)
+            if stalled is not None and now - stalled.last_active >= _GATHER_STALLED:
+                why = f"its request stalled for {now - stalled.last_active:.1f}s"
+                told = f"request stalled for {now - stalled.last_active:.1f}s"
+            else:
+                stalled = _over_half(gathering, self._gathered_by_uid, conn.uid, budget)
+                if stalled is None:
+                    return False
+                why = f"uid {stalled.uid} holds more than half of it"
+                told = "request incomplete while this user held more than half of the room for requests arriving " \
+                       "in pieces"
+            log.info("closing connection %d: %s while the gathering budget (%d bytes) was needed",
+                     stalled.conn_id, why, budget)
             self._fail(stalled, Overloaded(
-                f"request stalled for {quiet:.1f}s while others needed the room it held; "
-                "send a request without pausing, or retry"))
+                f"{told}, and others needed the room it held; send a request without pausing, or retry"))
         self._gathered += size
+        self._gathered_by_uid[conn.uid] = self._gathered_by_uid.get(conn.uid, 0) + size
         return True
 
     def _hold_reply(self, conn: _Connection, rest: memoryview) -> str | None:
@@ -1941,20 +1955,34 @@ class Master:
         size = rest.nbytes
         if size > self.config.max_reply_buffer_per_connection:
             return f"max_reply_buffer_per_connection ({self.config.max_reply_buffer_per_connection} bytes)"
-        if self._held_replies + size > self.config.max_reply_buffer:
-            return (f"max_reply_buffer ({self.config.max_reply_buffer} bytes, "
-                    f"{self._held_replies} held for other slow readers)")
+        while self._held_replies + size > self.config.max_reply_buffer:
+            # A user holding more than half for slow readers gives way to one holding less (its
+            # replies would be cut off like this one otherwise): nobody is kept from their half.
+            hog = _over_half([other for other in self.connections.values() if other.held and other is not conn],
+                             self._held_by_uid, conn.uid, self.config.max_reply_buffer)
+            if hog is None:
+                return (f"max_reply_buffer ({self.config.max_reply_buffer} bytes, "
+                        f"{self._held_replies} held for other slow readers)")
+            self._throttle.warning("dropping the rest of a %d-byte reply for connection %d: uid %d holds more than "
+                                   "half of max_reply_buffer (%d bytes) while another user needs room",
+                                   hog.held, hog.conn_id, hog.uid, self.config.max_reply_buffer,
+                                   cause=("reply over half", hog.uid))
+            self._close(hog)
         conn.outbuf, conn.held = rest, size
         self._held_replies += size
+        self._held_by_uid[conn.uid] = self._held_by_uid.get(conn.uid, 0) + size
         return None
 
     def _release_reply(self, conn: _Connection) -> None:
-        self._held_replies -= conn.held
+        if conn.held:
+            self._held_replies -= conn.held
+            _take_from(self._held_by_uid, conn.uid, conn.held)
         conn.outbuf, conn.held = None, 0
 
     def _release_gathered(self, conn: _Connection) -> None:
         if conn.inbuf is not None:
             self._gathered -= len(conn.inbuf)
+            _take_from(self._gathered_by_uid, conn.uid, len(conn.inbuf))
             conn.inbuf = None
 
     def _close(self, conn: _Connection) -> None:
@@ -2150,6 +2178,25 @@ def reopen_log_files() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             reopen(handler)
+
+
+def _over_half(holders: list[_Connection], held_by_uid: dict[int, int], uid: int, budget: int,
+               ) -> _Connection | None:
+    """Among ``holders``, the longest-quiet one of a user holding more than half of ``budget``, if ``uid``
+    holds less than half (so that the newcomer's user is owed room); else None."""
+    if held_by_uid.get(uid, 0) >= budget // 2:
+        return None
+    hogs = [other for other in holders if held_by_uid.get(other.uid, 0) > budget // 2 and other.uid != uid]
+    return min(hogs, key=lambda other: other.last_active, default=None)
+
+
+def _take_from(counts: dict[int, int], key: int, amount: int) -> None:
+    """Subtract ``amount`` from ``counts[key]``, forgetting keys that reach zero (the dict stays small)."""
+    left = counts.get(key, 0) - amount
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _memory_of(pid: int) -> dict:

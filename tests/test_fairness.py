@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -16,6 +18,7 @@ from expertd.client import Client
 from expertd.errors import ConnectionLost, Overloaded
 
 from conftest import ROOT, raw_connection, wait_until
+from users import as_user, local_user, needs_root
 
 # A client in a process of its own (so that it does not share the test's GIL): connects to the
 # socket in argv[1] and runs until killed (or 15 s, so that a failing test cannot hang).
@@ -195,3 +198,67 @@ def test_an_idle_worker_does_not_keep_the_reply_it_handed_to_the_master(make_dae
     assert wait_until(lambda: worker.memory_info().rss - before < 16 * 2**20, timeout=3), \
         f"the idle worker holds {(worker.memory_info().rss - before) / 2**20:.0f} MiB more"
     assert _read_whole_reply(hog) == 48 * 2**20  # the master has it all
+
+
+# ---------------------------------------------------------------- one user's share (items 6 and 7, per uid)
+def _as_alice_in_background(short_dir, action) -> threading.Thread:
+    os.chmod(short_dir, 0o755)
+    uid, gid = local_user("xd-alice")
+    thread = threading.Thread(target=as_user, args=(uid, gid, action), daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_root
+def test_a_user_trickling_partial_requests_cannot_keep_another_user_from_the_gathering_budget(make_daemon, short_dir):
+    daemon = make_daemon({"echo": "testexperts:echo"}, workers=1, max_frame="1M", read_timeout="30s",
+                         socket_mode="0666")
+
+    def alice() -> str:  # 4 requests of 0.9 MB, each 10 kB short, kept arriving a byte at a time: never stalled
+        socks = []
+        for i in range(4):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemon.socket))
+            sock.sendall(protocol.encode_call(i + 1, "echo", [b"s" * 900_000], {})[:-10_000])
+            socks.append(sock)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            for sock in socks:
+                try:
+                    sock.send(b"s")
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        return "done"
+
+    thread = _as_alice_in_background(short_dir, alice)
+    time.sleep(1.0)  # alice holds 3.56 MB of the 4 MiB budget, and keeps sending
+    payload = b"z" * 800_000  # gathered too: more than a socket holds
+    started = time.monotonic()
+    assert daemon.client(timeout=30, retries=0).call("echo", payload) == {"args": [payload], "kwargs": {}}
+    assert time.monotonic() - started < 3.0
+    assert "holds more than half of it while the gathering budget" in daemon.log
+    thread.join(10)
+
+
+@needs_root
+def test_a_user_whose_replies_pile_up_cannot_keep_another_user_from_max_reply_buffer(make_daemon, short_dir):
+    daemon = make_daemon({"blob": "testexperts:blob"}, workers=1, max_reply_buffer="40M", socket_mode="0666")
+
+    def alice() -> str:  # three 15 MiB replies she never reads: 30 MiB held, the third refused
+        socks = []
+        for i in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(daemon.socket))
+            sock.sendall(protocol.encode_call(i + 1, "blob", [15 * 2**20], {}))
+            socks.append(sock)
+            time.sleep(0.2)
+        time.sleep(5)
+        return "done"
+
+    thread = _as_alice_in_background(short_dir, alice)
+    assert wait_until(lambda: daemon.log.count("would take the master past") >= 1)
+    mine = _call_without_reading(daemon, 7, 15 * 2**20)  # 45 MiB in all: alice, over her half, gives way
+    assert wait_until(lambda: "holds more than half of max_reply_buffer" in daemon.log)
+    assert _read_whole_reply(mine) == 15 * 2**20
+    thread.join(10)

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from users import as_user, local_user, needs_root
 
 from expertd.client import Client
 from expertd.daemon_mode import PidfileError, check_pidfile, write_pidfile
 from expertd.listener import Listener, ListenerError, check_socket_directory
 
 from conftest import Daemon, run_expertd, wait_until, write_config
+from users import as_user, local_user, needs_root
 
 pytestmark = needs_root
 

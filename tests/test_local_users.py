@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from users import as_user, local_user, needs_root
 
 from expertd import cli, protocol
 from expertd.client import Client
 from expertd.errors import AccessDenied, Overloaded
 
 from conftest import raw_connection, wait_until
+from users import as_user, local_user, needs_root
 
 pytestmark = needs_root
 
