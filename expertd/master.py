@@ -92,6 +92,7 @@ _BACKOFF_MAX = 10.0
 _QUIET_AFTER_BURST = 5.0
 _EXPIRY_INTERVAL = 0.25
 _SUMMARY_INTERVAL = 60.0
+_PARENT_RETRY = 10.0  # seconds between attempts to replace a lost generation parent whose replacement failed
 _SUMMARY_SAMPLES = 10_000  # call durations kept for the summary's percentiles
 # systemd's STATUS line: at most this often (it counts requests; a message per request would
 # cost the master a system call and the service manager a wake-up per request).
@@ -215,6 +216,7 @@ class Master:
         self._generations: dict[int, Generation] = {}  # every generation parent alive, by pid
         self._by_control: dict[int, Generation] = {}  # a loading parent's control socket, watched by epoll
         self._reload_pending = False  # a reload asked for while another ran: it runs when that one ends
+        self._next_parent_try = 0.0  # when to load a generation whose parent was lost again, after a failure
         self._pending_waiters: list[tuple[_Connection, int]] = []  # RELOAD requests for that pending reload
         self._durations: list[float] = []  # a uniform sample of this minute's handed-over calls (reservoir)
         self._durations_seen = 0
@@ -411,7 +413,7 @@ class Master:
         timeout = 1.0
         if self.notifier.watchdog_interval:
             timeout = min(timeout, self.notifier.watchdog_interval / 4)
-        if self._active_workers() < self.config.workers:
+        if self._active_workers() < self.config.workers and self._can_spawn():
             timeout = min(timeout, self._next_spawn_at - now)
         for slot in self.workers.values():
             if slot.lingering:
@@ -466,12 +468,24 @@ class Master:
             for listener in (self.listener, self.http_listener):
                 if listener is not None:
                     self.epoll.register(listener.fileno(), select.EPOLLIN)
-        if self._parent is None or self._parent.exited or self._parent.state == RETIRED:
-            return  # its replacement is loading
+        if not self._can_spawn():
+            # Its parent is gone and a replacement is loading, or failed to load: try again now and
+            # then (the workers still alive serve meanwhile).
+            if (self._loading is None and self._reload is None and self._announced_ready
+                    and now >= self._next_parent_try):
+                self._next_parent_try = now + _PARENT_RETRY
+                log.error("generation %d has no parent process to fork its workers; loading it again",
+                          self.generation)
+                self.reload()
+            return
         while self._active_workers() < self.config.workers and now >= self._next_spawn_at:
             self._spawn()
             if self._fast_failures:
                 break  # while backing off, bring workers back one at a time
+
+    def _can_spawn(self) -> bool:
+        """Whether the serving generation has a parent process to fork its workers."""
+        return self._parent is not None and not self._parent.exited and self._parent.state != RETIRED
 
     def _spawn(self) -> None:
         used = {slot.number for slot in self.workers.values()}

@@ -202,3 +202,22 @@ def test_a_generation_of_a_thousand_experts_loads_and_is_described(make_daemon):
     described = daemon.client().experts()
     assert len(described) == 1000 and described[0]["name"] == "add_0000"
     assert daemon.client().call("add_0999", 1, 2) == 3
+
+
+def test_a_lost_generation_parent_whose_replacement_fails_leaves_the_master_idle_and_serving(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    (code / "versioned.py").write_text("def version(:\n")  # the replacement cannot load
+    (parent,) = daemon.generation_parent_pids()
+    os.kill(parent, signal.SIGKILL)
+    assert wait_until(lambda: "reload failed; generation 1 keeps serving" in daemon.log, timeout=30)
+    master = psutil.Process(daemon.proc.pid)
+    before = sum(master.cpu_times()[:2])
+    time.sleep(2)
+    assert sum(master.cpu_times()[:2]) - before < 0.5  # waiting, not spinning
+    assert daemon.client().call("add", 1, 2) == 3  # the workers still alive serve
+    _write(code, "v2")
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
+    workers = daemon.wait_workers(2, timeout=30)
+    os.kill(next(iter(workers)), signal.SIGKILL)  # and workers are replaced again
+    assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
