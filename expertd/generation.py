@@ -137,15 +137,11 @@ class Generation:
 
     def receive(self) -> tuple[bytes, object] | None:
         """One report without blocking: (KEEPALIVE | LOADED | FAILED, value), None, or (b"", None) at its end."""
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self.control, _MAX_MESSAGE, 1, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        message = ipc.receive_nowait(self.control, _MAX_MESSAGE)
+        if message is None:
             return None
-        except OSError:
-            return b"", None
+        data, fds = message
         if not data:
-            for fd in fds:
-                os.close(fd)
             return b"", None
         op, body = data[:1], data[1:]
         if op == KEEPALIVE:

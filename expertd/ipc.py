@@ -199,6 +199,21 @@ def send_failed(channel: socket.socket, message: str) -> None:
     channel.send(FAILED + message.encode("utf-8", "replace")[: _MAX_MESSAGE - 1])
 
 
+def receive_nowait(channel: socket.socket, size: int) -> tuple[bytes, list[int]] | None:
+    """One message and its descriptors without blocking; None if none waits, ``(b"", [])`` at the channel's end."""
+    try:
+        data, fds = _receive(channel, size, _DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b"", []
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return b"", []
+    return data, fds
+
+
 def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     """Read one worker report without blocking.
 
@@ -207,15 +222,11 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     pss, rss))``, None when nothing is waiting, or ``(b"", None)`` when the
     worker's end closed.
     """
-    try:
-        data, fds = _receive(channel, _MAX_MESSAGE, _DONTWAIT)
-    except BlockingIOError:
+    message = receive_nowait(channel, _MAX_MESSAGE)
+    if message is None:
         return None
-    except OSError:
-        return b"", None
+    data, fds = message
     if not data:
-        for fd in fds:
-            os.close(fd)
         return b"", None
     op = data[:1]
     if op == DONE:
