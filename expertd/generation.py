@@ -71,6 +71,13 @@ class GenerationError(Exception):
     """The generation's parent cannot do what was asked (it is gone or stuck)."""
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    # poll, not select: the master may hold descriptors numbered past select's limit of 1024.
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def become_subreaper() -> None:
     """Make orphaned descendants (the workers, once their intermediate exits) children of this process."""
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -107,6 +114,7 @@ class Generation:
         ``close_fds`` the master's descriptors the parent must not hold.
         """
         master_end, parent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -123,7 +131,7 @@ class Generation:
                         os.close(fd)
                     except OSError:
                         pass
-                code = _Parent(number, config, parent_end, *shared).run()
+                code = _Parent(number, config, parent_end, *shared, master_pid=master_pid).run()
             except BaseException as exc:  # never return into the master's code
                 try:
                     sys.stderr.write(f"expertd: generation {number}: {exc}\n")
@@ -146,13 +154,21 @@ class Generation:
         op, body = data[:1], data[1:]
         if op == KEEPALIVE:
             return KEEPALIVE, None
+        for fd in fds[1:]:
+            os.close(fd)
         if op == LOADED and fds:
             # In a memfd: the descriptions of many experts may not fit in one packet.
-            self.experts = msgpack.unpackb(ipc.read_memfd(fds[0]))
+            try:
+                described = msgpack.unpackb(ipc.read_memfd(fds[0]))
+            except (ValueError, msgpack.UnpackException) as exc:
+                return FAILED, f"generation {self.number}'s description of its experts is unreadable ({exc})"
+            if not isinstance(described, dict):
+                return FAILED, f"generation {self.number}'s description of its experts is unreadable"
+            self.experts = described
             self.state = SERVING
             return LOADED, self.experts
-        for fd in fds:
-            os.close(fd)
+        if fds:
+            os.close(fds[0])
         if op == FAILED:
             return FAILED, body.decode("utf-8", "replace")
         return b"", None  # nothing else is sent unasked: a parent that does is broken
@@ -175,8 +191,7 @@ class Generation:
                 self.kill()
                 raise ExpertLoadError(f"{self.config.path}: loading the experts took longer than reload_timeout "
                                       f"({self.config.reload_timeout:g}s); raise it, or find what hangs at import")
-            ready, _, _ = select.select([self.control], [], [], min(left, 1.0))
-            if not ready:
+            if not _readable(self.control, min(left, 1.0)):
                 continue
             op, value = self.receive() or (KEEPALIVE, None)
             if op == KEEPALIVE:
@@ -204,8 +219,7 @@ class Generation:
         deadline = time.monotonic() + _SPAWN_TIMEOUT
         while True:
             left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.control], [], [], max(0.0, left))
-            if not ready:
+            if not _readable(self.control, max(0.0, left)):
                 raise GenerationError(f"generation {self.number}'s parent did not fork a worker within "
                                       f"{_SPAWN_TIMEOUT:g}s")
             try:
@@ -261,12 +275,13 @@ class _Parent:
     """Inside the generation's parent process: load, report, then fork workers until told to stop."""
 
     def __init__(self, number: int, config: Config, control: socket.socket, scoreboard: Scoreboard,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, master_pid: int) -> None:
         self.number = number
         self.config = config
         self.control = control
         self.scoreboard = scoreboard
         self.metrics = metrics
+        self.master_pid = master_pid
         self._last_keepalive = 0.0
 
     def run(self) -> int:
@@ -276,8 +291,7 @@ class _Parent:
 
         # A load that never returns must not outlive the master (closing the control socket cannot reach it).
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        self.master_pid = os.getppid()
-        if self.master_pid == 1:
+        if os.getppid() != self.master_pid:
             return 1  # the master died before the line above
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)  # the master's words, not this process's
@@ -320,6 +334,8 @@ class _Parent:
     def _fork_worker(self, request: dict, channel_fd: int, experts: dict) -> None:
         from expertd.worker import worker_main
 
+        # (An expert may have set SIGCHLD to SIG_IGN, and waitpid below would then fail.)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         read_end, write_end = os.pipe()
         try:
             intermediate = os.fork()

@@ -52,6 +52,7 @@ from expertd.errors import (
     WorkerLost,
 )
 from expertd.generation import (
+    FAILED,
     KEEPALIVE,
     LOADED,
     RETIRED,
@@ -230,6 +231,9 @@ class Master:
         self._status_cache: tuple[float, dict] | None = None
         self._memory_readings: tuple[float, dict[int, dict]] = (0.0, {})  # (when, by pid) for status()
         self.epoll = select.epoll()
+        # Sockets passed by socket activation: taken now (from the environment, which forked processes then
+        # do not see), adopted in run(); no generation's parent or worker may hold them.
+        self._activated = notify.listen_fds()
         self.workers: dict[int, _WorkerSlot] = {}  # by pid
         self._by_channel: dict[int, _WorkerSlot] = {}
         self._idle_workers: deque[_WorkerSlot] = deque()
@@ -303,7 +307,7 @@ class Master:
         gc.freeze()
         if self.config.http_listen is not None:  # first: a port in use must not leave the Unix socket behind
             self.http_listener = bind_tcp(*self.config.http_listen)
-        inherited = notify.listen_fds()
+        inherited = self._activated
         if inherited:
             self.listener = Listener.inherit(inherited[0])
         else:
@@ -478,10 +482,10 @@ class Master:
                           self.generation)
                 self.reload()
             return
-        while self._active_workers() < self.config.workers and now >= self._next_spawn_at:
+        if self._active_workers() < self.config.workers and now >= self._next_spawn_at:
+            # One a loop iteration (the poll timeout is then 0): a spawn waits for two forks of the
+            # generation's parent, and clients are served between them.
             self._spawn()
-            if self._fast_failures:
-                break  # while backing off, bring workers back one at a time
 
     def _can_spawn(self) -> bool:
         """Whether the serving generation has a parent process to fork its workers."""
@@ -909,6 +913,8 @@ class Master:
         self.config.workers = workers
         if self._loading is not None:
             self._loading.config.workers = workers  # the operator's word holds for the generation loading too
+        if self._reload is not None:
+            self._reload.config.workers = workers  # ... and for the old one, should the new one fail to start
         current = [s for s in self.workers.values() if s.generation == self.generation and s.leaving is None]
         # Retire the idle ones first, then the youngest.
         current.sort(key=lambda s: (s.conn is not None, -s.born))
@@ -981,6 +987,7 @@ class Master:
         own = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.connections, *self._refusing,
                *self._by_channel, *self._by_control]
         own += [self._spare_fd] if self._spare_fd is not None else []
+        own += self._activated  # (socket activation: adopted only later, in run, for generation 1)
         own += [listener.fileno() for listener in (self.listener, self.http_listener) if listener is not None]
         own += [parent.control.fileno() for parent in self._generations.values() if parent.control.fileno() >= 0]
         parent = Generation.start(number, config, (self.scoreboard, self.metrics), own)
@@ -999,9 +1006,11 @@ class Master:
                 self.notifier.keep_waiting()  # preparing a model: systemd waits on
             elif op == LOADED:
                 self._loaded(loading)
-            else:
-                self._load_failed(loading, str(value) if value else
-                                  f"the process loading generation {loading.number} ended without a word")
+            elif op == FAILED:
+                self._load_failed(loading, str(value))
+            else:  # its end closed: it exited, and its exit status (reaped next) says how
+                self._stop_watching(loading)
+                return
 
     def _stop_watching(self, parent: Generation) -> None:
         if self._by_control.pop(parent.control.fileno(), None) is not None:
@@ -1078,14 +1087,15 @@ class Master:
 
     def _on_parent_exit(self, parent: Generation, status: int) -> None:
         parent.exited = True
+        how = _describe_status(status)
         if parent is self._loading:
-            how = _describe_status(status)
-            self._read_generation(parent)  # its last words (FAILED) come first
-            self._load_failed(parent, f"the process loading generation {parent.number} {how}")
-        elif parent is self._parent and parent.state != RETIRED and self._stop_deadline is None:
-            self._replace_parent(f"generation {parent.number}'s parent process {_describe_status(status)}")
-        else:
-            log.debug("generation %d's parent (pid %d) %s", parent.number, parent.pid, _describe_status(status))
+            self._read_generation(parent)  # its last words come first: FAILED, or LOADED just before it died
+            if parent is self._loading:
+                self._load_failed(parent, f"the process loading generation {parent.number} {how}")
+        if parent is self._parent and parent.state != RETIRED and self._stop_deadline is None:
+            self._replace_parent(f"generation {parent.number}'s parent process {how}")
+        elif parent is not self._parent:
+            log.debug("generation %d's parent (pid %d) %s", parent.number, parent.pid, how)
         if parent.control.fileno() >= 0:
             self._stop_watching(parent)
             parent.close()
@@ -2143,6 +2153,9 @@ class Master:
                 time.sleep(0.02)
             else:
                 self.workers.pop(pid, None)
+                parent = self._generations.pop(pid, None)
+                if parent is not None:
+                    parent.exited = True  # (reaped: its pid is no longer ours to signal)
         for slot in list(self.workers.values()):
             self._kill(slot)
             try:
@@ -2151,6 +2164,8 @@ class Master:
                 pass
         self.workers.clear()
         for parent in self._generations.values():  # they hold nothing to save: loaded experts, a load in progress
+            if parent.exited:
+                continue
             parent.kill()
             try:
                 os.waitpid(parent.pid, 0)

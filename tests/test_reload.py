@@ -7,6 +7,7 @@ reload does, the master's loop goes on serving the old generation and says why a
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import ROOT, wait_until
 
@@ -224,3 +226,52 @@ def test_a_lost_generation_parent_whose_replacement_fails_leaves_the_master_idle
     workers = daemon.wait_workers(2, timeout=30)
     os.kill(next(iter(workers)), signal.SIGKILL)  # and workers are replaced again
     assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+
+
+def test_a_generation_parent_that_dies_right_after_loading_never_leaves_the_daemon_stuck(make_daemon, short_dir):
+    daemon, code = _daemon(make_daemon, short_dir)
+    # The first parent to import this reports its experts loaded and dies moments later (as the OOM
+    # killer would have it): before the master reads the report, while its workers start, or after.
+    died = short_dir / "died"
+    _write(code, "v2", f"import threading\nif not os.path.exists({str(died)!r}):\n"
+                       f"    open({str(died)!r}, 'w').close()\n    threading.Timer(0.02, os._exit, (1,)).start()")
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: died.exists(), timeout=30)
+    assert wait_until(lambda: not daemon.client().status()["reloading"] and
+                      daemon.client().status()["last_reload"] is not None, timeout=30)
+    status = daemon.client().status()
+    if status["last_reload"]["ok"]:  # it died once its generation served: a new parent replaced it
+        assert daemon.client().call("version")[0] == "v2"
+    else:  # it died first: the old generation serves on, and says why
+        assert "generation 2's parent" in status["last_reload"]["error"]
+        assert daemon.client().call("version")[0] == "v1"
+    _write(code, "v3")
+    assert daemon.ctl("reload").returncode == 0
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v3", timeout=30)
+    workers = daemon.wait_workers(2, timeout=30)
+    os.kill(next(iter(workers)), signal.SIGKILL)
+    assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+
+
+def test_a_reload_while_more_than_a_thousand_descriptors_are_open_starts_its_workers(make_daemon, short_dir):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves no room for 1,100 connections")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test's end of the connections
+    try:
+        daemon, code = _daemon(make_daemon, short_dir, max_connections=3000, max_connections_per_uid=3000)
+        held = [socket.socket(socket.AF_UNIX) for _ in range(1100)]
+        for sock in held:
+            sock.connect(str(daemon.socket))
+        assert wait_until(lambda: daemon.client().status()["connections"] >= 1100)
+        _write(code, "v2")  # the new generation's control socket gets a descriptor past 1023
+        assert daemon.ctl("reload").returncode == 0
+        assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
+        workers = daemon.wait_workers(2, timeout=30)
+        os.kill(next(iter(workers)), signal.SIGKILL)  # replaced by the same parent, descriptors and all
+        assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+        assert daemon.proc.poll() is None
+        for sock in held:
+            sock.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

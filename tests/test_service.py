@@ -119,6 +119,12 @@ def test_socket_activation_serves_on_the_inherited_socket(short_dir):
         assert Client(str(path)).call("add", 2, 3) == 5
         assert not (short_dir / "unused.sock").exists()
         assert "serving the socket activated on" in (short_dir / "activated.log").read_text()
+        # Only the master holds the listening socket: expert code in a worker or in the generation's
+        # parent cannot accept a connection past the master's checks.
+        listening = os.readlink(f"/proc/{proc.pid}/fd/3")
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            held = {os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")}
+            assert listening not in held, child.cmdline()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert path.exists()  # systemd's socket file: not ours to remove
