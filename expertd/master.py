@@ -600,7 +600,7 @@ class Master:
             if self._durations_seen <= _SUMMARY_SAMPLES:
                 self._durations.append(elapsed)
             else:  # the summary's memory stays bounded at any request rate: a uniform sample (reservoir)
-                kept = random.randrange(self._durations_seen)
+                kept = int(random.random() * self._durations_seen)  # (randrange costs ten times more)
                 if kept < _SUMMARY_SAMPLES:
                     self._durations[kept] = elapsed
             if slot.conn is not None and served == 1:
