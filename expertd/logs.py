@@ -81,6 +81,8 @@ class Throttle:
 
     def flush(self, force: bool = False) -> None:
         """Write the count of every interval that is over (every one, with ``force``: at exit)."""
+        if not force and self._next_flush == float("inf"):
+            return  # nothing left out anywhere: not even the clock is read (this runs every loop iteration)
         now = self._clock()
         if not force and now < self._next_flush:
             return

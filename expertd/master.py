@@ -709,7 +709,8 @@ class Master:
             self._requeue(conn)
             serving = False
         # The expert whose call the worker died in (a served one only: names come from clients).
-        blamed = (expert if slot.lingering else slot.conn.expert) if serving else None
+        # The name the worker decoded (on the scoreboard) over the master's hint from the header.
+        blamed = (expert or (None if slot.lingering else slot.conn.expert)) if serving else None
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         elif serving:
@@ -838,8 +839,7 @@ class Master:
         if len(frame) != conn.frame_size:
             self._close(conn)
             return
-        conn.state = _IDLE
-        conn.last_active = time.monotonic()
+        self._rest(conn, time.monotonic())
         error = Quarantined(self._quarantine_message(expert, quarantine), expert=expert)
         self._send_reply(conn, protocol.encode_error(conn.request_id, error))
         if conn.state == _IDLE:
@@ -1079,8 +1079,7 @@ class Master:
         for conn, request_id in waiters:
             if conn.state != _WAITING:
                 continue  # closed meanwhile
-            conn.state = _IDLE
-            conn.last_active = time.monotonic()
+            self._rest(conn, time.monotonic())
             self._send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
             if conn.state == _IDLE:
                 self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
@@ -1877,6 +1876,8 @@ class Master:
         worker falls idle first; for short requests that wait is shorter
         than the round trip it saves, and a long one keeps its queue.
         """
+        if self._quarantined:
+            return  # a call queued for a quarantined expert must meet _hand_out's refusal, not a busy worker
         now = time.monotonic()
         for slot in self.workers.values():
             while self._queue and self._queue[0].state != _QUEUED:

@@ -176,19 +176,33 @@ def decode_call(body: bytes | bytearray) -> tuple[str, list, dict]:
     return expert, args, kwargs
 
 
+_STR_SIZES = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # msgpack str 8/16/32: bytes of the length that follows
+
+
 def expert_name_hint(body_prefix: bytes) -> str | None:
     """The expert named by a CALL body, read from its first bytes without decoding the rest.
 
     The master uses it to apply the expert's timeout; None when the prefix is
     too short or not the expected ``[str, ...]`` shape (the worker will say why).
     """
-    if len(body_prefix) < 2 or body_prefix[0] != 0x93:  # fixarray of 3
+    # Every encoding msgpack allows for [str, ...] of 3 is read, not only the usual one: a name the
+    # master cannot see would escape its per-expert timeout and quarantine.
+    if body_prefix[:1] == b"\x93":  # fixarray of 3
+        at = 1
+    elif body_prefix[:3] == b"\xdc\x00\x03":  # array 16
+        at = 3
+    elif body_prefix[:5] == b"\xdd\x00\x00\x00\x03":  # array 32
+        at = 5
+    else:
         return None
-    marker = body_prefix[1]
+    if len(body_prefix) <= at:
+        return None
+    marker = body_prefix[at]
     if 0xA0 <= marker <= 0xBF:  # fixstr
-        start, length = 2, marker & 0x1F
-    elif marker == 0xD9 and len(body_prefix) >= 3:  # str 8
-        start, length = 3, body_prefix[2]
+        start, length = at + 1, marker & 0x1F
+    elif marker in _STR_SIZES and len(body_prefix) >= at + 1 + _STR_SIZES[marker]:  # str 8, 16, 32
+        size = _STR_SIZES[marker]
+        start, length = at + 1 + size, int.from_bytes(body_prefix[at + 1 : at + 1 + size], "big")
     else:
         return None
     raw = body_prefix[start : start + length]

@@ -167,3 +167,20 @@ def test_pack_is_safe_when_a_tolist_packs_too():
 
     assert protocol.unpack(protocol.pack(["a", Packs(), {"k": 1}])) == ["a", {"inner": b"\x93\x01\x02\x03"}, {"k": 1}]
     assert protocol.unpack(protocol.pack({"after": True})) == {"after": True}
+
+
+@pytest.mark.parametrize("body, name", [
+    (msgpack.packb(["add", [1, 2], {}]), "add"),  # what the client sends
+    (b"\x93\xd9\x05hello" + msgpack.packb([]) + msgpack.packb({}), "hello"),  # str 8
+    (bytes.fromhex("dc0003da0006") + b"square" + bytes.fromhex("910380"), "square"),  # array 16, str 16
+    (bytes.fromhex("dd00000003db00000003") + b"abc" + bytes.fromhex("9080"), "abc"),  # array 32, str 32
+    (b"\x92\xa3add\x90", None),  # not three elements: the worker refuses it
+    (b"\x93\xc4\x03add\x90\x80", None),  # bin, not str
+    (b"\x93\xda\x00", None),  # cut short
+    (b"\x93\xa2\xff\xfe\x90\x80", None),  # not UTF-8
+])
+def test_the_master_reads_the_expert_name_in_every_encoding_msgpack_allows(body, name):
+    # A name the master cannot read would escape the expert's own timeout and its quarantine.
+    assert protocol.expert_name_hint(body) == name
+    if name is not None:
+        assert protocol.decode_call(body)[0] == name
