@@ -160,6 +160,7 @@ class _Connection:
     uid: int = _NO_PEER
     gid: int = _NO_PEER
     pid: int = _NO_PEER
+    groups: frozenset[int] = frozenset()  # supplementary groups at connect (read only when a gid list is set)
 
 
 @dataclass(eq=False)
@@ -1171,11 +1172,14 @@ class Master:
                 except OSError:
                     sock.close()
                     continue
-                refusal = self._peer_refusal(uid, gid, pid)
+                # Supplementary groups as the kernel recorded them at connect (never looked up later by
+                # pid, which another process may have by then); read only when a gid list is set.
+                groups = _peer_groups(sock) if self._access.uses_groups else frozenset()
+                refusal = self._peer_refusal(uid, gid, pid, groups)
                 if refusal is not None:
                     self._refuse_peer(sock, refusal)
                     continue
-            if not self._make_room(uid, gid, pid):
+            if not self._make_room(uid, gid, groups):
                 self._refuse_at_accept(sock, tcp, Overloaded(
                     "the daemon holds as many connections as it may, none of them idle; retry shortly"))
                 continue
@@ -1186,7 +1190,7 @@ class Master:
             # Python polls before each call, MSG_DONTWAIT or not.
             sock.settimeout(None)
             conn = _Connection(conn_id=self._next_conn_id, sock=sock, fd=sock.fileno(), last_active=time.monotonic(),
-                               tcp=tcp, speaks="http" if tcp else "", uid=uid, gid=gid, pid=pid)
+                               tcp=tcp, speaks="http" if tcp else "", uid=uid, gid=gid, pid=pid, groups=groups)
             self._next_conn_id += 1
             self.connections[conn.fd] = conn
             bucket = self._by_uid.get(uid)
@@ -1240,9 +1244,9 @@ class Master:
             self._accept_paused_until = time.monotonic() + 1.0
         return False
 
-    def _peer_refusal(self, uid: int, gid: int, pid: int) -> AccessDenied | None:
+    def _peer_refusal(self, uid: int, gid: int, pid: int, groups: frozenset[int]) -> AccessDenied | None:
         """Check a Unix peer's credentials against allow_uids/allow_gids: None, or its refusal (logged)."""
-        if self._access.allows(uid, gid, pid):
+        if self._access.allows(uid, gid, groups):
             return None
         self._throttle.warning("refused a connection from uid %d (pid %d): not in allow_uids or allow_gids",
                                uid, pid, cause=("refused", uid))
@@ -1299,7 +1303,7 @@ class Master:
         per_uid = self.config.max_connections_per_uid
         return max(1, limit // 2) if per_uid is None else min(per_uid, limit)
 
-    def _make_room(self, uid: int, gid: int, pid: int) -> bool:
+    def _make_room(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
         """Whether a new connection of ``uid`` may be held, after closing an idle one if it must."""
         limit = self._connection_limit()
         per_uid = self._per_uid_limit(limit)
@@ -1310,7 +1314,7 @@ class Master:
                 self._throttle.warning("uid %d holds max_connections_per_uid (%d) connections: closing its "
                                        "longest-idle connection for each new one", uid, per_uid,
                                        cause=("per uid", uid))
-            elif not self._may_overflow(uid, gid, pid, held, per_uid):
+            elif not self._may_overflow(uid, gid, groups, held, per_uid):
                 self._throttle.warning("uid %d holds max_connections_per_uid (%d) connections, none of them idle: "
                                        "refusing its new ones (overloaded)", uid, per_uid, cause=("per uid", uid))
                 return False
@@ -1318,16 +1322,16 @@ class Master:
             if self._evict_for_room():
                 self._throttle.warning("max_connections (%d) reached: closing the longest-idle connection of the "
                                        "user holding the most for each new one", limit, cause="max_connections")
-            elif not self._may_overflow(uid, gid, pid, len(self.connections), limit):
+            elif not self._may_overflow(uid, gid, groups, len(self.connections), limit):
                 self._throttle.warning("max_connections (%d) reached with no connection idle: refusing new "
                                        "connections (overloaded)", limit, cause="max_connections")
                 return False
         return True
 
-    def _may_overflow(self, uid: int, gid: int, pid: int, held: int, limit: int) -> bool:
+    def _may_overflow(self, uid: int, gid: int, groups: frozenset[int], held: int, limit: int) -> bool:
         """Whether a controller's connection may pass a limit, into the few kept for expertctl."""
         return (uid != _NO_PEER and held < limit + _CONTROL_RESERVE
-                and self._access.controls(uid, gid, pid))
+                and self._access.controls(uid, gid, groups))
 
     def _evict_for_room(self) -> bool:
         """Close one idle connection: the longest-idle of the user holding the most connections (then the next)."""
@@ -1551,7 +1555,7 @@ class Master:
             self._fail(conn, refusal)
             return
         self._rest(conn, time.monotonic())
-        if not self._access.reads(conn.uid, conn.gid, conn.pid):
+        if not self._access.reads(conn.uid, conn.gid, conn.groups):
             self._throttle.warning("refused GET /%s from uid %d (pid %d): public_status = no", route, conn.uid,
                                    conn.pid, cause=("control refused", conn.uid))
             who = "connections on http_listen" if conn.tcp else f"uid {conn.uid}"
@@ -1649,10 +1653,10 @@ class Master:
         """None if the peer may send this request; else the refusal (logged, rate-limited)."""
         access = self._access
         if kind in _READ_KINDS:
-            if access.reads(conn.uid, conn.gid, conn.pid):
+            if access.reads(conn.uid, conn.gid, conn.groups):
                 return None
             setting = "public_status = no: only control_uids / control_gids, root and the daemon's user may read it"
-        elif access.controls(conn.uid, conn.gid, conn.pid):
+        elif access.controls(conn.uid, conn.gid, conn.groups):
             return None
         else:
             setting = "control requests need root, the daemon's user, or control_uids / control_gids"
@@ -2250,22 +2254,39 @@ class _Access:
         self.control_uids = set(config.control_uids) | own
         self.control_gids = set(config.control_gids)
         self.public_status = config.public_status
+        self.uses_groups = bool(self.allowed_gids or self.control_gids)
 
-    def allows(self, uid: int, gid: int, pid: int) -> bool:
+    def allows(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
         return (self.allowed_uids is None or uid in self.allowed_uids
-                or _in_groups(self.allowed_gids, gid, pid))
+                or _in_groups(self.allowed_gids, gid, groups))
 
-    def controls(self, uid: int, gid: int, pid: int) -> bool:
-        return uid != _NO_PEER and (uid in self.control_uids or _in_groups(self.control_gids, gid, pid))
+    def controls(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
+        return uid != _NO_PEER and (uid in self.control_uids or _in_groups(self.control_gids, gid, groups))
 
-    def reads(self, uid: int, gid: int, pid: int) -> bool:
+    def reads(self, uid: int, gid: int, groups: frozenset[int]) -> bool:
         """Whether the peer may read the daemon's state (STATUS, LIST, /health, /experts, /metrics)."""
-        return self.public_status or self.controls(uid, gid, pid)
+        return self.public_status or self.controls(uid, gid, groups)
 
 
-def _in_groups(gids: set[int], gid: int, pid: int) -> bool:
-    """Whether a peer (primary ``gid``, process ``pid``) is in one of ``gids``, supplementary groups included."""
-    return bool(gids) and (gid in gids or bool(gids & _groups_of(pid)))
+def _in_groups(gids: set[int], gid: int, groups: frozenset[int]) -> bool:
+    """Whether a peer (primary ``gid``, supplementary ``groups``) is in one of ``gids``."""
+    return bool(gids) and (gid in gids or bool(gids & groups))
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The supplementary groups of a Unix socket's peer, as the kernel recorded them when it connected."""
+    for count in (256, 65536):  # (NGROUPS_MAX is 65536; most users have a few)
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return frozenset()
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    return frozenset()
 
 
 def raise_file_limit() -> int:
@@ -2337,18 +2358,6 @@ def _answer_and_close(sock: socket.socket, error: RemoteError, head: bytes | Non
         except OSError:
             pass  # the client is gone or not reading: closing is all that is left
     sock.close()
-
-
-def _groups_of(pid: int) -> set[int]:
-    """The supplementary groups of process ``pid`` (empty if it is gone or hidden)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
 
 
 def _exited_cleanly(status: int) -> bool:

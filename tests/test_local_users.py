@@ -475,3 +475,39 @@ def test_a_lingering_worker_hands_control_requests_to_the_master(open_daemon, al
     assert as_user(*alice, call_then_stop) == str([(1, 2), (2, "access_denied"), (3, "access_denied"), (4, 4)])
     assert daemon.proc.poll() is None
     assert daemon.client().status()["workers_wanted"] == 1
+
+
+@needs_root
+def test_control_groups_are_the_ones_the_peer_had_when_it_connected(open_daemon, alice):
+    # Groups are read once, at connect (SO_PEERGROUPS), never later from /proc by a pid that may
+    # belong to another process by then. Here one process changes its groups after connecting.
+    uid, gid = alice
+    daemon = open_daemon(control_gids="4646")
+
+    def scale_after_joining_the_group() -> str:
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, 0)  # (the saved uid lets it take root's rights back below)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                sock.connect(str(daemon.socket))  # as alice, in no group
+                os.seteuid(0)
+                os.setgroups([4646])  # a control group, joined after connecting
+                os.seteuid(uid)
+                sock.sendall(protocol.encode_frame(protocol.SCALE, 1, protocol.pack(3)))
+                kind, _request_id, body = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
+                outcome = protocol.unpack(body)
+                os.write(write_end, (outcome.get("code", "ok") if kind == protocol.ERROR else "ok").encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(child, 0)
+        with os.fdopen(read_end) as reader:
+            return reader.read()
+
+    assert scale_after_joining_the_group() == "access_denied"
+    assert daemon.client().status()["workers_wanted"] == 2
