@@ -1164,6 +1164,7 @@ class Master:
                 return
             if tcp:
                 pid = uid = gid = _NO_PEER
+                groups: frozenset[int] = frozenset()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are whole: send at once
             else:
                 try:
