@@ -842,9 +842,7 @@ class Master:
             return
         self._rest(conn, time.monotonic())
         error = Quarantined(self._quarantine_message(expert, quarantine), expert=expert)
-        self._send_reply(conn, protocol.encode_error(conn.request_id, error))
-        if conn.state == _IDLE:
-            self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+        self._answer(conn, protocol.encode_error(conn.request_id, error))
 
     def _backoff_delay(self) -> float:
         return min(_BACKOFF_MAX, 0.1 * 2 ** (self._fast_failures - 1))
@@ -1081,9 +1079,7 @@ class Master:
             if conn.state != _WAITING:
                 continue  # closed meanwhile
             self._rest(conn, time.monotonic())
-            self._send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
-            if conn.state == _IDLE:
-                self._recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+            self._answer(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
 
     def _on_parent_exit(self, parent: Generation, status: int) -> None:
         parent.exited = True
@@ -1619,9 +1615,7 @@ class Master:
         self._rest(conn, time.monotonic())
         refusal = self._control_refusal(conn, kind)
         if refusal is not None:
-            self._send_reply(conn, protocol.encode_error(request_id, refusal))
-            if conn.state == _IDLE:
-                self._recheck.append(conn)
+            self._answer(conn, protocol.encode_error(request_id, refusal))
             return
         after = None
         if kind == protocol.STATUS:
@@ -1675,6 +1669,12 @@ class Master:
             return unread[:size]
         conn.unread = b""
         return unread + conn.sock.recv(size - len(unread), socket.MSG_DONTWAIT)
+
+    def _answer(self, conn: _Connection, frame: bytes) -> None:
+        """Send a reply of the master's own; the connection then takes its next turn (a request pipelined behind)."""
+        self._send_reply(conn, frame)
+        if conn.state == _IDLE:
+            self._recheck.append(conn)  # looked at in the main loop, after the others
 
     def _send_reply(self, conn: _Connection, frame: bytes) -> None:
         """Write a reply of the master's own; what the socket does not take now goes out as it drains."""

@@ -23,7 +23,7 @@ from expertd.client import Client
 from expertd.errors import AccessDenied, Overloaded
 
 from conftest import raw_connection, wait_until
-from users import as_user, local_user, needs_root
+from users import as_user, in_child, local_user, needs_root
 
 pytestmark = needs_root
 
@@ -485,29 +485,18 @@ def test_control_groups_are_the_ones_the_peer_had_when_it_connected(open_daemon,
     daemon = open_daemon(control_gids="4646")
 
     def scale_after_joining_the_group() -> str:
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:
-            try:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, 0)  # (the saved uid lets it take root's rights back below)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(10)
-                sock.connect(str(daemon.socket))  # as alice, in no group
-                os.seteuid(0)
-                os.setgroups([4646])  # a control group, joined after connecting
-                os.seteuid(uid)
-                sock.sendall(protocol.encode_frame(protocol.SCALE, 1, protocol.pack(3)))
-                kind, _request_id, body = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
-                outcome = protocol.unpack(body)
-                os.write(write_end, (outcome.get("code", "ok") if kind == protocol.ERROR else "ok").encode())
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        os.waitpid(child, 0)
-        with os.fdopen(read_end) as reader:
-            return reader.read()
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, 0)  # (the saved uid lets it take root's rights back below)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket))  # as alice, in no group
+        os.seteuid(0)
+        os.setgroups([4646])  # a control group, joined after connecting
+        os.seteuid(uid)
+        sock.sendall(protocol.encode_frame(protocol.SCALE, 1, protocol.pack(3)))
+        kind, _request_id, body = protocol.read_frame(sock, 1 << 20, time.monotonic() + 10)
+        return protocol.unpack(body).get("code", "ok") if kind == protocol.ERROR else "ok"
 
-    assert scale_after_joining_the_group() == "access_denied"
+    assert in_child(scale_after_joining_the_group) == "access_denied"
     assert daemon.client().status()["workers_wanted"] == 2

@@ -23,6 +23,7 @@ from expertd.errors import (
 )
 
 from conftest import ROOT, Daemon, raw_connection, run_expertd, wait_until, write_config
+from users import as_user, needs_root
 
 sys.path.insert(0, str(ROOT / "bench"))
 from soak import run_load
@@ -398,39 +399,23 @@ def test_chaos_without_retries_every_failure_is_clean_and_retryable(make_daemon)
 
 
 # ---------------------------------------------------------------- access
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
 
 
 def _call_as(uid: int, socket_path: str, over_http: bool = False) -> str:
-    """Fork a child that drops to ``uid`` and calls add (msgpack, or HTTP); returns what happened."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
+    """Call add as ``uid`` (msgpack, or HTTP) in a forked child; returns what happened."""
+    def call() -> str:
         try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            try:
-                if over_http:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.settimeout(10)
-                    sock.connect(socket_path)
-                    sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n[1, 1]")
-                    outcome = sock.recv(65536).decode(errors="replace")
-                else:
-                    outcome = f"ok {Client(socket_path, retries=0).call('add', 1, 1)}"
-            except AccessDenied as exc:
-                outcome = f"denied {exc}"
-            except Exception as exc:
-                outcome = f"error {type(exc).__name__}: {exc}"
-            os.write(write_end, outcome.encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end) as reader:
-        return reader.read()
+            if over_http:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                sock.connect(socket_path)
+                sock.sendall(b"POST /call/add HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n[1, 1]")
+                return sock.recv(65536).decode(errors="replace")
+            return f"ok {Client(socket_path, retries=0).call('add', 1, 1)}"
+        except AccessDenied as exc:
+            return f"denied {exc}"
+
+    return as_user(uid, uid, call)
 
 
 @needs_root

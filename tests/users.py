@@ -4,7 +4,8 @@
 gid; ``as_user(uid, gid, action)`` runs ``action`` in a forked child that has
 dropped to that user (setgroups, setgid, setuid: the child keeps the modules
 root imported, since the interpreter may live where others cannot execute it)
-and returns what ``action`` returned, as text.
+and returns what ``action`` returned, as text; ``in_child(action)`` is the
+same for a child that changes its credentials itself.
 """
 
 from __future__ import annotations
@@ -33,14 +34,22 @@ def local_user(name: str) -> tuple[int, int]:
 
 def as_user(uid: int, gid: int, action: Callable[[], object], groups: tuple[int, ...] = ()) -> str:
     """Run ``action()`` as ``uid``/``gid`` in a forked child; its result (or exception) as text."""
+    def dropped() -> object:
+        os.setgroups(list(groups))
+        os.setgid(gid)
+        os.setuid(uid)
+        return action()
+
+    return in_child(dropped)
+
+
+def in_child(action: Callable[[], object]) -> str:
+    """Run ``action()`` in a forked child (which may change its credentials); its result or exception as text."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_end)
         try:
-            os.setgroups(list(groups))
-            os.setgid(gid)
-            os.setuid(uid)
             try:
                 outcome = str(action())
             except BaseException as exc:  # reported to the test as text
