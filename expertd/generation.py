@@ -263,7 +263,7 @@ class Generation:
 
 
 def _reopen_log_files(signum: int, frame: object) -> None:
-    from expertd.master import reopen_log_files  # (at call time: the master imports this module)
+    from expertd.logfile import reopen_log_files
 
     try:
         reopen_log_files()

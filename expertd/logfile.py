@@ -88,3 +88,15 @@ def reopen(handler: logging.FileHandler) -> None:
                 os.dup2(fresh.fileno(), 2)
     finally:
         handler.release()
+
+
+def reopen_log_files() -> None:
+    """Reopen every file the log writes to (after logrotate moved it), never through a symlink.
+
+    Where stderr is that same file (daemon mode: native libraries write to fd 2
+    directly), stdout and stderr follow it to the new file.  OSError (with the
+    reason) if a file cannot be opened safely: that handler keeps its old file.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            reopen(handler)

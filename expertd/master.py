@@ -62,6 +62,7 @@ from expertd.generation import (
     become_subreaper,
 )
 from expertd.listener import Listener, bind_tcp
+from expertd.logfile import reopen_log_files
 from expertd.logs import Throttle
 from expertd.metrics import Metrics
 from expertd.notify import Notifier
@@ -2199,20 +2200,6 @@ class _Reload:
     experts: dict[str, dict]
     parent: Generation | None
     generation: int
-
-
-def reopen_log_files() -> None:
-    """Reopen every file the log writes to (after logrotate moved it), never through a symlink.
-
-    Where stderr is that same file (daemon mode: native libraries write to fd 2
-    directly), stdout and stderr follow it to the new file.  OSError (with the
-    reason) if a file cannot be opened safely: that handler keeps its old file.
-    """
-    from expertd.logfile import reopen
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            reopen(handler)
 
 
 def _over_half(holders: list[_Connection], held_by_uid: dict[int, int], uid: int, budget: int,

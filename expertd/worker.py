@@ -655,7 +655,7 @@ def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeErro
 
 
 def _reopen_logs_quietly() -> None:
-    from expertd.master import reopen_log_files
+    from expertd.logfile import reopen_log_files
 
     try:
         reopen_log_files()
