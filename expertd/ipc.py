@@ -51,9 +51,12 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _SERVE = struct.Struct("!IB")
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IBI")
+_DONE_SIZE = 1 + _DONE.size
 _MEMORY = struct.Struct("!QQQ")
 _CLOSE, _RETIRING, _UNSENT, _LINGER, _UNREAD = 1, 2, 4, 8, 16
 _HTTP = 0x80  # in SERVE's ``how``: the connection speaks HTTP
+_INT = struct.Struct("i")
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 _MAX_MESSAGE = 4096
 # Frames up to this size travel inside the SERVE message (the default socket buffer holds them).
 MAX_INLINE = 64 * 1024
@@ -110,8 +113,9 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
     which protocol the connection speaks.
     """
     protocol_bit = _HTTP if speaks_http else 0
-    if frame is None:
-        socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _FROM_SOCKET | protocol_bit)], [fd])
+    if frame is None:  # the hot path: sendmsg itself (socket.send_fds builds an array and a list a call)
+        channel.sendmsg([SERVE + _SERVE.pack(conn_id, _FROM_SOCKET | protocol_bit)],
+                        [(_SOL_SOCKET, _SCM_RIGHTS, _INT.pack(fd))])
     elif len(frame) <= MAX_INLINE:
         socket.send_fds(channel, [SERVE + _SERVE.pack(conn_id, _IN_MESSAGE | protocol_bit), frame], [fd])
     else:
@@ -124,17 +128,20 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
 
 # Room for this many descriptors in a message's ancillary data.
 _FDS_SPACE = socket.CMSG_SPACE(2 * struct.calcsize("i"))
-_INT = struct.Struct("i")
 
 
 def _receive(channel: socket.socket, size: int, flags: int = 0) -> tuple[bytes, list[int]]:
     """One message and the descriptors it carries (socket.recv_fds without its per-call set-up)."""
     data, ancillary, _flags, _addr = channel.recvmsg(size, _FDS_SPACE, flags)
+    return data, _descriptors(ancillary)
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += [_INT.unpack_from(payload, i)[0] for i in range(0, len(payload) - _INT.size + 1, _INT.size)]
-    return data, fds
+    return fds
 
 
 def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None, bool] | None:
@@ -222,11 +229,22 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     pss, rss))``, None when nothing is waiting, or ``(b"", None)`` when the
     worker's end closed.
     """
-    message = receive_nowait(channel, _MAX_MESSAGE)
-    if message is None:
+    try:
+        data, ancillary, _flags, _addr = channel.recvmsg(_MAX_MESSAGE, _FDS_SPACE, _DONTWAIT)
+    except BlockingIOError:
         return None
-    data, fds = message
+    except OSError:
+        return b"", None
+    if not ancillary and data[:1] == DONE and len(data) == _DONE_SIZE:
+        # The hot path: a DONE with nothing to carry (one per handed-over request).
+        conn_id, flags, served = _DONE.unpack_from(data, 1)
+        if not flags & (_UNSENT | _UNREAD):
+            return DONE, (conn_id, bool(flags & _CLOSE), bool(flags & _RETIRING), bool(flags & _LINGER), served,
+                          None, None)
+    fds = _descriptors(ancillary)
     if not data:
+        for fd in fds:
+            os.close(fd)
         return b"", None
     op = data[:1]
     if op == DONE:

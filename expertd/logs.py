@@ -15,11 +15,16 @@ user, say, so that one user's flood cannot hide another's first line.
 :meth:`Throttle.flush` writes the counts of intervals that are over; call it
 now and then (the master does from its loop), or they are written with the
 cause's next line.
+
+:class:`Summary` is the master's line per minute on the calls it handed over.
+
+State owned here: each cause's window (Throttle); the minute's call durations (Summary).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -105,3 +110,42 @@ class Throttle:
         else:
             self._windows[key] = _Window(until=now + self.interval)
             self._next_flush = min(self._next_flush, now + self.interval)
+
+
+SUMMARY_INTERVAL = 60.0
+_SUMMARY_SAMPLES = 10_000  # call durations kept for the summary's percentiles
+
+
+class Summary:
+    """The master's periodic log line: handed-over calls in the last minute, their median and 99th percentile.
+
+    Memory stays bounded at any request rate: past _SUMMARY_SAMPLES durations, a
+    uniform sample of them is kept (a reservoir).
+    """
+
+    def __init__(self, log: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = log
+        self._durations: list[float] = []
+        self._seen = 0
+        self.next_at = clock() + SUMMARY_INTERVAL
+
+    def record(self, elapsed: float) -> None:
+        self._seen += 1
+        if self._seen <= _SUMMARY_SAMPLES:
+            self._durations.append(elapsed)
+        else:
+            kept = int(random.random() * self._seen)  # (randrange costs ten times more)
+            if kept < _SUMMARY_SAMPLES:
+                self._durations[kept] = elapsed
+
+    def write(self, now: float, connections: int) -> None:
+        """Write the line if the minute is over (and anything was handed over in it)."""
+        if now < self.next_at:
+            return
+        self.next_at = now + SUMMARY_INTERVAL
+        if self._durations:
+            durations = sorted(self._durations)
+            self._log.info("last %.0fs: %d requests, median %.2f ms, 99th percentile %.2f ms, %d connections open",
+                           SUMMARY_INTERVAL, self._seen, durations[len(durations) // 2] * 1000,
+                           durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000, connections)
+            self._durations, self._seen = [], 0

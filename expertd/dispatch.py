@@ -1,0 +1,456 @@
+"""Dispatch: whole requests to idle workers, in arrival order, and what comes back.
+
+* **Hand-out**: a connection whose request is whole joins the queue; the next
+  idle worker gets its descriptor over its channel (:mod:`expertd.ipc`) and
+  answers the client itself.
+* **Hand-ahead**: when every worker is busy, a worker busy with a short request
+  gets its next connection at once, waiting in its channel, so that it need not
+  wait a round trip through the master between requests.
+* **Linger**: a worker that answered may keep the connection for its next
+  request (fewer clients than workers); when requests queue, the master takes
+  lingering connections back (**reclaim**: SIGUSR2, answered by a DONE).
+* **Reports**: DONE hands the connection back (with any reply left to write
+  and input read but not served); READY, FAILED and MEMORY concern the worker.
+* **Lost requests**: a worker that dies holding a request gets its caller a
+  ``worker_lost`` (or ``timeout``) error, unless reply bytes may be out.
+
+The per-request work here does not grow with the number of workers: idle
+workers wait in a deque, busy workers that may take a connection ahead in
+another (in the order they became busy), and deadlines are scanned only when
+the earliest one may have passed.
+
+State owned here: the queue of whole requests (shared with
+:mod:`expertd.intake`, which appends), the idle and lingering workers, the
+candidates for hand-ahead, the earliest request deadline, and each expert's
+typical call duration.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections import deque
+from collections.abc import Callable
+
+from expertd import ipc, protocol
+from expertd.backoff import Quarantines
+from expertd.connections import (
+    BUSY,
+    ET_QUIET,
+    ET_READ,
+    QUEUED,
+    WRITING,
+    Connection,
+    ConnectionTable,
+)
+from expertd.connections import LINGERING as CONN_LINGERING
+from expertd.errors import Overloaded, Quarantined, RequestTimeout, ShuttingDown, WorkerLost
+from expertd.logs import Summary
+from expertd.metrics import Metrics
+from expertd.pool import BUSY as WORKER_BUSY
+from expertd.pool import GONE, IDLE, LINGERING, Pool, WorkerSlot, exited_cleanly
+from expertd.scoreboard import Scoreboard
+from expertd.serving import Serving
+
+log = logging.getLogger("expertd.master")
+
+# A busy worker is handed its next connection ahead only while the request in hand is short: an
+# expert whose calls typically take less than this, running for less than this (see _hand_ahead).
+HAND_AHEAD_UNDER = 0.002
+_LINGER_PAUSE = 0.1
+_NEVER = float("inf")
+
+
+class Dispatcher:
+    """Hands whole requests to workers and takes their connections back."""
+
+    def __init__(self, serving: Serving, pool: Pool, table: ConnectionTable, queue: deque[Connection],
+                 scoreboard: Scoreboard, metrics: Metrics, quarantines: Quarantines, summary: Summary,
+                 on_ready: Callable[[], None], kill_and_reap: Callable[[WorkerSlot], None],
+                 examine: Callable[[Connection], None]) -> None:
+        self.serving = serving
+        self.pool = pool
+        self.table = table
+        self.queue = queue
+        self.scoreboard = scoreboard
+        self.metrics = metrics
+        self.quarantines = quarantines
+        self.summary = summary
+        self.on_ready = on_ready  # a worker became ready (the generation may now be complete)
+        self.kill_and_reap = kill_and_reap  # SIGKILL a worker and see to its exit at once
+        self.examine = examine  # look at a connection handed back (expertd.intake.Intake.examine)
+        self.idle: deque[WorkerSlot] = deque()
+        self.lingering: set[WorkerSlot] = set()
+        self._ahead: deque[tuple[WorkerSlot, float]] = deque()  # (busy worker, busy since), oldest first
+        self.next_deadline = _NEVER  # no busy worker's request times out before this (maybe later)
+        self.typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
+        self._queued_shown = 0  # the queue length last written to the scoreboard
+
+    # ------------------------------------------------------------- hand-out
+    def dispatch(self) -> None:
+        if self.queue:
+            if self.idle:
+                self._hand_out()
+            if self.queue:  # requests wait and no worker is idle: take back the lingering ones
+                for slot in self.lingering:
+                    self.reclaim(slot)
+                self._hand_ahead()
+        if len(self.queue) != self._queued_shown:
+            self._queued_shown = len(self.queue)
+            self.scoreboard.set_queued(self._queued_shown)
+
+    def _hand_out(self) -> None:
+        queue, idle, quarantines = self.queue, self.idle, self.quarantines
+        while queue and idle:
+            conn = queue.popleft()
+            if conn.state != QUEUED:
+                continue
+            if quarantines.entries and conn.expert in quarantines.entries:
+                quarantine = quarantines.of(conn.expert)
+                if quarantine is not None:  # gathered, or queued before its expert was quarantined
+                    config = self.serving.config
+                    self.metrics.count_failure(conn.expert, Quarantined.code)
+                    self.table.fail(conn, Quarantined(quarantines.message(
+                        conn.expert, quarantine, config.quarantine_after, config.quarantine_window),  # type: ignore
+                        expert=conn.expert))
+                    continue
+            slot = idle.popleft()
+            self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
+            try:
+                ipc.send_serve(slot.channel, conn.conn_id, conn.fd, conn.inbuf, conn.speaks == "http")
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    queue.appendleft(conn)  # the worker is gone; SIGCHLD will tell
+                    continue
+                # Out of descriptors or memory here: keep the worker, refuse this request.
+                log.error("cannot hand a request to worker %d: %s", slot.number, exc.strerror)
+                idle.appendleft(slot)
+                self.table.fail(conn, Overloaded(f"the daemon is short of resources ({exc.strerror}); retry shortly"))
+                continue
+            if conn.inbuf is not None:
+                self.table.release_gathered(conn)
+            conn.to(BUSY)
+            self._busy(slot, conn)
+
+    def _busy(self, slot: WorkerSlot, conn: Connection) -> None:
+        """``slot`` serves ``conn`` from now (handed out, or handed ahead and reached)."""
+        now = self.serving.now
+        slot.conn = conn
+        slot.busy_since = now
+        slot.deadline = deadline = now + self.serving.config.expert_timeout(conn.expert or "")
+        slot.to(WORKER_BUSY)
+        if deadline < self.next_deadline:
+            self.next_deadline = deadline
+        ahead = self._ahead
+        while ahead and now - ahead[0][1] > HAND_AHEAD_UNDER:
+            ahead.popleft()  # (busy too long by now to be handed anything ahead)
+        ahead.append((slot, now))
+
+    def _hand_ahead(self) -> None:
+        """Every worker is busy and requests wait: give busy workers their next connection now.
+
+        The worker finds it in its channel the moment it reports the one in
+        hand, instead of waiting a round trip through the master for it: with
+        more clients than workers, that round trip is a large part of each
+        request.  Only a request whole in the socket is handed ahead (one the
+        master gathered would die with a worker that dies before reaching it;
+        this one goes back to the queue), one per worker, and never to a
+        worker that lingers or is on its way out.
+
+        Only a worker busy with a short request gets one: an expert whose
+        calls typically take under HAND_AHEAD_UNDER, running for less than
+        that.  The connection waits for that request to end, even if another
+        worker falls idle first; for short requests that wait is shorter
+        than the round trip it saves, and a long one keeps its queue.
+        """
+        if self.quarantines.entries:
+            return  # a call queued for a quarantined expert must meet _hand_out's refusal, not a busy worker
+        queue, ahead, now = self.queue, self._ahead, self.serving.now
+        while ahead:
+            while queue and queue[0].state != QUEUED:
+                queue.popleft()
+            if not queue or queue[0].inbuf is not None:
+                return  # (first come, first served: a gathered request waits for an idle worker)
+            slot, since = ahead.popleft()
+            conn = slot.conn
+            if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
+                    or conn is None or slot.next_conn is not None or slot.leaving is not None
+                    or slot.channel.fileno() < 0
+                    or self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) >= HAND_AHEAD_UNDER):
+                continue
+            upcoming = queue[0]
+            try:
+                ipc.send_serve(slot.channel, upcoming.conn_id, upcoming.fd, None, upcoming.speaks == "http")
+            except OSError:
+                return  # the worker is gone (SIGCHLD will tell) or the master is short of resources: it waits
+            queue.popleft()
+            upcoming.to(BUSY)
+            slot.next_conn = upcoming
+            self.scoreboard.set_next(slot.board, True)
+
+    def _take_next(self, slot: WorkerSlot) -> Connection | None:
+        """The connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""
+        upcoming, slot.next_conn = slot.next_conn, None
+        if upcoming is not None:
+            self.scoreboard.set_next(slot.board, False)
+        return upcoming
+
+    def _requeue(self, conn: Connection) -> None:
+        """A connection handed ahead that its worker never reached: first in the queue again."""
+        if conn.state == BUSY:
+            conn.to(QUEUED)
+            self.queue.appendleft(conn)
+
+    def reclaim(self, slot: WorkerSlot) -> None:
+        """Ask a lingering worker to hand its connection back (it answers with DONE)."""
+        if slot.reclaim_sent or slot.channel.fileno() < 0:
+            return
+        slot.reclaim_sent = True
+        # More clients than idle workers: lingering would only make workers change hands
+        # twice per request, so it pauses for a moment.
+        self.scoreboard.pause_lingering(max(self.serving.now + _LINGER_PAUSE, self.quarantines.linger_paused_until))
+        try:
+            os.kill(slot.pid, signal.SIGUSR2)  # interrupts the worker's wait on the connection (see ipc)
+        except OSError:
+            pass  # it is exiting; its exit returns the connection
+
+    def retire(self, slot: WorkerSlot, reason: str) -> None:
+        """Take a worker out of service; it finishes the request in hand first."""
+        if not self.pool.leave(slot, reason):
+            return
+        if slot in self.idle:
+            self.idle.remove(slot)
+        if slot.state == LINGERING:
+            self.reclaim(slot)  # it hands the connection back, then its channel is closed
+        elif slot.conn is None and slot.ready_at is not None:
+            self.pool.close_channel(slot)
+        elif slot.ready_at is None:
+            self.pool.kill(slot)  # still booting: nothing to finish
+
+    # ------------------------------------------------------------- reports
+    def read_reports(self, slot: WorkerSlot, drain: bool = True) -> None:
+        while True:
+            try:
+                report = ipc.receive_report(slot.channel)
+            except RuntimeError as exc:
+                log.error("worker %d (pid %d): %s; killing it", slot.number, slot.pid, exc)
+                self.pool.kill(slot)
+                return
+            if report is None:
+                return
+            op, value = report
+            if op == ipc.DONE:
+                self._on_done(slot, *value)  # type: ignore[misc]
+            elif op == ipc.READY:
+                self.pool.ready(slot)
+                if slot.leaving is None:
+                    self.idle.append(slot)
+                else:
+                    self.pool.close_channel(slot)
+                self.on_ready()
+            elif op == ipc.FAILED:
+                slot.failure = str(value)
+            elif op == ipc.MEMORY:
+                slot.memory = value  # type: ignore[assignment]
+                uss, pss, rss = (round(n / 2**20, 1) for n in value)  # type: ignore[attr-defined]
+                log.info("worker %d (pid %d) memory after warm-up: USS %.1f MiB, PSS %.1f MiB, RSS %.1f MiB",
+                         slot.number, slot.pid, uss, pss, rss)
+            else:  # the worker's end closed: it is exiting; SIGCHLD will follow
+                self.pool.channel_closed(slot)
+                return
+            if not drain:
+                return
+
+    def _on_done(self, slot: WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
+                 unsent: bytearray | None, unread: bytes | None) -> None:
+        serving = self.serving
+        now = serving.now
+        slot.requests += served
+        serving.requests_served += served
+        slot.last_done = now
+        lingered = slot.state == LINGERING
+        conn = slot.conn
+        if not lingered:
+            elapsed = now - slot.busy_since
+            self.summary.record(elapsed)
+            if conn is not None and served == 1:
+                name = conn.expert or ""
+                typical = self.typical.get(name)
+                if typical is not None:
+                    self.typical[name] = typical + (elapsed - typical) / 8
+                elif name in serving.experts:  # a name the client sent: only served experts get an entry
+                    self.typical[name] = elapsed
+        if linger and conn is not None and conn.conn_id == conn_id:
+            # The worker keeps the connection for its next request; it hands it back with another DONE.
+            slot.to(LINGERING)
+            slot.reclaim_sent = False
+            self.lingering.add(slot)
+            conn.to(CONN_LINGERING)
+            # Its requests are the worker's now: an edge per request would wake the master for nothing.
+            self.table.epoll.modify(conn.fd, ET_QUIET)
+            if slot.leaving is not None or self.queue or slot.next_conn is not None or serving.stopping:
+                self.reclaim(slot)
+            return
+        slot.conn = None
+        if lingered:
+            self.lingering.discard(slot)
+            if conn is not None:
+                self.table.epoll.modify(conn.fd, ET_READ)
+        upcoming = self._take_next(slot)
+        if upcoming is not None and retiring:
+            self._requeue(upcoming)  # it exits without reading its channel: the request is still whole in its socket
+        elif upcoming is not None:
+            self._busy(slot, upcoming)  # it goes on with the connection handed ahead at once
+        if slot.conn is None:
+            slot.to(IDLE)
+            if retiring:
+                self.pool.leave(slot, "retiring")  # it exits now; its replacement is spawned at once
+            elif slot.leaving is not None:
+                self.pool.close_channel(slot)  # retired while busy (reload, scale down): it may go now
+            else:
+                self.idle.append(slot)
+        if conn is None or conn.conn_id != conn_id:
+            log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
+            return
+        conn.unread = unread or b""
+        if unsent:
+            # The client is slow to take its reply: finish writing it here, not in the worker.
+            refusal = self.table.hold_reply(conn, memoryview(unsent))
+            if refusal is not None:
+                # Part of the reply is out: an error frame would corrupt the stream; the log says why.
+                log.warning("closing connection %d: its client is not taking its reply, and the %d bytes left "
+                            "would take the master past %s; raise it if such replies are expected",
+                            conn.conn_id, len(unsent), refusal)
+                self.table.close(conn)
+                return
+            conn.close_when_written = close
+            self.table.start_writing(conn)  # (epoll reports the socket writable: the loop writes what it takes)
+        elif close or serving.stopping:
+            self.table.close(conn)
+        else:
+            self.table.rest(conn, now)
+            if lingered or conn.look_again or conn.unread:
+                # Something may wait in it without a new edge (a request pipelined behind, input the
+                # worker handed back, anything sent while a lingering worker held it): look now.
+                self.examine(conn)
+
+    # ------------------------------------------------------------- deaths
+    def worker_exited(self, slot: WorkerSlot, status: int, how: str) -> str | None:
+        """See to what a dead worker held: its connections and their callers.  Returns the served expert
+        whose call it died in, if any (for its quarantine)."""
+        if slot.channel.fileno() >= 0:
+            self.read_reports(slot)  # a DONE sent just before dying still counts
+        self.pool.forget_channel(slot)
+        if slot in self.idle:
+            self.idle.remove(slot)
+        lingering = slot.state == LINGERING
+        self.lingering.discard(slot)
+        upcoming = self._take_next(slot)
+        if upcoming is not None:  # never reached: a worker reports the connection in hand before reading the next
+            self._requeue(upcoming)
+        self.metrics.retire(slot.board)
+        began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
+        # A lingering worker that was only waiting on its connection was serving nothing.
+        serving = slot.conn is not None and (not lingering or bool(began))
+        if (serving and not lingering and not began and exited_cleanly(status) and slot.conn.state == BUSY
+                and _still_unread(slot.conn)):
+            # A worker exits cleanly only between connections, so it never started this one (a
+            # SIGTERM as it was handed over): the request is still whole in its socket.
+            conn, slot.conn = slot.conn, None
+            self._requeue(conn)
+            serving = False
+        # The expert whose call the worker died in (a served one only: names come from clients).
+        # The name the worker decoded (on the scoreboard) over the master's hint from the header.
+        blamed = (expert or (None if lingering else slot.conn.expert)) if serving else None  # type: ignore[union-attr]
+        if slot.leaving is not None:
+            log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
+        elif serving:
+            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how,
+                      request_id if lingering else slot.conn.request_id)  # type: ignore[union-attr]
+        elif not self.serving.stopping:
+            log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
+        conn = slot.conn
+        if conn is not None:
+            slot.conn = None
+            if lingering:
+                self.table.epoll.modify(conn.fd, ET_READ)
+            if not serving and lingering and conn.speaks == "msgpack" and not exited_cleanly(status):
+                # A lingering worker's wait reads the socket: a request it had just taken out may
+                # have died with it.  Closing makes the client send it again (a pooled connection
+                # closed before any reply byte is retried at once); taking it back would leave the
+                # client waiting for a reply that never comes.
+                self.table.close(conn)
+            elif not serving:  # the client lost nothing: the master takes the connection back
+                self.table.rest(conn, self.serving.now)
+                self.table.recheck.append(conn)
+            else:
+                if lingering:
+                    conn.request_id, conn.expert = request_id, expert or None
+                self._answer_lost_request(conn, slot, how, writing)
+        slot.to(GONE)
+        return blamed
+
+    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool) -> None:
+        """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
+        timed_out = slot.leaving == "timed out"
+        if conn.expert is not None and not writing:  # once writing, the worker has counted the call
+            self.metrics.count_failure(conn.expert, "timeout" if timed_out else "worker_lost")
+        if writing:
+            self.table.close(conn)  # part of a reply may be out: an error frame would corrupt the stream
+        elif timed_out:
+            limit = self.serving.config.expert_timeout(conn.expert or "")
+            self.table.fail(conn, RequestTimeout(
+                f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
+                "the worker was replaced", expert=conn.expert))
+        elif self.serving.stopping:
+            self.table.fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+        else:
+            self.table.fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+
+    # ------------------------------------------------------------- timeouts
+    def expire(self, now: float) -> None:
+        """Kill workers past their request's timeout (busy: by the master's deadline; lingering: by the scoreboard)."""
+        if now > self.next_deadline:
+            for slot in list(self.pool.workers.values()):
+                if slot.state == WORKER_BUSY and now > slot.deadline:
+                    self.read_reports(slot)  # a report already waiting means it finished in time
+                    if slot.state == WORKER_BUSY and now > slot.deadline:
+                        self._time_out(slot)
+            self.next_deadline = min((slot.deadline for slot in self.pool.workers.values()
+                                      if slot.state == WORKER_BUSY), default=_NEVER)
+        for slot in list(self.lingering):
+            began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
+            # The scoreboard is read without a lock; as a second line of defence against a
+            # read that overlapped a write, act only on a request seen overdue at two scans.
+            if began and timeout > 0 and now > began + timeout:
+                if slot.overdue == began and slot.conn is not None:
+                    slot.conn.request_id, slot.conn.expert = request_id, expert or None
+                    self._time_out(slot)
+                slot.overdue = began
+            else:
+                slot.overdue = 0.0
+
+    def _time_out(self, slot: WorkerSlot) -> None:
+        conn = slot.conn
+        assert conn is not None
+        log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %d); killing and replacing it",
+                  slot.number, slot.pid, self.serving.config.expert_timeout(conn.expert or ""),
+                  conn.expert or "(request)", conn.request_id)
+        self.pool.leave(slot, "timed out", override=True)
+        self.kill_and_reap(slot)
+
+    def in_flight(self) -> bool:
+        """Whether any request is being served, written or waits for a worker (stopping waits for them)."""
+        return (any(slot.conn is not None for slot in self.pool.workers.values())
+                or any(conn.state == WRITING for conn in self.table.by_fd.values())
+                or (any(conn.state == QUEUED for conn in self.queue) and bool(self.pool.workers)))
+
+
+def _still_unread(conn: Connection) -> bool:
+    """Whether the connection's request is still whole in its socket (no worker read any of it)."""
+    try:
+        return conn.frame_size > 0 and protocol.queued_bytes(conn.fd) >= conn.frame_size
+    except OSError:
+        return False

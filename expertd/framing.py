@@ -1,0 +1,99 @@
+"""Framing a request from the bytes peeked at, without reading them: pure functions.
+
+The master never reads a request it hands over: it peeks at the first bytes
+waiting on a connection and decides from them alone what the connection
+speaks, what kind of request is waiting, for which expert, how long it is, and
+whether it must be refused.  Those decisions are here, free of sockets, so that
+they can be tested as tables of valid and invalid inputs (tests/test_framing.py);
+:mod:`expertd.intake` does the peeking.
+
+State owned here: none.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+from expertd import http, protocol
+from expertd.errors import BadRequest, FrameTooLarge, RemoteError
+
+MSGPACK, HTTP = "msgpack", "http"
+
+# Read by the master itself: open to every caller unless public_status = no.  Every other control
+# kind (RELOAD, STOP, SCALE, any added later) needs control_uids / control_gids.
+READ_KINDS = frozenset({protocol.STATUS, protocol.LIST})
+MASTER_KINDS = protocol.CONTROL_KINDS | {protocol.LIST}  # answered by the master, never a worker
+KIND_NAMES = {protocol.STATUS: "STATUS", protocol.LIST: "LIST", protocol.RELOAD: "RELOAD", protocol.STOP: "STOP",
+              protocol.SCALE: "SCALE"}
+BAD_MAGIC = "bad frame magic: this socket speaks the expertd protocol (docs/protocol.md) and HTTP (docs/http.md)"
+
+
+class Frame(NamedTuple):
+    """What a msgpack request's header (and the start of its body) say."""
+
+    kind: int
+    request_id: int | None  # None when the header itself is unreadable
+    expert: str | None  # a CALL's expert, read from the start of its body (a hint: the worker decodes it)
+    size: int  # of the whole frame, header included
+    error: RemoteError | None  # why it is refused, if it is
+
+
+def sniff(head: bytes) -> str | None:
+    """What a connection's first bytes (at least one) say it speaks: MSGPACK, HTTP, "" if they cannot
+    tell yet, or None if they are neither (the connection is refused with BAD_MAGIC)."""
+    if protocol.MAGIC.startswith(head[:2]):
+        return MSGPACK
+    if http.looks_like_http(head):
+        return HTTP
+    if len(head) < 4 and http.could_be_http(head):
+        return ""
+    return None
+
+
+def undecided(head: bytes) -> bool:
+    """Whether a connection's first bytes (maybe none yet) do not yet say which protocol it speaks."""
+    return not head or (len(head) < 4 and not protocol.MAGIC.startswith(head[:2]) and http.could_be_http(head))
+
+
+def frame_of(head: bytes, max_frame: int) -> Frame:
+    """Frame a msgpack request from its first bytes (at least a header's worth)."""
+    magic, version, kind, request_id, length = _HEADER_FROM(head)
+    if magic != protocol.MAGIC or version != protocol.VERSION:
+        try:
+            protocol.parse_header(head[: protocol.HEADER_SIZE])  # (says which is wrong)
+        except protocol.ProtocolError as exc:
+            return _frame((0, None, None, 0, BadRequest(str(exc))))
+    expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:]) if kind == protocol.CALL else None
+    error: RemoteError | None = None
+    if kind not in protocol.REQUEST_KINDS:
+        error = BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md")
+    elif length > max_frame:
+        error = FrameTooLarge(f"request body of {length} bytes exceeds max_frame ({max_frame} bytes)")
+    return _frame((kind, request_id, expert, protocol.HEADER_SIZE + length, error))
+
+
+_HEADER_FROM = protocol.HEADER.unpack_from
+_frame = partial(tuple.__new__, Frame)  # (Frame(...) runs a Python __new__: once per request, it shows)
+
+
+def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | set,
+                 max_frame: int) -> http.HttpRefusal | None:
+    """Whether an HTTP request, by its head alone, is refused (and how): admission, route, body.
+
+    (A quarantined expert is refused too, by the caller: that depends on the time.)
+    """
+    try:
+        http.admit(request, tcp=tcp, token=token)
+        http.check_route(request, experts, max_frame)
+    except http.HttpRefusal as refusal:
+        return refusal
+    if request.route not in http.WORKER_ROUTES and request.body_size:
+        return http.HttpRefusal(400, "bad_request", f"{request.method} /{request.route} takes no body")
+    return None
+
+
+def refusal_reply(error: RemoteError, head: bytes) -> bytes:
+    """``error`` as a reply in the protocol ``head`` (a connection's first bytes) shows: msgpack (request
+    id 0, the daemon's own) unless they are HTTP's."""
+    return http.error_response(None, error)[0] if http.looks_like_http(head) else protocol.encode_error(0, error)

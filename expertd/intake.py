@@ -1,0 +1,358 @@
+"""Requests as they arrive: examine without reading, gather the slow, answer what needs no worker, write the rest.
+
+When bytes arrive on an idle connection, :meth:`Intake.examine` peeks (never
+reads) and decides, with :mod:`expertd.framing`, whether a whole request is
+waiting.  A whole call joins the dispatcher's queue, still unread in its socket:
+the worker reads it.  A request that arrives in pieces is gathered here and
+handed over as a frame.  What the master answers itself (STATUS, LIST, control
+verbs, GET /health, /experts, /metrics) is read here and answered with the
+values :mod:`expertd.admin` returns.  Replies a client is slow to take are
+written here as its socket drains.
+
+State owned here: none of its own; it moves connections through their states
+(:mod:`expertd.connections`) and appends to the dispatcher's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+
+from expertd import http, protocol
+from expertd.accept import PEEK_NOW, PEEK_SIZE
+from expertd.backoff import Quarantines
+from expertd.connections import (
+    BUSY,
+    ENDED,
+    ET_READ,
+    IDLE,
+    LINGERING,
+    PARTIAL,
+    QUEUED,
+    WAITING,
+    WRITING,
+    Connection,
+    ConnectionTable,
+)
+from expertd.errors import AccessDenied, BadRequest, Overloaded, Quarantined
+from expertd.framing import BAD_MAGIC, HTTP, MASTER_KINDS, frame_of, http_refusal, sniff
+from expertd.metrics import Metrics
+from expertd.serving import Serving
+
+log = logging.getLogger("expertd.master")
+
+_GATHER_CHUNK = 256 * 1024
+_REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
+
+
+class Intake:
+    """Examines, gathers and answers requests on the master's connections."""
+
+    def __init__(self, serving: Serving, table: ConnectionTable, queue: object, admin: object,
+                 quarantines: Quarantines, metrics: Metrics) -> None:
+        self.serving = serving
+        self.table = table
+        self.queue = queue  # the dispatcher's queue of whole requests (a deque)
+        self.admin = admin  # control verbs and the master's own HTTP routes (expertd.admin.Admin)
+        self.quarantines = quarantines
+        self.metrics = metrics
+
+    def on_event(self, conn: Connection, mask: int) -> None:
+        state = conn.state
+        if state == IDLE or state == PARTIAL:
+            self.examine(conn)
+            if mask & ENDED and conn.state == PARTIAL:
+                self.table.close(conn)  # the client has ended its input: its request can never be whole
+        elif state == WRITING:
+            self.flush(conn)
+        elif state == BUSY or state == LINGERING:
+            conn.look_again = True  # bytes came while a worker holds it: look when it comes back
+
+    def examine(self, conn: Connection) -> None:
+        """Decide, without reading, whether ``conn`` has a whole request waiting."""
+        if conn.inbuf is not None:
+            self._gather(conn)
+            return
+        unread = conn.unread
+        ended = False  # the client has sent all it will (end of file after what a worker handed back)
+        try:
+            # One peek usually sees the whole of a small request, saving the FIONREAD call.
+            peeked = conn.sock.recv(PEEK_SIZE, PEEK_NOW)
+        except BlockingIOError:
+            if not unread:
+                return
+            peeked = b""  # nothing more yet: what a worker handed back may be whole
+        except OSError:
+            self.table.close(conn)
+            return
+        else:
+            if not peeked:
+                if not unread:
+                    self.table.close(conn)  # the client hung up
+                    return
+                ended = True  # what it sent before ending is still answered
+        head = unread + peeked if unread else peeked
+        if not conn.speaks:  # a connection's first bytes decide what it speaks, for its whole life
+            speaks = sniff(head)
+            if speaks is None:
+                self.table.fail(conn, BadRequest(BAD_MAGIC))
+                return
+            if not speaks:
+                self._mark_partial(conn)
+                return
+            conn.speaks = speaks
+        if conn.speaks == HTTP:
+            self._examine_http(conn, head)
+            return
+        if len(head) < protocol.HEADER_SIZE:
+            self._close_or_wait(conn, ended)
+            return
+        frame = frame_of(head, self.serving.config.max_frame)
+        if frame.request_id is not None:
+            conn.request_id = frame.request_id
+        conn.expert = frame.expert
+        if frame.error is not None:
+            self.table.fail(conn, frame.error)
+            return
+        kind = frame.kind
+        conn.frame_size = size = frame.size
+        if len(head) < size and len(peeked) == PEEK_SIZE:
+            queued = len(unread) + protocol.queued_bytes(conn.fd)
+        else:
+            queued = len(head)
+        if queued >= size:
+            if kind in MASTER_KINDS:
+                self._control(conn, kind, conn.request_id)
+                return
+            if self.quarantines.entries and kind == protocol.CALL:
+                quarantine = self.quarantines.of(conn.expert)
+                if quarantine is not None:
+                    self._refuse_quarantined(conn, quarantine)
+                    return
+            if not unread:
+                conn.look_again = queued != size  # more than this request waits, or may
+                conn.to(QUEUED)  # whole in the socket: the worker reads it
+                self.queue.append(conn)  # type: ignore[attr-defined]
+                return
+        if kind in MASTER_KINDS:
+            self._close_or_wait(conn, ended)  # control requests are tiny: wait for the rest
+            return
+        # Arriving in pieces, or begun in bytes a worker handed back: gathered here and handed
+        # over as a frame.  (The socket may never hold all of a request sent in small pieces:
+        # they fill the queue's accounting long before its byte count.)
+        conn.inbuf, conn.unread = bytearray(), b""
+        if not self.table.hold_gathered(conn, len(unread)):
+            self.table.fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
+            return
+        conn.inbuf += unread
+        self._gather(conn)
+
+    def _examine_http(self, conn: Connection, head: bytes) -> None:
+        """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
+        try:
+            request = http.scan_head(head)
+            if request is None and len(head) == PEEK_SIZE:  # a long head: look further, once it grew
+                queued = protocol.queued_bytes(conn.fd)
+                if queued <= conn.head_scanned:
+                    return
+                conn.head_scanned = queued
+                head = conn.sock.recv(http.MAX_HEAD, PEEK_NOW)
+                request = http.scan_head(head)
+            if request is None:
+                self._mark_partial(conn)
+                return
+        except http.HttpRefusal as refusal:  # the framing itself is bad: nothing more can be read
+            self.table.fail(conn, refusal)
+            return
+        except OSError:
+            self.table.close(conn)
+            return
+        conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
+        queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
+        config = self.serving.config
+        refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
+                               max_frame=config.max_frame)
+        if refusal is None and self.quarantines.entries:
+            quarantine = self.quarantines.of(request.expert)
+            if quarantine is not None:
+                refusal = http.HttpRefusal(
+                    503, Quarantined.code, self.quarantines.message(request.expert, quarantine,
+                                                                    config.quarantine_after, config.quarantine_window),
+                    headers=(("Retry-After", str(math.ceil(quarantine.until - self.serving.now))),))
+        if refusal is not None:
+            if queued < request.size and request.body_size <= _REFUSED_BODY_WAIT:
+                self._mark_partial(conn)  # read the whole request first, so that closing cannot reset the reply
+                return
+            if refusal.code == "unknown_expert":
+                self.metrics.count_failure(None, refusal.code)
+            elif refusal.code == Quarantined.code:
+                self.metrics.count_failure(request.expert, refusal.code)
+            self.table.fail(conn, refusal)
+            return
+        if request.route not in http.WORKER_ROUTES:
+            if queued >= request.size:
+                self._answer_http(conn, request.route)
+            else:
+                self._mark_partial(conn)
+            return
+        if queued >= request.size:
+            conn.look_again = queued != request.size
+            conn.to(QUEUED)  # whole in the socket: the worker reads it
+            self.queue.append(conn)  # type: ignore[attr-defined]
+            return
+        if request.expects_continue and queued <= request.head_size:
+            try:  # curl waits a second for this before sending a body over 1 KiB
+                conn.sock.send(http.CONTINUE, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        conn.inbuf = bytearray()
+        self._gather(conn)
+
+    def _gather(self, conn: Connection) -> None:
+        assert conn.inbuf is not None
+        conn.last_active = self.serving.now  # (called when bytes arrive: how long a request stalled is seen here)
+        while len(conn.inbuf) < conn.frame_size:
+            try:
+                data = conn.sock.recv(min(_GATHER_CHUNK, conn.frame_size - len(conn.inbuf)), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._mark_partial(conn)
+                return
+            except OSError:
+                self.table.close(conn)
+                return
+            if not data:
+                self.table.close(conn)
+                return
+            if not self.table.hold_gathered(conn, len(data)):
+                self.table.fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
+                return
+            conn.inbuf += data
+        conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
+        conn.to(QUEUED)
+        self.queue.append(conn)  # type: ignore[attr-defined]
+
+    def _close_or_wait(self, conn: Connection, ended: bool) -> None:
+        """A request not whole yet: wait for the rest, unless the client has ended its input."""
+        if ended:
+            self.table.close(conn)
+        else:
+            self._mark_partial(conn)
+
+    def _mark_partial(self, conn: Connection) -> None:
+        if conn.state != PARTIAL:
+            conn.to(PARTIAL)
+            conn.partial_since = self.serving.now
+
+    def flush(self, conn: Connection) -> None:
+        """Write more of a reply the master holds; the connection is idle again once it is out."""
+        assert conn.outbuf is not None
+        try:
+            while conn.outbuf:
+                conn.outbuf = conn.outbuf[conn.sock.send(conn.outbuf, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            return
+        except OSError:
+            self.table.close(conn)
+            return
+        self.table.release_reply(conn)
+        self.table.epoll.modify(conn.fd, ET_READ)
+        if self.serving.stopping or conn.close_when_written:
+            self.table.close(conn)
+            return
+        self.table.rest(conn, self.serving.now)
+        self.examine(conn)
+
+    # ------------------------------------------------- requests the master answers
+    def take_frame(self, conn: Connection) -> bytes:
+        """Read the request in hand (known to be whole) from what a worker handed back, then the socket."""
+        unread, size = conn.unread, conn.frame_size
+        if len(unread) >= size:
+            conn.unread = unread[size:]
+            return unread[:size]
+        conn.unread = b""
+        return unread + conn.sock.recv(size - len(unread), socket.MSG_DONTWAIT)
+
+    def _refuse_quarantined(self, conn: Connection, quarantine: object) -> None:
+        """Answer a whole call to a quarantined expert with the error; the connection stays open."""
+        expert = conn.expert or ""
+        self.metrics.count_failure(expert, Quarantined.code)
+        try:
+            frame = self.take_frame(conn)
+        except OSError:
+            self.table.close(conn)
+            return
+        if len(frame) != conn.frame_size:
+            self.table.close(conn)
+            return
+        self.table.rest(conn, self.serving.now)
+        config = self.serving.config
+        error = Quarantined(self.quarantines.message(expert, quarantine, config.quarantine_after,  # type: ignore
+                                                     config.quarantine_window), expert=expert)
+        self.table.answer(conn, protocol.encode_error(conn.request_id, error))
+
+    def _control(self, conn: Connection, kind: int, request_id: int) -> None:
+        """Answer a request of the master's here: status, list, and (for control_uids/gids) reload, stop, scale."""
+        try:
+            frame = self.take_frame(conn)
+            if len(frame) != conn.frame_size:
+                raise ValueError("short read")
+            body = protocol.unpack(frame[protocol.HEADER_SIZE:]) if len(frame) > protocol.HEADER_SIZE else None
+        except (OSError, ValueError) as exc:
+            self.table.fail(conn, BadRequest(f"bad control request: {exc}"))
+            return
+        self.table.rest(conn, self.serving.now)
+        admin = self.admin
+        refusal = admin.refusal(kind, conn.uid, conn.gid, conn.groups, conn.pid)  # type: ignore[attr-defined]
+        if refusal is not None:
+            self.table.answer(conn, protocol.encode_error(request_id, refusal))
+            return
+        if kind == protocol.RELOAD:
+            log.info("control: RELOAD from uid %d (pid %d)", conn.uid, conn.pid)
+            conn.to(WAITING)  # answered with the outcome once the new generation loads or fails
+            admin.reload(waiter=(conn, request_id))  # type: ignore[attr-defined]
+            return
+        try:
+            reply, after = admin.command(kind, body, conn.uid, conn.pid)  # type: ignore[attr-defined]
+        except BadRequest as exc:
+            self.table.fail(conn, exc)
+            return
+        self.table.send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
+        if after is not None:
+            after()
+        elif conn.state == IDLE:
+            self.table.recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+
+    def answer_waiter(self, conn: Connection, request_id: int, reply: dict) -> None:
+        """Answer a RELOAD request that waited for its load's outcome (unless its connection is gone)."""
+        if conn.state != WAITING:
+            return  # closed meanwhile
+        self.table.rest(conn, self.serving.now)
+        self.table.answer(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
+
+    def _answer_http(self, conn: Connection, route: str) -> None:
+        """GET /health, /experts and /metrics, answered here: they need no worker."""
+        try:
+            raw = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
+            request = http.parse_request(raw)
+        except OSError:
+            self.table.close(conn)
+            return
+        except http.HttpRefusal as refusal:
+            self.table.fail(conn, refusal)
+            return
+        self.table.rest(conn, self.serving.now)
+        try:
+            status, body, content_type = self.admin.http_get(  # type: ignore[attr-defined]
+                route, conn.uid, conn.gid, conn.groups, conn.pid, conn.tcp)
+        except AccessDenied as refused:
+            reply, keep_alive = http.error_response(request, refused)
+        else:
+            reply, keep_alive = http.respond(request, status, body, content_type)
+        conn.close_when_written = not keep_alive
+        self.table.send_reply(conn, reply)
+        if conn.state == IDLE:
+            if keep_alive:
+                self.table.recheck.append(conn)  # a request pipelined behind this one: look in the main loop
+            else:
+                self.table.close(conn)
