@@ -44,7 +44,7 @@ from expertd.accept import Acceptor, file_limit, open_descriptors, open_spare, r
 from expertd.admin import Admin
 from expertd.backoff import Quarantines
 from expertd.config import Config
-from expertd.connections import IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
+from expertd.connections import BUSY, IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
 from expertd.dispatch import Dispatcher
 from expertd.errors import ShuttingDown
 from expertd.generation import become_subreaper
@@ -90,6 +90,7 @@ class Master:
         self._next_expiry_check = 0.0
         self._next_housekeeping = 0.0
         self._next_status = 0.0
+        self._short = False  # fewer workers than wanted, and one can be forked (set by _maintain)
         throttle = Throttle(log)  # for the lines a client can make the master write at will
         self.scoreboard = scoreboard = Scoreboard()
         self.metrics = metrics = Metrics(MAX_SLOTS, config.experts)
@@ -148,7 +149,10 @@ class Master:
                 for fd, mask in events:
                     conn = by_fd.get(fd)
                     if conn is not None:
-                        intake.on_event(conn, mask)
+                        if conn.state == BUSY:  # (the commonest event: the next request, before its DONE)
+                            conn.look_again = True  # a worker holds it: look when it comes back
+                        else:
+                            intake.on_event(conn, mask)
                     elif fd in by_channel:
                         # One report per event: the channel is level-triggered, so epoll reports it again
                         # while more wait, and reading until empty would cost a failed read per report.
@@ -234,7 +238,7 @@ class Master:
         timeout = 1.0
         if self.notifier.watchdog_interval:
             timeout = min(timeout, self.notifier.watchdog_interval / 4)
-        if self.pool.short():
+        if self._short:
             timeout = min(timeout, self.pool.backoff.next_spawn_at - now)
         timeout = min(timeout, self.dispatcher.next_deadline - now)
         if self.dispatcher.lingering:
@@ -253,13 +257,17 @@ class Master:
             self.acceptor.resume_if_due(now)
         pool = self.pool
         if not pool.can_spawn():
+            self._short = False
             self.reloads.retry_lost_parent(now)
-        elif pool.active() < self.serving.config.workers and now >= pool.backoff.next_spawn_at:
+            return
+        self._short = pool.active() < self.serving.config.workers  # (read by _poll_timeout: wake to spawn)
+        if self._short and now >= pool.backoff.next_spawn_at:
             # One a loop iteration (the poll timeout is then 0): a spawn waits for two forks of the
             # generation's parent, and clients are served between them.
             lost = pool.spawn()
             if lost is not None:
                 self.reloads.replace_parent(lost)
+            self._short = pool.active() < self.serving.config.workers and pool.can_spawn()
 
     def _expire(self, now: float) -> None:
         """Request timeouts, abandoned loads and refused peers; a few times a second, connections and boots."""

@@ -136,10 +136,6 @@ class Pool:
         parent = self.parent
         return parent is not None and not parent.exited and parent.state != RETIRED
 
-    def short(self) -> bool:
-        """Whether fewer workers serve than wanted (and one can be forked)."""
-        return self.active() < self.serving.config.workers and self.can_spawn()
-
     # ------------------------------------------------------------- spawning
     def spawn(self) -> str | None:
         """Fork one worker of the serving generation; on failure, the reason if it was the parent's fault."""
