@@ -7,6 +7,14 @@ lingers for the connection's next request or hands it back (with any bytes it
 read but did not serve) and waits for the next connection.  An expert's exception, bad
 arguments or an unserialisable result become structured error replies: a bad
 request never kills the worker.
+
+This module is the process and its life: boot, signals, the loop that takes
+connections from the master, msgpack connections (reading requests out of the
+socket), lingering, and retirement (max_requests, max_memory).  It owns the
+worker's state: its channel to the master, scoreboard slot, metrics recorder,
+read buffer, request count and the flags its signal handlers set.  Answering a
+request is :mod:`expertd.calls`'s; serving HTTP connections is
+:mod:`expertd.worker_http`'s (both mixed into :class:`Worker`).
 """
 
 from __future__ import annotations
@@ -19,34 +27,26 @@ import socket
 import struct
 import sys
 import time
-import traceback
 from types import FrameType
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
-from expertd import __version__, http, ipc, notify, protocol, runtimes
+from expertd import ipc, notify, protocol, runtimes
+from expertd.calls import Answering
+from expertd.calls import _pack_result as _pack_result  # (bench/hotpath.py imports it from here)
 from expertd.config import Config
-from expertd.errors import (
-    BadRequest,
-    BadResult,
-    ConnectionLost,
-    ExpertFailed,
-    ExpertLoadError,
-    FrameTooLarge,
-    RemoteError,
-    RequestTimeout,
-    UnknownExpert,
-)
+from expertd.errors import ConnectionLost, ExpertLoadError
 from expertd.loader import LoadedExpert, describe_exception, run_after_fork
 from expertd.logs import Throttle
 from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
+from expertd.worker_http import HttpServing
 
 log = logging.getLogger("expertd.worker")
 
 EXIT_BOOT_FAILED = 3
 
 
-class Worker:
+class Worker(HttpServing, Answering):
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
     def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
@@ -290,20 +290,6 @@ class Worker:
             return (*self._refuse(conn, data, start, end), None, 0, None)
         return close, unsent, retire, served, bytes(data[start:end])
 
-    def _refuse(self, conn: socket.socket, data: bytearray, start: int, end: int) -> tuple[bool, None]:
-        """Answer the request at data[start:end] with an error and close the connection."""
-        request_id, length = 0, 0
-        if end - start >= _HEADER_SIZE:
-            _magic, _version, _kind, request_id, length = _HEADER.unpack_from(data, start)
-        if length > self.config.max_frame:
-            error: RemoteError = FrameTooLarge(
-                f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
-        else:
-            error = BadRequest("this request could not be read whole")
-        log.info("refusing request %d: %s", request_id, error)
-        self._deliver(conn, protocol.encode_error(request_id, error), request_id)
-        return True, None
-
     def _wait(self, read: Any, args: tuple, consumes: bool) -> Any:
         """Wait (up to ``linger``, the socket's SO_RCVTIMEO) in ``read(*args)`` for a lingering connection's input.
 
@@ -351,73 +337,6 @@ class Worker:
             raise ConnectionLost("connection closed while reading a request")
         return whole
 
-    def _answer(self, conn: socket.socket, kind: int, request_id: int,
-                body: memoryview) -> tuple[bool, memoryview | None]:
-        """Answer one msgpack request whose bytes are read; (close, the part of the reply not taken in time)."""
-        started = time.monotonic()
-        board = self.board
-        expert_name = None
-        try:
-            if kind == _CALL:
-                try:
-                    expert_name, args, kwargs = protocol.decode_call(body)
-                finally:  # (the master must see the request begin even when it is refused)
-                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
-                                expert_name or "")
-                # The limits are checked in full only where a cheap look says they might bite.
-                if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
-                    protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
-                reply_kind, reply = _RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
-            else:
-                board.begin(started, self.config.timeout, request_id, "")
-                reply_kind = _RESULT  # PING
-                reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
-                                       "requests": self.requests})
-            outcome = "ok"
-        except RemoteError as exc:
-            reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
-            outcome = exc.code
-        if kind == _CALL:
-            self.recorder.record(expert_name, outcome, time.monotonic() - started)
-        close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
-                                      request_id)
-        if self._debug and not close:
-            log.debug("request %d %s %.3f ms %s", request_id,
-                      expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),
-                      (time.monotonic() - started) * 1000, outcome)
-        return close, unsent
-
-    # ------------------------------------------------------- HTTP connections
-    def _serve_http_connection(self, conn_id: int, conn: socket.socket,
-                               frame: bytearray | None) -> tuple[bool, memoryview | None, str | None, int]:
-        """Serve the HTTP request handed over, then linger for the connection's next ones while nobody else waits.
-
-        Unlike msgpack connections, waits are peeks: an HTTP request's end is
-        found by looking at its head, and nothing is read that is not served.
-        Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
-        """
-        self._reclaim_signalled = False  # (a late signal meant for the previous connection)
-        close, unsent = self._serve_http_request(conn, frame)
-        retire = self._after_request()
-        served, lingering, tcp = 1, False, False
-        while not (close or unsent or retire or self._stop_requested) and self._may_linger():
-            if not lingering:
-                lingering = True
-                self._start_lingering(conn_id, conn, served)
-                served = 0
-                # Whether the connection came in on http_listen (http.admit then checks token or Host):
-                # asked once per connection, and only where there is such a listener.
-                tcp = (self.config.http_listen is not None
-                       and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX)
-            waiting = self._await_next(conn, tcp)
-            if isinstance(waiting, str):
-                close = waiting == "eof"
-                break
-            close, unsent = self._serve_http_request(conn, None, waiting)
-            retire = self._after_request()
-            served += 1
-        return close, unsent, retire, served
-
     def _start_lingering(self, conn_id: int, conn: socket.socket, served: int) -> None:
         """Tell the master this worker keeps the connection (reporting what it served so far)."""
         ipc.send_done(self.channel, conn_id, False, linger=True, served=served)
@@ -426,17 +345,6 @@ class Worker:
 
     def _may_linger(self) -> bool:
         return self._lingers and self.scoreboard.may_linger(time.monotonic()) and not self.board.next_waiting()
-
-    def _await_next(self, conn: socket.socket, tcp: bool) -> _PeekedHttp | str:
-        """Wait (up to ``linger``) for the connection's next HTTP request.
-
-        Returns what a peek saw of it (the request is whole in the socket, still
-        unread), or why not: "eof", "reclaimed" or "expired".
-        """
-        head = self._wait(conn.recv, (_PEEK, _PEEK_WAIT), False)
-        if head.__class__ is str:
-            return head
-        return self._peek_http(conn, head, tcp)
 
     def _on_reclaim(self, signum: int, frame: FrameType | None) -> None:
         # The master wants the connection back.  Raising is what interrupts the blocking wait
@@ -448,22 +356,6 @@ class Worker:
         if self._interruptible():
             self._waiting = False
             raise _Reclaimed
-
-    def _peek_http(self, conn: socket.socket, head: bytes, tcp: bool) -> _PeekedHttp | str:
-        # Only a whole call that the master would pass on as it is: the same checks as the master's.
-        try:
-            framing = http.scan_head(head)
-            if framing is None:
-                return "expired"
-            http.admit(framing, tcp=tcp, token=self.config.token)
-            http.check_route(framing, self.experts, self.config.max_frame)
-        except http.HttpRefusal:
-            return "expired"  # the master refuses it
-        if framing.route not in http.WORKER_ROUTES:
-            return "expired"
-        if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
-            return "expired"
-        return _PeekedHttp(head, framing)
 
     def _after_request(self) -> str | None:
         """Book-keeping between requests; returns why this worker should retire, if it should."""
@@ -507,152 +399,6 @@ class Worker:
             return f"max_memory (private memory {uss / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB)"
         return None
 
-    def _serve_http_request(self, conn: socket.socket, frame: bytearray | None,
-                            peeked: _PeekedHttp | None = None) -> tuple[bool, memoryview | None]:
-        """Answer one HTTP request on ``conn``: read from it, or ``frame`` if the master read it.
-
-        ``peeked`` is what a look at the socket already saw of the request.
-        Returns whether the connection must be closed, and the part of the reply
-        the client did not take in time (for the master to finish writing).
-        """
-        started = time.monotonic()
-        head: _PeekedHttp | bytes | None = peeked
-        if frame is None and peeked is None:
-            try:  # the master handed the connection over because a whole request waits in it
-                head = conn.recv(_PEEK, _PEEK_NOW)
-            except OSError as exc:
-                return self._give_up(exc)
-            if not head:  # the client hung up after sending it
-                self.board.writing()
-                return True, None
-        return self._serve_http(conn, frame, head, started)
-
-    def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
-                    started: float) -> tuple[bool, memoryview | None]:
-        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_http_request`."""
-        board, timeout = self.board, self.config.timeout
-        request = None
-        try:
-            if frame is not None:  # gathered by the master
-                board.begin(started, timeout, 0, "")
-                raw: bytes | bytearray = frame
-            else:
-                if isinstance(peeked, _PeekedHttp):
-                    head, framing = peeked
-                else:
-                    head = peeked if peeked and _HEAD_END in peeked else conn.recv(http.MAX_HEAD, _PEEK_NOW)
-                    framing = http.scan_head(head)
-                if framing is None:
-                    raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
-                board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
-                raw = protocol.recv_exact(conn, framing.size)
-            request = http.parse_request(raw)
-        except http.HttpRefusal as refusal:
-            response, keep_alive = http.error_response(None, refusal)
-            expert, outcome = None, refusal.code
-        except (ConnectionLost, RequestTimeout, OSError) as exc:
-            return self._give_up(exc)
-        if request is not None:
-            expert = request.expert
-            try:
-                args, kwargs = http.call_arguments(request)
-                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
-                result = self._invoke(expert or "", args, kwargs)
-                try:
-                    body = http.result_body(request, result)
-                except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
-                    raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
-                                    expert=expert) from None
-                response, keep_alive = http.respond(request, 200, body)
-                outcome = "ok"
-            except RemoteError as exc:
-                response, keep_alive = http.error_response(request, exc)
-                outcome = exc.code
-        self.recorder.record(expert, outcome, time.monotonic() - started)
-        close, unsent = self._deliver(conn, response, "HTTP")
-        if close:
-            return close, unsent
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
-        return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
-
-    def _give_up(self, reason: BaseException) -> tuple[bool, None]:
-        """The request could not be read: close the connection (the master may only close it)."""
-        self._throttle.info("closing connection: %s", reason)
-        self.board.writing()  # the stream is broken: an error frame from the master would not help
-        return True, None
-
-    def _deliver(self, conn: socket.socket, reply: bytes, request: object) -> tuple[bool, memoryview | None]:
-        """Write a reply: (close, the part the client did not take in time)."""
-        self.board.writing()  # from here on, an error frame from the master would corrupt the stream
-        try:
-            unsent = _send_briefly(conn, reply)
-        except OSError as exc:
-            self._throttle.info("could not deliver the reply to request %s: %s", request, exc)
-            return True, None
-        if unsent is None:
-            self.board.end()  # else it stays "writing" until the master has the rest
-        return False, unsent
-
-    def _invoke(self, name: str, args: list, kwargs: dict) -> Any:
-        """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""
-        expert = self.experts.get(name)
-        if expert is None:
-            known = ", ".join(sorted(self.experts)) or "none"
-            raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
-        try:
-            return expert.function(*args, **kwargs)
-        except BaseException as exc:  # an expert's failure is a reply, never a dead worker
-            raise _failure(expert, args, kwargs, exc) from None
-
-
-def _pack_result(name: str, result: Any) -> bytes:
-    try:
-        body = protocol.pack(result)
-    except BaseException as exc:  # a result's own tolist() or __len__ may raise anything
-        raise BadResult(
-            f"{name} returned a value that cannot be sent: {type(exc).__name__}: {_safe_str(exc)}", expert=name
-        ) from None
-    if len(body) > protocol.MAX_BODY:
-        raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}", expert=name)
-    return body
-
-
-def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException) -> RemoteError:
-    """The error reply for an expert call that raised ``exc``."""
-    if isinstance(exc, BadRequest):  # the expert's own refusal of its input (a model expert's, say) goes as is
-        if exc.expert is None:
-            exc.expert = expert.name
-        return exc
-    if isinstance(exc, TypeError):
-        try:
-            _refuse_misfit(expert, args, kwargs, exc)
-        except BadRequest as misfit:
-            return misfit
-    return ExpertFailed(
-        f"{type(exc).__name__}: {_safe_str(exc)}",
-        remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        remote_traceback=_safe_traceback(exc),
-        expert=expert.name,
-    )
-
-
-def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:
-    """Raise BadRequest if ``exc`` came from arguments that do not fit the expert, not from its code.
-
-    Arguments are checked only when a call raised TypeError, so that a call
-    that fits pays nothing for the check.  Experts are pure, so calling one with
-    arguments its wrapper then refuses does no harm.
-    """
-    if expert.signature is not None:
-        try:
-            expert.signature.bind(*args, **kwargs)
-        except TypeError as misfit:
-            raise BadRequest(f"{expert.name}{expert.signature}: {misfit}", expert=expert.name) from None
-    elif exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
-        # Raised by the call itself, before any of the expert's code ran.
-        raise BadRequest(f"{expert.name}: {_safe_str(exc)}", expert=expert.name) from None
-
 
 def _reopen_logs_quietly() -> None:
     from expertd.logfile import reopen_log_files
@@ -663,24 +409,8 @@ def _reopen_logs_quietly() -> None:
         pass  # the master logs the failure; a worker keeps serving
 
 
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException:  # an exception whose __str__ raises must not take the worker down
-        return f"<{type(exc).__name__} whose message cannot be shown>"
-
-
-def _safe_traceback(exc: BaseException) -> str:
-    try:
-        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
-    except BaseException:
-        return f"{type(exc).__name__} (traceback unavailable)"
-
-
-_PEEK = 4096
 _READ_SIZE = 64 * 1024
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
-_CALL, _RESULT, _ERROR = protocol.CALL, protocol.RESULT, protocol.ERROR
 # The rest are the master's: control requests, and LIST (the master checks who may read it: public_status).
 _WORKER_KINDS = frozenset((protocol.CALL, protocol.PING))
 
@@ -689,52 +419,10 @@ class _Reclaimed(Exception):
     """Raised by the SIGUSR2 handler to interrupt a lingering worker's wait."""
 
 
-class _PeekedHttp(NamedTuple):
-    """An HTTP request seen whole in the socket by a peek, not yet read."""
-
-    head: bytes
-    framing: http.Head
-
-
-_HEAD_END = b"\n\r\n"  # a peek that holds this holds the whole head (bare-LF heads are looked at again)
-
-
-# Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
-_PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
-_PEEK_WAIT = int(socket.MSG_PEEK)
 _TIMEVAL = struct.Struct("@ll")
+# Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
 _NOW = int(socket.MSG_DONTWAIT)
 _WAIT_ALL = int(socket.MSG_WAITALL)
-# How long a worker waits for a slow client to take its reply before handing the rest to the master.
-_WRITE_PATIENCE = 0.05
-
-
-def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
-    """Write ``frame``; return what the client did not take within a moment (None when all went)."""
-    try:
-        sent = conn.send(frame, _NOW)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(frame):  # the usual case: it all fits in the socket
-        return None
-    view = memoryview(frame)[sent:]
-    deadline = time.monotonic() + _WRITE_PATIENCE
-    try:
-        while view:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return view
-            conn.settimeout(remaining)
-            try:
-                sent = conn.send(view)
-            except (TimeoutError, BlockingIOError):
-                return view
-            view = view[sent:]
-        return None
-    finally:
-        # Blocking again: the descriptor's mode is shared with the master, and a lingering
-        # wait is a blocking read.
-        conn.settimeout(None)
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

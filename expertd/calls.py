@@ -1,0 +1,222 @@
+"""Answering calls in a worker: from a request's bytes to its reply, written.
+
+:class:`Answering` is mixed into :class:`expertd.worker.Worker`.  It decodes a
+msgpack call, calls the expert and packs the result into a reply frame; an
+expert's exception, arguments that do not fit it, or a result that cannot be
+sent become structured error replies instead (a bad request never kills the
+worker).  It writes the reply, handing the master whatever a slow client did
+not take at once.  It owns no state: it works with the Worker's (scoreboard
+slot, metrics recorder, config, experts, timeouts), declared on the class.
+The HTTP side (:mod:`expertd.worker_http`) calls experts through it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+from expertd import __version__, protocol
+from expertd.config import Config
+from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
+from expertd.loader import LoadedExpert
+from expertd.logs import Throttle
+from expertd.metrics import Recorder
+from expertd.scoreboard import SlotWriter
+
+log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
+
+
+class Answering:
+    """Answering one request (a mixin of :class:`expertd.worker.Worker`, whose ``__init__`` sets these)."""
+
+    number: int
+    requests: int
+    config: Config
+    experts: dict[str, LoadedExpert]
+    board: SlotWriter
+    recorder: Recorder
+    _timeouts: dict[str, float]
+    _max_args: int
+    _max_depth: int
+    _debug: bool
+    _throttle: Throttle
+
+    def _answer(self, conn: socket.socket, kind: int, request_id: int,
+                body: memoryview) -> tuple[bool, memoryview | None]:
+        """Answer one msgpack request whose bytes are read; (close, the part of the reply not taken in time)."""
+        started = time.monotonic()
+        board = self.board
+        expert_name = None
+        try:
+            if kind == _CALL:
+                try:
+                    expert_name, args, kwargs = protocol.decode_call(body)
+                finally:  # (the master must see the request begin even when it is refused)
+                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
+                                expert_name or "")
+                # The limits are checked in full only where a cheap look says they might bite.
+                if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
+                    protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
+                reply_kind, reply = _RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
+            else:
+                board.begin(started, self.config.timeout, request_id, "")
+                reply_kind = _RESULT  # PING
+                reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
+                                       "requests": self.requests})
+            outcome = "ok"
+        except RemoteError as exc:
+            reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
+            outcome = exc.code
+        if kind == _CALL:
+            self.recorder.record(expert_name, outcome, time.monotonic() - started)
+        close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
+                                      request_id)
+        if self._debug and not close:
+            log.debug("request %d %s %.3f ms %s", request_id,
+                      expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),
+                      (time.monotonic() - started) * 1000, outcome)
+        return close, unsent
+
+    def _refuse(self, conn: socket.socket, data: bytearray, start: int, end: int) -> tuple[bool, None]:
+        """Answer the request at data[start:end] with an error and close the connection."""
+        request_id, length = 0, 0
+        if end - start >= _HEADER_SIZE:
+            _magic, _version, _kind, request_id, length = _HEADER.unpack_from(data, start)
+        if length > self.config.max_frame:
+            error: RemoteError = FrameTooLarge(
+                f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
+        else:
+            error = BadRequest("this request could not be read whole")
+        log.info("refusing request %d: %s", request_id, error)
+        self._deliver(conn, protocol.encode_error(request_id, error), request_id)
+        return True, None
+
+    def _give_up(self, reason: BaseException) -> tuple[bool, None]:
+        """The request could not be read: close the connection (the master may only close it)."""
+        self._throttle.info("closing connection: %s", reason)
+        self.board.writing()  # the stream is broken: an error frame from the master would not help
+        return True, None
+
+    def _deliver(self, conn: socket.socket, reply: bytes, request: object) -> tuple[bool, memoryview | None]:
+        """Write a reply: (close, the part the client did not take in time)."""
+        self.board.writing()  # from here on, an error frame from the master would corrupt the stream
+        try:
+            unsent = _send_briefly(conn, reply)
+        except OSError as exc:
+            self._throttle.info("could not deliver the reply to request %s: %s", request, exc)
+            return True, None
+        if unsent is None:
+            self.board.end()  # else it stays "writing" until the master has the rest
+        return False, unsent
+
+    def _invoke(self, name: str, args: list, kwargs: dict) -> Any:
+        """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""
+        expert = self.experts.get(name)
+        if expert is None:
+            known = ", ".join(sorted(self.experts)) or "none"
+            raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
+        try:
+            return expert.function(*args, **kwargs)
+        except BaseException as exc:  # an expert's failure is a reply, never a dead worker
+            raise _failure(expert, args, kwargs, exc) from None
+
+
+def _pack_result(name: str, result: Any) -> bytes:
+    try:
+        body = protocol.pack(result)
+    except BaseException as exc:  # a result's own tolist() or __len__ may raise anything
+        raise BadResult(
+            f"{name} returned a value that cannot be sent: {type(exc).__name__}: {_safe_str(exc)}", expert=name
+        ) from None
+    if len(body) > protocol.MAX_BODY:
+        raise BadResult(f"{name} returned {len(body)} bytes; a reply holds at most {protocol.MAX_BODY}", expert=name)
+    return body
+
+
+def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException) -> RemoteError:
+    """The error reply for an expert call that raised ``exc``."""
+    if isinstance(exc, BadRequest):  # the expert's own refusal of its input (a model expert's, say) goes as is
+        if exc.expert is None:
+            exc.expert = expert.name
+        return exc
+    if isinstance(exc, TypeError):
+        try:
+            _refuse_misfit(expert, args, kwargs, exc)
+        except BadRequest as misfit:
+            return misfit
+    return ExpertFailed(
+        f"{type(exc).__name__}: {_safe_str(exc)}",
+        remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        remote_traceback=_safe_traceback(exc),
+        expert=expert.name,
+    )
+
+
+def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:
+    """Raise BadRequest if ``exc`` came from arguments that do not fit the expert, not from its code.
+
+    Arguments are checked only when a call raised TypeError, so that a call
+    that fits pays nothing for the check.  Experts are pure, so calling one with
+    arguments its wrapper then refuses does no harm.
+    """
+    if expert.signature is not None:
+        try:
+            expert.signature.bind(*args, **kwargs)
+        except TypeError as misfit:
+            raise BadRequest(f"{expert.name}{expert.signature}: {misfit}", expert=expert.name) from None
+    elif exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+        # Raised by the call itself, before any of the expert's code ran.
+        raise BadRequest(f"{expert.name}: {_safe_str(exc)}", expert=expert.name) from None
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # an exception whose __str__ raises must not take the worker down
+        return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def _safe_traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    except BaseException:
+        return f"{type(exc).__name__} (traceback unavailable)"
+
+
+_HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
+_CALL, _RESULT, _ERROR = protocol.CALL, protocol.RESULT, protocol.ERROR
+_NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)
+# How long a worker waits for a slow client to take its reply before handing the rest to the master.
+_WRITE_PATIENCE = 0.05
+
+
+def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
+    """Write ``frame``; return what the client did not take within a moment (None when all went)."""
+    try:
+        sent = conn.send(frame, _NOW)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(frame):  # the usual case: it all fits in the socket
+        return None
+    view = memoryview(frame)[sent:]
+    deadline = time.monotonic() + _WRITE_PATIENCE
+    try:
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return view
+            conn.settimeout(remaining)
+            try:
+                sent = conn.send(view)
+            except (TimeoutError, BlockingIOError):
+                return view
+            view = view[sent:]
+        return None
+    finally:
+        # Blocking again: the descriptor's mode is shared with the master, and a lingering
+        # wait is a blocking read.
+        conn.settimeout(None)

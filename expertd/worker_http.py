@@ -1,0 +1,180 @@
+"""HTTP connections in a worker: serving the requests handed over, and lingering for the next.
+
+:class:`HttpServing` is mixed into :class:`expertd.worker.Worker`.  Unlike
+msgpack connections, an HTTP connection's input is never read ahead: the
+worker peeks to find a whole request (the same checks as the master's, see
+:mod:`expertd.http`), reads just that request, and answers it through
+:class:`expertd.calls.Answering`.  It owns no state: it works with the
+Worker's (config, experts, scoreboard slot, recorder, timeouts) and calls the
+Worker's lingering and book-keeping methods (``_start_lingering``,
+``_may_linger``, ``_wait``, ``_after_request``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from expertd import http, protocol
+from expertd.calls import Answering, _safe_str
+from expertd.errors import BadResult, ConnectionLost, RemoteError, RequestTimeout
+
+log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
+
+
+class HttpServing(Answering):
+    """Serving HTTP connections (a mixin of :class:`expertd.worker.Worker`)."""
+
+    _stop_requested: bool
+    _reclaim_signalled: bool
+
+    if TYPE_CHECKING:  # the Worker's, for the reader and type checkers
+        def _start_lingering(self, conn_id: int, conn: socket.socket, served: int) -> None: ...
+        def _may_linger(self) -> bool: ...
+        def _wait(self, read: Any, args: tuple, consumes: bool) -> Any: ...
+        def _after_request(self) -> str | None: ...
+
+    def _serve_http_connection(self, conn_id: int, conn: socket.socket,
+                               frame: bytearray | None) -> tuple[bool, memoryview | None, str | None, int]:
+        """Serve the HTTP request handed over, then linger for the connection's next ones while nobody else waits.
+
+        Unlike msgpack connections, waits are peeks: an HTTP request's end is
+        found by looking at its head, and nothing is read that is not served.
+        Returns (close, unsent reply bytes, retire reason, requests served since the last DONE).
+        """
+        self._reclaim_signalled = False  # (a late signal meant for the previous connection)
+        close, unsent = self._serve_http_request(conn, frame)
+        retire = self._after_request()
+        served, lingering, tcp = 1, False, False
+        while not (close or unsent or retire or self._stop_requested) and self._may_linger():
+            if not lingering:
+                lingering = True
+                self._start_lingering(conn_id, conn, served)
+                served = 0
+                # Whether the connection came in on http_listen (http.admit then checks token or Host):
+                # asked once per connection, and only where there is such a listener.
+                tcp = (self.config.http_listen is not None
+                       and conn.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) != socket.AF_UNIX)
+            waiting = self._await_next(conn, tcp)
+            if isinstance(waiting, str):
+                close = waiting == "eof"
+                break
+            close, unsent = self._serve_http_request(conn, None, waiting)
+            retire = self._after_request()
+            served += 1
+        return close, unsent, retire, served
+
+    def _await_next(self, conn: socket.socket, tcp: bool) -> _PeekedHttp | str:
+        """Wait (up to ``linger``) for the connection's next HTTP request.
+
+        Returns what a peek saw of it (the request is whole in the socket, still
+        unread), or why not: "eof", "reclaimed" or "expired".
+        """
+        head = self._wait(conn.recv, (_PEEK, _PEEK_WAIT), False)
+        if head.__class__ is str:
+            return head
+        return self._peek_http(conn, head, tcp)
+
+    def _peek_http(self, conn: socket.socket, head: bytes, tcp: bool) -> _PeekedHttp | str:
+        # Only a whole call that the master would pass on as it is: the same checks as the master's.
+        try:
+            framing = http.scan_head(head)
+            if framing is None:
+                return "expired"
+            http.admit(framing, tcp=tcp, token=self.config.token)
+            http.check_route(framing, self.experts, self.config.max_frame)
+        except http.HttpRefusal:
+            return "expired"  # the master refuses it
+        if framing.route not in http.WORKER_ROUTES:
+            return "expired"
+        if len(head) < framing.size and protocol.queued_bytes(conn.fileno()) < framing.size:
+            return "expired"
+        return _PeekedHttp(head, framing)
+
+    def _serve_http_request(self, conn: socket.socket, frame: bytearray | None,
+                            peeked: _PeekedHttp | None = None) -> tuple[bool, memoryview | None]:
+        """Answer one HTTP request on ``conn``: read from it, or ``frame`` if the master read it.
+
+        ``peeked`` is what a look at the socket already saw of the request.
+        Returns whether the connection must be closed, and the part of the reply
+        the client did not take in time (for the master to finish writing).
+        """
+        started = time.monotonic()
+        head: _PeekedHttp | bytes | None = peeked
+        if frame is None and peeked is None:
+            try:  # the master handed the connection over because a whole request waits in it
+                head = conn.recv(_PEEK, _PEEK_NOW)
+            except OSError as exc:
+                return self._give_up(exc)
+            if not head:  # the client hung up after sending it
+                self.board.writing()
+                return True, None
+        return self._serve_http(conn, frame, head, started)
+
+    def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
+                    started: float) -> tuple[bool, memoryview | None]:
+        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_http_request`."""
+        board, timeout = self.board, self.config.timeout
+        request = None
+        try:
+            if frame is not None:  # gathered by the master
+                board.begin(started, timeout, 0, "")
+                raw: bytes | bytearray = frame
+            else:
+                if isinstance(peeked, _PeekedHttp):
+                    head, framing = peeked
+                else:
+                    head = peeked if peeked and _HEAD_END in peeked else conn.recv(http.MAX_HEAD, _PEEK_NOW)
+                    framing = http.scan_head(head)
+                if framing is None:
+                    raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
+                board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
+                raw = protocol.recv_exact(conn, framing.size)
+            request = http.parse_request(raw)
+        except http.HttpRefusal as refusal:
+            response, keep_alive = http.error_response(None, refusal)
+            expert, outcome = None, refusal.code
+        except (ConnectionLost, RequestTimeout, OSError) as exc:
+            return self._give_up(exc)
+        if request is not None:
+            expert = request.expert
+            try:
+                args, kwargs = http.call_arguments(request)
+                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+                result = self._invoke(expert or "", args, kwargs)
+                try:
+                    body = http.result_body(request, result)
+                except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
+                    raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
+                                    expert=expert) from None
+                response, keep_alive = http.respond(request, 200, body)
+                outcome = "ok"
+            except RemoteError as exc:
+                response, keep_alive = http.error_response(request, exc)
+                outcome = exc.code
+        self.recorder.record(expert, outcome, time.monotonic() - started)
+        close, unsent = self._deliver(conn, response, "HTTP")
+        if close:
+            return close, unsent
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
+        return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
+
+
+_PEEK = 4096
+
+
+class _PeekedHttp(NamedTuple):
+    """An HTTP request seen whole in the socket by a peek, not yet read."""
+
+    head: bytes
+    framing: http.Head
+
+
+_HEAD_END = b"\n\r\n"  # a peek that holds this holds the whole head (bare-LF heads are looked at again)
+
+# Plain ints: socket's flags are enum.IntFlag members, and ``|`` on those runs Python code.
+_PEEK_NOW = int(socket.MSG_PEEK) | int(socket.MSG_DONTWAIT)
+_PEEK_WAIT = int(socket.MSG_PEEK)
