@@ -246,6 +246,13 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
         for fd in fds:
             os.close(fd)
         return b"", None
+    try:
+        return _report(data, fds)
+    except struct.error:  # a short message: not from a worker's code path (an expert writing to fd it should not)
+        raise RuntimeError(f"malformed report from a worker: {data[:16]!r}") from None
+
+
+def _report(data: bytes, fds: list[int]) -> tuple[bytes, object]:
     op = data[:1]
     if op == DONE:
         conn_id, flags, served = _DONE.unpack_from(data, 1)

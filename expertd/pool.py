@@ -238,7 +238,7 @@ class Pool:
     def retire_order(self, workers: int) -> list[WorkerSlot]:
         """The serving generation's workers to retire so that ``workers`` stay: idle first, then the youngest."""
         current = self.current()
-        current.sort(key=lambda s: (s.conn is not None, -s.born))
+        current.sort(key=lambda s: (s.conn is None, s.born))  # busy and oldest first: those stay
         return current[workers:]
 
     def overdue_boots(self, now: float) -> list[WorkerSlot]:

@@ -61,9 +61,9 @@ def test_there_is_no_import_circle():
     def visit(name: str, path: list[str]) -> None:
         for imported in sorted(graph.get(name, ())):
             if imported in path:
-                cycles.append(path[path.index(imported):] + [imported])
+                cycles.append([*path[path.index(imported):], imported])
             elif imported not in done:
-                visit(imported, path + [imported])
+                visit(imported, [*path, imported])
         done.add(name)
 
     done: set[str] = set()
