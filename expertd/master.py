@@ -140,12 +140,13 @@ class Master:
         self._listen()
         serving, table, intake, dispatcher = self.serving, self.table, self.intake, self.dispatcher
         by_fd, by_channel, recheck = table.by_fd, self.pool.by_channel, table.recheck
+        poll, monotonic = self.epoll.poll, time.monotonic
         serving.tick()  # (loading the first generation took a while)
         try:
             while True:
                 self._maintain()
-                events = self.epoll.poll(self._poll_timeout())
-                now = serving.tick()
+                events = poll(self._poll_timeout())
+                serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
                 for fd, mask in events:
                     conn = by_fd.get(fd)
                     if conn is not None:
@@ -171,7 +172,10 @@ class Master:
                         if conn.state == IDLE:
                             intake.examine(conn)
                 dispatcher.dispatch()
-                self._expire(now)
+                if now > dispatcher.next_deadline or dispatcher.lingering:
+                    dispatcher.expire(now)
+                if self.reloads.loading is not None or self.acceptor.refusing or now >= self._next_expiry_check:
+                    self._expire(now)
                 if now >= self._next_housekeeping:
                     self._housekeeping(now)
                 if self._stop_deadline is not None and self._stopped():
@@ -235,17 +239,15 @@ class Master:
         if self._stop_deadline is not None:
             return 0.1
         now = self.serving.now
-        timeout = 1.0
+        timeout = min(1.0, self.dispatcher.next_deadline - now)  # (inf while no request is in hand)
         if self.notifier.watchdog_interval:
             timeout = min(timeout, self.notifier.watchdog_interval / 4)
         if self._short:
             timeout = min(timeout, self.pool.backoff.next_spawn_at - now)
-        timeout = min(timeout, self.dispatcher.next_deadline - now)
         if self.dispatcher.lingering:
             timeout = min(timeout, _EXPIRY_INTERVAL)  # their requests' deadlines are on the scoreboard
-        refusal = self.acceptor.next_deadline()
-        if refusal is not None:
-            timeout = min(timeout, refusal - now)
+        if self.acceptor.refusing:
+            timeout = min(timeout, self.acceptor.next_deadline() - now)  # type: ignore[operator]
         return max(0.0, timeout)
 
     def _maintain(self) -> None:
@@ -270,8 +272,8 @@ class Master:
             self._short = pool.active() < self.serving.config.workers and pool.can_spawn()
 
     def _expire(self, now: float) -> None:
-        """Request timeouts, abandoned loads and refused peers; a few times a second, connections and boots."""
-        self.dispatcher.expire(now)
+        """Abandoned loads and refused peers; a few times a second, connections and boots.  (Request
+        timeouts are the dispatcher's: the loop asks it only when the earliest deadline may have passed.)"""
         if self.reloads.loading is not None:
             self.reloads.expire(now)
         if self.acceptor.refusing:

@@ -59,7 +59,7 @@ class Scoreboard:
 
     def set_next(self, slot: int, waiting: bool) -> None:
         """Whether a connection handed ahead waits in the worker's channel (it must not linger then)."""
-        self._map[self._offset(slot) + _NEXT_AT] = 1 if waiting else 0
+        self._map[_HEADER.size + slot * _SLOT.size + _NEXT_AT] = 1 if waiting else 0  # (twice a handed-over request)
 
     def requests(self, slot: int) -> int:
         """How many requests the worker in ``slot`` has served (it keeps this current itself)."""
