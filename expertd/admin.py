@@ -107,6 +107,7 @@ class Admin:
             return
         log.info("scaling from %d to %d workers", config.workers, workers)
         config.workers = workers
+        self.pool.changed()
         reloads = self.reloads
         if reloads.loading is not None:
             reloads.loading.config.workers = workers  # the operator's word holds for the generation loading too

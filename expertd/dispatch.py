@@ -69,7 +69,7 @@ class Dispatcher:
     def __init__(self, serving: Serving, pool: Pool, table: ConnectionTable, queue: deque[Connection],
                  scoreboard: Scoreboard, metrics: Metrics, quarantines: Quarantines, summary: Summary,
                  on_ready: Callable[[], None], kill_and_reap: Callable[[WorkerSlot], None],
-                 examine: Callable[[Connection], None]) -> None:
+                 examine: Callable[[Connection], None] | None) -> None:
         self.serving = serving
         self.pool = pool
         self.table = table
@@ -80,13 +80,13 @@ class Dispatcher:
         self.summary = summary
         self.on_ready = on_ready  # a worker became ready (the generation may now be complete)
         self.kill_and_reap = kill_and_reap  # SIGKILL a worker and see to its exit at once
-        self.examine = examine  # look at a connection handed back (expertd.intake.Intake.examine)
+        self.examine = examine  # look at a connection handed back (expertd.intake.Intake.examine; set once made)
         self.idle: deque[WorkerSlot] = deque()
         self.lingering: set[WorkerSlot] = set()
         self._ahead: deque[tuple[WorkerSlot, float]] = deque()  # (busy worker, busy since), oldest first
         self.next_deadline = _NEVER  # no busy worker's request times out before this (maybe later)
         self.typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
-        self._queued_shown = 0  # the queue length last written to the scoreboard
+        self.queued_shown = 0  # the queue length last written to the scoreboard
 
     # ------------------------------------------------------------- hand-out
     def dispatch(self) -> None:
@@ -96,10 +96,11 @@ class Dispatcher:
             if self.queue:  # requests wait and no worker is idle: take back the lingering ones
                 for slot in self.lingering:
                     self.reclaim(slot)
-                self._hand_ahead()
-        if len(self.queue) != self._queued_shown:
-            self._queued_shown = len(self.queue)
-            self.scoreboard.set_queued(self._queued_shown)
+                if self._ahead:
+                    self._hand_ahead()
+        if len(self.queue) != self.queued_shown:
+            self.queued_shown = len(self.queue)
+            self.scoreboard.set_queued(self.queued_shown)
 
     def _hand_out(self) -> None:
         queue, idle, quarantines = self.queue, self.idle, self.quarantines
@@ -334,7 +335,7 @@ class Dispatcher:
             if lingered or conn.look_again or conn.unread:
                 # Something may wait in it without a new edge (a request pipelined behind, input the
                 # worker handed back, anything sent while a lingering worker held it): look now.
-                self.examine(conn)
+                self.examine(conn)  # type: ignore[misc]
 
     # ------------------------------------------------------------- deaths
     def worker_exited(self, slot: WorkerSlot, status: int, how: str) -> str | None:

@@ -104,7 +104,7 @@ class Master:
         self.dispatcher = dispatcher = Dispatcher(serving, pool, table, queue, scoreboard, metrics, quarantines,
                                                   self.summary, on_ready=lambda: self.reloads.worker_ready(),
                                                   kill_and_reap=self._kill_and_reap,
-                                                  examine=lambda conn: self.intake.examine(conn))
+                                                  examine=None)
         self.reloads = reloads = Reloads(serving, pool, dispatcher, table, epoll, self.notifier,
                                          (scoreboard, metrics), self._own_fds, overrides or {},
                                          on_first_ready=on_ready or (lambda: None), on_start_failed=self._fail_start,
@@ -113,6 +113,7 @@ class Master:
                                    quarantines, throttle, socket_path=self._socket_path,
                                    stop=lambda reason: self._begin_stop(graceful=True, reason=reason))
         self.intake = Intake(serving, table, queue, admin, quarantines, metrics)
+        dispatcher.examine = self.intake.examine  # (a connection handed back may have a request waiting)
         self.throttle = throttle
 
     # ----------------------------------------------------------------- run
@@ -140,11 +141,12 @@ class Master:
         self._listen()
         serving, table, intake, dispatcher = self.serving, self.table, self.intake, self.dispatcher
         by_fd, by_channel, recheck = table.by_fd, self.pool.by_channel, table.recheck
-        poll, monotonic = self.epoll.poll, time.monotonic
+        poll, monotonic, pool = self.epoll.poll, time.monotonic, self.pool
         serving.tick()  # (loading the first generation took a while)
         try:
             while True:
-                self._maintain()
+                if not pool.settled or self.acceptor.paused_until:
+                    self._maintain()  # a worker to spawn, a generation parent to replace, accepting to resume
                 events = poll(self._poll_timeout())
                 serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
                 for fd, mask in events:
@@ -171,7 +173,8 @@ class Master:
                     for conn in turns:
                         if conn.state == IDLE:
                             intake.examine(conn)
-                dispatcher.dispatch()
+                if dispatcher.queue or dispatcher.queued_shown:
+                    dispatcher.dispatch()
                 if now > dispatcher.next_deadline or dispatcher.lingering:
                     dispatcher.expire(now)
                 if self.reloads.loading is not None or self.acceptor.refusing or now >= self._next_expiry_check:
@@ -239,7 +242,9 @@ class Master:
         if self._stop_deadline is not None:
             return 0.1
         now = self.serving.now
-        timeout = min(1.0, self.dispatcher.next_deadline - now)  # (inf while no request is in hand)
+        timeout = self.dispatcher.next_deadline - now  # (inf while no request is in hand)
+        if timeout > 1.0:
+            timeout = 1.0
         if self.notifier.watchdog_interval:
             timeout = min(timeout, self.notifier.watchdog_interval / 4)
         if self._short:
@@ -248,7 +253,7 @@ class Master:
             timeout = min(timeout, _EXPIRY_INTERVAL)  # their requests' deadlines are on the scoreboard
         if self.acceptor.refusing:
             timeout = min(timeout, self.acceptor.next_deadline() - now)  # type: ignore[operator]
-        return max(0.0, timeout)
+        return timeout if timeout > 0.0 else 0.0
 
     def _maintain(self) -> None:
         """Spawn a missing worker (one a loop iteration), resume accepting, replace a lost generation parent."""
@@ -259,7 +264,7 @@ class Master:
             self.acceptor.resume_if_due(now)
         pool = self.pool
         if not pool.can_spawn():
-            self._short = False
+            self._short = pool.settled = False  # (so: looked at again on every iteration)
             self.reloads.retry_lost_parent(now)
             return
         self._short = pool.active() < self.serving.config.workers  # (read by _poll_timeout: wake to spawn)
@@ -270,6 +275,9 @@ class Master:
             if lost is not None:
                 self.reloads.replace_parent(lost)
             self._short = pool.active() < self.serving.config.workers and pool.can_spawn()
+        # Nothing to do here until the pool changes (a worker comes or goes, a parent is lost, a
+        # reload or a scale): the loop skips this call meanwhile.
+        pool.settled = not self._short and pool.can_spawn()
 
     def _expire(self, now: float) -> None:
         """Abandoned loads and refused peers; a few times a second, connections and boots.  (Request

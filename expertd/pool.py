@@ -109,13 +109,18 @@ class Pool:
         self.parent: Generation | None = None  # the serving generation's parent: it forks the workers
         self.max_workers = max(64, 8 * (os.cpu_count() or 1))
         self._active: int | None = None  # len(current()), counted again after a change (see changed)
+        # Whether the pool is as wanted (no worker missing, a parent to fork them): set by the master's
+        # upkeep, cleared by changed() on anything that may change that.
+        self.settled = False
 
     def channel_count(self) -> int:
         return len(self.by_channel)
 
     def changed(self) -> None:
-        """Workers came, went or left, or the serving generation changed: count the active ones again."""
+        """Workers came, went or left, the serving generation or its parent changed, or the number wanted:
+        count the active ones again (and look again whether one is missing)."""
         self._active = None
+        self.settled = False
 
     def active(self) -> int:
         """How many of the serving generation's workers are not on their way out (counted once per change)."""
@@ -165,7 +170,7 @@ class Pool:
         slot = WorkerSlot(number=number, pid=pid, channel=master_end, born=self.serving.now,
                           generation=self.serving.generation, board=board)
         self.workers[pid] = slot
-        self._active = None
+        self.changed()
         self.by_channel[master_end.fileno()] = slot
         self.epoll.register(master_end.fileno(), select.EPOLLIN)
         log.debug("worker %d spawned (pid %d)", number, pid)
@@ -213,7 +218,7 @@ class Pool:
         """The slot of a worker that exited (reaped); None if ``pid`` is not a worker's."""
         slot = self.workers.pop(pid, None)
         if slot is not None:
-            self._active = None
+            self.changed()
         return slot
 
     def forget_channel(self, slot: WorkerSlot) -> None:
@@ -232,7 +237,7 @@ class Pool:
         if slot.leaving is not None and not override:
             return False
         slot.leaving = reason
-        self._active = None
+        self.changed()
         return True
 
     def retire_order(self, workers: int) -> list[WorkerSlot]:

@@ -272,6 +272,7 @@ class Reloads:
 
     def parent_exited(self, parent: Generation, status: int) -> None:
         parent.exited = True
+        self.pool.changed()  # (if it was the serving generation's, no worker can be forked now)
         how = describe_status(status)
         if parent is self.loading:
             self.read(parent)  # its last words come first: FAILED, or LOADED just before it died
@@ -291,6 +292,7 @@ class Reloads:
         if parent is None or parent.state == RETIRED or self.serving.stopping:
             return
         parent.kill()
+        self.pool.changed()
         if not self.announced:  # starting: there is no generation to fall back on
             self.on_start_failed(f"{reason} before the workers were ready", "the experts' process failed")
         elif self.replacing is not None:  # a new generation starting its workers: the old one takes over again
