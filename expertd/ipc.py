@@ -49,6 +49,7 @@ MEMORY = b"M"
 _FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _SERVE = struct.Struct("!IB")
+_SERVE_SIZE = 1 + _SERVE.size
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IBI")
 _DONE_SIZE = 1 + _DONE.size
@@ -149,7 +150,14 @@ def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None,
 
     None when the master closed the channel.
     """
-    data, fds = _receive(channel, _MAX_MESSAGE + MAX_INLINE)
+    data, ancillary, _flags, _addr = channel.recvmsg(_MAX_MESSAGE + MAX_INLINE, _FDS_SPACE)
+    if len(ancillary) == 1 and len(data) == _SERVE_SIZE and data[:1] == SERVE:
+        # The hot path: a connection whose request waits in its socket, and its one descriptor.
+        level, kind, payload = ancillary[0]
+        conn_id, how = _SERVE.unpack_from(data, 1)
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(payload) == _INT.size and how & ~_HTTP == _FROM_SOCKET:
+            return conn_id, _INT.unpack(payload)[0], None, bool(how & _HTTP)
+    fds = _descriptors(ancillary)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
             os.close(fd)
