@@ -49,8 +49,8 @@ from expertd.connections import LINGERING as CONN_LINGERING
 from expertd.errors import Overloaded, Quarantined, RequestTimeout, ShuttingDown, WorkerLost
 from expertd.logs import Summary
 from expertd.metrics import Metrics
+from expertd.pool import BOOTING, GONE, IDLE, LINGERING, Pool, WorkerSlot, exited_cleanly
 from expertd.pool import BUSY as WORKER_BUSY
-from expertd.pool import GONE, IDLE, LINGERING, Pool, WorkerSlot, exited_cleanly
 from expertd.scoreboard import Scoreboard
 from expertd.serving import Serving
 
@@ -242,6 +242,14 @@ class Dispatcher:
             if report is None:
                 return
             op, value = report
+            if (op == ipc.DONE and slot.state != WORKER_BUSY and slot.state != LINGERING) or (
+                    op == ipc.READY and slot.state != BOOTING):
+                # Not a report this worker can send now (something else wrote to its channel: expert code
+                # with a stray descriptor): the worker is broken, and its word is worth nothing.
+                log.error("worker %d (pid %d) sent %s while %s; killing it", slot.number, slot.pid,
+                          "DONE" if op == ipc.DONE else "READY", slot.state)
+                self.pool.kill(slot)
+                return
             if op == ipc.DONE:
                 self._on_done(slot, *value)  # type: ignore[misc]
             elif op == ipc.READY:
