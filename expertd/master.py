@@ -442,12 +442,7 @@ class Master:
         return not self.dispatcher.in_flight() or time.monotonic() >= self._stop_deadline
 
     def _shutdown(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        if self.http_listener is not None:
-            self.http_listener.close()
-            self.http_listener = None
+        self._close_listeners()  # (already closed, unless an exception ended the loop)
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic()  # (an exception ended the loop)
             self.serving.stopping = True
@@ -461,41 +456,11 @@ class Master:
                 self.table.fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
             else:
                 self.table.close(conn)
-        for slot in list(pool.workers.values()):
-            pool.close_channel(slot)  # an idle worker exits when its channel closes
-            try:
-                os.kill(slot.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5.0
-        while pool.workers and time.monotonic() < deadline:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                time.sleep(0.02)
-            else:
-                pool.workers.pop(pid, None)
-                parent = self.reloads.parents.pop(pid, None)
-                if parent is not None:
-                    parent.exited = True  # (reaped: its pid is no longer ours to signal)
-        for slot in list(pool.workers.values()):
-            pool.kill(slot)
-            try:
-                os.waitpid(slot.pid, 0)
-            except ChildProcessError:
-                pass
-        pool.workers.clear()
-        for parent in self.reloads.parents.values():  # they hold nothing to save: loaded experts, a load
-            if parent.exited:
-                continue
-            parent.kill()
-            try:
-                os.waitpid(parent.pid, 0)
-            except ChildProcessError:
-                pass
-        self.reloads.parents.clear()
+        for pid in pool.terminate():  # (children reaped meanwhile that were not workers: generation parents)
+            parent = self.reloads.parents.pop(pid, None)
+            if parent is not None:
+                parent.exited = True  # (reaped: its pid is no longer ours to signal)
+        self.reloads.kill_all()
         self.acceptor.settle_all()
         if self.acceptor.spare_fd is not None:
             os.close(self.acceptor.spare_fd)

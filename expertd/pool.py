@@ -33,6 +33,7 @@ import os
 import select
 import signal
 import socket
+import time
 from dataclasses import dataclass
 
 from expertd import ipc
@@ -239,6 +240,35 @@ class Pool:
         slot.leaving = reason
         self.changed()
         return True
+
+    def terminate(self, wait: float = 5.0) -> list[int]:
+        """Stopping: every worker told to exit (channel closed, SIGTERM), waited for up to ``wait`` seconds, then
+        killed.  Returns the pids of other children reaped meanwhile."""
+        for slot in list(self.workers.values()):
+            self.close_channel(slot)  # an idle worker exits when its channel closes
+            try:
+                os.kill(slot.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        others = []
+        deadline = time.monotonic() + wait
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+            elif self.workers.pop(pid, None) is None:
+                others.append(pid)
+        for slot in list(self.workers.values()):
+            self.kill(slot)
+            try:
+                os.waitpid(slot.pid, 0)
+            except ChildProcessError:
+                pass
+        self.workers.clear()
+        return others
 
     def retire_order(self, workers: int) -> list[WorkerSlot]:
         """The serving generation's workers to retire so that ``workers`` stay: idle first, then the youngest."""

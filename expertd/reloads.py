@@ -19,6 +19,7 @@ reload's outcome, and whether the daemon has announced itself ready.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import time
 from collections.abc import Callable
@@ -317,6 +318,19 @@ class Reloads:
                 f"loading generation {loading.number} took longer than reload_timeout "
                 f"({loading.config.reload_timeout:g}s) and was abandoned; find what hangs at import or in a "
                 "before_fork hook, or raise reload_timeout"))
+
+    def kill_all(self) -> None:
+        """Stopping: every generation parent still alive is killed and reaped (they hold nothing to save:
+        loaded experts, a load in progress)."""
+        for parent in self.parents.values():
+            if parent.exited:
+                continue
+            parent.kill()
+            try:
+                os.waitpid(parent.pid, 0)
+            except ChildProcessError:
+                pass
+        self.parents.clear()
 
     def stop(self) -> None:
         """The daemon stops: a load in progress is abandoned."""
