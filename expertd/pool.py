@@ -279,8 +279,7 @@ class Pool:
     def overdue_boots(self, now: float) -> list[WorkerSlot]:
         """Workers not ready after boot_timeout (stuck in their after_fork hooks): the caller kills them."""
         timeout = self.serving.config.boot_timeout
-        late = [slot for slot in self.workers.values()
-                if slot.ready_at is None and now - slot.born > timeout and slot.failure is None]
+        late = [slot for slot in self.workers.values() if slot.ready_at is None and now - slot.born > timeout]
         for slot in late:
             log.error("worker %d (pid %d) not ready after %.0fs (boot_timeout); killing it",
                       slot.number, slot.pid, timeout)
