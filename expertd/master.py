@@ -67,6 +67,7 @@ _HOUSEKEEPING_INTERVAL = 0.05  # watchdog, the log throttle's counts, the status
 # systemd's STATUS line: at most this often (it counts requests; a message per request would
 # cost the master a system call and the service manager a wake-up per request).
 _STATUS_INTERVAL = 1.0
+_UNWATCHED_WAIT = 0.002  # the longest a connection waits to be looked at while the master wakes for workers only
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -78,6 +79,11 @@ class Master:
         self.serving = serving = Serving(config)
         self.notifier = Notifier()
         self.epoll = epoll = select.epoll()
+        # Connections have an epoll set of their own, watched through the master's (its descriptor is in
+        # it) except while nothing a connection sends could be served before a worker reports (see
+        # _watch_connections): the master then wakes for workers only, and looks at connections then.
+        self._conn_epoll = select.epoll()
+        self._watching = False
         self._signals: list[int] = []
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Sockets passed by socket activation: taken now (from the environment, which forked processes then
@@ -96,7 +102,7 @@ class Master:
         self.metrics = metrics = Metrics(MAX_SLOTS, config.experts)
         quarantines = Quarantines()
         self.summary = Summary(log)
-        self.table = table = ConnectionTable(serving, epoll, throttle)
+        self.table = table = ConnectionTable(serving, self._conn_epoll, throttle)
         self.pool = pool = Pool(serving, epoll, scoreboard, metrics, quarantines, throttle,
                                 make_room=lambda: self.acceptor.evict_for_room())
         self.acceptor = Acceptor(serving, table, epoll, throttle, pool)
@@ -142,26 +148,34 @@ class Master:
         serving, table, intake, dispatcher = self.serving, self.table, self.intake, self.dispatcher
         by_fd, by_channel, recheck = table.by_fd, self.pool.by_channel, table.recheck
         poll, monotonic, pool = self.epoll.poll, time.monotonic, self.pool
+        conn_poll, conn_epoll_fd = self._conn_epoll.poll, self._conn_epoll.fileno()
         serving.tick()  # (loading the first generation took a while)
         try:
             while True:
                 if not pool.settled or self.acceptor.paused_until:
                     self._maintain()  # a worker to spawn, a generation parent to replace, accepting to resume
+                self._watch_connections()
                 events = poll(self._poll_timeout())
                 serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
-                for fd, mask in events:
-                    conn = by_fd.get(fd)
-                    if conn is not None:
-                        if conn.state == BUSY:  # (the commonest event: the next request, before its DONE)
-                            conn.look_again = True  # a worker holds it: look when it comes back
-                        else:
-                            intake.on_event(conn, mask)
-                    elif fd in by_channel:
+                connections = not self._watching  # (not watched: look at them on every wake-up)
+                for fd, _mask in events:
+                    if fd in by_channel:
                         # One report per event: the channel is level-triggered, so epoll reports it again
                         # while more wait, and reading until empty would cost a failed read per report.
                         dispatcher.read_reports(by_channel[fd], drain=False)
+                    elif fd == conn_epoll_fd:
+                        connections = True
                     else:
                         self._on_other(fd)
+                if connections:
+                    for fd, mask in conn_poll(0):
+                        conn = by_fd.get(fd)
+                        if conn is None:
+                            continue  # (closed by an event before it)
+                        if conn.state == BUSY:  # (a worker holds it: look when it comes back)
+                            conn.look_again = True
+                        else:
+                            intake.on_event(conn, mask)
                 if self._signals:
                     self._handle_signals()
                 # Fair turns: one request per connection per iteration.  A connection answered here
@@ -186,6 +200,24 @@ class Master:
         finally:
             self._shutdown()
         return self._exit_status
+
+    def _watch_connections(self) -> None:
+        """Watch the connections' epoll set, unless nothing they send could be served before a worker reports.
+
+        With requests queued and no worker idle, a request arriving now waits behind
+        them whatever the master does, so the master need not wake for it: it wakes
+        for the workers' reports (which free a worker) and looks at the connections
+        then.  That halves its wake-ups per request under load.  Requests the master
+        answers itself (status, health) wait at most _UNWATCHED_WAIT for that.
+        """
+        dispatcher = self.dispatcher
+        watch = not dispatcher.queue or bool(dispatcher.idle) or self._stop_deadline is not None
+        if watch != self._watching:
+            if watch:
+                self.epoll.register(self._conn_epoll.fileno(), select.EPOLLIN)
+            else:
+                self.epoll.unregister(self._conn_epoll.fileno())
+            self._watching = watch
 
     def _listen(self) -> None:
         # What the master loaded (preloaded libraries) is shared with every generation; freezing
@@ -253,6 +285,8 @@ class Master:
             timeout = min(timeout, _EXPIRY_INTERVAL)  # their requests' deadlines are on the scoreboard
         if self.acceptor.refusing:
             timeout = min(timeout, self.acceptor.next_deadline() - now)  # type: ignore[operator]
+        if not self._watching:
+            timeout = min(timeout, _UNWATCHED_WAIT)
         return timeout if timeout > 0.0 else 0.0
 
     def _maintain(self) -> None:
@@ -398,7 +432,8 @@ class Master:
 
     def _own_fds(self) -> list[int]:
         """The master's descriptors, which a generation's parent closes."""
-        own = [self.epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.table.by_fd, *self.acceptor.refusing,
+        own = [self.epoll.fileno(), self._conn_epoll.fileno(), self._wakeup_r, self._wakeup_w, *self.table.by_fd,
+               *self.acceptor.refusing,
                *self.pool.by_channel, *self._activated]  # (socket activation: adopted only later, in run)
         own += [self.acceptor.spare_fd] if self.acceptor.spare_fd is not None else []
         own += [listener.fileno() for listener in (self.listener, self.http_listener) if listener is not None]
@@ -467,6 +502,7 @@ class Master:
             self.acceptor.spare_fd = None
         signal.set_wakeup_fd(-1)
         self.epoll.close()
+        self._conn_epoll.close()
         os.close(self._wakeup_r)
         os.close(self._wakeup_w)
         self.throttle.flush(force=True)
