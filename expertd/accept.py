@@ -26,7 +26,7 @@ import socket
 from collections import OrderedDict
 
 from expertd.access import NO_PEER, peer_credentials, peer_groups
-from expertd.connections import IDLE, Connection, ConnectionTable
+from expertd.connections import IDLE, Connection, ConnectionTable, drain
 from expertd.errors import AccessDenied, Overloaded, RemoteError
 from expertd.framing import refusal_reply, undecided
 from expertd.logs import Throttle
@@ -326,12 +326,7 @@ def _answer_and_close(sock: socket.socket, error: RemoteError, head: bytes | Non
     """
     if head is not None:
         reply = refusal_reply(error, head)
-        try:
-            for _ in range(16):
-                if not sock.recv(65536, socket.MSG_DONTWAIT):
-                    break
-        except OSError:
-            pass
+        drain(sock)
         try:
             sock.send(reply, socket.MSG_DONTWAIT)
         except OSError:

@@ -197,7 +197,7 @@ class ConnectionTable:
     def fail(self, conn: Connection, error: RemoteError | http.HttpRefusal) -> None:
         """Answer the connection's current request with ``error`` (HTTP refusals: HTTP only) and close it."""
         if conn.speaks == "http":
-            self.drain(conn)
+            drain(conn.sock)
             self._send_and_close(conn, http.error_response(None, error)[0])
         else:
             self._send_and_close(conn, protocol.encode_error(conn.request_id, error))
@@ -208,16 +208,6 @@ class ConnectionTable:
         except OSError:
             pass  # the client is gone or not reading: closing is all that is left
         self.close(conn)
-
-    @staticmethod
-    def drain(conn: Connection) -> None:
-        # Closing a socket with unread input resets the connection, and the reply with it.
-        try:
-            for _ in range(16):
-                if not conn.sock.recv(65536, socket.MSG_DONTWAIT):
-                    break
-        except OSError:
-            pass
 
     def send_reply(self, conn: Connection, frame: bytes) -> None:
         """Write a reply of the master's own; what the socket does not take now goes out as it drains."""
@@ -327,6 +317,17 @@ class ConnectionTable:
             self.held_replies -= conn.held
             _take_from(self._held_by_uid, conn.uid, conn.held)
         conn.outbuf, conn.held = None, 0
+
+
+def drain(sock: socket.socket) -> None:
+    """Read what the client sent and nobody will: closing a socket with unread input resets the
+    connection, and the reply just written with it."""
+    try:
+        for _ in range(16):
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                break
+    except OSError:
+        pass
 
 
 def over_half(holders: list[Connection], held_by_uid: dict[int, int], uid: int, budget: int,

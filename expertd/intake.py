@@ -323,13 +323,6 @@ class Intake:
         elif conn.state == IDLE:
             self.table.recheck.append(conn)  # a request pipelined behind this one: look in the main loop
 
-    def answer_waiter(self, conn: Connection, request_id: int, reply: dict) -> None:
-        """Answer a RELOAD request that waited for its load's outcome (unless its connection is gone)."""
-        if conn.state != WAITING:
-            return  # closed meanwhile
-        self.table.rest(conn, self.serving.now)
-        self.table.answer(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
-
     def _answer_http(self, conn: Connection, route: str) -> None:
         """GET /health, /experts and /metrics, answered here: they need no worker."""
         try:

@@ -44,7 +44,7 @@ from expertd.accept import Acceptor, file_limit, open_descriptors, open_spare, r
 from expertd.admin import Admin
 from expertd.backoff import Quarantines
 from expertd.config import Config
-from expertd.connections import BUSY, IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
+from expertd.connections import IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
 from expertd.dispatch import Dispatcher
 from expertd.errors import ShuttingDown
 from expertd.generation import become_subreaper
@@ -116,8 +116,8 @@ class Master:
                                          on_first_ready=on_ready or (lambda: None), on_start_failed=self._fail_start,
                                          on_reloaded=self.acceptor.count_base_descriptors)
         self.admin = admin = Admin(serving, pool, dispatcher, table, self.acceptor, reloads, scoreboard, metrics,
-                                   quarantines, throttle, socket_path=self._socket_path,
-                                   stop=lambda reason: self._begin_stop(graceful=True, reason=reason))
+                                   quarantines, throttle, stop=lambda reason: self._begin_stop(True, reason),
+                                   socket_path=lambda: self.listener.path if self.listener else config.socket)
         self.intake = Intake(serving, table, queue, admin, quarantines, metrics)
         dispatcher.examine = self.intake.examine  # (a connection handed back may have a request waiting)
         self.throttle = throttle
@@ -170,11 +170,7 @@ class Master:
                 if connections:
                     for fd, mask in conn_poll(0):
                         conn = by_fd.get(fd)
-                        if conn is None:
-                            continue  # (closed by an event before it)
-                        if conn.state == BUSY:  # (a worker holds it: look when it comes back)
-                            conn.look_again = True
-                        else:
+                        if conn is not None:  # (else closed by an event before it)
                             intake.on_event(conn, mask)
                 if self._signals:
                     self._handle_signals()
@@ -195,7 +191,8 @@ class Master:
                     self._expire(now)
                 if now >= self._next_housekeeping:
                     self._housekeeping(now)
-                if self._stop_deadline is not None and self._stopped():
+                if self._stop_deadline is not None and (  # stopping: once nothing is in flight, or at the deadline
+                        not dispatcher.in_flight() or time.monotonic() >= self._stop_deadline):
                     break
         finally:
             self._shutdown()
@@ -439,9 +436,6 @@ class Master:
         own += [listener.fileno() for listener in (self.listener, self.http_listener) if listener is not None]
         return own
 
-    def _socket_path(self) -> str:
-        return self.listener.path if self.listener else self.serving.config.socket
-
     # ------------------------------------------------------------ stopping
     def _begin_stop(self, graceful: bool, reason: str) -> None:
         now = time.monotonic()
@@ -471,10 +465,6 @@ class Master:
         if self.http_listener is not None:
             self.http_listener.close()
             self.http_listener = None
-
-    def _stopped(self) -> bool:
-        assert self._stop_deadline is not None
-        return not self.dispatcher.in_flight() or time.monotonic() >= self._stop_deadline
 
     def _shutdown(self) -> None:
         self._close_listeners()  # (already closed, unless an exception ended the loop)
