@@ -1,4 +1,4 @@
-"""What the daemon serves now, shared by the master's parts: one object, changed in two places.
+"""What the daemon serves now, shared by the master's parts: one object, each field changed in one place.
 
 Every part of the master reads the config in force, the serving generation's
 experts and number, whether the daemon is stopping, and the loop's clock.
@@ -8,9 +8,10 @@ so that a reload or a stop is seen by all of them at once.
 State owned here, and who changes it:
 
 * ``config``, ``experts``, ``generation``: :mod:`expertd.reloads` (a new
-  generation loaded, or a failed one undone), and :meth:`expertd.pool.Pool.scale`
+  generation loaded, or a failed one undone), and :meth:`expertd.admin.Admin.scale`
   for ``config.workers``;
 * ``stopping``: :mod:`expertd.master` (the stop begins);
+* ``requests_served``: :mod:`expertd.dispatch` (each DONE report);
 * ``access``: derived from ``config``, rebuilt when a reload replaces it;
 * ``now``: the master's loop, once per iteration, after ``epoll`` returns.  Decisions
   within an iteration share that reading (a deadline a few microseconds late is
