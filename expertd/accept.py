@@ -26,7 +26,7 @@ import socket
 from collections import OrderedDict
 
 from expertd.access import NO_PEER, peer_credentials, peer_groups
-from expertd.connections import IDLE, Connection, ConnectionTable, drain
+from expertd.connections import ET_READ, IDLE, Connection, ConnectionTable, drain
 from expertd.errors import AccessDenied, Overloaded, RemoteError
 from expertd.framing import refusal_reply, undecided
 from expertd.logs import Throttle
@@ -49,7 +49,6 @@ _FD_MARGIN = 24
 # A connection that has not sent its first request is not closed for room until this long after accept:
 # its client is about to send it (and would not know to send it again on a new connection).
 _FRESH_GRACE = 1.0
-_ET_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 
 
 class Acceptor:
@@ -181,7 +180,7 @@ class Acceptor:
         if head is not None and undecided(head) and len(self.refusing) < _REFUSAL_PEN:
             sock.settimeout(None)
             self.refusing[sock.fileno()] = (sock, self.serving.now + _REFUSAL_WAIT, refusal)
-            self.epoll.register(sock.fileno(), _ET_READ)
+            self.epoll.register(sock.fileno(), ET_READ)
             return
         _answer_and_close(sock, refusal, head)
 

@@ -351,7 +351,7 @@ class Dispatcher:
         whose call it died in, if any (for its quarantine)."""
         if slot.channel.fileno() >= 0:
             self.read_reports(slot)  # a DONE sent just before dying still counts
-        self.pool.forget_channel(slot)
+        self.pool.close_channel(slot)
         if slot in self.idle:
             self.idle.remove(slot)
         lingering = slot.state == LINGERING

@@ -196,7 +196,8 @@ class Pool:
 
     # ------------------------------------------------------------- leaving
     def close_channel(self, slot: WorkerSlot) -> None:
-        """Tell an idle worker to exit: it does when its channel closes."""
+        """Close the master's end of a worker's channel: an idle worker exits when it sees that; a dead
+        one's channel, read to its end, is done with."""
         fd = slot.channel.fileno()
         if fd < 0:
             return
@@ -221,14 +222,6 @@ class Pool:
         if slot is not None:
             self.changed()
         return slot
-
-    def forget_channel(self, slot: WorkerSlot) -> None:
-        """A dead worker's channel, read to its end: closed."""
-        fd = slot.channel.fileno()
-        if fd in self.by_channel:
-            self.epoll.unregister(fd)
-            del self.by_channel[fd]
-        slot.channel.close()
 
     def leave(self, slot: WorkerSlot, reason: str, override: bool = False) -> bool:
         """Mark a worker as on its way out (the one place ``leaving`` is set); False if it already was.
