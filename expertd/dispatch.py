@@ -94,8 +94,7 @@ class Dispatcher:
             if self.idle:
                 self._hand_out()
             if self.queue:  # requests wait and no worker is idle: take back the lingering ones
-                for slot in self.lingering:
-                    self.reclaim(slot)
+                self.reclaim_lingering()
                 if self._ahead:
                     self._hand_ahead()
         if len(self.queue) != self.queued_shown:
@@ -216,6 +215,11 @@ class Dispatcher:
             os.kill(slot.pid, signal.SIGUSR2)  # interrupts the worker's wait on the connection (see ipc)
         except OSError:
             pass  # it is exiting; its exit returns the connection
+
+    def reclaim_lingering(self) -> None:
+        """Ask every lingering worker for its connection back (requests wait, a quarantine began, stopping)."""
+        for slot in list(self.lingering):
+            self.reclaim(slot)
 
     def retire(self, slot: WorkerSlot, reason: str) -> None:
         """Take a worker out of service; it finishes the request in hand first."""

@@ -394,8 +394,7 @@ class Master:
             self._fail_start(slot.failure or f"worker {slot.number} {how} before it was ready",
                              "a worker failed to start")
         elif self.pool.exited(slot, blamed):
-            for lingering in list(self.dispatcher.lingering):
-                self.dispatcher.reclaim(lingering)  # their calls would not pass the quarantine's check
+            self.dispatcher.reclaim_lingering()  # their calls would not pass the quarantine's check
 
     def _kill_and_reap(self, slot: WorkerSlot) -> None:
         """SIGKILL a worker and handle its exit now, so that nothing it writes can follow our reply."""
@@ -449,8 +448,7 @@ class Master:
                 if conn.state in (IDLE, PARTIAL, WAITING):
                     self.table.close(conn)
             self.acceptor.settle_all()
-            for slot in list(self.dispatcher.lingering):
-                self.dispatcher.reclaim(slot)
+            self.dispatcher.reclaim_lingering()
             self.reloads.stop()
         self._stop_deadline = now + self.serving.config.graceful_timeout if graceful else now
 
