@@ -93,7 +93,7 @@ class Dispatcher:
         if self.queue:
             if self.idle:
                 self._hand_out()
-            if self.queue:  # requests wait and no worker is idle: take back the lingering ones
+            if self.queue and self.lingering:  # requests wait and no worker is idle: take lingering ones back
                 self.reclaim_lingering()
                 if self._ahead:
                     self._hand_ahead()
@@ -218,7 +218,7 @@ class Dispatcher:
 
     def reclaim_lingering(self) -> None:
         """Ask every lingering worker for its connection back (requests wait, a quarantine began, stopping)."""
-        for slot in list(self.lingering):
+        for slot in self.lingering:  # (reclaim changes nothing in the set: its DONE does, later)
             self.reclaim(slot)
 
     def retire(self, slot: WorkerSlot, reason: str) -> None:
