@@ -93,8 +93,9 @@ class Dispatcher:
         if self.queue:
             if self.idle:
                 self._hand_out()
-            if self.queue and self.lingering:  # requests wait and no worker is idle: take lingering ones back
-                self.reclaim_lingering()
+            if self.queue:  # requests wait and no worker is idle: take back the lingering ones
+                if self.lingering:
+                    self.reclaim_lingering()
                 if self._ahead:
                     self._hand_ahead()
         if len(self.queue) != self.queued_shown:
