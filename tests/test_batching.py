@@ -393,6 +393,34 @@ def test_a_caller_that_hung_up_while_queued_costs_its_batch_nothing(make_daemon,
     assert daemon.client().call("tagged", "next")["x"] == "next"
 
 
+def test_a_caller_slow_to_read_its_large_reply_does_not_hold_back_its_batch_mates(make_daemon, short_dir):
+    daemon = make_daemon(EXPERTS, workers=1)
+    reading_from: list[float] = []
+
+    def slow_reader() -> tuple:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(daemon.socket))
+            sock.sendall(protocol.encode_frame(protocol.CALL, 3, msgpack.packb(
+                ["tagged", [{"x": "large", "reply": 8_000_000}], {}])))
+            time.sleep(1.5)  # far more than the socket holds waits for it meanwhile
+            reading_from.append(time.monotonic())
+            kind, _request_id, body = protocol.read_frame(sock, 1 << 26)
+        answer = msgpack.unpackb(body)
+        return kind, answer["x"], len(answer["pad"])
+
+    def timed(x: str) -> Callable[[], tuple]:
+        def call() -> tuple:
+            answer = daemon.client().call("tagged", x)
+            return answer["x"], answer["members"], time.monotonic()
+        return call
+
+    large, a, b = in_one_batch(daemon, short_dir, [slow_reader, timed("a"), timed("b")])
+    assert large == (protocol.RESULT, "large", 8_000_000)  # (whole, once its caller read it)
+    assert a[:2] == ("a", ["large", "a", "b"]) and b[:2] == ("b", ["large", "a", "b"])
+    assert a[2] < reading_from[0] and b[2] < reading_from[0]  # answered before the first member's reply was read
+
+
 @pytest.mark.xfail(strict=True, reason="a request the master gathered (over MAX_INLINE) leading a batch is sent "
                                       "inside the BATCH message: truncated at the worker (bad_request) or refused "
                                       "by the channel (overloaded for every member)")

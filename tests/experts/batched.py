@@ -18,7 +18,8 @@ def tagged(documents):
     A document is a dict (anything else is its own x) with, optionally:
     ``sleep`` (the whole batch sleeps the longest one asked for), ``fail``
     (that document alone fails with ValueError), ``log`` (a file the batch
-    appends one line to: its pid, id and members, before it sleeps).
+    appends one line to: its pid, id and members, before it sleeps), ``reply``
+    (that document's answer carries that many bytes more, as ``pad``).
     """
     pid = os.getpid()
     batch = f"{pid}-{next(_BATCHES)}"
@@ -29,8 +30,14 @@ def tagged(documents):
             log.write(json.dumps({"pid": pid, "batch": batch, "members": members}) + "\n")
     time.sleep(max((document.get("sleep", 0) for document in documents if isinstance(document, dict)), default=0))
     return [ValueError(f"document {_x(document)} refused") if isinstance(document, dict) and document.get("fail")
-            else {"x": _x(document), "batch": batch, "size": len(documents), "members": members, "pid": pid}
-            for document in documents]
+            else _answer(document, batch, members, pid) for document in documents]
+
+
+def _answer(document, batch, members, pid):
+    answer = {"x": _x(document), "batch": batch, "size": len(members), "members": members, "pid": pid}
+    if isinstance(document, dict) and document.get("reply"):
+        answer["pad"] = "r" * document["reply"]
+    return answer
 
 
 @expert(batched=True)
