@@ -424,8 +424,8 @@ def test_a_caller_slow_to_read_its_large_reply_does_not_hold_back_its_batch_mate
             sock.settimeout(30)
             sock.connect(str(daemon.socket))
             sock.sendall(protocol.encode_frame(protocol.CALL, 3, msgpack.packb(
-                ["tagged", [{"x": "large", "reply": 8_000_000}], {}])))
-            time.sleep(1.5)  # far more than the socket holds waits for it meanwhile
+                ["tagged", [{"x": "large", "reply": 4_000_000}], {}])))
+            time.sleep(1.0)  # far more than the socket holds waits for it meanwhile
             reading_from.append(time.monotonic())
             kind, _request_id, body = protocol.read_frame(sock, 1 << 26)
         answer = msgpack.unpackb(body)
@@ -438,7 +438,7 @@ def test_a_caller_slow_to_read_its_large_reply_does_not_hold_back_its_batch_mate
         return call
 
     large, a, b = in_one_batch(daemon, short_dir, [slow_reader, timed("a"), timed("b")])
-    assert large == (protocol.RESULT, "large", 8_000_000)  # (whole, once its caller read it)
+    assert large == (protocol.RESULT, "large", 4_000_000)  # (whole, once its caller read it)
     assert (a[0], b[0]) == ("a", "b") and sorted(a[1]) == sorted(b[1]) == ["a", "b", "large"]
     assert a[2] < reading_from[0] and b[2] < reading_from[0]  # answered before the first member's reply was read
 
