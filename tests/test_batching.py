@@ -217,9 +217,6 @@ def test_http_and_msgpack_callers_share_a_batch(make_daemon, short_dir):
     assert sorted(m1["members"]) == ["h1", "m1", "m2", "m3", "o1", "u1", "u2"]
 
 
-@pytest.mark.xfail(strict=True, reason="the master takes a msgpack call's expert from its first bytes only: a call "
-                                      "gathered from pieces whose first one ended before the name has no expert, "
-                                      "and never joins a batch")
 def test_a_call_whose_name_arrived_after_its_header_joins_a_batch(make_daemon, short_dir):
     daemon = make_daemon(EXPERTS, workers=1)
     frame = protocol.encode_frame(protocol.CALL, 9, msgpack.packb(["tagged", ["late"], {}]))
@@ -258,9 +255,6 @@ def test_a_batch_never_holds_more_than_max_batch_calls(make_daemon, short_dir, m
     assert "batches of tagged: 3 for 8 calls, mean size 2.67" in daemon.ctl("status").stdout
 
 
-@pytest.mark.xfail(strict=True, reason="the batch figures count only batches of two or more: a call of a batched "
-                                      "expert handed out alone is not counted, so the size histogram's le=1 bucket "
-                                      "stays 0 and the mean batch size overstates batching")
 def test_a_call_handed_out_alone_counts_as_a_batch_of_one(make_daemon):
     daemon = make_daemon(EXPERTS, workers=1, linger="0")  # (linger 0: every call goes through the master)
     assert daemon.client().call("tagged", "alone")["size"] == 1
@@ -289,7 +283,8 @@ def test_pipelined_calls_on_one_connection_are_each_answered_in_order(make_daemo
 
     piped, a, b = in_one_batch(daemon, short_dir, [pipelined, tagged(daemon, "a"), tagged(daemon, "b")])
     assert piped == [(protocol.RESULT, 1, "p1"), (protocol.RESULT, 2, "p2"), (protocol.RESULT, 3, "p3")]
-    assert a["members"] == b["members"] and sorted(a["members"]) == ["a", "b", "p1"]  # one call per connection
+    # One request per connection in a batch (in the order they arrived, which the test does not fix).
+    assert a["members"] == b["members"] and sorted(a["members"]) == ["a", "b", "p1"]
 
 
 @pytest.mark.parametrize("linger", ["5ms", "0"])  # 0: every call goes through the master's hand-out
@@ -443,11 +438,9 @@ def test_a_caller_slow_to_read_its_large_reply_does_not_hold_back_its_batch_mate
     assert a[2] < reading_from[0] and b[2] < reading_from[0]  # answered before the first member's reply was read
 
 
-@pytest.mark.xfail(strict=True, reason="a request the master gathered (over MAX_INLINE) leading a batch is sent "
-                                      "inside the BATCH message: truncated at the worker (bad_request) or refused "
-                                      "by the channel (overloaded for every member)")
 @pytest.mark.parametrize("size", [100_000, 1_000_000])
-def test_a_large_request_the_master_gathered_is_answered_with_its_batch_mates(make_daemon, short_dir, size):
+def test_a_large_request_the_master_gathered_goes_alone_and_the_calls_behind_it_are_answered(make_daemon, short_dir,
+                                                                                            size):
     daemon = make_daemon(EXPERTS, workers=1)
 
     def large() -> object:
@@ -464,12 +457,12 @@ def test_a_large_request_the_master_gathered_is_answered_with_its_batch_mates(ma
 
     with ThreadPoolExecutor(3) as pool, worker_held(daemon, short_dir):
         futures = [pool.submit(large)]
-        assert wait_until(lambda: queued(daemon) == 1)  # first in the queue: it leads the batch
+        assert wait_until(lambda: queued(daemon) == 1)  # first in the queue: it would lead the batch
         futures += [pool.submit(tagged(daemon, x, retries=0)) for x in (1, 2)]
         assert wait_until(lambda: queued(daemon) == 3)
     (kind, answer), first, second = [outcome(future) for future in futures]
-    assert kind == protocol.RESULT and answer["x"] == "large", answer
-    assert (first["x"], second["x"]) == (1, 2)
+    assert kind == protocol.RESULT and answer["x"] == "large" and answer["size"] == 1, answer  # (too large to go along)
+    assert (first["x"], second["x"]) == (1, 2) and first["members"] == second["members"] == [1, 2]
 
 
 def test_a_graceful_stop_lets_a_batch_in_hand_finish(make_daemon, short_dir):
@@ -537,9 +530,6 @@ def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
     assert max(answer["size"] for _x, answer in answers) > 1  # type: ignore[index]
 
 
-@pytest.mark.xfail(strict=True, reason="from the reload on, the master batches by the new generation's experts, "
-                                      "and hands batches to the old generation's workers, whose expert is not "
-                                      "batched: every member gets bad_result until the new workers are ready")
 def test_a_reload_that_makes_an_expert_batched_costs_its_callers_nothing(make_daemon):
     daemon = make_daemon({"tagged": "batched:tagged_alone"}, workers=2)
     done = threading.Event()

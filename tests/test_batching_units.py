@@ -87,8 +87,6 @@ def test_gather_takes_gathered_calls_only_within_the_room_inside_the_message(bat
     assert ids(batcher.gather(call(1, inbuf=40_000), queue, 32)) == [1, 2, 4, 5]
 
 
-@pytest.mark.xfail(strict=True, reason="a lead gathered beyond MAX_INLINE still takes company: send_batch then "
-                                      "sends its frame inside the message (EMSGSIZE, or truncated at the worker)")
 def test_a_lead_gathered_beyond_the_room_inside_the_message_goes_alone(batcher):
     queue = deque([call(2), call(3, inbuf=10)])
     assert ids(batcher.gather(call(1, inbuf=ipc.MAX_INLINE + 1), queue, 32)) == [1]
