@@ -129,7 +129,7 @@ class Answering:
         expert = self.experts.get(name)
         if expert is None:
             raise self._unknown(name)
-        if expert.batched and not hasattr(expert.function, "__expertd_model__"):
+        if expert.batched and not expert.is_model:
             # A batched function takes a list of inputs: a call alone is a batch of one.
             result = call_batch(expert, [(args, kwargs)], _failure)[0]
             if isinstance(result, RemoteError):
