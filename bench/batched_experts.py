@@ -1,14 +1,6 @@
-"""Batched experts for bench/opinion_lines.py: each call of the function gets a list of documents."""
-
-import sentiment
+"""A batched expert for bench/opinion_lines.py: each call of the function gets a list of documents."""
 
 from expertd import expert
-
-
-@expert(batched=True)
-def sentiment_batched(documents):
-    """Sentiment of each document (examples/sentiment): one model run for the whole list."""
-    return sentiment.opinions(documents)
 
 
 @expert(batched=True)

@@ -3,13 +3,13 @@
     python bench/opinion_lines.py [--before REF] [--documents 20000] [--rounds 3] [--workers 2]
 
 Starts one daemon from this tree (``--workers`` workers) on three experts:
-``sentiment_batched`` (the example sentiment model, batched: one model run per
-list of documents), ``text_length`` (batched, next to nothing per document)
-and the example ``sentiment`` (not batched: both versions send it one call per
-document).  Each round streams the same JSON Lines through each version's
-``expertctl opinion --lines`` (default ``--jobs 4``): REF's (exported with
-git archive, or a directory holding an exported tree; default: the commit
-before MAP requests) and this tree's.  Both outputs must be identical.
+the example ``sentiment`` (batched: one model run per list of documents),
+``text_length`` (batched, next to nothing per document: per-request costs
+show) and the example ``keywords`` (not batched: both versions send it one
+call per document).  Each round streams the same JSON Lines through each
+version's ``expertctl opinion --lines --jobs 4``: REF's (exported with git
+archive, or a directory holding an exported tree; default: the commit before
+MAP requests) and this tree's.  Both outputs must be identical.
 Prints the median documents/s of each and the ratio.
 """
 
@@ -32,9 +32,9 @@ from ab import export  # noqa: E402
 from conftest import Daemon, write_config  # noqa: E402
 
 EXPERTS = {
-    "sentiment_batched": "batched_experts:sentiment_batched",
-    "text_length": "batched_experts:text_length",
     "sentiment": "sentiment:opinion",
+    "text_length": "batched_experts:text_length",
+    "keywords": "keywords:opinion",
 }
 
 
@@ -56,7 +56,7 @@ def run_lines(tree: Path, socket: Path, expert: str, stdin: bytes, options: list
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="6e89dd5", help="the commit (or exported tree) to compare with")
+    parser.add_argument("--before", default="83c5df9", help="the commit (or exported tree) to compare with")
     parser.add_argument("--documents", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
