@@ -101,9 +101,9 @@ class Daemon:
         try:
             while "expertd ready" not in self.log():
                 if self.proc.poll() is not None:
-                    raise DaemonError(f"exited with status {self.proc.returncode}:\n" + self._tail())
+                    raise DaemonError(f"exited with status {self.proc.returncode}:\n" + self.log_tail())
                 if time.monotonic() - started > timeout:
-                    raise DaemonError(f"not ready after {timeout:.0f}s:\n" + self._tail())
+                    raise DaemonError(f"not ready after {timeout:.0f}s:\n" + self.log_tail())
                 time.sleep(0.01)
         except BaseException:
             self.stop()
@@ -113,7 +113,7 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def _tail(self) -> str:
+    def log_tail(self) -> str:
         return "\n".join(self.log().strip().splitlines()[-15:])
 
     def stop(self) -> None:
@@ -312,6 +312,20 @@ def sequential_ms(sock: str, expert: str, x: np.ndarray, calls: int) -> list[flo
 
 
 # ----------------------------------------------------------------- parts
+def _load(result: dict, daemons: dict, mode: str, *args: object) -> dict | None:
+    """:func:`run_load` on ``daemons[mode]``; a batching-on daemon whose calls all fail is reported and dropped."""
+    running = daemons[mode]
+    try:
+        return run_load(running.sock, *args, daemon_pid=running.proc.pid)
+    except RuntimeError as exc:
+        if mode == "off":
+            raise
+        result["on_error"] = f"failed in the run: {exc}\n{running.log_tail()}"
+        print(f"batching on: {result['on_error']}\nmeasuring batching off alone from here", flush=True)
+        del daemons[mode]
+        return None
+
+
 def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int, callers: int) -> dict:
     rows = callers // workers or 1
     result: dict = {"batch_rows": rows, "on": {"load": [], "lone": []}, "off": {"load": [], "lone": [], "compute": []},
@@ -323,8 +337,8 @@ def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int
         try:
             daemons["on"] = start(stack, workdir / "mlp-on", workers, {"mlp": {"model": model}}, model_cache=cache)
         except DaemonError as exc:
-            result["on_error"] = str(exc)
-            print(f"model, batching on: the daemon did not start, part skipped:\n{exc}", flush=True)
+            result["on_error"] = f"did not start: {exc}"
+            print(f"model, batching on: the daemon did not start; measuring batching off alone:\n{exc}", flush=True)
         x = mlp_rows(callers)
         with Client(daemons["off"].sock, timeout=120) as client:
             reference = [client.predict("mlp", row) for row in x]  # each row alone
@@ -335,8 +349,9 @@ def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int
                 if mode not in daemons:
                     continue
                 print(f"model round {round_ + 1}/{cfg['rounds']}: batching {mode}, {callers} callers ...", flush=True)
-                load = run_load(daemons[mode].sock, "mlp", "predict", callers, cfg["seconds"], cfg["warmup"],
-                                daemons[mode].proc.pid)
+                load = _load(result, daemons, mode, "mlp", "predict", callers, cfg["seconds"], cfg["warmup"])
+                if load is None:
+                    continue
                 for index, y in load.pop("replies").items():
                     diff = float(np.max(np.abs(y - reference[index]))) / scale if y.shape == (1, WIDTH) else np.inf
                     result["max_rel_diff"] = max(result["max_rel_diff"], diff)
@@ -345,10 +360,10 @@ def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int
             for mode in ("off", "on"):
                 if mode in daemons:
                     print(f"model round {round_ + 1}/{cfg['rounds']}: batching {mode}, a lone caller ...", flush=True)
-                    lone = run_load(daemons[mode].sock, "mlp", "predict", 1, cfg["lone_seconds"], cfg["warmup"],
-                                    daemons[mode].proc.pid)
-                    lone.pop("replies")
-                    result[mode]["lone"].append(lone)
+                    lone = _load(result, daemons, mode, "mlp", "predict", 1, cfg["lone_seconds"], cfg["warmup"])
+                    if lone is not None:
+                        lone.pop("replies")
+                        result[mode]["lone"].append(lone)
             print(f"model round {round_ + 1}/{cfg['rounds']}: compute time of {rows} rows (batching off) ...",
                   flush=True)
             result["off"]["compute"] += sequential_ms(daemons["off"].sock, "mlp", batch, cfg["compute_calls"])
@@ -369,17 +384,18 @@ def measure_sentiment(cfg: dict, workdir: Path, cache: Path, workers: int, calle
             daemons["on"] = start(stack, workdir / "sent-on", workers,
                                   {"sentiment": {"function": function, "max_batch": DEFAULT_MAX_BATCH}}, **settings)
         except DaemonError as exc:
-            result["on_error"] = str(exc)
-            print(f"sentiment, batching on: the daemon did not start, part skipped:\n{exc}", flush=True)
-            return result
+            result["on_error"] = f"did not start: {exc}"
+            print(f"sentiment, batching on: the daemon did not start; measuring batching off alone:\n{exc}",
+                  flush=True)
         with Client(daemons["off"].sock, timeout=60) as client:
             reference = {d["text"]: client.opinion("sentiment", d) for d in corpus_documents()}
         for round_ in range(cfg["rounds"]):
-            for mode in ("off", "on"):
+            for mode in [m for m in ("off", "on") if m in daemons]:
                 print(f"sentiment round {round_ + 1}/{cfg['rounds']}: batching {mode}, {callers} callers ...",
                       flush=True)
-                load = run_load(daemons[mode].sock, "sentiment", "opinion", callers, cfg["seconds"], cfg["warmup"],
-                                daemons[mode].proc.pid)
+                load = _load(result, daemons, mode, "sentiment", "opinion", callers, cfg["seconds"], cfg["warmup"])
+                if load is None:
+                    continue
                 result["disagreements"] += sum(reply != reference[text] for text, reply in load.pop("replies").items())
                 result[mode]["load"].append(load)
         result["status"] = {mode: running.status() for mode, running in daemons.items()}
@@ -443,14 +459,14 @@ def markdown(data: dict) -> str:
                 f"| {verdict(lone_ratio <= TARGETS['lone_p50'])} |",
             ]
         else:
-            rows.append("| model: batching on | the daemon did not start (below) | n/a |")
+            rows.append("| model: batching on | no figures: the daemon failed (below) | n/a |")
     if sentiment:
         if sentiment["on"]["load"]:
             on_t, off_t = _med(sentiment["on"]["load"], "throughput"), _med(sentiment["off"]["load"], "throughput")
             rows.append(f"| sentiment, {callers} callers: calls/s on ≥ off | {on_t:.0f} vs {off_t:.0f} = "
                         f"{on_t / off_t:.2f}× | {verdict(on_t >= TARGETS['sentiment'] * off_t)} |")
         else:
-            rows.append("| sentiment: batching on | the daemon did not start (below) | n/a |")
+            rows.append("| sentiment: batching on | no figures: the daemon failed (below) | n/a |")
     if mlp:
         rows.append(f"| model replies match the batching-off daemon's, each row alone (within "
                     f"{RELATIVE_TOLERANCE:g} of the largest output) | largest difference "
@@ -501,7 +517,7 @@ def markdown(data: dict) -> str:
                 out.append(f"| {mode} | {spread(_figure(loads, 'p50_ms'), 2)} | {spread(_figure(loads, 'p99_ms'), 2)} "
                            f"| {spread(_figure(loads, 'throughput'), 1)} |")
         if "on_error" in mlp:
-            out += ["", "The batching-on daemon did not start:", "", "```", mlp["on_error"], "```"]
+            out += ["", "The batching-on daemon:", "", "```", mlp["on_error"], "```"]
 
     if sentiment:
         out += ["", f"## Sentiment expert: {callers} callers", "",
@@ -521,8 +537,7 @@ def markdown(data: dict) -> str:
                                f"| {spread(_figure(loads, 'daemon_cpu'), 2)} "
                                f"| {spread(_figure(loads, 'callers_cpu'), 2)} |")
         if "on_error" in sentiment:
-            out += ["The batching-on daemon did not start, so this part was skipped:", "", "```",
-                    sentiment["on_error"], "```"]
+            out += ["", "The batching-on daemon:", "", "```", sentiment["on_error"], "```"]
     return "\n".join(out)
 
 
