@@ -2,6 +2,9 @@
 
     python bench/ab.py REF_A REF_B [--rounds 4] [--seconds 2]
 
+A REF may also be a directory holding an exported tree (``git archive REF | tar -x -C DIR``),
+for a machine without the repository's history.
+
 Each commit is exported (git archive) into a temporary directory and served
 from there (its own code, this venv).  Every round starts each commit's daemon
 in turn, on the example ``square`` expert, and measures with bench/loadgen.py:
@@ -35,7 +38,12 @@ LOADGEN = ROOT / "bench" / "loadgen.py"
 
 
 def export(ref: str, into: Path) -> Path:
-    """The tree of ``ref`` in ``into``/ref."""
+    """The tree of ``ref`` in ``into``/ref; a directory given as ``ref`` is used as it is.
+
+    (A directory: a tree exported beforehand, for a machine without the repository's history.)
+    """
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
     tree = into / ref.replace("/", "_")
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:

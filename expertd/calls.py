@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from expertd import __version__, protocol
+from expertd.batches import call_batch
 from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.loader import LoadedExpert
@@ -119,6 +120,12 @@ class Answering:
         if expert is None:
             known = ", ".join(sorted(self.experts)) or "none"
             raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
+        if expert.batched and not hasattr(expert.function, "__expertd_model__"):
+            # A batched function takes a list of inputs: a call alone is a batch of one.
+            result = call_batch(expert, [(args, kwargs)], _failure)[0]
+            if isinstance(result, RemoteError):
+                raise result
+            return result
         try:
             return expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker

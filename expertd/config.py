@@ -41,6 +41,7 @@ from expertd.settings_types import (
     INT_WORKERS,
     JITTER,
     LOG_LEVEL,
+    MAX_BATCH,
     MODE,
     MODULES,
     OPTIONAL_PATH,
@@ -60,6 +61,7 @@ from expertd.settings_types import (
 MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
 DEFAULT_MAX_ROWS = 4096  # a model expert's max_rows
+DEFAULT_MAX_BATCH = 32  # a batched expert's max_batch = auto
 EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -236,6 +238,14 @@ SETTINGS: tuple[Setting, ...] = (
             "hold. (expertd.Model takes max_rows= likewise.)"),
     Setting("timeout", "expert", DURATION, "",
             "Longest a request to this expert may run; empty means the [expertd] timeout."),
+    Setting("max_batch", "expert", MAX_BATCH, "auto",
+            "Batched experts (model experts, and functions declared @expert(batched=True)): the most calls "
+            "the daemon gathers into one batch for one worker. auto is 32; 1 turns batching off. A lone call "
+            "never waits for company (docs/experts.md, \"Batching\")."),
+    Setting("batch_delay", "expert", DURATION_OR_OFF, "2ms",
+            "Batched experts: how long a free worker may wait for the callers just answered to send their "
+            "next call, so that they share a batch; never longer, and never for a caller the daemon does not "
+            "expect. 0 sends whatever waits at once."),
 )
 
 _MAIN_KEYS = {s.name: s for s in SETTINGS if s.section == MAIN_SECTION}
@@ -251,6 +261,8 @@ class ExpertSpec:
     model: str = ""  # the absolute path of a saved model
     max_rows: int = DEFAULT_MAX_ROWS  # (model experts)
     timeout: float | None = None  # None: the [expertd] timeout
+    max_batch: int | None = None  # None: auto (DEFAULT_MAX_BATCH for a batched expert, else 1)
+    batch_delay: float = 0.002
 
 
 class Config:
@@ -304,6 +316,17 @@ class Config:
     def __init__(self, path: str) -> None:
         self.path = path
         self.experts: dict[str, ExpertSpec] = {}
+
+    def max_batch(self, name: str, batched: bool) -> int:
+        """The most calls of expert ``name`` one batch may hold (1: not batched)."""
+        spec = self.experts.get(name)
+        if spec is not None and spec.max_batch is not None:
+            return spec.max_batch if batched else 1
+        return DEFAULT_MAX_BATCH if batched else 1
+
+    def batch_delay(self, name: str) -> float:
+        spec = self.experts.get(name)
+        return spec.batch_delay if spec is not None else 0.002
 
     def expert_timeout(self, name: str) -> float:
         """The request timeout of expert ``name`` (its own, else the daemon's)."""

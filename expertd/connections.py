@@ -91,6 +91,8 @@ class Connection:
     speaks: str = ""  # "msgpack" or "http", from the connection's first bytes; "" until they arrive
     close_when_written: bool = False  # a reply of the master's that ends the connection
     head_scanned: int = 0  # bytes of a long HTTP head looked at so far (a head is rescanned only as it grows)
+    queued_at: float = 0.0  # when its request was queued (whole) for a worker
+    in_batch: bool = False  # handed to a worker as a member of a batch (see expertd.batching)
     # Whether more than the request handed over may be waiting in the socket without a new epoll edge
     # (several requests came in one edge, or the peek could not see the whole request): the master
     # looks again when the worker hands the connection back.  Else it waits for the next edge.

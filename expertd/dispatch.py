@@ -11,8 +11,12 @@
   lingering connections back (**reclaim**: SIGUSR2, answered by a DONE).
 * **Reports**: DONE hands the connection back (with any reply left to write
   and input read but not served); READY, FAILED and MEMORY concern the worker.
-* **Lost requests**: a worker that dies holding a request gets its caller a
-  ``worker_lost`` (or ``timeout``) error, unless reply bytes may be out.
+* **Batches**: calls of a batched expert go to one worker together
+  (:mod:`expertd.batching` decides who and when, :mod:`expertd.dispatch_batch`
+  hands them over and takes each member back).
+* **Lost requests** (:mod:`expertd.dispatch_losses`): a worker that dies
+  holding a request gets its caller a ``worker_lost`` (or ``timeout``) error,
+  unless reply bytes may be out.
 
 The per-request work here does not grow with the number of workers: idle
 workers wait in a deque, busy workers that may take a connection ahead in
@@ -34,8 +38,9 @@ import signal
 from collections import deque
 from collections.abc import Callable
 
-from expertd import ipc, protocol
+from expertd import ipc
 from expertd.backoff import Quarantines
+from expertd.batching import Batcher
 from expertd.connections import (
     BUSY,
     ET_QUIET,
@@ -46,10 +51,12 @@ from expertd.connections import (
     ConnectionTable,
 )
 from expertd.connections import LINGERING as CONN_LINGERING
-from expertd.errors import Overloaded, Quarantined, RequestTimeout, ShuttingDown, WorkerLost
+from expertd.dispatch_batch import BatchDispatching
+from expertd.dispatch_losses import Losses
+from expertd.errors import Overloaded, Quarantined
 from expertd.logs import Summary
 from expertd.metrics import Metrics
-from expertd.pool import BOOTING, GONE, IDLE, LINGERING, Pool, WorkerSlot, exited_cleanly
+from expertd.pool import BOOTING, IDLE, LINGERING, Pool, WorkerSlot
 from expertd.pool import BUSY as WORKER_BUSY
 from expertd.scoreboard import Scoreboard
 from expertd.serving import Serving
@@ -63,7 +70,7 @@ _LINGER_PAUSE = 0.1
 _NEVER = float("inf")
 
 
-class Dispatcher:
+class Dispatcher(BatchDispatching, Losses):
     """Hands whole requests to workers and takes their connections back."""
 
     def __init__(self, serving: Serving, pool: Pool, table: ConnectionTable, queue: deque[Connection],
@@ -87,6 +94,7 @@ class Dispatcher:
         self.next_deadline = _NEVER  # no busy worker's request times out before this (maybe later)
         self.typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
         self.queued_shown = 0  # the queue length last written to the scoreboard
+        self.batcher = Batcher(serving)
 
     # ------------------------------------------------------------- hand-out
     def dispatch(self) -> None:
@@ -104,6 +112,8 @@ class Dispatcher:
 
     def _hand_out(self) -> None:
         queue, idle, quarantines = self.queue, self.idle, self.quarantines
+        batched = self.batcher.batched()
+        held: list[Connection] = []  # calls of batched experts whose free worker waits for company
         while queue and idle:
             conn = queue.popleft()
             if conn.state != QUEUED:
@@ -116,6 +126,16 @@ class Dispatcher:
                     self.table.fail(conn, Quarantined(quarantines.message(
                         conn.expert, quarantine, config.quarantine_after, config.quarantine_window),  # type: ignore
                         expert=conn.expert))
+                    continue
+            if batched and conn.expert in batched:
+                members = self._batch_of(conn, batched[conn.expert])
+                if members is None:
+                    held.append(conn)
+                    continue
+                if not members:
+                    continue  # (it waited past its timeout, and was answered so)
+                if len(members) > 1:
+                    self._hand_out_batch(members)
                     continue
             slot = idle.popleft()
             self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
@@ -134,6 +154,9 @@ class Dispatcher:
                 self.table.release_gathered(conn)
             conn.to(BUSY)
             self._busy(slot, conn)
+        if batched:
+            queue.extendleft(reversed(held))  # (first come, first served: they stay at the front)
+            self.batcher.end_pass(self.serving.now)
 
     def _busy(self, slot: WorkerSlot, conn: Connection) -> None:
         """``slot`` serves ``conn`` from now (handed out, or handed ahead and reached)."""
@@ -174,10 +197,12 @@ class Dispatcher:
                 queue.popleft()
             if not queue or queue[0].inbuf is not None:
                 return  # (first come, first served: a gathered request waits for an idle worker)
+            if queue[0].expert in self.batcher.batched():
+                return  # (a call of a batched expert waits to go with its company)
             slot, since = ahead.popleft()
             conn = slot.conn
             if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
-                    or conn is None or slot.next_conn is not None or slot.leaving is not None
+                    or conn is None or slot.next_conn is not None or slot.leaving is not None or slot.batch
                     or slot.channel.fileno() < 0
                     or self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) >= HAND_AHEAD_UNDER):
                 continue
@@ -285,11 +310,13 @@ class Dispatcher:
         serving.requests_served += served
         slot.last_done = now
         lingered = slot.state == LINGERING
+        if slot.batch is not None and self._member_done(slot, conn_id, close, unsent, unread):
+            return  # others of its batch are still in the worker's hands
         conn = slot.conn
         if not lingered:
             elapsed = now - slot.busy_since
             self.summary.record(elapsed)
-            if conn is not None and served == 1:
+            if conn is not None and served == 1 and not conn.in_batch:
                 name = conn.expert or ""
                 typical = self.typical.get(name)
                 if typical is not None:
@@ -328,6 +355,18 @@ class Dispatcher:
         if conn is None or conn.conn_id != conn_id:
             log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
             return
+        self._conn_done(conn, close, unsent, unread, lingered)
+
+    def _conn_done(self, conn: Connection, close: bool, unsent: bytearray | None, unread: bytes | None,
+                   lingered: bool) -> None:
+        """A worker handed ``conn`` back: write the rest of its reply, close it, or let it rest."""
+        serving = self.serving
+        now = serving.now
+        if conn.in_batch:
+            conn.in_batch = False
+            conn.look_again = True  # (the worker read its request alone: one may wait behind it, edge spent)
+            if not close:
+                self.batcher.answered(conn, conn.expert or "", now)
         conn.unread = unread or b""
         if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.
@@ -350,121 +389,8 @@ class Dispatcher:
                 # worker handed back, anything sent while a lingering worker held it): look now.
                 self.examine(conn)  # type: ignore[misc]
 
-    # ------------------------------------------------------------- deaths
-    def worker_exited(self, slot: WorkerSlot, status: int, how: str) -> str | None:
-        """See to what a dead worker held: its connections and their callers.  Returns the served expert
-        whose call it died in, if any (for its quarantine)."""
-        if slot.channel.fileno() >= 0:
-            self.read_reports(slot)  # a DONE sent just before dying still counts
-        self.pool.close_channel(slot)
-        if slot in self.idle:
-            self.idle.remove(slot)
-        lingering = slot.state == LINGERING
-        self.lingering.discard(slot)
-        upcoming = self._take_next(slot)
-        if upcoming is not None:  # never reached: a worker reports the connection in hand before reading the next
-            self._requeue(upcoming)
-        self.metrics.retire(slot.board)
-        began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
-        # A lingering worker that was only waiting on its connection was serving nothing.
-        serving = slot.conn is not None and (not lingering or bool(began))
-        if (serving and not lingering and not began and exited_cleanly(status) and slot.conn.state == BUSY
-                and _still_unread(slot.conn)):
-            # A worker exits cleanly only between connections, so it never started this one (a
-            # SIGTERM as it was handed over): the request is still whole in its socket.
-            conn, slot.conn = slot.conn, None
-            self._requeue(conn)
-            serving = False
-        # The expert whose call the worker died in (a served one only: names come from clients).
-        # The name the worker decoded (on the scoreboard) over the master's hint from the header.
-        blamed = (expert or (None if lingering else slot.conn.expert)) if serving else None  # type: ignore[union-attr]
-        if slot.leaving is not None:
-            log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
-        elif serving:
-            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how,
-                      request_id if lingering else slot.conn.request_id)  # type: ignore[union-attr]
-        elif not self.serving.stopping:
-            log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
-        conn = slot.conn
-        if conn is not None:
-            slot.conn = None
-            if lingering:
-                self.table.epoll.modify(conn.fd, ET_READ)
-            if not serving and lingering and conn.speaks == "msgpack" and not exited_cleanly(status):
-                # A lingering worker's wait reads the socket: a request it had just taken out may
-                # have died with it.  Closing makes the client send it again (a pooled connection
-                # closed before any reply byte is retried at once); taking it back would leave the
-                # client waiting for a reply that never comes.
-                self.table.close(conn)
-            elif not serving:  # the client lost nothing: the master takes the connection back
-                self.table.rest(conn, self.serving.now)
-                self.table.recheck.append(conn)
-            else:
-                if lingering:
-                    conn.request_id, conn.expert = request_id, expert or None
-                self._answer_lost_request(conn, slot, how, writing)
-        slot.to(GONE)
-        return blamed
-
-    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool) -> None:
-        """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
-        timed_out = slot.leaving == "timed out"
-        if conn.expert is not None and not writing:  # once writing, the worker has counted the call
-            self.metrics.count_failure(conn.expert, "timeout" if timed_out else "worker_lost")
-        if writing:
-            self.table.close(conn)  # part of a reply may be out: an error frame would corrupt the stream
-        elif timed_out:
-            limit = self.serving.config.expert_timeout(conn.expert or "")
-            self.table.fail(conn, RequestTimeout(
-                f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
-                "the worker was replaced", expert=conn.expert))
-        elif self.serving.stopping:
-            self.table.fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
-        else:
-            self.table.fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
-
-    # ------------------------------------------------------------- timeouts
-    def expire(self, now: float) -> None:
-        """Kill workers past their request's timeout (busy: by the master's deadline; lingering: by the scoreboard)."""
-        if now > self.next_deadline:
-            for slot in list(self.pool.workers.values()):
-                if slot.state == WORKER_BUSY and now > slot.deadline:
-                    self.read_reports(slot)  # a report already waiting means it finished in time
-                    if slot.state == WORKER_BUSY and now > slot.deadline:
-                        self._time_out(slot)
-            self.next_deadline = min((slot.deadline for slot in self.pool.workers.values()
-                                      if slot.state == WORKER_BUSY), default=_NEVER)
-        for slot in list(self.lingering):
-            began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
-            # The scoreboard is read without a lock; as a second line of defence against a
-            # read that overlapped a write, act only on a request seen overdue at two scans.
-            if began and timeout > 0 and now > began + timeout:
-                if slot.overdue == began and slot.conn is not None:
-                    slot.conn.request_id, slot.conn.expert = request_id, expert or None
-                    self._time_out(slot)
-                slot.overdue = began
-            else:
-                slot.overdue = 0.0
-
-    def _time_out(self, slot: WorkerSlot) -> None:
-        conn = slot.conn
-        assert conn is not None
-        log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %d); killing and replacing it",
-                  slot.number, slot.pid, self.serving.config.expert_timeout(conn.expert or ""),
-                  conn.expert or "(request)", conn.request_id)
-        self.pool.leave(slot, "timed out", override=True)
-        self.kill_and_reap(slot)
-
     def in_flight(self) -> bool:
         """Whether any request is being served, written or waits for a worker (stopping waits for them)."""
         return (any(slot.conn is not None for slot in self.pool.workers.values())
                 or any(conn.state == WRITING for conn in self.table.by_fd.values())
                 or (any(conn.state == QUEUED for conn in self.queue) and bool(self.pool.workers)))
-
-
-def _still_unread(conn: Connection) -> bool:
-    """Whether the connection's request is still whole in its socket (no worker read any of it)."""
-    try:
-        return conn.frame_size > 0 and protocol.queued_bytes(conn.fd) >= conn.frame_size
-    except OSError:
-        return False

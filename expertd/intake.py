@@ -132,6 +132,7 @@ class Intake:
                     return
             if not unread:
                 conn.look_again = queued != size  # more than this request waits, or may
+                conn.queued_at = self.serving.now
                 conn.to(QUEUED)  # whole in the socket: the worker reads it
                 self.queue.append(conn)  # type: ignore[attr-defined]
                 return
@@ -198,6 +199,7 @@ class Intake:
             return
         if queued >= request.size:
             conn.look_again = queued != request.size
+            conn.queued_at = self.serving.now
             conn.to(QUEUED)  # whole in the socket: the worker reads it
             self.queue.append(conn)  # type: ignore[attr-defined]
             return
@@ -229,6 +231,7 @@ class Intake:
                 return
             conn.inbuf += data
         conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
+        conn.queued_at = self.serving.now
         conn.to(QUEUED)
         self.queue.append(conn)  # type: ignore[attr-defined]
 

@@ -17,6 +17,12 @@ the one it answered, the start of one still arriving, a control request that
 is the master's): those unread bytes go back with DONE, and the master treats
 them as the start of the connection's input.
 
+Calls of a batched expert may go to one worker together (BATCH: one
+connection per member, each with its request whole in the socket or inside the
+message, see :mod:`expertd.batching`); the worker answers each member on its
+connection and reports a DONE per member, the last one carrying the
+retirement.  A member never lingers.
+
 A worker that finished a request while no other request waits may keep the
 connection a moment ("linger", DONE with the LINGER flag) and serve the
 connection's next request directly, without the master; the master takes it
@@ -29,6 +35,7 @@ has it begun replying) is in the shared :mod:`expertd.scoreboard`.
 Messages are tiny fixed-format packets (one message per packet, so no framing):
 
     master -> worker   SERVE conn_id how  (+ connection fd) (+ frame bytes | + memfd)
+                       | BATCH count (conn_id how size)*count frames  (+ one fd per member)
     worker -> master   READY pid | DONE conn_id flags served (+ memfd of unsent reply bytes)
                        (+ memfd of unread request bytes)
                        | FAILED utf-8 text | MEMORY uss pss rss
@@ -41,6 +48,7 @@ import socket
 import struct
 
 SERVE = b"S"
+BATCH = b"B"
 READY = b"R"
 DONE = b"D"
 FAILED = b"F"
@@ -50,6 +58,8 @@ _FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _SERVE = struct.Struct("!IB")
 _SERVE_SIZE = 1 + _SERVE.size
+_COUNT = struct.Struct("!H")
+_MEMBER = struct.Struct("!IBI")  # conn_id, how, size of the frame inside the message (0: in the socket)
 _U32 = struct.Struct("!I")
 _DONE = struct.Struct("!IBI")
 _DONE_SIZE = 1 + _DONE.size
@@ -127,8 +137,27 @@ def send_serve(channel: socket.socket, conn_id: int, fd: int, frame: bytes | byt
             os.close(memfd)
 
 
+def send_batch(channel: socket.socket, members: list[tuple[int, int, bytes | bytearray | None, bool]]) -> None:
+    """Hand the connections of one batch to the worker: ``(conn_id, fd, frame or None, speaks_http)`` each.
+
+    Frames the master gathered travel inside the message; the caller keeps
+    their total within :data:`MAX_INLINE` and the members within
+    :data:`MAX_BATCH_FDS`.
+    """
+    parts: list[bytes | bytearray] = [BATCH + _COUNT.pack(len(members))]
+    frames: list[bytes | bytearray] = []
+    for conn_id, _fd, frame, speaks_http in members:
+        parts.append(_MEMBER.pack(conn_id, (_HTTP if speaks_http else 0) | (_IN_MESSAGE if frame else _FROM_SOCKET),
+                                  len(frame) if frame else 0))
+        if frame:
+            frames.append(frame)
+    socket.send_fds(channel, parts + frames, [fd for _conn_id, fd, _frame, _http in members])
+
+
+# The most members one BATCH carries: one descriptor each, and the kernel passes at most 253 in one message.
+MAX_BATCH_FDS = 250
 # Room for this many descriptors in a message's ancillary data.
-_FDS_SPACE = socket.CMSG_SPACE(2 * struct.calcsize("i"))
+_FDS_SPACE = socket.CMSG_SPACE(MAX_BATCH_FDS * struct.calcsize("i"))
 
 
 def _receive(channel: socket.socket, size: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -145,10 +174,10 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None, bool] | None:
+def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None, bool] | list | None:
     """Block for the next connection: ``(conn_id, fd, frame or None, speaks_http)``.
 
-    None when the master closed the channel.
+    A list of those for a batch; None when the master closed the channel.
     """
     data, ancillary, _flags, _addr = channel.recvmsg(_MAX_MESSAGE + MAX_INLINE, _FDS_SPACE)
     if len(ancillary) == 1 and len(data) == _SERVE_SIZE and data[:1] == SERVE:
@@ -158,6 +187,8 @@ def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None,
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS and len(payload) == _INT.size and how & ~_HTTP == _FROM_SOCKET:
             return conn_id, _INT.unpack(payload)[0], None, bool(how & _HTTP)
     fds = _descriptors(ancillary)
+    if data[:1] == BATCH and fds:
+        return _batch(data, fds)
     if not data or data[:1] != SERVE or not fds:
         for fd in fds:
             os.close(fd)
@@ -172,6 +203,26 @@ def receive_command(channel: socket.socket) -> tuple[int, int, bytearray | None,
     elif how == _IN_MEMFD:
         frame = _from_memfd(fds[1])
     return conn_id, fds[0], frame, speaks_http
+
+
+def _batch(data: bytes, fds: list[int]) -> list[tuple[int, int, bytearray | None, bool]]:
+    (count,) = _COUNT.unpack_from(data, 1)
+    if count != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise RuntimeError(f"a batch of {count} members came with {len(fds)} descriptors")
+    members = []
+    offset = 1 + _COUNT.size
+    inline = offset + count * _MEMBER.size
+    for fd in fds:
+        conn_id, how, size = _MEMBER.unpack_from(data, offset)
+        offset += _MEMBER.size
+        frame = None
+        if how & ~_HTTP == _IN_MESSAGE:
+            frame = bytearray(data[inline:inline + size])
+            inline += size
+        members.append((conn_id, fd, frame, bool(how & _HTTP)))
+    return members
 
 
 def send_ready(channel: socket.socket, pid: int) -> None:

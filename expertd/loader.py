@@ -43,6 +43,9 @@ class LoadedExpert:
     # Every Model of this generation with its cache entry (the same tuple on each expert): loaded in each
     # worker before the after_fork hooks.
     models: tuple[tuple[Model, Prepared], ...] = ()
+    batched: bool = False  # takes its calls in batches (a model expert; @expert(batched=True))
+    max_batch: int = 1  # the most calls one batch holds (1: never batched)
+    batch_delay: float = 0.0  # how long a free worker may wait for expected company (see expertd.batching)
 
     def describe(self) -> dict[str, Any]:
         """What ``expertctl list`` shows."""
@@ -51,6 +54,9 @@ class LoadedExpert:
             "function": self.reference,
             "signature": f"{self.name}{self.signature}" if self.signature else f"{self.name}(...)",
             "doc": self.summary,
+            "batched": self.batched,
+            "max_batch": self.max_batch,
+            "batch_delay": self.batch_delay,
         }
         model = getattr(self.function, "__expertd_model__", None)
         if model is not None:
@@ -161,11 +167,16 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             served.append((model, f"{config.path}: [expert:{spec.name}] model = {spec.model}"))
             experts[spec.name] = LoadedExpert(
                 name=spec.name, reference=f"model:{spec.model}", function=model_expert(spec.name, model),
-                signature=None, summary="", before_fork=None, after_fork=None)
+                signature=None, summary="", before_fork=None, after_fork=None, batched=True,
+                max_batch=config.max_batch(spec.name, True), batch_delay=config.batch_delay(spec.name))
             continue
         where = f"{config.path}: [expert:{spec.name}] function = {spec.function}"
         function = _resolve(spec, where)
         hooks = hooks_of(function)
+        if not hooks.batched and spec.max_batch is not None and spec.max_batch > 1:
+            raise ExpertLoadError(f"{config.path}: [expert:{spec.name}] max_batch = {spec.max_batch}: "
+                                  f"{spec.function} is not a batched expert; declare it @expert(batched=True) "
+                                  "or remove max_batch")
         doc = inspect.getdoc(function) or ""
         experts[spec.name] = LoadedExpert(
             name=spec.name,
@@ -175,6 +186,9 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             summary=doc.strip().splitlines()[0] if doc.strip() else "",
             before_fork=hooks.before_fork,
             after_fork=hooks.after_fork,
+            batched=hooks.batched,
+            max_batch=config.max_batch(spec.name, hooks.batched),
+            batch_delay=config.batch_delay(spec.name),
         )
 
     served += [(model, f"{config.path}: Model({model.path!r}) in {model._module}") for model in collect()]

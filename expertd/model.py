@@ -193,6 +193,72 @@ class Model:
         return {renamed.get(name, name): value for name, value in results.items()}
 
 
+    def predict_many(self, calls: list[Any]) -> list[Any]:
+        """:meth:`predict` for several callers' inputs at once: their rows run as one batch.
+
+        Returns, per call, what :meth:`predict` would return for it alone, or
+        the :class:`~expertd.errors.BadRequest` it would raise: a call whose
+        inputs do not fit fails alone.  Batches stay within ``max_rows`` rows
+        (more run in turn).  When the runtime refuses a batch's values, each
+        of its calls runs alone, so that only the culprit fails.
+        """
+        import numpy as np
+
+        results: list[Any] = [None] * len(calls)
+        checked: list[tuple[int, dict[str, Any], int]] = []  # (position, arrays by input name, rows)
+        manifest = self.prepared.manifest if self._runner is not None else None
+        for position, inputs in enumerate(calls):
+            if manifest is None:
+                results[position] = self.predict(inputs)  # (raises: not loaded in this process)
+                continue
+            try:
+                batch = _check_inputs(self.name, manifest["inputs"], inputs)
+            except BadRequest as refused:
+                refused.expert = self._expert
+                results[position] = refused
+                continue
+            rows = next(iter(batch.values())).shape[0]
+            if rows == 0 or rows > self.max_rows:
+                results[position] = _outcome(self.predict, inputs)  # (its own answer: empty, or refused)
+                continue
+            checked.append((position, batch, rows))
+        chunk: list[tuple[int, dict[str, Any], int]] = []
+        total = 0
+        for entry in [*checked, None]:
+            if entry is not None and total + entry[2] <= self.max_rows:
+                chunk.append(entry)
+                total += entry[2]
+                continue
+            if len(chunk) == 1:
+                position, batch, _rows = chunk[0]
+                results[position] = _outcome(self.predict, batch)
+            elif chunk:
+                stacked = {name: np.concatenate([batch[name] for _p, batch, _r in chunk])
+                           for name in chunk[0][1]}
+                try:
+                    outputs = self.predict(stacked)
+                except BadRequest:  # a value the runtime refuses: find whose, by running each alone
+                    for position, batch, _rows in chunk:
+                        results[position] = _outcome(self.predict, batch)
+                else:
+                    start = 0
+                    for position, _batch, rows in chunk:
+                        if isinstance(outputs, dict):
+                            results[position] = {key: value[start:start + rows] for key, value in outputs.items()}
+                        else:
+                            results[position] = outputs[start:start + rows]
+                        start += rows
+            chunk, total = ([entry], entry[2]) if entry is not None else ([], 0)
+        return results
+
+
+def _outcome(predict: Any, inputs: Any) -> Any:
+    try:
+        return predict(inputs)
+    except BadRequest as refused:
+        return refused
+
+
 def _describe(spec: dict[str, Any]) -> str:
     dims = ", ".join("batch" if i == 0 else ("*" if d < 0 else str(d)) for i, d in enumerate(spec["shape"]))
     return f"{spec['dtype']}[{dims}]"
@@ -293,7 +359,7 @@ def model_expert(name: str, model: Model) -> Any:
     def serve(inputs: Any, *, arrays: bool = False) -> Any:
         result = model.predict(inputs)
         if arrays:
-            return _encode_outputs(result)
+            return encode_outputs(result)
         if isinstance(result, dict):
             return {key: value.tolist() for key, value in result.items()}
         return result.tolist()
@@ -307,7 +373,7 @@ def model_expert(name: str, model: Model) -> Any:
     return serve
 
 
-def _encode_outputs(result: Any) -> Any:
+def encode_outputs(result: Any) -> Any:
     if isinstance(result, dict):
         return {key: arrays.encode(value) for key, value in result.items()}
     return arrays.encode(result)

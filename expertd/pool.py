@@ -75,6 +75,8 @@ class WorkerSlot:
     ready_at: float | None = None
     conn: Connection | None = None  # the connection it serves (busy) or keeps (lingering)
     next_conn: Connection | None = None  # handed ahead: waits in its channel until it reports slot.conn
+    # A batch in hand: its members not yet reported, by conn_id (slot.conn is one of them); else None.
+    batch: dict[int, Connection] | None = None
     busy_since: float = 0.0
     deadline: float = 0.0  # when the request in hand times out
     reclaim_sent: bool = False

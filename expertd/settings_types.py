@@ -56,6 +56,20 @@ def _parse_threads(raw: str) -> int | None:
     return _int_at_least(1).parse(raw)
 
 
+# A batch travels to its worker in one message with a descriptor per member; the kernel takes at most
+# 253 descriptors in one message (SCM_MAX_FD).
+MAX_BATCH_LIMIT = 250
+
+
+def _parse_max_batch(raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None  # resolved per expert: DEFAULT_MAX_BATCH for a batched one, else 1
+    value = _int_at_least(1).parse(raw)
+    if value > MAX_BATCH_LIMIT:
+        raise _Invalid(f"must be at most {MAX_BATCH_LIMIT}")
+    return value
+
+
 def _parse_size(raw: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", raw)
     if not match:
@@ -217,6 +231,7 @@ def _parse_text(raw: str) -> str:
 INT_WORKERS = _Type("integer ≥ 1 or auto", _parse_workers)
 THREADS = _Type("integer ≥ 1 or auto", _parse_threads)
 SIZE = _Type("size (bytes, K, M, G)", _parse_size)
+MAX_BATCH = _Type(f"integer from 1 to {MAX_BATCH_LIMIT}, or auto", _parse_max_batch)
 DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_duration)
 DURATION_OR_OFF = _Type("duration, or 0 for none", _parse_duration_or_off)
 SIZE_OR_OFF = _Type("size, or 0 for none", _parse_size_or_off)

@@ -32,7 +32,6 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from expertd import ipc, notify, protocol, runtimes
-from expertd.calls import Answering
 from expertd.calls import _pack_result as _pack_result  # (bench/hotpath.py imports it from here)
 from expertd.config import Config
 from expertd.errors import ConnectionLost, ExpertLoadError
@@ -40,7 +39,7 @@ from expertd.loader import LoadedExpert, describe_exception, run_after_fork
 from expertd.logs import Throttle
 from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
-from expertd.worker_http import HttpServing
+from expertd.worker_batch import BatchServing
 
 _AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
 log = logging.getLogger("expertd.worker")
@@ -48,7 +47,7 @@ log = logging.getLogger("expertd.worker")
 EXIT_BOOT_FAILED = 3
 
 
-class Worker(HttpServing, Answering):
+class Worker(BatchServing):
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
     def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
@@ -190,8 +189,15 @@ class Worker(HttpServing, Answering):
             self._idle = False
             if command is None:  # the master closed our channel: time to go
                 return
-            conn_id, fd, frame, speaks_http = command
             self.board.taking_next()
+            if command.__class__ is list:  # a batch: its members' DONEs are sent as each reply goes out
+                retire = self._serve_batch(command)  # type: ignore[arg-type]
+                if retire is not None:
+                    log.info("worker %d (pid %d) retiring after %d requests: %s",
+                             self.number, os.getpid(), self.requests, retire)
+                    return
+                continue
+            conn_id, fd, frame, speaks_http = command  # type: ignore[misc]
             # No timeout on the socket object: every request handed to us is whole in the socket,
             # so reads never wait, and Python polls before each call on a socket with a timeout.
             # The C socket type itself: socket.socket's Python __init__ and close cost four calls a request.

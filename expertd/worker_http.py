@@ -113,11 +113,13 @@ class HttpServing(Answering):
                 return True, None
         return self._serve_http(conn, frame, head, started)
 
-    def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
-                    started: float) -> tuple[bool, memoryview | None]:
-        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_http_request`."""
+    def _read_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
+                   started: float) -> tuple[http.Request | None, tuple[bytes, bool, str] | None]:
+        """Read and parse one HTTP request: ``(request, None)``, or ``(None, (response, keep_alive, code))``.
+
+        Raises ConnectionLost, RequestTimeout or OSError when the connection broke.
+        """
         board, timeout = self.board, self.config.timeout
-        request = None
         try:
             if frame is not None:  # gathered by the master
                 board.begin(started, timeout, 0, "")
@@ -132,28 +134,30 @@ class HttpServing(Answering):
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
                 raw = protocol.recv_exact(conn, framing.size)
-            request = http.parse_request(raw)
+            return http.parse_request(raw), None
         except http.HttpRefusal as refusal:
-            response, keep_alive = http.error_response(None, refusal)
-            expert, outcome = None, refusal.code
+            return None, (*http.error_response(None, refusal), refusal.code)
+
+    def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
+                    started: float) -> tuple[bool, memoryview | None]:
+        """Answer one HTTP request (see :mod:`expertd.http`); same contract as :meth:`_serve_http_request`."""
+        try:
+            request, refused = self._read_http(conn, frame, peeked, started)
         except (ConnectionLost, RequestTimeout, OSError) as exc:
             return self._give_up(exc)
-        if request is not None:
+        if refused is not None:
+            response, keep_alive, outcome = refused
+            expert = None
+        else:
+            assert request is not None
             expert = request.expert
             try:
                 args, kwargs = http.call_arguments(request)
                 protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
                 result = self._invoke(expert or "", args, kwargs)
-                try:
-                    body = http.result_body(request, result)
-                except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
-                    raise BadResult(f"{expert} returned a value that cannot be sent as JSON: {_safe_str(exc)}",
-                                    expert=expert) from None
-                response, keep_alive = http.respond(request, 200, body)
-                outcome = "ok"
             except RemoteError as exc:
-                response, keep_alive = http.error_response(request, exc)
-                outcome = exc.code
+                result = exc
+            response, keep_alive, outcome = self._http_reply(request, result)
         self.recorder.record(expert, outcome, time.monotonic() - started)
         close, unsent = self._deliver(conn, response, "HTTP")
         if close:
@@ -161,6 +165,20 @@ class HttpServing(Answering):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
         return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
+
+
+    @staticmethod
+    def _http_reply(request: http.Request, result: Any) -> tuple[bytes, bool, str]:
+        """The response to ``request`` whose call returned ``result`` (a RemoteError: it failed)."""
+        if not isinstance(result, RemoteError):
+            try:
+                body = http.result_body(request, result)
+            except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
+                result = BadResult(f"{request.expert} returned a value that cannot be sent as JSON: "
+                                   f"{_safe_str(exc)}", expert=request.expert)
+            else:
+                return (*http.respond(request, 200, body), "ok")
+        return (*http.error_response(request, result), result.code)
 
 
 _PEEK = 4096

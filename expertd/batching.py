@@ -1,0 +1,182 @@
+"""Gathering calls of batched experts into batches, in the master.
+
+A batched expert (a model expert; a function declared
+``@expert(batched=True)``) costs about as much for many inputs as for one, so
+concurrent calls of it go to one worker together.  The dispatcher
+(:mod:`expertd.dispatch`) asks this module, when it hands out a call of a
+batched expert to an idle worker:
+
+* **who comes along** (:meth:`Batcher.gather`): the other calls of the same
+  expert waiting in the queue, oldest first, up to the expert's ``max_batch``,
+  from any connection, msgpack and HTTP alike;
+* **whether to wait for company** (:func:`hold_for_company`, a pure decision):
+  the free worker waits, at most ``batch_delay``, only while callers the daemon
+  has just answered for this expert have not sent their next call yet.  So a
+  lone caller never waits (the only caller it could wait for is itself), and
+  under load the callers of one batch come back in time to share the next,
+  instead of the batches alternating large and small.
+
+Batches form only when calls queue: a call that finds an idle worker and
+nothing else waiting goes at once (a batch of one is a plain hand-over).
+
+State owned: each batched expert's limits (``max_batch``, ``batch_delay``,
+read from the serving generation's expert descriptions), the callers answered
+recently (whose next call is expected), when a free worker began waiting for
+company, and the batch figures shown by status and /metrics (sizes, queueing
+delay).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any
+
+from expertd.connections import IDLE, QUEUED, Connection
+from expertd.ipc import MAX_BATCH_FDS, MAX_INLINE
+from expertd.serving import Serving
+
+# Histogram buckets: calls per batch, and seconds a call waited in the queue.
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 250)
+DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_NEVER = float("inf")
+
+
+def hold_for_company(waiting: int, max_batch: int, expected: int, held_for: float, batch_delay: float) -> bool:
+    """Whether a free worker waits before taking the ``waiting`` calls of a batched expert.
+
+    ``expected``: callers just answered for this expert who have not sent
+    their next call yet; ``held_for``: how long a free worker has waited for
+    them already.  It waits only for callers it expects, never past
+    ``batch_delay``, and never once the batch is full.
+    """
+    return waiting < max_batch and expected > 0 and held_for < batch_delay
+
+
+class BatchFigures:
+    """One expert's batch histograms (sizes, queueing delay) since start."""
+
+    __slots__ = ("batches", "calls", "delay_counts", "delay_sum", "size_counts")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.calls = 0
+        self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
+        self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
+        self.delay_sum = 0.0
+
+    def record(self, size: int, delays: list[float]) -> None:
+        self.batches += 1
+        self.calls += size
+        self.size_counts[_bucket(SIZE_BUCKETS, size)] += 1
+        for delay in delays:
+            self.delay_counts[_bucket(DELAY_BUCKETS, delay)] += 1
+            self.delay_sum += delay
+
+    def summary(self) -> dict[str, Any]:
+        """What ``expertctl status`` shows."""
+        return {"batches": self.batches, "calls": self.calls,
+                "mean_batch": round(self.calls / self.batches, 2) if self.batches else 0.0,
+                "mean_queue_delay_ms": round(self.delay_sum / self.calls * 1000, 3) if self.calls else 0.0,
+                "sizes": {str(bound): count for bound, count in zip(SIZE_BUCKETS, self.size_counts, strict=False)
+                          if count}}
+
+
+def _bucket(bounds: tuple, value: float) -> int:
+    for index, bound in enumerate(bounds):
+        if value <= bound:
+            return index
+    return len(bounds)
+
+
+class Batcher:
+    """Which queued calls go together, and whether a free worker waits for more."""
+
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+        self._limits: dict[str, tuple[int, float]] = {}  # batched expert -> (max_batch, batch_delay)
+        self._limits_for: object = None  # the expert descriptions they were read from
+        # Connections answered by a batch, by when (oldest first): their callers' next calls are expected.
+        self._answered: OrderedDict[Connection, tuple[str, float]] = OrderedDict()
+        self._holding: dict[str, float] = {}  # expert -> since when a free worker waits for its company
+        self._held: set[str] = set()  # experts held in the dispatcher's current hand-out
+        self.next_wake = _NEVER  # when a wait for company ends (the loop's poll timeout)
+        self.figures: dict[str, BatchFigures] = {}
+
+    def batched(self) -> dict[str, tuple[int, float]]:
+        """``{expert: (max_batch, batch_delay)}`` for the serving generation's batched experts (empty: none)."""
+        experts = self.serving.experts
+        if experts is not self._limits_for:  # a new generation: its descriptions say who batches
+            self._limits = {name: (int(described["max_batch"]), float(described.get("batch_delay", 0.0)))
+                            for name, described in experts.items()
+                            if described.get("batched") and int(described.get("max_batch", 1)) > 1}
+            self._limits_for = experts
+        return self._limits
+
+    def gather(self, lead: Connection, queue: deque[Connection], max_batch: int) -> list[Connection]:
+        """``lead`` and the calls of its expert queued behind it, oldest first, up to ``max_batch``.
+
+        Only calls whose request is whole in the socket, or small enough to
+        travel inside the batch's message, come along; the states are not
+        changed here (the dispatcher does, once the batch is handed over).
+        """
+        members = [lead]
+        expert = lead.expert
+        room = MAX_INLINE - (len(lead.inbuf) if lead.inbuf is not None else 0)
+        limit = min(max_batch, MAX_BATCH_FDS)
+        for conn in queue:
+            if len(members) >= limit:
+                break
+            if conn.state != QUEUED or conn.expert != expert or conn is lead:
+                continue
+            if conn.inbuf is not None:
+                if len(conn.inbuf) > room:
+                    continue
+                room -= len(conn.inbuf)
+            members.append(conn)
+        return members
+
+    def hold(self, expert: str, waiting: int, max_batch: int, batch_delay: float, now: float) -> bool:
+        """Whether a free worker waits for company before taking ``waiting`` calls of ``expert``."""
+        since = self._holding.setdefault(expert, now)
+        if hold_for_company(waiting, max_batch, self._expected(expert, now, batch_delay), now - since, batch_delay):
+            self._held.add(expert)
+            return True
+        del self._holding[expert]
+        return False
+
+    def end_pass(self, now: float) -> None:
+        """The dispatcher's hand-out is over: forget waits no call is held for, and say when the rest end."""
+        holding, held = self._holding, self._held
+        for expert in [expert for expert in holding if expert not in held]:
+            del holding[expert]  # (its calls went, or went away)
+        self.next_wake = min((holding[expert] + self._limits[expert][1] for expert in holding
+                              if expert in self._limits), default=_NEVER)
+        held.clear()
+
+    def handed_out(self, expert: str, members: list[Connection], now: float) -> None:
+        """A batch left for a worker: record its figures."""
+        self._holding.pop(expert, None)
+        figures = self.figures.get(expert)
+        if figures is None:
+            figures = self.figures[expert] = BatchFigures()
+        figures.record(len(members), [now - conn.queued_at for conn in members])
+
+    def answered(self, conn: Connection, expert: str, now: float) -> None:
+        """``conn``'s call of ``expert`` was answered in a batch: its caller's next call is expected."""
+        self._answered.pop(conn, None)
+        self._answered[conn] = (expert, now)
+
+    def _expected(self, expert: str, now: float, batch_delay: float) -> int:
+        """Callers of ``expert`` answered within ``batch_delay`` whose next call has not arrived."""
+        answered = self._answered
+        while answered:  # (oldest first: drop those too old to wait for, whatever their expert)
+            conn, (_name, at) = next(iter(answered.items()))
+            if now - at <= _LONGEST_DELAY and conn.state == IDLE:
+                break
+            answered.popitem(last=False)
+        return sum(1 for conn, (name, at) in answered.items()
+                   if name == expert and now - at <= batch_delay and conn.state == IDLE)
+
+
+# Answered callers older than this are never waited for (the largest batch_delay anyone would set).
+_LONGEST_DELAY = 1.0

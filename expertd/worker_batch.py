@@ -1,0 +1,175 @@
+"""A batch in a worker: many connections' calls of one batched expert, answered by one call.
+
+:class:`BatchServing` is mixed into :class:`expertd.worker.Worker`.  The master
+hands over a batch (:func:`expertd.ipc.send_batch`): the connections of calls
+of one batched expert, msgpack and HTTP alike, each request whole in its
+socket or inside the message.  The worker reads each member's one request (and
+nothing behind it), calls the expert once for all of them
+(:func:`expertd.batches.call_batch`), writes each member's reply on its own
+connection and reports a DONE per member as soon as its reply is out, so that
+its caller's connection goes back to the master at once.  A member never
+lingers.  A member that cannot be read, or whose call does not fit, gets its
+own error; the others are not held back.
+
+It owns no state: it works with the Worker's (channel, scoreboard slot,
+recorder, experts, timeouts) and its reading and answering methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from expertd import http, ipc, protocol
+from expertd.batches import call_batch
+from expertd.calls import _failure, _pack_result
+from expertd.errors import BadRequest, ConnectionLost, RemoteError, RequestTimeout
+from expertd.worker_http import HttpServing
+
+log = logging.getLogger("expertd.worker")
+
+
+class _Member:
+    """One caller of a batch, from its request to its reply."""
+
+    __slots__ = ("call", "close", "conn", "conn_id", "error", "request", "request_id", "unread", "unsent")
+
+    def __init__(self, conn_id: int, conn: socket.socket) -> None:
+        self.conn_id = conn_id
+        self.conn = conn
+        self.request_id = 0
+        self.request: http.Request | None = None  # (HTTP members)
+        self.call: tuple[list, dict] | None = None  # its arguments, once read and checked
+        self.error: Any = None  # a RemoteError to answer with, or (response, keep_alive, code) for HTTP
+        self.close = False  # the connection broke: nothing can be answered on it
+        self.unread: bytes | None = None  # input read behind its request (goes back to the master)
+        self.unsent: memoryview | None = None  # the part of its reply the client did not take in time
+
+
+class BatchServing(HttpServing):
+    """Serving a batch (a mixin of :class:`expertd.worker.Worker`)."""
+
+    channel: socket.socket
+
+    if TYPE_CHECKING:  # the Worker's
+        def _after_request(self) -> str | None: ...
+
+    def _serve_batch(self, handed: list[tuple[int, int, bytearray | None, bool]]) -> str | None:
+        """Answer every member of a batch; returns why this worker should retire, if it should."""
+        started = time.monotonic()
+        members = [_Member(conn_id, socket.socket(fileno=fd)) for conn_id, fd, _frame, _http in handed]
+        try:
+            expert_name = ""
+            for member, (_conn_id, _fd, frame, speaks_http) in zip(members, handed, strict=True):
+                try:
+                    if speaks_http:
+                        name = self._read_http_member(member, frame, started)
+                    else:
+                        name = self._read_msgpack_member(member, frame)
+                    if name is not None and name != (expert_name or name):
+                        # (never sent by the master: it batches the calls of one expert)
+                        member.call, member.error = None, BadRequest(f"a call of {name} in a batch of {expert_name}")
+                    elif name is not None:
+                        expert_name = name
+                except (ConnectionLost, RequestTimeout, OSError) as exc:
+                    self._throttle.info("closing connection: %s", exc)
+                    member.close = True
+                except RemoteError as exc:
+                    member.error = exc
+            callers = [member for member in members if member.call is not None]
+            expert = self.experts.get(expert_name)
+            self.board.begin(started, self._timeouts.get(expert_name, self.config.timeout),
+                             callers[0].request_id if callers else 0, expert_name)
+            if callers and expert is not None:
+                results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]
+                for member, result in zip(callers, results, strict=True):
+                    member.error = result if isinstance(result, RemoteError) else None
+                    member.call = (result,) if member.error is None else None  # (the call's result, from here)
+            elapsed = time.monotonic() - started
+            retire = None
+            for number, member in enumerate(members, 1):
+                retire = self._reply(member, expert_name, elapsed) or retire
+                last = number == len(members)
+                # The DONE goes now: its caller's connection is the master's again, whatever the others wait
+                # for.  The last one says whether this worker retires (as a single request's DONE does).
+                ipc.send_done(self.channel, member.conn_id, member.close, unsent=member.unsent,
+                              unread=member.unread, retiring=last and (retire is not None or self._stop_requested))
+            return retire
+        finally:
+            for member in members:
+                member.conn.close()
+
+    # ------------------------------------------------------------- reading
+    def _read_msgpack_member(self, member: _Member, frame: bytearray | None) -> str:
+        if frame is None:  # whole in the socket: exactly this request is read, nothing behind it
+            kind, member.request_id, length = protocol.parse_header(_read_now(member.conn, protocol.HEADER_SIZE))
+            body: bytes | memoryview = _read_now(member.conn, length) if length else b""
+        else:
+            kind, member.request_id, length = protocol.parse_header(bytes(frame[:protocol.HEADER_SIZE]))
+            end = protocol.HEADER_SIZE + length
+            body = memoryview(frame)[protocol.HEADER_SIZE:end]
+            if len(frame) > end:
+                member.unread = bytes(frame[end:])
+        if kind != protocol.CALL:
+            raise BadRequest("only calls are batched")  # (never sent by the master: it batches calls)
+        name, args, kwargs = protocol.decode_call(body)
+        if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
+            protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
+        member.call = (args, kwargs)
+        return name
+
+    def _read_http_member(self, member: _Member, frame: bytearray | None, started: float) -> str | None:
+        member.request, refused = self._read_http(member.conn, frame, None, started)
+        if refused is not None:
+            member.error = refused
+            return None
+        args, kwargs = http.call_arguments(member.request)
+        protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+        member.call = (args, kwargs)
+        return member.request.expert or ""
+
+    # ------------------------------------------------------------- answering
+    def _reply(self, member: _Member, expert_name: str, elapsed: float) -> str | None:
+        """Write one member's reply (unless its connection broke); returns why to retire, if this worker should."""
+        if not member.close:
+            outcome = "ok"
+            if member.request is not None or isinstance(member.error, tuple):  # HTTP
+                if isinstance(member.error, tuple):
+                    response, keep_alive, outcome = member.error
+                else:
+                    result = member.error if member.error is not None else member.call[0]  # type: ignore[index]
+                    response, keep_alive, outcome = self._http_reply(member.request, result)  # type: ignore[arg-type]
+                member.close, member.unsent = self._deliver(member.conn, response, "HTTP")
+                member.close = member.close or not keep_alive
+            else:
+                if member.error is None:
+                    try:
+                        reply_kind, reply = _RESULT, _pack_result(expert_name, member.call[0])  # type: ignore[index]
+                    except RemoteError as exc:
+                        member.error = exc
+                if member.error is not None:
+                    reply_kind, reply = _ERROR, protocol.pack(member.error.to_wire())
+                    outcome = member.error.code
+                frame = protocol.pack_header(reply_kind, member.request_id, len(reply)) + reply
+                member.close, member.unsent = self._deliver(member.conn, frame, member.request_id)
+            self.recorder.record(expert_name or None, outcome, elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("batch member %d %s %.3f ms %s", member.request_id, expert_name, elapsed * 1000, outcome)
+        return self._after_request()
+
+
+def _read_now(conn: socket.socket, size: int) -> bytes:
+    """``size`` bytes the master saw waiting in the socket, without waiting (less: the connection broke)."""
+    data = conn.recv(size, _NOW)
+    while len(data) < size:
+        more = conn.recv(size - len(data), _NOW)  # (BlockingIOError: not all there after all)
+        if not more:
+            raise ConnectionLost("the client closed its connection mid-request")
+        data += more
+    return data
+
+
+_RESULT, _ERROR = protocol.RESULT, protocol.ERROR
+_NOW = int(socket.MSG_DONTWAIT)
