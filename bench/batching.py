@@ -71,6 +71,7 @@ DEFAULT_CACHE = BENCH / "models" / "cache"
 WIDTH = 2048  # the model's input and output width
 DEFAULT_MAX_BATCH = 32  # max_batch = auto
 BATCH_DELAY_MS = 2.0  # batch_delay's default (not written in the configs)
+BUSY_CPU = 0.25  # others' CPU s/s above which the report warns
 RELATIVE_TOLERANCE = 1e-4  # of the output's largest magnitude, as the daemon's own check
 
 QUICK = {"rounds": 3, "seconds": 4.0, "lone_seconds": 2.5, "compute_calls": 10, "warmup": 3}
@@ -156,7 +157,8 @@ def daemon_source() -> dict:
     dirty = subprocess.run(["git", "-C", str(package.parent), "status", "--porcelain", "--untracked-files=no",
                             "--", "expertd"], capture_output=True, text=True)
     if git.returncode == 0:
-        source["commit"] = git.stdout.strip()
+        commit = git.stdout.strip()
+        source["commit"] = commit if len(commit) <= 72 else commit[:71] + "…"
         source["dirty"] = bool(dirty.stdout.strip())
     return source
 
@@ -244,6 +246,12 @@ def _tree_cpu_s(pid: int) -> float:
     return total
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (every CPU: all but idle and iowait)."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
 def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, warmup: int,
              daemon_pid: int | None = None) -> dict:
     """``callers`` processes, closed loop, one connection each, all measured over the same ``seconds``.
@@ -259,7 +267,7 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
     for proc in procs:
         proc.start()
     latencies: list[float] = []
-    errors, examples, replies, callers_cpu, daemon_cpu = 0, [], {}, 0.0, None
+    errors, examples, replies, callers_cpu, daemon_cpu, machine_cpu = 0, [], {}, 0.0, None, None
     try:
         try:
             barrier.wait(300)
@@ -267,9 +275,11 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
             pass
         else:
             if daemon_pid is not None:
-                before, begin = _tree_cpu_s(daemon_pid), time.perf_counter()
+                before, machine, begin = _tree_cpu_s(daemon_pid), _busy_s(), time.perf_counter()
                 time.sleep(seconds)
-                daemon_cpu = (_tree_cpu_s(daemon_pid) - before) / (time.perf_counter() - begin)
+                wall = time.perf_counter() - begin
+                daemon_cpu = (_tree_cpu_s(daemon_pid) - before) / wall
+                machine_cpu = (_busy_s() - machine) / wall
         for _ in procs:
             _, some, failed, example, seen, cpu = results.get(timeout=seconds + 300)
             errors += failed
@@ -296,19 +306,25 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
 
     return {"calls": len(latencies), "errors": errors, "error_examples": examples[:3],
             "throughput": len(latencies) / seconds, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
-            "daemon_cpu": daemon_cpu, "callers_cpu": callers_cpu / seconds, "replies": replies}
+            "daemon_cpu": daemon_cpu, "callers_cpu": callers_cpu / seconds,
+            "others_cpu": None if machine_cpu is None else machine_cpu - daemon_cpu - callers_cpu / seconds,
+            "replies": replies}
 
 
-def sequential_ms(sock: str, expert: str, x: np.ndarray, calls: int) -> list[float]:
-    """One client's sequential ``predict`` calls of ``x``: each call's ms."""
+def sequential_ms(sock: str, expert: str, x: np.ndarray, calls: int, daemon_pid: int) -> tuple[list[float], float]:
+    """One client's sequential ``predict`` calls of ``x``: each call's ms, and the CPU s/s others used meanwhile."""
     times = []
+    own = psutil.Process()
     with Client(sock, timeout=120) as client:
         client.predict(expert, x)
+        mine, machine, start_ = _tree_cpu_s(daemon_pid) + sum(own.cpu_times()[:2]), _busy_s(), time.perf_counter()
         for _ in range(calls):
             begin = time.perf_counter()
             client.predict(expert, x)
             times.append((time.perf_counter() - begin) * 1000)
-    return times
+        wall = time.perf_counter() - start_
+        mine = _tree_cpu_s(daemon_pid) + sum(own.cpu_times()[:2]) - mine
+    return times, (_busy_s() - machine - mine) / wall
 
 
 # ----------------------------------------------------------------- parts
@@ -328,7 +344,8 @@ def _load(result: dict, daemons: dict, mode: str, *args: object) -> dict | None:
 
 def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int, callers: int) -> dict:
     rows = callers // workers or 1
-    result: dict = {"batch_rows": rows, "on": {"load": [], "lone": []}, "off": {"load": [], "lone": [], "compute": []},
+    result: dict = {"batch_rows": rows, "on": {"load": [], "lone": []},
+                    "off": {"load": [], "lone": [], "compute": [], "compute_others_cpu": []},
                     "mismatches": 0, "max_rel_diff": 0.0}
     with ExitStack() as stack:
         print("model: starting the daemons (batching off: max_batch = 1; on: the default) ...", flush=True)
@@ -366,7 +383,10 @@ def measure_mlp(cfg: dict, workdir: Path, model: Path, cache: Path, workers: int
                         result[mode]["lone"].append(lone)
             print(f"model round {round_ + 1}/{cfg['rounds']}: compute time of {rows} rows (batching off) ...",
                   flush=True)
-            result["off"]["compute"] += sequential_ms(daemons["off"].sock, "mlp", batch, cfg["compute_calls"])
+            times, others = sequential_ms(daemons["off"].sock, "mlp", batch, cfg["compute_calls"],
+                                          daemons["off"].proc.pid)
+            result["off"]["compute"] += times
+            result["off"]["compute_others_cpu"].append(others)
         result["status"] = {mode: running.status() for mode, running in daemons.items()}
         result["ready_s"] = {mode: running.ready_s for mode, running in daemons.items()}
     return result
@@ -436,8 +456,15 @@ def markdown(data: dict) -> str:
         f"- callers: processes with one `expertd.client.Client` each, closed loop, all measured over the same "
         f"{cfg['seconds']:g} s window ({cfg['lone_seconds']:g} s for the lone caller) after {cfg['warmup']} warm-up "
         f"calls; {cfg['rounds']} rounds, batching off then on in each; medians over the rounds (min–max)",
-        "",
     ]
+    others = [load["others_cpu"] for part in (mlp, sentiment) if part for mode in ("on", "off")
+              for kind in ("load", "lone") for load in part[mode].get(kind, []) if load.get("others_cpu") is not None]
+    if others and median(others) > BUSY_CPU:
+        out.append(f"- **the machine was busy with other work**: other processes used {median(others):.2f} CPU s/s "
+                   f"(median over the windows; up to {max(others):.2f}) of the {data['nproc']} there are, so every "
+                   "figure here had less CPU than the machine has; rerun on a quiet machine before reading the "
+                   "verdicts")
+    out.append("")
     rows: list[str] = []
     if mlp:
         off, on = mlp["off"], mlp["on"]
@@ -487,17 +514,19 @@ def markdown(data: dict) -> str:
                 "arrays as raw bytes on the wire, docs/protocol.md \"Arrays\"; numpy back), the same in both "
                 "modes; each caller its own seeded row. CPU s/s: CPU seconds (user + system, every thread) that "
                 "the daemon's processes (master, generation parent, workers) and the caller processes used per "
-                f"second of the window; the machine has {data['nproc']} to give.", "",
+                "second of the window, and what the rest of the machine used meanwhile (its busy time, steal "
+                f"included, less the two); the machine has {data['nproc']} to give.", "",
                 "| batching | calls/s | p50 ms | p90 ms | p99 ms | calls per round | daemon CPU s/s "
-                "| callers' CPU s/s |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| callers' CPU s/s | others' CPU s/s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for mode in ("off", "on"):
             loads = mlp[mode]["load"]
             if loads:
                 out.append(f"| {mode} | {spread(_figure(loads, 'throughput'), 0)} | {spread(_figure(loads, 'p50_ms'))} "
                            f"| {spread(_figure(loads, 'p90_ms'))} | {spread(_figure(loads, 'p99_ms'))} "
                            f"| {spread(_figure(loads, 'calls'), 0)} | {spread(_figure(loads, 'daemon_cpu'), 2)} "
-                           f"| {spread(_figure(loads, 'callers_cpu'), 2)} |")
+                           f"| {spread(_figure(loads, 'callers_cpu'), 2)} "
+                           f"| {spread(_figure(loads, 'others_cpu'), 2)} |")
         if on["load"]:
             pairs = [b["throughput"] / a["throughput"] for a, b in zip(off["load"], on["load"], strict=False)]
             out += ["", "calls/s on / off, round by round: " + ", ".join(f"{p:.2f}×" for p in pairs) + "."]
@@ -505,17 +534,18 @@ def markdown(data: dict) -> str:
         out += ["", f"The batch's own compute time: one call carrying B = {mlp['batch_rows']} rows (B = {callers} "
                 f"callers / {workers} workers, the batch each worker takes when every caller waits; not read from "
                 "the daemon) from a lone client to the batching-off daemon, the call's whole round trip: "
-                f"{spread(compute, 2, ' ms')} over {len(compute)} calls. p99 bound: {TARGETS['p99_compute']:g} × "
+                f"{spread(compute, 2, ' ms')} over {len(compute)} calls (others' CPU meanwhile: "
+                f"{spread(off['compute_others_cpu'], 2, ' s/s')}). p99 bound: {TARGETS['p99_compute']:g} × "
                 f"{median(compute):.2f} + {BATCH_DELAY_MS:g} = "
                 f"{TARGETS['p99_compute'] * median(compute) + BATCH_DELAY_MS:.1f} ms.",
                 "", "## Model expert: a lone caller", "",
                 "One caller process, sequential one-row calls, on the same two daemons.", "",
-                "| batching | p50 ms | p99 ms | calls/s |", "| --- | --- | --- | --- |"]
+                "| batching | p50 ms | p99 ms | calls/s | others' CPU s/s |", "| --- | --- | --- | --- | --- |"]
         for mode in ("off", "on"):
             loads = mlp[mode]["lone"]
             if loads:
                 out.append(f"| {mode} | {spread(_figure(loads, 'p50_ms'), 2)} | {spread(_figure(loads, 'p99_ms'), 2)} "
-                           f"| {spread(_figure(loads, 'throughput'), 1)} |")
+                           f"| {spread(_figure(loads, 'throughput'), 1)} | {spread(_figure(loads, 'others_cpu'), 2)} |")
         if "on_error" in mlp:
             out += ["", "The batching-on daemon:", "", "```", mlp["on_error"], "```"]
 
@@ -527,15 +557,17 @@ def markdown(data: dict) -> str:
                 f"`max_batch = {DEFAULT_MAX_BATCH}` (auto's value) so that a daemon on which the function is not "
                 "batched refuses it instead of serving it unbatched.", ""]
         if sentiment["on"]["load"] or sentiment["off"]["load"]:
-            out += ["| batching | calls/s | p50 ms | p99 ms | daemon CPU s/s | callers' CPU s/s |",
-                    "| --- | --- | --- | --- | --- | --- |"]
+            out += ["| batching | calls/s | p50 ms | p99 ms | daemon CPU s/s | callers' CPU s/s "
+                    "| others' CPU s/s |",
+                    "| --- | --- | --- | --- | --- | --- | --- |"]
             for mode in ("off", "on"):
                 loads = sentiment[mode]["load"]
                 if loads:
                     out.append(f"| {mode} | {spread(_figure(loads, 'throughput'), 0)} "
                                f"| {spread(_figure(loads, 'p50_ms'), 2)} | {spread(_figure(loads, 'p99_ms'), 2)} "
                                f"| {spread(_figure(loads, 'daemon_cpu'), 2)} "
-                               f"| {spread(_figure(loads, 'callers_cpu'), 2)} |")
+                               f"| {spread(_figure(loads, 'callers_cpu'), 2)} "
+                               f"| {spread(_figure(loads, 'others_cpu'), 2)} |")
         if "on_error" in sentiment:
             out += ["", "The batching-on daemon:", "", "```", sentiment["on_error"], "```"]
     return "\n".join(out)
