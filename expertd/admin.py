@@ -154,6 +154,7 @@ class Admin:
         memory = {("workers", kind): status["memory"][f"workers_{kind}"] for kind in ("rss", "pss", "uss")}
         memory.update({("master", kind): status["master"].get(kind, 0) for kind in ("rss", "pss", "uss")})
         return self.metrics.render([slot.board for slot in self.pool.workers.values()], {
+            "batches": self.dispatcher.batcher.figures,
             "workers": states, "workers_wanted": self.serving.config.workers, "connections": len(self.table),
             "queued": sum(1 for conn in self.dispatcher.queue if conn.state == QUEUED),
             "generation": self.serving.generation,
@@ -218,6 +219,8 @@ class Admin:
             "last_reload": reloads.last_reload, "reloading": reloads.reloading,
             "workers": workers, "generation_parents": parents, "master": master,
             "quarantined": self.quarantines.current(),
+            # Batched experts: batches handed out, calls in them, mean size, queueing delay, sizes seen.
+            "batches": {name: figures.summary() for name, figures in sorted(self.dispatcher.batcher.figures.items())},
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
                 # Counted once across the master, the generations' parents and the workers: what the

@@ -33,11 +33,9 @@ from typing import Any
 
 from expertd.connections import IDLE, QUEUED, Connection
 from expertd.ipc import MAX_BATCH_FDS, MAX_INLINE
+from expertd.metrics import DELAY_BUCKETS, SIZE_BUCKETS
 from expertd.serving import Serving
 
-# Histogram buckets: calls per batch, and seconds a call waited in the queue.
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 250)
-DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _NEVER = float("inf")
 
 

@@ -120,7 +120,7 @@ class Answering:
         if expert is None:
             known = ", ".join(sorted(self.experts)) or "none"
             raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
-        if expert.batched and not hasattr(expert.function, "__expertd_model__"):
+        if expert.batched and not expert.is_model:
             # A batched function takes a list of inputs: a call alone is a batch of one.
             result = call_batch(expert, [(args, kwargs)], _failure)[0]
             if isinstance(result, RemoteError):

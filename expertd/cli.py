@@ -219,6 +219,10 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
               f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "
               f"{_duration(quarantine['seconds_left'])} from now")
+    for name, batches in status.get("batches", {}).items():  # (batched experts that have served)
+        sizes = ", ".join(f"≤{bound}: {count}" for bound, count in batches["sizes"].items())
+        print(f"batches of {name}: {batches['batches']} for {batches['calls']} calls, mean size "
+              f"{batches['mean_batch']}, mean queueing {batches['mean_queue_delay_ms']} ms (sizes {sizes})")
     reload = status.get("last_reload")
     if reload:
         outcome = "ok" if reload["ok"] else f"FAILED: {reload['error']}"

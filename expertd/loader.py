@@ -47,12 +47,22 @@ class LoadedExpert:
     max_batch: int = 1  # the most calls one batch holds (1: never batched)
     batch_delay: float = 0.0  # how long a free worker may wait for expected company (see expertd.batching)
 
+    @property
+    def is_model(self) -> bool:
+        """Whether this is a config-only model expert (``model = PATH``)."""
+        return hasattr(self.function, "__expertd_model__")
+
     def describe(self) -> dict[str, Any]:
         """What ``expertctl list`` shows."""
+        if self.batched and self.signature is not None and self.signature.parameters and not self.is_model:
+            # Each call passes one item of the list the function takes.
+            signature = f"{self.name}({next(iter(self.signature.parameters))}[i])"
+        else:
+            signature = f"{self.name}{self.signature}" if self.signature else f"{self.name}(...)"
         described = {
             "name": self.name,
             "function": self.reference,
-            "signature": f"{self.name}{self.signature}" if self.signature else f"{self.name}(...)",
+            "signature": signature,
             "doc": self.summary,
             "batched": self.batched,
             "max_batch": self.max_batch,

@@ -127,6 +127,22 @@ class Recorder:
         self._seconds[record + _SUM] += seconds
 
 
+# Batched experts' histograms (figures kept by expertd.batching): calls per batch, seconds queued.
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 250)
+DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _histogram(name: str, expert: str, bounds: tuple, counts: list[int], total: float, count: int) -> list[str]:
+    lines, cumulative = [], 0
+    for bound, bucket in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += bucket
+        le = "+Inf" if bound == float("inf") else repr(bound)
+        lines.append(f"{name}_bucket{_labels(expert=expert, le=le)} {cumulative}")
+    lines.append(f"{name}_sum{_labels(expert=expert)} {_number(total)}")
+    lines.append(f"{name}_count{_labels(expert=expert)} {count}")
+    return lines
+
+
 def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
 
@@ -144,7 +160,8 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
     """Prometheus text format.
 
     ``gauges`` holds: workers (by state), workers_wanted, connections, queued,
-    generation, memory (by process and kind), uptime, version.
+    generation, memory (by process and kind), uptime, version, and batches (expert ->
+    expertd.batching.BatchFigures, may be absent).
     """
     out: list[str] = []
 
@@ -181,6 +198,17 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
         out.append(f"expertd_request_duration_seconds_sum{_labels(expert=expert)} {_number(seconds)}")
         out.append(f"expertd_request_duration_seconds_count{_labels(expert=expert)} {cumulative}")
 
+    batches = gauges.get("batches") or {}
+    if batches:
+        family("expertd_batch_size", "histogram", "Calls per batch handed to a worker, by batched expert.")
+        for expert, figures in sorted(batches.items()):  # type: ignore[attr-defined]
+            out.extend(_histogram("expertd_batch_size", expert, SIZE_BUCKETS, figures.size_counts,
+                                  figures.calls, figures.batches))
+        family("expertd_batch_queue_delay_seconds", "histogram",
+               "Time a call of a batched expert waited in the queue before its batch went, by expert.")
+        for expert, figures in sorted(batches.items()):  # type: ignore[attr-defined]
+            out.extend(_histogram("expertd_batch_queue_delay_seconds", expert, DELAY_BUCKETS, figures.delay_counts,
+                                  figures.delay_sum, figures.calls))
     family("expertd_workers", "gauge", "Worker processes, by state.")
     for state, count in sorted(gauges["workers"].items()):  # type: ignore[attr-defined]
         out.append(f"expertd_workers{_labels(state=state)} {count}")

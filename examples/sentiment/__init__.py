@@ -46,10 +46,24 @@ def _text_of(document: object, where: str) -> str:
     return document["text"]
 
 
-@expert
-def opinion(document: dict) -> dict:
-    """Sentiment of document['text']: label, score (probability of positive) and model version."""
-    return _opinion(_scores([_text_of(document, "document")])[0])
+@expert(batched=True)
+def opinion(documents: list) -> list:
+    """Sentiment of document['text']: label, score (probability of positive) and model version.
+
+    Batched: each call passes one document, and the daemon gathers concurrent
+    calls into one model run.  A document without a 'text' string fails alone.
+    """
+    results: list = [None] * len(documents)
+    texts, positions = [], []
+    for position, document in enumerate(documents):
+        try:
+            texts.append(_text_of(document, "document"))
+            positions.append(position)
+        except ValueError as exc:
+            results[position] = exc  # (this caller's error; the others get their opinions)
+    for position, score in zip(positions, _scores(texts) if texts else [], strict=True):
+        results[position] = _opinion(score)
+    return results
 
 
 @expert
