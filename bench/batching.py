@@ -71,6 +71,9 @@ DEFAULT_CACHE = BENCH / "models" / "cache"
 WIDTH = 2048  # the model's input and output width
 DEFAULT_MAX_BATCH = 32  # max_batch = auto
 BATCH_DELAY_MS = 2.0  # batch_delay's default (not written in the configs)
+BATCH_COLUMNS = ("Mean batch and mean queueing: calls per batch and the time a call waited in the daemon's "
+                 "queue, from the daemon's status (`batches`) read at the window's start and end; n/a where it "
+                 "reports none (batching off).")
 BUSY_CPU = 0.25  # others' CPU s/s above which the report warns
 RELATIVE_TOLERANCE = 1e-4  # of the output's largest magnitude, as the daemon's own check
 
@@ -252,6 +255,26 @@ def _busy_s() -> float:
     return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
+def _batch_figures(sock: str, expert: str) -> dict | None:
+    """The daemon's batch counts for ``expert`` (``status()["batches"]``; None where the daemon has none)."""
+    try:
+        with Client(sock, timeout=10) as client:
+            return client.status().get("batches", {}).get(expert)
+    except Exception:
+        return None
+
+
+def _window_batches(before: dict | None, after: dict | None) -> dict | None:
+    """Batches, calls, mean batch and mean queueing (ms) between two readings of :func:`_batch_figures`."""
+    if not after:
+        return None
+    before = before or {"batches": 0, "calls": 0, "mean_queue_delay_ms": 0.0}
+    batches, calls = after["batches"] - before["batches"], after["calls"] - before["calls"]
+    delay = after["mean_queue_delay_ms"] * after["calls"] - before["mean_queue_delay_ms"] * before["calls"]
+    return {"batches": batches, "calls": calls, "mean_batch": calls / batches if batches else None,
+            "mean_queue_delay_ms": delay / calls if calls else None}
+
+
 def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, warmup: int,
              daemon_pid: int | None = None) -> dict:
     """``callers`` processes, closed loop, one connection each, all measured over the same ``seconds``.
@@ -267,7 +290,7 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
     for proc in procs:
         proc.start()
     latencies: list[float] = []
-    errors, examples, replies, callers_cpu, daemon_cpu, machine_cpu = 0, [], {}, 0.0, None, None
+    errors, examples, replies, callers_cpu, daemon_cpu, machine_cpu, batches = 0, [], {}, 0.0, None, None, None
     try:
         try:
             barrier.wait(300)
@@ -276,7 +299,9 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
         else:
             if daemon_pid is not None:
                 before, machine, begin = _tree_cpu_s(daemon_pid), _busy_s(), time.perf_counter()
-                time.sleep(seconds)
+                figures = _batch_figures(sock, expert)
+                time.sleep(max(0.0, seconds - (time.perf_counter() - begin)))
+                batches = _window_batches(figures, _batch_figures(sock, expert))
                 wall = time.perf_counter() - begin
                 daemon_cpu = (_tree_cpu_s(daemon_pid) - before) / wall
                 machine_cpu = (_busy_s() - machine) / wall
@@ -306,7 +331,7 @@ def run_load(sock: str, expert: str, kind: str, callers: int, seconds: float, wa
 
     return {"calls": len(latencies), "errors": errors, "error_examples": examples[:3],
             "throughput": len(latencies) / seconds, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
-            "daemon_cpu": daemon_cpu, "callers_cpu": callers_cpu / seconds,
+            "daemon_cpu": daemon_cpu, "callers_cpu": callers_cpu / seconds, "batches": batches,
             "others_cpu": None if machine_cpu is None else machine_cpu - daemon_cpu - callers_cpu / seconds,
             "replies": replies}
 
@@ -431,6 +456,12 @@ def _med(loads: list[dict], key: str) -> float:
     return median(_figure(loads, key)) if loads else float("nan")
 
 
+def _batch_stat(loads: list[dict], key: str, digits: int = 1) -> str:
+    """A figure of the daemon's batch counts over the windows (n/a where the daemon reports none)."""
+    values = [load["batches"][key] for load in loads if load.get("batches") and load["batches"][key] is not None]
+    return spread(values, digits) if values else "n/a"
+
+
 def markdown(data: dict) -> str:
     mlp, sentiment = data.get("mlp"), data.get("sentiment")
     workers, callers, cfg = data["workers"], data["callers"], data["config"]
@@ -515,16 +546,17 @@ def markdown(data: dict) -> str:
                 "modes; each caller its own seeded row. CPU s/s: CPU seconds (user + system, every thread) that "
                 "the daemon's processes (master, generation parent, workers) and the caller processes used per "
                 "second of the window, and what the rest of the machine used meanwhile (its busy time, steal "
-                f"included, less the two); the machine has {data['nproc']} to give.", "",
-                "| batching | calls/s | p50 ms | p90 ms | p99 ms | calls per round | daemon CPU s/s "
-                "| callers' CPU s/s | others' CPU s/s |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                f"included, less the two); the machine has {data['nproc']} to give. {BATCH_COLUMNS}", "",
+                "| batching | calls/s | p50 ms | p90 ms | p99 ms | calls per round | mean batch | mean queueing ms "
+                "| daemon CPU s/s | callers' CPU s/s | others' CPU s/s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for mode in ("off", "on"):
             loads = mlp[mode]["load"]
             if loads:
                 out.append(f"| {mode} | {spread(_figure(loads, 'throughput'), 0)} | {spread(_figure(loads, 'p50_ms'))} "
                            f"| {spread(_figure(loads, 'p90_ms'))} | {spread(_figure(loads, 'p99_ms'))} "
-                           f"| {spread(_figure(loads, 'calls'), 0)} | {spread(_figure(loads, 'daemon_cpu'), 2)} "
+                           f"| {spread(_figure(loads, 'calls'), 0)} | {_batch_stat(loads, 'mean_batch')} "
+                           f"| {_batch_stat(loads, 'mean_queue_delay_ms')} | {spread(_figure(loads, 'daemon_cpu'), 2)} "
                            f"| {spread(_figure(loads, 'callers_cpu'), 2)} "
                            f"| {spread(_figure(loads, 'others_cpu'), 2)} |")
         if on["load"]:
@@ -537,7 +569,8 @@ def markdown(data: dict) -> str:
                 f"{spread(compute, 2, ' ms')} over {len(compute)} calls (others' CPU meanwhile: "
                 f"{spread(off['compute_others_cpu'], 2, ' s/s')}). p99 bound: {TARGETS['p99_compute']:g} × "
                 f"{median(compute):.2f} + {BATCH_DELAY_MS:g} = "
-                f"{TARGETS['p99_compute'] * median(compute) + BATCH_DELAY_MS:.1f} ms.",
+                f"{TARGETS['p99_compute'] * median(compute) + BATCH_DELAY_MS:.1f} ms. The mean batch the "
+                f"batching-on daemon reported over its windows: {_batch_stat(on['load'], 'mean_batch')}.",
                 "", "## Model expert: a lone caller", "",
                 "One caller process, sequential one-row calls, on the same two daemons.", "",
                 "| batching | p50 ms | p99 ms | calls/s | others' CPU s/s |", "| --- | --- | --- | --- | --- |"]
@@ -555,16 +588,17 @@ def markdown(data: dict) -> str:
                 "opinion), `client.opinion(\"sentiment\", document)` with the documents of "
                 "examples/sentiment/corpus.tsv, each caller from its own offset. Batching on writes "
                 f"`max_batch = {DEFAULT_MAX_BATCH}` (auto's value) so that a daemon on which the function is not "
-                "batched refuses it instead of serving it unbatched.", ""]
+                f"batched refuses it instead of serving it unbatched. {BATCH_COLUMNS}", ""]
         if sentiment["on"]["load"] or sentiment["off"]["load"]:
-            out += ["| batching | calls/s | p50 ms | p99 ms | daemon CPU s/s | callers' CPU s/s "
-                    "| others' CPU s/s |",
-                    "| --- | --- | --- | --- | --- | --- | --- |"]
+            out += ["| batching | calls/s | p50 ms | p99 ms | mean batch | mean queueing ms | daemon CPU s/s "
+                    "| callers' CPU s/s | others' CPU s/s |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for mode in ("off", "on"):
                 loads = sentiment[mode]["load"]
                 if loads:
                     out.append(f"| {mode} | {spread(_figure(loads, 'throughput'), 0)} "
                                f"| {spread(_figure(loads, 'p50_ms'), 2)} | {spread(_figure(loads, 'p99_ms'), 2)} "
+                               f"| {_batch_stat(loads, 'mean_batch')} | {_batch_stat(loads, 'mean_queue_delay_ms', 2)} "
                                f"| {spread(_figure(loads, 'daemon_cpu'), 2)} "
                                f"| {spread(_figure(loads, 'callers_cpu'), 2)} "
                                f"| {spread(_figure(loads, 'others_cpu'), 2)} |")
