@@ -56,7 +56,7 @@ $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[tensorflow,bench]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.installed-run
 
-# Full comparison (about 23 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
+# Full comparison (about 22 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
 # (model experts against Keras, bench/models.py, on the MLP that bench-model builds), then
 # BENCHMARKS-batching.md (dynamic batching on against off, bench/batching.py).
 bench: $(VENV)/.installed-bench bench-model
@@ -65,7 +65,7 @@ bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/batching.py
 
-# Dynamic batching alone (about 6 minutes): BENCHMARKS-batching.md, bench/plots/batching-results.json.
+# Dynamic batching alone (about 5 minutes): BENCHMARKS-batching.md, bench/plots/batching-results.json.
 bench-batching: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/batching.py
 

@@ -1,6 +1,6 @@
 """Dynamic batching: throughput and latency of batched experts, batching on against off.
 
-    python bench/batching.py               # make bench-batching (and make bench), about 6 minutes
+    python bench/batching.py               # make bench-batching (and make bench), about 5 minutes
     python bench/batching.py --quick       # fewer, shorter rounds: 1–2 minutes
     python bench/batching.py --workers 2 --clients 16 --output /tmp/batching.md
 
