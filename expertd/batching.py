@@ -120,6 +120,8 @@ class Batcher:
         members = [lead]
         expert = lead.expert
         room = MAX_INLINE - (len(lead.inbuf) if lead.inbuf is not None else 0)
+        if room < 0:
+            return members  # (too large to travel inside a batch: it goes alone, in a memfd)
         limit = min(max_batch, MAX_BATCH_FDS)
         for conn in queue:
             if len(members) >= limit:

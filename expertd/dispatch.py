@@ -137,6 +137,7 @@ class Dispatcher(BatchDispatching, Losses):
                 if len(members) > 1:
                     self._hand_out_batch(members)
                     continue
+                self.batcher.handed_out(conn.expert, members, self.serving.now)  # (a batch of one: a plain hand-over)
             slot = idle.popleft()
             self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
             try:
@@ -365,8 +366,9 @@ class Dispatcher(BatchDispatching, Losses):
         if conn.in_batch:
             conn.in_batch = False
             conn.look_again = True  # (the worker read its request alone: one may wait behind it, edge spent)
-            if not close:
-                self.batcher.answered(conn, conn.expert or "", now)
+        batched = self.batcher.batched()
+        if batched and conn.expert in batched and not close:
+            self.batcher.answered(conn, conn.expert, now)  # (its caller's next call is expected: see batching)
         conn.unread = unread or b""
         if unsent:
             # The client is slow to take its reply: finish writing it here, not in the worker.

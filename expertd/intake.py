@@ -233,6 +233,10 @@ class Intake:
                 self.table.fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
                 return
             conn.inbuf += data
+        if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] == protocol.CALL:
+            # The expert's name came after the first bytes looked at: read it now that all is here (its
+            # timeout, quarantine and batches go by it).
+            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]))
         conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
         conn.queued_at = self.serving.now
         conn.to(QUEUED)

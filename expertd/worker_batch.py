@@ -83,7 +83,10 @@ class BatchServing(HttpServing):
             self.board.begin(started, self._timeouts.get(expert_name, self.config.timeout),
                              callers[0].request_id if callers else 0, expert_name)
             if callers and expert is not None:
-                results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]
+                if expert.batched:
+                    results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]
+                else:  # batched by the generation after this one (a reload under way): one call each
+                    results = [_outcome(self._invoke, expert_name, *member.call) for member in callers]  # type: ignore[misc]
                 for member, result in zip(callers, results, strict=True):
                     member.error = result if isinstance(result, RemoteError) else None
                     member.call = (result,) if member.error is None else None  # (the call's result, from here)
@@ -158,6 +161,13 @@ class BatchServing(HttpServing):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("batch member %d %s %.3f ms %s", member.request_id, expert_name, elapsed * 1000, outcome)
         return self._after_request()
+
+
+def _outcome(invoke: Any, name: str, args: list, kwargs: dict) -> Any:
+    try:
+        return invoke(name, args, kwargs)
+    except RemoteError as exc:
+        return exc
 
 
 def _read_now(conn: socket.socket, size: int) -> bytes:
