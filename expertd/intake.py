@@ -44,6 +44,7 @@ log = logging.getLogger("expertd.master")
 
 _GATHER_CHUNK = 256 * 1024
 _MAP = protocol.MAP
+_NAMED_KINDS = {protocol.CALL: protocol.CALL_HEADS, _MAP: protocol.MAP_HEADS}  # requests whose body names an expert
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 
@@ -233,10 +234,11 @@ class Intake:
                 self.table.fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
                 return
             conn.inbuf += data
-        if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] == protocol.CALL:
+        if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] in _NAMED_KINDS:
             # The expert's name came after the first bytes looked at: read it now that all is here (its
             # timeout, quarantine and batches go by it).
-            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]))
+            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]),
+                                                    _NAMED_KINDS[conn.inbuf[3]])
         conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
         conn.queued_at = self.serving.now
         conn.to(QUEUED)

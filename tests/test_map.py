@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import msgpack
 import pytest
@@ -172,6 +173,20 @@ def test_a_map_runs_under_its_experts_timeout(make_daemon):
     with pytest.raises(RequestTimeout, match="slow did not answer within its 1s timeout"):
         client.map("slow", [0.4, 0.4, 0.4, 0.4])
     assert client.map("fib", [3]) == [3]  # a new worker serves
+
+
+def test_a_map_arriving_in_pieces_runs_under_its_experts_timeout_too(make_daemon):
+    # The first bytes the master sees hold no name: it reads the name once it has gathered the request.
+    daemon = make_daemon({"slow": {"function": "testexperts:slow", "timeout": "1s"}}, workers=1)
+    frame = protocol.encode_map(5, "slow", [0.4] * 5)
+    with raw_connection(daemon, timeout=20) as sock:
+        sock.sendall(frame[:protocol.HEADER_SIZE])
+        time.sleep(0.2)
+        sock.sendall(frame[protocol.HEADER_SIZE:])
+        started = time.monotonic()
+        kind, _request_id, body = protocol.read_frame(sock, 1 << 20)
+    assert kind == protocol.ERROR and time.monotonic() - started < 10
+    assert msgpack.unpackb(body)["message"].startswith("slow did not answer within its 1s timeout")
 
 
 @pytest.mark.parametrize("retries", [0, 1])
