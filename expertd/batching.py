@@ -126,7 +126,7 @@ class Batcher:
         for conn in queue:
             if len(members) >= limit:
                 break
-            if conn.state != QUEUED or conn.expert != expert or conn is lead:
+            if conn.state != QUEUED or conn.expert != expert or conn is lead or conn.whole_batch:
                 continue
             if conn.inbuf is not None:
                 if len(conn.inbuf) > room:

@@ -1,7 +1,8 @@
 """Answering calls in a worker: from a request's bytes to its reply, written.
 
 :class:`Answering` is mixed into :class:`expertd.worker.Worker`.  It decodes a
-msgpack call, calls the expert and packs the result into a reply frame; an
+msgpack call (or a MAP: many items for one expert, each item's outcome in the
+reply), calls the expert and packs the result into a reply frame; an
 expert's exception, arguments that do not fit it, or a result that cannot be
 sent become structured error replies instead (a bad request never kills the
 worker).  It writes the reply, handing the master whatever a slow client did
@@ -63,6 +64,15 @@ class Answering:
                 if len(body) >= self._max_depth or len(args) + len(kwargs) > self._max_args:
                     protocol.check_shape(args, kwargs, self._max_args, self._max_depth, body)
                 reply_kind, reply = _RESULT, _pack_result(expert_name, self._invoke(expert_name, args, kwargs))
+            elif kind == _MAP:
+                try:
+                    expert_name, items = protocol.decode_map(body)
+                finally:
+                    board.begin(started, self._timeouts.get(expert_name, self.config.timeout), request_id,
+                                expert_name or "")
+                if len(body) >= self._max_depth:  # (each item is a call's argument: nested as deep as one)
+                    protocol.check_shape(items, {}, len(items), self._max_depth, body)
+                reply_kind, reply = _RESULT, _pack_outcomes(expert_name, self._map(expert_name, items))
             else:
                 board.begin(started, self.config.timeout, request_id, "")
                 reply_kind = _RESULT  # PING
@@ -72,7 +82,7 @@ class Answering:
         except RemoteError as exc:
             reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
-        if kind == _CALL:
+        if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
             self.recorder.record(expert_name, outcome, time.monotonic() - started)
         close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
                                       request_id)
@@ -118,8 +128,7 @@ class Answering:
         """Call expert ``name``; its failures, and arguments that do not fit it, become RemoteErrors."""
         expert = self.experts.get(name)
         if expert is None:
-            known = ", ".join(sorted(self.experts)) or "none"
-            raise UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
+            raise self._unknown(name)
         if expert.batched and not expert.is_model:
             # A batched function takes a list of inputs: a call alone is a batch of one.
             result = call_batch(expert, [(args, kwargs)], _failure)[0]
@@ -130,6 +139,52 @@ class Answering:
             return expert.function(*args, **kwargs)
         except BaseException as exc:  # an expert's failure is a reply, never a dead worker
             raise _failure(expert, args, kwargs, exc) from None
+
+
+    def _map(self, name: str, items: list) -> list[Any]:
+        """Call expert ``name`` on each item (its one positional argument): one result or RemoteError per item.
+
+        A batched expert takes the items in batches of its ``max_batch``; any
+        other is called once per item.  An item's failure is its own: the
+        others are still called.
+        """
+        expert = self.experts.get(name)
+        if expert is None:
+            raise self._unknown(name)
+        outcomes: list[Any] = []
+        if expert.batched:
+            size = max(expert.max_batch, 1)
+            for start in range(0, len(items), size):
+                outcomes += call_batch(expert, [([item], {}) for item in items[start : start + size]], _failure)
+            return outcomes
+        function = expert.function
+        for item in items:
+            try:
+                outcomes.append(function(item))
+            except BaseException as exc:  # an expert's failure is this item's outcome, never a dead worker
+                outcomes.append(_failure(expert, [item], {}, exc))
+        return outcomes
+
+    def _unknown(self, name: str) -> UnknownExpert:
+        known = ", ".join(sorted(self.experts)) or "none"
+        return UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
+
+
+def _pack_outcomes(name: str, outcomes: list[Any]) -> bytes:
+    """A MAP reply's body: ``[0, result]`` or ``[1, error]`` per item; a result that cannot be sent fails alone."""
+    entries = [[_ITEM_FAILED, outcome.to_wire()] if isinstance(outcome, RemoteError) else [_ITEM_OK, outcome]
+               for outcome in outcomes]
+    try:
+        return _pack_result(name, entries)
+    except RemoteError:
+        pass
+    for entry in entries:  # (only when some result cannot be sent: find which)
+        if entry[0] == _ITEM_OK:
+            try:
+                _pack_result(name, entry[1])
+            except RemoteError as exc:
+                entry[:] = [_ITEM_FAILED, exc.to_wire()]
+    return _pack_result(name, entries)
 
 
 def _pack_result(name: str, result: Any) -> bytes:
@@ -195,7 +250,8 @@ def _safe_traceback(exc: BaseException) -> str:
 
 
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
-_CALL, _RESULT, _ERROR = protocol.CALL, protocol.RESULT, protocol.ERROR
+_CALL, _MAP, _RESULT, _ERROR = protocol.CALL, protocol.MAP, protocol.RESULT, protocol.ERROR
+_ITEM_OK, _ITEM_FAILED = protocol.ITEM_OK, protocol.ITEM_FAILED
 _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.
 _WRITE_PATIENCE = 0.05

@@ -3,6 +3,7 @@
     expertctl call fib n=5                       # -> 8
     cat doc.json | expertctl opinion a | expertctl opinion b
     expertctl opinion --lines sentiment < docs.jsonl > opinions.jsonl
+    expertctl opinion --lines --window 64 NAME < docs.jsonl   # NAME batched: 64 documents a request
     expertctl list
     expertctl ping
     expertctl status [--json] | reload | stop | workers N
@@ -85,12 +86,15 @@ def _load_document(text: str, where: str) -> dict:
 
 def _add_opinions(client: Client, names: list[str], document: dict, where: str) -> dict:
     for name in names:
-        result = client.call(name, document)
-        opinions = document.setdefault("opinions", {})
-        if not isinstance(opinions, dict):
-            raise _InputError(f"{where}: the document's 'opinions' is a {type(opinions).__name__}, not an object")
-        opinions[name] = result
+        _add_opinion(document, name, client.call(name, document), where)
     return document
+
+
+def _add_opinion(document: dict, name: str, result: Any, where: str) -> None:
+    opinions = document.setdefault("opinions", {})
+    if not isinstance(opinions, dict):
+        raise _InputError(f"{where}: the document's 'opinions' is a {type(opinions).__name__}, not an object")
+    opinions[name] = result
 
 
 def _cmd_call(client: Client, options: argparse.Namespace) -> int:
@@ -101,30 +105,115 @@ def _cmd_call(client: Client, options: argparse.Namespace) -> int:
 
 def _cmd_opinion(client: Client, options: argparse.Namespace) -> int:
     if options.lines:
-        return _opinion_lines(client, options.names, sys.stdin, sys.stdout, options.jobs)
+        return _opinion_lines(client, options.names, sys.stdin, sys.stdout, options.jobs, options.window)
     document = _load_document(sys.stdin.read(), "stdin")
     print(_dumps(_add_opinions(client, options.names, document, "stdin")))
     return 0
 
 
-def _opinion_lines(client: Client, names: list[str], source: IO[str], sink: IO[str], jobs: int) -> int:
-    """Stream JSON Lines: each document gets its opinions; output keeps input order."""
+def _opinion_lines(client: Client, names: list[str], source: IO[str], sink: IO[str], jobs: int,
+                   window: int | None = None) -> int:
+    """Stream JSON Lines: each document gets its opinions; output keeps input order.
+
+    Documents go one call each, ``jobs`` in flight.  When an expert is batched
+    (``expertctl list --json`` says ``batched``), windows of documents go
+    instead, ``jobs`` windows in flight: a batched expert gets each window in
+    one MAP request, an unbatched one a call per document.  A window holds
+    ``window`` documents, by default the largest ``max_batch`` of the batched
+    experts.  The output is the same either way.
+    """
     progress = _Progress(sys.stderr)
-
-    def handle(numbered: tuple[int, str]) -> str:
-        lineno, line = numbered
-        where = f"stdin line {lineno}"
-        return _dumps(_add_opinions(client, names, _load_document(line, where), where))
-
     numbered = ((n, line) for n, line in enumerate(source, 1) if line.strip())
+    batched, size = _batched_experts(client, names, window)
+    if batched:
+        def handle_window(lines: list[tuple[int, str]]) -> tuple[list[str], BaseException | None]:
+            return _window_opinions(client, names, batched, lines)
+
+        outputs: Iterator = _ordered_map(handle_window, _windows(numbered, size), jobs)
+    else:
+        def handle(numbered: tuple[int, str]) -> tuple[list[str], None]:
+            lineno, line = numbered
+            where = f"stdin line {lineno}"
+            return [_dumps(_add_opinions(client, names, _load_document(line, where), where))], None
+
+        outputs = _ordered_map(handle, numbered, jobs)
     try:
-        for output in _ordered_map(handle, numbered, jobs):
-            sink.write(output + "\n")
-            sink.flush()
-            progress.tick()
+        for written, error in outputs:
+            for output in written:
+                sink.write(output + "\n")
+                sink.flush()
+                progress.tick()
+            if error is not None:
+                raise error
     finally:
         progress.done()
     return 0
+
+
+def _batched_experts(client: Client, names: list[str], window: int | None) -> tuple[set[str], int]:
+    """Which of ``names`` take their documents in MAP requests, and how many documents a window holds."""
+    try:
+        described = {expert.get("name"): expert for expert in client.experts()}
+    except RemoteError:  # (LIST refused: public_status = no) a call per document, as for any expert
+        return set(), 1
+    limits = {name: int(described[name].get("max_batch") or 1) for name in names
+              if name in described and described[name].get("batched")}
+    batched = {name for name, limit in limits.items() if limit > 1 or window}
+    return batched, window or max((limits[name] for name in batched), default=1)
+
+
+def _windows(numbered: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    window: list[tuple[int, str]] = []
+    for item in numbered:
+        window.append(item)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _window_opinions(client: Client, names: list[str], batched: set[str],
+                     lines: list[tuple[int, str]]) -> tuple[list[str], BaseException | None]:
+    """A window of documents with their opinions: the outputs of those before the first failure, and that failure.
+
+    What fails is what one call per document would have failed on first: the
+    earliest document's bad JSON or error (a document's experts are asked in
+    order, and an error stops its document and those after it).
+    """
+    documents: list[dict] = []
+    failed: tuple[int, BaseException] | None = None  # (document's place in the window, its error)
+    for lineno, line in lines:
+        try:
+            documents.append(_load_document(line, f"stdin line {lineno}"))
+        except _InputError as exc:
+            failed = (len(documents), exc)
+            break
+    for name in names:
+        if name in batched and documents:
+            try:
+                results: list[Any] = client.map(name, documents)
+            except ExpertdError as exc:  # the request as a whole: the window's first document did not get through
+                results = [exc]
+        else:
+            results = []
+            for document in documents:
+                try:
+                    results.append(client.call(name, document))
+                except ExpertdError as exc:
+                    results.append(exc)
+                    break
+        for place, (document, result) in enumerate(zip(documents, results, strict=False)):
+            try:
+                if isinstance(result, ExpertdError):  # (a failed item's place holds its error)
+                    raise result
+                _add_opinion(document, name, result, f"stdin line {lines[place][0]}")
+            except (ExpertdError, _InputError) as exc:
+                if failed is None or place < failed[0]:
+                    failed = (place, exc)
+                del documents[place:]  # not asked any further: its opinions stop here, as the output does
+                break
+    return [_dumps(document) for document in documents], failed[1] if failed else None
 
 
 def _ordered_map(function: Any, items: Iterator, jobs: int) -> Iterator:
@@ -275,6 +364,16 @@ def _cmd_workers(client: Client, options: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
     parser.add_argument("--socket", "-s", metavar="PATH",
@@ -296,11 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     opinion = commands.add_parser("opinion", help="add experts' opinions to a JSON document on stdin",
                                   description="Read a JSON object on stdin, ask each expert in turn (each sees "
                                               "the document as it stands), and write it to stdout with each "
-                                              "result under opinions.NAME.")
+                                              "result under opinions.NAME. With --lines, a batched expert "
+                                              "(`expertctl list --json`: batched) gets windows of documents in one "
+                                              "MAP request each; the output is the same as one call per document.")
     opinion.add_argument("names", nargs="+", metavar="NAME")
     opinion.add_argument("--lines", action="store_true", help="stream JSON Lines: one document per line, in order")
     opinion.add_argument("--jobs", "-j", type=int, default=4, metavar="N",
-                         help="with --lines, documents in flight at once (default: 4)")
+                         help="with --lines, documents (for batched experts: windows of documents) in flight at "
+                              "once (default: 4)")
+    opinion.add_argument("--window", type=_positive, default=None, metavar="N",
+                         help="with --lines, documents a batched expert (see `expertctl list --json`) gets in one "
+                              "MAP request (default: its max_batch); other experts get one call per document")
     opinion.set_defaults(run=_cmd_opinion)
 
     listing = commands.add_parser("list", help="list the experts with their signatures")

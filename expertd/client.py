@@ -6,6 +6,7 @@
     client.call("fib", 5)             # positional ...
     client.fib(n=5)                   # ... or named arguments, as attribute calls
     client.opinion("sentiment", {"text": "what a lovely day"})
+    client.map("fib", [5, 6, 7])      # [8, 13, 21]: many items in one request (a failed item holds its error)
 
 A :class:`Client` is safe to share between threads: it keeps a small pool of
 connections and gives each call its own.  After ``os.fork()`` (multiprocessing
@@ -38,6 +39,7 @@ from expertd.errors import (
     ConnectionLost,
     ExpertdError,
     ProtocolError,
+    RemoteError,
     RequestTimeout,
     error_from_wire,
 )
@@ -56,7 +58,7 @@ _FIRST_READ = 64 * 1024
 _HEADER = protocol.HEADER
 _HEADER_SIZE = protocol.HEADER_SIZE
 _MAGIC, _VERSION = protocol.MAGIC, protocol.VERSION
-_RESULT, _ERROR, _CALL = protocol.RESULT, protocol.ERROR, protocol.CALL
+_RESULT, _ERROR, _CALL, _MAP = protocol.RESULT, protocol.ERROR, protocol.CALL, protocol.MAP
 _MAX_REQUEST_ID = protocol.MAX_REQUEST_ID
 _pack = protocol.pack
 
@@ -98,6 +100,32 @@ class Client:
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call ``expert`` with positional and/or keyword arguments and return its result."""
         return self._request(_CALL, _pack([expert, list(args), kwargs]))
+
+    def map(self, expert: str, items: Any, *, raise_first: bool = False) -> list:
+        """Call ``expert`` once per item (its one positional argument), all in one request; the results, in order.
+
+        A failed item's place in the list holds its error: the instance of the
+        :class:`~expertd.errors.RemoteError` subclass a failed :meth:`call`
+        would raise (``ExpertFailed`` with ``remote_type`` and
+        ``remote_traceback``, ``BadRequest``, ``BadResult``); the other items
+        are answered all the same.  Tell them apart with
+        ``isinstance(result, RemoteError)``, or pass ``raise_first=True`` to
+        raise the first failed item's error instead.  A failure of the request
+        as a whole (no such expert, a timeout, a lost worker, a malformed
+        request) is raised, and retried as :meth:`call` retries.
+
+        A batched expert (``@expert(batched=True)``, model experts) takes the
+        items in batches of its ``max_batch``; any other expert is called once
+        per item, on one worker.  One request carries at most
+        ``protocol.MAX_MAP_ITEMS`` items and ``max_frame`` bytes, and runs
+        under the expert's one ``timeout``.
+        """
+        outcomes = protocol.map_outcomes(self._request(_MAP, _pack([expert, list(items)])))
+        if raise_first:
+            for outcome in outcomes:
+                if isinstance(outcome, RemoteError):
+                    raise outcome
+        return outcomes
 
     def opinion(self, expert: str, document: Any) -> Any:
         """Ask ``expert`` for its opinion on ``document`` (the expert's one positional argument)."""

@@ -93,6 +93,9 @@ class Connection:
     head_scanned: int = 0  # bytes of a long HTTP head looked at so far (a head is rescanned only as it grows)
     queued_at: float = 0.0  # when its request was queued (whole) for a worker
     in_batch: bool = False  # handed to a worker as a member of a batch (see expertd.batching)
+    # Its request is a MAP (or HTTP POST /map/NAME): many calls of one expert already, served by one worker
+    # on its own, never gathered into a batch with other calls (see expertd.batching).
+    whole_batch: bool = False
     # Whether more than the request handed over may be waiting in the socket without a new epoll edge
     # (several requests came in one edge, or the peek could not see the whole request): the master
     # looks again when the worker hands the connection back.  Else it waits for the next edge.

@@ -127,7 +127,7 @@ class Dispatcher(BatchDispatching, Losses):
                         conn.expert, quarantine, config.quarantine_after, config.quarantine_window),  # type: ignore
                         expert=conn.expert))
                     continue
-            if batched and conn.expert in batched:
+            if batched and conn.expert in batched and not conn.whole_batch:  # (a MAP is a batch already)
                 members = self._batch_of(conn, batched[conn.expert])
                 if members is None:
                     held.append(conn)
@@ -367,7 +367,7 @@ class Dispatcher(BatchDispatching, Losses):
             conn.in_batch = False
             conn.look_again = True  # (the worker read its request alone: one may wait behind it, edge spent)
         batched = self.batcher.batched()
-        if batched and conn.expert in batched and not close:
+        if batched and conn.expert in batched and not close and not conn.whole_batch:
             self.batcher.answered(conn, conn.expert, now)  # (its caller's next call is expected: see batching)
         conn.unread = unread or b""
         if unsent:

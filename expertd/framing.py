@@ -34,7 +34,7 @@ class Frame(NamedTuple):
 
     kind: int
     request_id: int | None  # None when the header itself is unreadable
-    expert: str | None  # a CALL's expert, read from the start of its body (a hint: the worker decodes it)
+    expert: str | None  # a CALL's or MAP's expert, read from the start of its body (a hint: the worker decodes it)
     size: int  # of the whole frame, header included
     error: RemoteError | None  # why it is refused, if it is
 
@@ -64,7 +64,12 @@ def frame_of(head: bytes, max_frame: int) -> Frame:
             protocol.parse_header(head[: protocol.HEADER_SIZE])  # (says which is wrong)
         except protocol.ProtocolError as exc:
             return _frame((0, None, None, 0, BadRequest(str(exc))))
-    expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:]) if kind == protocol.CALL else None
+    if kind == protocol.CALL:
+        expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:])
+    elif kind == protocol.MAP:  # many calls of one expert: its timeout and quarantine apply as to a call
+        expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:], protocol.MAP_HEADS)
+    else:
+        expert = None
     error: RemoteError | None = None
     if kind not in protocol.REQUEST_KINDS:
         error = BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md")

@@ -7,6 +7,7 @@ its OpenAPI document, is in docs/http.md and docs/openapi.yaml:
 
     POST /call/NAME       body: JSON array (positional) or object (keyword arguments)
     POST /opinion/NAME    body: a document; reply: it, with opinions.NAME added
+    POST /map/NAME        body: JSON array of items; reply: [{"result": ...} or {"error": {...}}, ...], one per item
     GET  /experts         the served experts
     GET  /health          200 while workers serve, else 503
     GET  /metrics         Prometheus text format (see :mod:`expertd.metrics`)
@@ -32,8 +33,8 @@ from urllib.parse import unquote
 
 import h11
 
-from expertd.errors import BadRequest, FrameTooLarge, RemoteError
-from expertd.protocol import MAX_CONTAINERS
+from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError
+from expertd.protocol import MAX_CONTAINERS, MAX_MAP_ITEMS
 
 MAX_HEAD = 16 * 1024  # request line and headers (nginx's default buffers hold 8-32 KiB)
 JSON_TYPE = "application/json"
@@ -42,7 +43,7 @@ SERVER = "expertd"
 
 # The master answers these itself; calls go to a worker.
 MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}
-WORKER_ROUTES = {"call", "opinion"}
+WORKER_ROUTES = {"call", "opinion", "map"}
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ")
@@ -65,7 +66,7 @@ class Head(NamedTuple):
     """What the master needs of a request: framing, route and credentials."""
 
     method: str
-    route: str  # "call", "opinion", "health", "experts", "metrics", or "" (no such path)
+    route: str  # "call", "opinion", "map", "health", "experts", "metrics", or "" (no such path)
     expert: str | None
     head_size: int
     body_size: int
@@ -148,7 +149,8 @@ def check_route(head: Head, experts: set[str] | dict, max_body: int) -> None:
         raise HttpRefusal(413, FrameTooLarge.code,
                           f"request body of {head.body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
     if not head.route:
-        raise HttpRefusal(404, "not_found", "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME")
+        raise HttpRefusal(404, "not_found",
+                          "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME, POST /map/NAME")
     wanted = "POST" if head.route in WORKER_ROUTES else "GET"
     if head.method != wanted and not (wanted == "GET" and head.method == "HEAD"):
         allow = "POST" if wanted == "POST" else "GET, HEAD"
@@ -239,6 +241,8 @@ def parse_request(raw: bytes | bytearray | memoryview) -> Request:
 
 def call_arguments(request: Request) -> tuple[list, dict]:
     """The expert's arguments from a request's JSON body (BadRequest when it is not usable)."""
+    if request.route == "map":  # (many calls: see map_items)
+        raise BadRequest("POST /map/NAME is many calls; it cannot be answered as one", expert=request.expert)
     value = _json_body(request.body)
     if request.route == "opinion":
         if not isinstance(value, dict):
@@ -255,6 +259,18 @@ def call_arguments(request: Request) -> tuple[list, dict]:
         return [], value
     raise BadRequest(f"the body must be a JSON array (positional arguments) or object (keyword arguments), "
                      f"not {_json_type(value)}", expert=request.expert)
+
+
+def map_items(request: Request) -> list:
+    """The items of a ``POST /map/NAME`` request: its body, a JSON array (BadRequest when it is not usable)."""
+    value = _json_body(request.body)
+    if not isinstance(value, list):
+        raise BadRequest(f"the body of POST /map/NAME must be a JSON array of items (one call's argument each), "
+                         f"not {_json_type(value)}", expert=request.expert)
+    if len(value) > MAX_MAP_ITEMS:
+        raise BadRequest(f"{len(value)} items in one map; the limit is {MAX_MAP_ITEMS}: send them in several "
+                         "requests", expert=request.expert)
+    return value
 
 
 def _json_body(body: bytes) -> Any:
@@ -276,7 +292,9 @@ def _json_type(value: Any) -> str:
 
 
 def result_body(request: Request, result: Any) -> bytes:
-    """The JSON reply to a call: the result, or for an opinion the document with it added."""
+    """The JSON reply to a call: the result, or for an opinion the document with it added; for a map, the outcomes."""
+    if request.route == "map":
+        return map_body(request.expert, result)
     if request.route == "opinion":
         # The document as sent, not the expert's argument: an expert may return its argument or
         # change it, and a client of `expertctl opinion` would not see either.
@@ -288,6 +306,29 @@ def result_body(request: Request, result: Any) -> bytes:
         opinions[request.expert] = result
         result = document
     return dumps(result)
+
+
+def map_body(expert: str | None, outcomes: list) -> bytes:
+    """The reply to a map: ``{"result": ...}`` or ``{"error": {...}}`` per item, in order.
+
+    An item whose result JSON cannot carry fails alone, with ``bad_result``.
+    """
+    entries = [{"error": error_object(outcome)} if isinstance(outcome, RemoteError) else {"result": outcome}
+               for outcome in outcomes]
+    try:
+        return dumps(entries)
+    except (TypeError, ValueError, RecursionError):
+        pass
+    for entry in entries:  # (only when some result cannot be sent: find which)
+        if "result" in entry:
+            try:
+                dumps(entry["result"])
+            except (TypeError, ValueError, RecursionError) as exc:
+                message = exc.args[0] if isinstance(exc, (TypeError, ValueError)) and exc.args else "nested too deeply"
+                entry.clear()
+                entry["error"] = error_object(BadResult(
+                    f"{expert} returned a value that cannot be sent as JSON: {message}", expert=expert))
+    return dumps(entries)
 
 
 def dumps(value: Any) -> bytes:
@@ -339,6 +380,16 @@ def error_body(code: str, message: str, **extra: Any) -> bytes:
     return dumps({"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}})
 
 
+def error_object(error: RemoteError) -> dict[str, Any]:
+    """What ``{"error": ...}`` holds for a daemon or expert error: code, message, and expert and type when known."""
+    found = {"code": error.code, "message": error.message}
+    if error.expert is not None:
+        found["expert"] = error.expert
+    if error.code == "expert_failed" and error.remote_type is not None:
+        found["type"] = error.remote_type
+    return found
+
+
 def error_response(request: Request | None, error: RemoteError | HttpRefusal,
                    close: bool = False) -> tuple[bytes, bool]:
     """The response for a refusal or a daemon error."""
@@ -346,8 +397,7 @@ def error_response(request: Request | None, error: RemoteError | HttpRefusal,
         return respond(request, error.status, error_body(error.code, error.message), headers=error.headers,
                        close=close or error.close)
     headers = (("Retry-After", "1"),) if error.retryable else ()
-    body = error_body(error.code, error.message, expert=error.expert,
-                      type=error.remote_type if error.code == "expert_failed" else None)
+    body = dumps({"error": error_object(error)})
     return respond(request, error_status(error), body, headers=headers, close=close)
 
 

@@ -43,6 +43,8 @@ from expertd.serving import Serving
 log = logging.getLogger("expertd.master")
 
 _GATHER_CHUNK = 256 * 1024
+_MAP = protocol.MAP
+_NAMED_KINDS = {protocol.CALL: protocol.CALL_HEADS, _MAP: protocol.MAP_HEADS}  # requests whose body names an expert
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 
@@ -116,6 +118,7 @@ class Intake:
             self.table.fail(conn, frame.error)
             return
         kind = frame.kind
+        conn.whole_batch = kind == _MAP  # (a batch already: never gathered with other calls)
         conn.frame_size = size = frame.size
         if len(head) < size and len(peeked) == PEEK_SIZE:
             queued = len(unread) + protocol.queued_bytes(conn.fd)
@@ -125,7 +128,7 @@ class Intake:
             if kind in MASTER_KINDS:
                 self._control(conn, kind, conn.request_id)
                 return
-            if self.quarantines.entries and kind == protocol.CALL:
+            if self.quarantines.entries and (kind == protocol.CALL or kind == _MAP):
                 quarantine = self.quarantines.of(conn.expert)
                 if quarantine is not None:
                     self._refuse_quarantined(conn, quarantine)
@@ -170,6 +173,7 @@ class Intake:
             self.table.close(conn)
             return
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
+        conn.whole_batch = request.route == "map"
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         config = self.serving.config
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
@@ -230,10 +234,11 @@ class Intake:
                 self.table.fail(conn, Overloaded("too many large requests are arriving slowly; retry in a moment"))
                 return
             conn.inbuf += data
-        if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] == protocol.CALL:
+        if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] in _NAMED_KINDS:
             # The expert's name came after the first bytes looked at: read it now that all is here (its
             # timeout, quarantine and batches go by it).
-            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]))
+            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]),
+                                                    _NAMED_KINDS[conn.inbuf[3]])
         conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
         conn.queued_at = self.serving.now
         conn.to(QUEUED)

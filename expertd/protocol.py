@@ -21,7 +21,7 @@ import time
 
 import msgpack
 
-from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
+from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RemoteError, RequestTimeout, error_from_wire
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -39,13 +39,14 @@ MAX_BODY = 0xFFFFFFFF  # the header's length field is 32 bits
 CALL = 0x01
 PING = 0x02
 LIST = 0x03
+MAP = 0x04  # many items for one expert: [expert, items] -> one outcome per item (docs/protocol.md, "MAP")
 # Control requests, answered by the master itself (expertctl status, reload, stop, workers N).
 STATUS = 0x10
 RELOAD = 0x11
 STOP = 0x12
 SCALE = 0x13
 CONTROL_KINDS = frozenset({STATUS, RELOAD, STOP, SCALE})
-REQUEST_KINDS = frozenset({CALL, PING, LIST}) | CONTROL_KINDS
+REQUEST_KINDS = frozenset({CALL, PING, LIST, MAP}) | CONTROL_KINDS
 # Reply kinds (daemon -> client).
 RESULT = 0x80
 ERROR = 0x81
@@ -53,6 +54,10 @@ ERROR = 0x81
 DEFAULT_SOCKET = "/run/expertd/expertd.sock"
 SOCKET_ENV = "EXPERTD_SOCKET"
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+# The most items one MAP carries: each item is a call, and its outcome is held until the reply is sent.
+MAX_MAP_ITEMS = 65536
+# A MAP reply's entries: [ITEM_OK, result] or [ITEM_FAILED, error] (the error as an ERROR body carries it).
+ITEM_OK, ITEM_FAILED = 0, 1
 
 def pack_header(kind: int, request_id: int, body_length: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, request_id, body_length)
@@ -176,22 +181,62 @@ def decode_call(body: bytes | bytearray) -> tuple[str, list, dict]:
     return expert, args, kwargs
 
 
+def encode_map(request_id: int, expert: str, items: list | tuple) -> bytes:
+    return encode_frame(MAP, request_id, pack([expert, list(items)]))
+
+
+def decode_map(body: bytes | bytearray | memoryview) -> tuple[str, list]:
+    """Decode and check a MAP body: ``[expert, items]``, at most MAX_MAP_ITEMS items."""
+    try:
+        value = unpack(body)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"request body is not valid msgpack: {exc}") from None
+    if not (isinstance(value, list) and len(value) == 2):
+        raise BadRequest("a map body must be the array [expert, items]")
+    expert, items = value
+    if not isinstance(expert, str):
+        raise BadRequest(f"expert name must be a string, not {type(expert).__name__}")
+    if not isinstance(items, list):
+        raise BadRequest(f"items must be an array, not {type(items).__name__}", expert=expert)
+    if len(items) > MAX_MAP_ITEMS:
+        raise BadRequest(f"{len(items)} items in one map; the limit is {MAX_MAP_ITEMS}: send them in several maps",
+                         expert=expert)
+    return expert, items
+
+
+def map_outcomes(reply: list) -> list:
+    """A MAP reply's body as one result or :class:`RemoteError` per item, in order (the client's side)."""
+    if not isinstance(reply, list):
+        raise ProtocolError(f"a map reply must be an array, not {type(reply).__name__}")
+    outcomes = []
+    for entry in reply:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in (ITEM_OK, ITEM_FAILED)):
+            raise ProtocolError("a map reply's entries must be [0, result] or [1, error]")
+        outcomes.append(entry[1] if entry[0] == ITEM_OK else error_from_wire(entry[1]))
+    return outcomes
+
+
 _STR_SIZES = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # msgpack str 8/16/32: bytes of the length that follows
+# The ways msgpack may open an array of 3 (a CALL body) and of 2 (a MAP body): fixarray, array 16, array 32.
+CALL_HEADS = (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03")
+MAP_HEADS = (b"\x92", b"\xdc\x00\x02", b"\xdd\x00\x00\x00\x02")
 
 
-def expert_name_hint(body_prefix: bytes) -> str | None:
-    """The expert named by a CALL body, read from its first bytes without decoding the rest.
+def expert_name_hint(body_prefix: bytes, heads: tuple[bytes, bytes, bytes] = CALL_HEADS) -> str | None:
+    """The expert named by a CALL body (a MAP's: ``heads=MAP_HEADS``), read from its first bytes without decoding
+    the rest.
 
     The master uses it to apply the expert's timeout; None when the prefix is
     too short or not the expected ``[str, ...]`` shape (the worker will say why).
     """
-    # Every encoding msgpack allows for [str, ...] of 3 is read, not only the usual one: a name the
+    # Every encoding msgpack allows for [str, ...] of 3 (or 2) is read, not only the usual one: a name the
     # master cannot see would escape its per-expert timeout and quarantine.
-    if body_prefix[:1] == b"\x93":  # fixarray of 3
+    fix, short, long = heads
+    if body_prefix[:1] == fix:  # fixarray
         at = 1
-    elif body_prefix[:3] == b"\xdc\x00\x03":  # array 16
+    elif body_prefix[:3] == short:  # array 16
         at = 3
-    elif body_prefix[:5] == b"\xdd\x00\x00\x00\x03":  # array 32
+    elif body_prefix[:5] == long:  # array 32
         at = 5
     else:
         return None

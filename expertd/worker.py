@@ -421,7 +421,7 @@ def _reopen_logs_quietly() -> None:
 _READ_SIZE = 64 * 1024
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 # The rest are the master's: control requests, and LIST (the master checks who may read it: public_status).
-_WORKER_KINDS = frozenset((protocol.CALL, protocol.PING))
+_WORKER_KINDS = frozenset((protocol.CALL, protocol.MAP, protocol.PING))
 
 
 class _Reclaimed(Exception):

@@ -152,9 +152,14 @@ class HttpServing(Answering):
             assert request is not None
             expert = request.expert
             try:
-                args, kwargs = http.call_arguments(request)
-                protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
-                result = self._invoke(expert or "", args, kwargs)
+                if request.route == "map":  # many items, one call each: the reply holds each one's outcome
+                    items = http.map_items(request)
+                    protocol.check_shape(items, {}, len(items), self.config.max_depth)
+                    result = self._map(expert or "", items)
+                else:
+                    args, kwargs = http.call_arguments(request)
+                    protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+                    result = self._invoke(expert or "", args, kwargs)
             except RemoteError as exc:
                 result = exc
             response, keep_alive, outcome = self._http_reply(request, result)

@@ -443,8 +443,8 @@ def test_a_caller_slow_to_read_its_large_reply_does_not_hold_back_its_batch_mate
 
 
 @pytest.mark.parametrize("size", [100_000, 1_000_000])
-def test_a_large_request_the_master_gathered_goes_alone_and_the_calls_behind_it_are_answered(make_daemon, short_dir,
-                                                                                            size):
+def test_a_large_request_the_master_gathered_goes_alone_and_the_calls_behind_it_are_answered(
+        make_daemon, short_dir, size):
     daemon = make_daemon(EXPERTS, workers=1)
 
     def large() -> object:

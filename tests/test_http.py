@@ -409,5 +409,5 @@ def test_http_client_library_is_not_needed_by_the_msgpack_client():
 
 def test_openapi_document_names_every_route():
     spec = (Path(ROOT) / "docs" / "openapi.yaml").read_text()
-    for path in ("/call/{name}:", "/opinion/{name}:", "/experts:", "/health:", "/metrics:"):
+    for path in ("/call/{name}:", "/opinion/{name}:", "/map/{name}:", "/experts:", "/health:", "/metrics:"):
         assert f"  {path}" in spec
