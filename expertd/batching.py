@@ -10,8 +10,9 @@ batched expert to an idle worker:
   expert waiting in the queue, oldest first, up to the expert's ``max_batch``,
   from any connection, msgpack and HTTP alike;
 * **whether to wait for company** (:func:`hold_for_company`, a pure decision):
-  the free worker waits, at most ``batch_delay``, only while callers the daemon
-  has just answered for this expert have not sent their next call yet.  So a
+  the free worker waits, at most ``batch_delay`` and never longer than a batch
+  of this expert typically takes to run, only while callers the daemon has
+  just answered for this expert have not sent their next call yet.  So a
   lone caller never waits (the only caller it could wait for is itself), and
   under load the callers of one batch come back in time to share the next,
   instead of the batches alternating large and small.
@@ -31,6 +32,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any
 
+from expertd.config import MAX_BATCH_DELAY
 from expertd.connections import IDLE, QUEUED, Connection
 from expertd.ipc import MAX_BATCH_FDS, MAX_INLINE
 from expertd.metrics import DELAY_BUCKETS, SIZE_BUCKETS
@@ -39,15 +41,30 @@ from expertd.serving import Serving
 _NEVER = float("inf")
 
 
-def hold_for_company(waiting: int, max_batch: int, expected: int, held_for: float, batch_delay: float) -> bool:
+def batch_target(waiting: int, expected: int, in_flight: int, workers: int, max_batch: int) -> int:
+    """How many calls the next batch of an expert takes: its fair share of the expert's callers.
+
+    The callers are those waiting, those expected back (just answered) and
+    those in other workers' hands; a worker takes its share of them among the
+    ``workers``, at most ``max_batch``.  Without a share, the split of closed-loop
+    callers between workers never changes once made (each worker waits for
+    the callers it answered), and a worker with 12 of 16 callers runs batches
+    twice as long as one with 4.  With it, batches even out within a round.
+    """
+    share = -(-(waiting + expected + in_flight) // max(1, workers))  # (ceiling)
+    return max(1, min(max_batch, share))
+
+
+def hold_for_company(waiting: int, target: int, expected: int, held_for: float, batch_delay: float) -> bool:
     """Whether a free worker waits before taking the ``waiting`` calls of a batched expert.
 
-    ``expected``: callers just answered for this expert who have not sent
-    their next call yet; ``held_for``: how long a free worker has waited for
-    them already.  It waits only for callers it expects, never past
-    ``batch_delay``, and never once the batch is full.
+    ``target``: the batch it would take (:func:`batch_target`); ``expected``:
+    callers just answered for this expert who have not sent their next call
+    yet; ``held_for``: how long a free worker has waited for them already.  It
+    waits only for callers it expects, never past ``batch_delay``, and never
+    once it has its batch.
     """
-    return waiting < max_batch and expected > 0 and held_for < batch_delay
+    return waiting < target and expected > 0 and held_for < batch_delay
 
 
 class BatchFigures:
@@ -89,8 +106,10 @@ def _bucket(bounds: tuple, value: float) -> int:
 class Batcher:
     """Which queued calls go together, and whether a free worker waits for more."""
 
-    def __init__(self, serving: Serving) -> None:
+    def __init__(self, serving: Serving, typical: dict[str, float] | None = None) -> None:
         self.serving = serving
+        # Expert -> typical duration of a hand-over (a batch, for a batched expert), kept by the dispatcher.
+        self.typical: dict[str, float] = {} if typical is None else typical
         self._limits: dict[str, tuple[int, float]] = {}  # batched expert -> (max_batch, batch_delay)
         self._limits_for: object = None  # the expert descriptions they were read from
         # Connections answered by a batch, by when (oldest first): their callers' next calls are expected.
@@ -135,22 +154,31 @@ class Batcher:
             members.append(conn)
         return members
 
-    def hold(self, expert: str, waiting: int, max_batch: int, batch_delay: float, now: float) -> bool:
-        """Whether a free worker waits for company before taking ``waiting`` calls of ``expert``."""
+    def take(self, expert: str, waiting: int, in_flight: int, workers: int, max_batch: int, batch_delay: float,
+             now: float) -> int:
+        """How many of the ``waiting`` calls of ``expert`` a free worker takes now; 0: it waits for company.
+
+        ``in_flight``: calls of ``expert`` in other workers' hands; ``workers``: those serving.
+        """
         since = self._holding.setdefault(expert, now)
-        if hold_for_company(waiting, max_batch, self._expected(expert, now, batch_delay), now - since, batch_delay):
+        # Never longer than a batch of this expert takes to run: waiting W to save another run of T pays only
+        # while W < T, so an expert that answers in microseconds never waits milliseconds for company.
+        batch_delay = min(batch_delay, self.typical.get(expert, batch_delay))
+        expected = self._expected(expert, now, batch_delay)
+        target = batch_target(waiting, expected, in_flight, workers, max_batch)
+        if hold_for_company(waiting, target, expected, now - since, batch_delay):
             self._held.add(expert)
-            return True
+            return 0
         del self._holding[expert]
-        return False
+        return min(waiting, target)
 
     def end_pass(self, now: float) -> None:
         """The dispatcher's hand-out is over: forget waits no call is held for, and say when the rest end."""
         holding, held = self._holding, self._held
         for expert in [expert for expert in holding if expert not in held]:
             del holding[expert]  # (its calls went, or went away)
-        self.next_wake = min((holding[expert] + self._limits[expert][1] for expert in holding
-                              if expert in self._limits), default=_NEVER)
+        self.next_wake = min((holding[expert] + min(self._limits[expert][1], self.typical.get(expert, _NEVER))
+                              for expert in holding if expert in self._limits), default=_NEVER)
         held.clear()
 
     def handed_out(self, expert: str, members: list[Connection], now: float) -> None:
@@ -178,5 +206,5 @@ class Batcher:
                    if name == expert and now - at <= batch_delay and conn.state == IDLE)
 
 
-# Answered callers older than this are never waited for (the largest batch_delay anyone would set).
-_LONGEST_DELAY = 1.0
+# Answered callers older than this are never waited for (the largest batch_delay the config accepts).
+_LONGEST_DELAY = MAX_BATCH_DELAY

@@ -62,6 +62,7 @@ MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
 DEFAULT_MAX_ROWS = 4096  # a model expert's max_rows
 DEFAULT_MAX_BATCH = 32  # a batched expert's max_batch = auto
+MAX_BATCH_DELAY = 1.0  # (expertd.batching keeps the callers it expects this long)
 EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -244,8 +245,9 @@ SETTINGS: tuple[Setting, ...] = (
             "never waits for company (docs/experts.md, \"Batching\")."),
     Setting("batch_delay", "expert", DURATION_OR_OFF, "2ms",
             "Batched experts: how long a free worker may wait for the callers just answered to send their "
-            "next call, so that they share a batch; never longer, and never for a caller the daemon does not "
-            "expect. 0 sends whatever waits at once."),
+            "next call, so that they share a batch; never longer, never longer than a batch of the expert "
+            "takes to run, and never for a caller the daemon does not expect. 0 sends whatever waits at once; "
+            "at most 1s."),
 )
 
 _MAIN_KEYS = {s.name: s for s in SETTINGS if s.section == MAIN_SECTION}
@@ -401,6 +403,9 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(
                 f"{path}: [{section}]: no function or model; add 'function = module:function' or 'model = PATH'"
             )
+        if values.get("batch_delay", 0.0) > MAX_BATCH_DELAY:
+            raise ConfigError(f"{path}: [{section}] batch_delay: at most {MAX_BATCH_DELAY:g}s; a free worker waiting "
+                              "longer for company would idle more than batching saves")
         if "model" in values:
             values["model"] = _resolve(values["model"], base_dir)
         elif "max_rows" in values:

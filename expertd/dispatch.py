@@ -94,7 +94,7 @@ class Dispatcher(BatchDispatching, Losses):
         self.next_deadline = _NEVER  # no busy worker's request times out before this (maybe later)
         self.typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
         self.queued_shown = 0  # the queue length last written to the scoreboard
-        self.batcher = Batcher(serving)
+        self.batcher = Batcher(serving, self.typical)
 
     # ------------------------------------------------------------- hand-out
     def dispatch(self) -> None:
@@ -317,7 +317,7 @@ class Dispatcher(BatchDispatching, Losses):
         if not lingered:
             elapsed = now - slot.busy_since
             self.summary.record(elapsed)
-            if conn is not None and served == 1 and not conn.in_batch:
+            if conn is not None and served == 1:  # (a batch's last member: the batch's duration)
                 name = conn.expert or ""
                 typical = self.typical.get(name)
                 if typical is not None:

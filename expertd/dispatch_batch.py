@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from expertd import ipc
 from expertd.connections import BUSY, Connection, ConnectionTable
 from expertd.errors import Overloaded, RequestTimeout
-from expertd.pool import WorkerSlot, exited_cleanly
+from expertd.pool import BUSY as WORKER_BUSY
+from expertd.pool import Pool, WorkerSlot, exited_cleanly
 
 if TYPE_CHECKING:
     from expertd.batching import Batcher
@@ -39,6 +40,7 @@ class BatchDispatching:
     """Batches, for :class:`expertd.dispatch.Dispatcher`."""
 
     serving: Serving
+    pool: Pool
     queue: deque[Connection]
     idle: deque[WorkerSlot]
     table: ConnectionTable
@@ -64,9 +66,23 @@ class BatchDispatching:
         max_batch, batch_delay = limits
         now = self.serving.now
         members = self._fresh(batcher.gather(lead, self.queue, max_batch), now)
-        if members and members[0] is lead and batcher.hold(expert, len(members), max_batch, batch_delay, now):
-            return None
-        return members if members and members[0] is lead else []
+        if not members or members[0] is not lead:
+            return []
+        in_flight, workers = self._in_hand(expert)
+        take = batcher.take(expert, len(members), in_flight, workers, max_batch, batch_delay, now)
+        return members[:take] if take else None
+
+    def _in_hand(self, expert: str) -> tuple[int, int]:
+        """Calls of ``expert`` in workers' hands, and the workers that serve (for a batch's fair share)."""
+        in_flight = workers = 0
+        for slot in self.pool.workers.values():
+            if slot.ready_at is None or slot.leaving is not None:
+                continue
+            workers += 1
+            conn = slot.conn
+            if conn is not None and conn.expert == expert and slot.state == WORKER_BUSY:
+                in_flight += len(slot.batch) if slot.batch else 1
+        return in_flight, workers
 
     def _fresh(self, members: list[Connection], now: float) -> list[Connection]:
         """``members`` without those that waited in the queue past their expert's timeout (answered so)."""

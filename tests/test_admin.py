@@ -14,6 +14,7 @@ from expertd import cli, http, protocol
 from expertd.access import NO_PEER
 from expertd.admin import Admin
 from expertd.backoff import Quarantines
+from expertd.batching import Batcher
 from expertd.config import load_config
 from expertd.connections import QUEUED, Connection
 from expertd.errors import AccessDenied, BadRequest
@@ -29,6 +30,8 @@ CONTROLLER, CONTROL_GROUP = 2000, 3000  # control_uids, control_gids
 
 
 class FakeDispatcher:
+    batcher: Batcher
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.queue: deque[Connection] = deque()
@@ -91,6 +94,7 @@ class Harness:
         self.pool = Pool(self.serving, self.epoll, self.scoreboard, self.metrics, self.quarantines, throttle,
                          make_room=lambda: False)
         self.dispatcher = FakeDispatcher(self.pool)
+        self.dispatcher.batcher = Batcher(self.serving)
         self.table = FakeTable()
         self.reloads = FakeReloads()
         self.stops: list[str] = []
@@ -450,3 +454,21 @@ def test_status_lists_quarantines_and_generation_parents(h):
     status = h.admin.status()
     assert [q["expert"] for q in status["quarantined"]] == ["square"]
     assert [(p["generation"], p["state"]) for p in status["generation_parents"]] == [(2, "serving")]
+
+
+def test_status_and_metrics_show_each_batched_experts_batches(h):
+    batcher = h.dispatcher.batcher
+    first, second, third = (Connection(conn_id=n, sock=None, fd=-1, queued_at=0.0) for n in (1, 2, 3))
+    batcher.handed_out("square", [first, second, third], 0.004)  # a batch of 3, each queued 4 ms
+    batcher.handed_out("square", [first], 0.0)  # a batch of 1, not queued
+    assert h.admin.status()["batches"] == {"square": {
+        "batches": 2, "calls": 4, "mean_batch": 2.0, "mean_queue_delay_ms": 3.0, "sizes": {"1": 1, "4": 1}}}
+    _status, text, _type = _get(h, "metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("expertd_batch_size_bucket", (("expert", "square"), ("le", "1")))] == 1
+    assert samples[("expertd_batch_size_bucket", (("expert", "square"), ("le", "4")))] == 2
+    assert samples[("expertd_batch_size_count", (("expert", "square"),))] == 2
+    assert samples[("expertd_batch_size_sum", (("expert", "square"),))] == 4
+    assert samples[("expertd_batch_queue_delay_seconds_count", (("expert", "square"),))] == 4
+    assert samples[("expertd_batch_queue_delay_seconds_bucket", (("expert", "square"), ("le", "0.005")))] == 4

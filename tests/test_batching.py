@@ -325,19 +325,38 @@ def test_a_free_worker_waits_at_most_batch_delay_for_a_caller_it_just_answered(m
     daemon = make_daemon({**EXPERTS, "tagged": {"function": "batched:tagged", "batch_delay": "300ms"}},
                          workers=1, linger="0")
     first, second = daemon.client(), daemon.client()
-    answers = in_one_batch(daemon, short_dir, [lambda: first.call("tagged", "a"), lambda: second.call("tagged", "b")])
+    # Batches that take 0.4 s to run: a free worker may wait up to batch_delay (0.3 s) for company, since a
+    # wait never lasts longer than a batch of the expert takes.
+    a, b = {"x": "a", "sleep": 0.4}, {"x": "b", "sleep": 0.4}
+    answers = in_one_batch(daemon, short_dir, [lambda: first.call("tagged", a), lambda: second.call("tagged", b)])
     assert [answer["size"] for answer in answers] == [2, 2]
     # Both come back, the second 50 ms later: the first's call waits for it, and they share a batch again.
-    answers = at_once([lambda: first.call("tagged", "a"), lambda: (time.sleep(0.05), second.call("tagged", "b"))[1]])
+    answers = at_once([lambda: first.call("tagged", a), lambda: (time.sleep(0.05), second.call("tagged", b))[1]])
     assert [sorted(answer["members"]) for answer in answers] == [["a", "b"], ["a", "b"]]
     # Only the first comes back: its call waits for the second, which does not come, no longer than batch_delay...
     started = time.monotonic()
-    assert first.call("tagged", "a")["size"] == 1
-    assert 0.1 < time.monotonic() - started < 0.9
+    assert first.call("tagged", a)["size"] == 1
+    assert 0.4 + 0.1 < time.monotonic() - started < 0.4 + 0.9
     # ...and the second, answered too long ago now, is not waited for again.
     started = time.monotonic()
-    assert first.call("tagged", "a")["size"] == 1
-    assert time.monotonic() - started < 0.1
+    assert first.call("tagged", a)["size"] == 1
+    assert time.monotonic() - started < 0.4 + 0.1
+
+
+def test_a_free_worker_never_waits_longer_than_a_batch_takes_to_run(make_daemon, short_dir):
+    daemon = make_daemon({**EXPERTS, "tagged": {"function": "batched:tagged", "batch_delay": "500ms"}},
+                         workers=1, linger="0")
+    first, second = daemon.client(), daemon.client()
+    answers = in_one_batch(daemon, short_dir, [lambda: first.call("tagged", "a"), lambda: second.call("tagged", "b")])
+    assert [answer["size"] for answer in answers] == [2, 2]
+    # The second caller does not come back: batches take about a millisecond, so waiting 500 ms for it would
+    # cost far more than the run it could save.
+    durations = []
+    for _ in range(5):
+        started = time.monotonic()
+        assert first.call("tagged", "a")["size"] == 1
+        durations.append(time.monotonic() - started)
+    assert statistics.median(durations) < 0.1, durations
 
 
 # ------------------------------------------------------------------------------------------ failures

@@ -13,7 +13,7 @@ import pytest
 
 from expertd import expert, ipc
 from expertd.batches import call_batch
-from expertd.batching import Batcher, BatchFigures, hold_for_company
+from expertd.batching import Batcher, BatchFigures, batch_target, hold_for_company
 from expertd.calls import _failure
 from expertd.config import load_config
 from expertd.connections import BUSY, CLOSED, IDLE, QUEUED, Connection
@@ -23,21 +23,38 @@ from expertd.serving import Serving
 
 
 # ------------------------------------------------------------------------------------------ hold_for_company
-@pytest.mark.parametrize("waiting, max_batch, expected, held_for, batch_delay, holds", [
+@pytest.mark.parametrize("waiting, target, expected, held_for, batch_delay, holds", [
     (1, 32, 0, 0.0, 0.002, False),    # a lone caller: nobody else is expected, it goes at once
     (1, 32, 1, 0.0, 0.002, True),     # a caller just answered has not sent its next call yet
     (4, 32, 3, 0.001, 0.002, True),   # still within batch_delay
     (4, 32, 3, 0.002, 0.002, False),  # waited batch_delay already
     (4, 32, 3, 0.5, 0.002, False),
     (31, 32, 9, 0.0, 0.002, True),
-    (32, 32, 9, 0.0, 0.002, False),   # the batch is full
+    (32, 32, 9, 0.0, 0.002, False),   # the batch is whole
     (40, 32, 9, 0.0, 0.002, False),
-    (1, 1, 1, 0.0, 0.002, False),     # max_batch 1: nothing to wait for
+    (1, 1, 1, 0.0, 0.002, False),     # a batch of one: nothing to wait for
     (4, 32, 3, 0.0, 0.0, False),      # batch_delay 0: never waits
 ])
-def test_a_free_worker_waits_only_for_expected_callers_within_batch_delay(waiting, max_batch, expected, held_for,
+def test_a_free_worker_waits_only_for_expected_callers_within_batch_delay(waiting, target, expected, held_for,
                                                                          batch_delay, holds):
-    assert hold_for_company(waiting, max_batch, expected, held_for, batch_delay) is holds
+    assert hold_for_company(waiting, target, expected, held_for, batch_delay) is holds
+
+
+# ------------------------------------------------------------------------------------------ batch_target
+@pytest.mark.parametrize("waiting, expected, in_flight, workers, max_batch, target", [
+    (1, 0, 0, 2, 32, 1),      # a lone caller
+    (1, 0, 1, 2, 32, 1),      # the other worker has the other caller: one each
+    (0, 8, 8, 2, 32, 8),      # 16 closed-loop callers on 2 workers: 8 a batch
+    (2, 10, 4, 2, 32, 8),     # a worker that answered 12 takes 8: the 4 left over even out the split
+    (14, 1, 1, 2, 32, 8),     # start-up: 16 callers at once
+    (16, 0, 0, 1, 32, 16),    # one worker takes them all
+    (100, 0, 0, 2, 32, 32),   # never more than max_batch
+    (3, 0, 0, 4, 32, 1),      # fewer callers than workers: each goes alone
+    (0, 0, 0, 0, 32, 1),      # (no worker counted yet)
+])
+def test_a_batch_takes_its_fair_share_of_the_experts_callers(waiting, expected, in_flight, workers, max_batch,
+                                                              target):
+    assert batch_target(waiting, expected, in_flight, workers, max_batch) == target
 
 
 # ------------------------------------------------------------------------------------------ Batcher.gather
