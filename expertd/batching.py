@@ -32,11 +32,11 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any
 
-from expertd.config import MAX_BATCH_DELAY
 from expertd.connections import IDLE, QUEUED, Connection
 from expertd.ipc import MAX_BATCH_FDS, MAX_INLINE
 from expertd.metrics import DELAY_BUCKETS, SIZE_BUCKETS
 from expertd.serving import Serving
+from expertd.settings_types import MAX_BATCH_DELAY
 
 _NEVER = float("inf")
 

@@ -32,6 +32,7 @@ from expertd.errors import ConfigError
 from expertd.protocol import DEFAULT_SOCKET
 from expertd.settings_types import (
     ADDRESS_OR_OFF,
+    BATCH_DELAY,
     BOOL,
     DURATION,
     DURATION_OR_OFF,
@@ -62,7 +63,6 @@ MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
 DEFAULT_MAX_ROWS = 4096  # a model expert's max_rows
 DEFAULT_MAX_BATCH = 32  # a batched expert's max_batch = auto
-MAX_BATCH_DELAY = 1.0  # (expertd.batching keeps the callers it expects this long)
 EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -243,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Batched experts (model experts, and functions declared @expert(batched=True)): the most calls "
             "the daemon gathers into one batch for one worker. auto is 32; 1 turns batching off. A lone call "
             "never waits for company (docs/experts.md, \"Batching\")."),
-    Setting("batch_delay", "expert", DURATION_OR_OFF, "2ms",
+    Setting("batch_delay", "expert", BATCH_DELAY, "2ms",
             "Batched experts: how long a free worker may wait for the callers just answered to send their "
             "next call, so that they share a batch; never longer, never longer than a batch of the expert "
             "takes to run, and never for a caller the daemon does not expect. 0 sends whatever waits at once; "
@@ -326,10 +326,6 @@ class Config:
             return spec.max_batch if batched else 1
         return DEFAULT_MAX_BATCH if batched else 1
 
-    def batch_delay(self, name: str) -> float:
-        spec = self.experts.get(name)
-        return spec.batch_delay if spec is not None else 0.002
-
     def expert_timeout(self, name: str) -> float:
         """The request timeout of expert ``name`` (its own, else the daemon's)."""
         spec = self.experts.get(name)
@@ -403,9 +399,6 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(
                 f"{path}: [{section}]: no function or model; add 'function = module:function' or 'model = PATH'"
             )
-        if values.get("batch_delay", 0.0) > MAX_BATCH_DELAY:
-            raise ConfigError(f"{path}: [{section}] batch_delay: at most {MAX_BATCH_DELAY:g}s; a free worker waiting "
-                              "longer for company would idle more than batching saves")
         if "model" in values:
             values["model"] = _resolve(values["model"], base_dir)
         elif "max_rows" in values:

@@ -178,7 +178,7 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             experts[spec.name] = LoadedExpert(
                 name=spec.name, reference=f"model:{spec.model}", function=model_expert(spec.name, model),
                 signature=None, summary="", before_fork=None, after_fork=None, batched=True,
-                max_batch=config.max_batch(spec.name, True), batch_delay=config.batch_delay(spec.name))
+                max_batch=config.max_batch(spec.name, True), batch_delay=spec.batch_delay)
             continue
         where = f"{config.path}: [expert:{spec.name}] function = {spec.function}"
         function = _resolve(spec, where)
@@ -198,7 +198,7 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             after_fork=hooks.after_fork,
             batched=hooks.batched,
             max_batch=config.max_batch(spec.name, hooks.batched),
-            batch_delay=config.batch_delay(spec.name),
+            batch_delay=spec.batch_delay,
         )
 
     served += [(model, f"{config.path}: Model({model.path!r}) in {model._module}") for model in collect()]

@@ -70,6 +70,18 @@ def _parse_max_batch(raw: str) -> int | None:
     return value
 
 
+# expertd.batching remembers the callers it expects this long.
+MAX_BATCH_DELAY = 1.0
+
+
+def _parse_batch_delay(raw: str) -> float:
+    value = _parse_duration_or_off(raw)
+    if value > MAX_BATCH_DELAY:
+        raise _Invalid(f"at most {MAX_BATCH_DELAY:g}s: a free worker waiting longer for company would idle more "
+                       "than batching saves")
+    return value
+
+
 def _parse_size(raw: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", raw)
     if not match:
@@ -231,6 +243,7 @@ def _parse_text(raw: str) -> str:
 INT_WORKERS = _Type("integer ≥ 1 or auto", _parse_workers)
 THREADS = _Type("integer ≥ 1 or auto", _parse_threads)
 SIZE = _Type("size (bytes, K, M, G)", _parse_size)
+BATCH_DELAY = _Type("duration up to 1s, or 0 for none", _parse_batch_delay)
 MAX_BATCH = _Type(f"integer from 1 to {MAX_BATCH_LIMIT}, or auto", _parse_max_batch)
 DURATION = _Type("duration (ms, s, m, h; bare numbers are seconds)", _parse_duration)
 DURATION_OR_OFF = _Type("duration, or 0 for none", _parse_duration_or_off)
