@@ -70,7 +70,7 @@ def hold_for_company(waiting: int, target: int, expected: int, held_for: float, 
 class BatchFigures:
     """One expert's batch histograms (sizes, queueing delay) since start."""
 
-    __slots__ = ("batches", "calls", "delay_counts", "delay_sum", "size_counts")
+    __slots__ = ("batches", "calls", "delay_counts", "delay_sum", "run_sum", "runs", "size_counts")
 
     def __init__(self) -> None:
         self.batches = 0
@@ -78,6 +78,8 @@ class BatchFigures:
         self.size_counts = [0] * (len(SIZE_BUCKETS) + 1)
         self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
         self.delay_sum = 0.0
+        self.runs = 0  # batches whose worker reported them done, and the seconds they took in all
+        self.run_sum = 0.0
 
     def record(self, size: int, delays: list[float]) -> None:
         self.batches += 1
@@ -92,6 +94,8 @@ class BatchFigures:
         return {"batches": self.batches, "calls": self.calls,
                 "mean_batch": round(self.calls / self.batches, 2) if self.batches else 0.0,
                 "mean_queue_delay_ms": round(self.delay_sum / self.calls * 1000, 3) if self.calls else 0.0,
+                # From hand-over to the last member's report: the batch's own time in the worker.
+                "mean_batch_ms": round(self.run_sum / self.runs * 1000, 3) if self.runs else 0.0,
                 "sizes": {str(bound): count for bound, count in zip(SIZE_BUCKETS, self.size_counts, strict=False)
                           if count}}
 
@@ -188,6 +192,13 @@ class Batcher:
         if figures is None:
             figures = self.figures[expert] = BatchFigures()
         figures.record(len(members), [now - conn.queued_at for conn in members])
+
+    def ran(self, expert: str, seconds: float) -> None:
+        """A batch (or a call of a batched expert alone) of ``expert`` took ``seconds`` in its worker."""
+        figures = self.figures.get(expert)
+        if figures is not None:
+            figures.runs += 1
+            figures.run_sum += seconds
 
     def answered(self, conn: Connection, expert: str, now: float) -> None:
         """``conn``'s call of ``expert`` was answered in a batch: its caller's next call is expected."""

@@ -311,7 +311,8 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     for name, batches in status.get("batches", {}).items():  # (batched experts that have served)
         sizes = ", ".join(f"≤{bound}: {count}" for bound, count in batches["sizes"].items())
         print(f"batches of {name}: {batches['batches']} for {batches['calls']} calls, mean size "
-              f"{batches['mean_batch']}, mean queueing {batches['mean_queue_delay_ms']} ms (sizes {sizes})")
+              f"{batches['mean_batch']}, mean queueing {batches['mean_queue_delay_ms']} ms, mean batch time "
+              f"{batches.get('mean_batch_ms', 0)} ms (sizes {sizes})")
     reload = status.get("last_reload")
     if reload:
         outcome = "ok" if reload["ok"] else f"FAILED: {reload['error']}"

@@ -319,6 +319,8 @@ class Dispatcher(BatchDispatching, Losses):
             self.summary.record(elapsed)
             if conn is not None and served == 1:  # (a batch's last member: the batch's duration)
                 name = conn.expert or ""
+                if self.batcher.figures and name in self.batcher.figures:
+                    self.batcher.ran(name, elapsed)
                 typical = self.typical.get(name)
                 if typical is not None:
                     self.typical[name] = typical + (elapsed - typical) / 8

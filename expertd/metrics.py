@@ -209,6 +209,11 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
         for expert, figures in sorted(batches.items()):  # type: ignore[attr-defined]
             out.extend(_histogram("expertd_batch_queue_delay_seconds", expert, DELAY_BUCKETS, figures.delay_counts,
                                   figures.delay_sum, figures.calls))
+        family("expertd_batch_duration_seconds", "summary",
+               "Time a batch took in its worker, from hand-over to its last member's report, by expert.")
+        for expert, figures in sorted(batches.items()):  # type: ignore[attr-defined]
+            out.append(f"expertd_batch_duration_seconds_sum{_labels(expert=expert)} {_number(figures.run_sum)}")
+            out.append(f"expertd_batch_duration_seconds_count{_labels(expert=expert)} {figures.runs}")
     family("expertd_workers", "gauge", "Worker processes, by state.")
     for state, count in sorted(gauges["workers"].items()):  # type: ignore[attr-defined]
         out.append(f"expertd_workers{_labels(state=state)} {count}")

@@ -461,8 +461,11 @@ def test_status_and_metrics_show_each_batched_experts_batches(h):
     first, second, third = (Connection(conn_id=n, sock=None, fd=-1, queued_at=0.0) for n in (1, 2, 3))
     batcher.handed_out("square", [first, second, third], 0.004)  # a batch of 3, each queued 4 ms
     batcher.handed_out("square", [first], 0.0)  # a batch of 1, not queued
+    batcher.ran("square", 0.010)
+    batcher.ran("square", 0.020)
     assert h.admin.status()["batches"] == {"square": {
-        "batches": 2, "calls": 4, "mean_batch": 2.0, "mean_queue_delay_ms": 3.0, "sizes": {"1": 1, "4": 1}}}
+        "batches": 2, "calls": 4, "mean_batch": 2.0, "mean_queue_delay_ms": 3.0, "mean_batch_ms": 15.0,
+        "sizes": {"1": 1, "4": 1}}}
     _status, text, _type = _get(h, "metrics")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
@@ -472,3 +475,5 @@ def test_status_and_metrics_show_each_batched_experts_batches(h):
     assert samples[("expertd_batch_size_sum", (("expert", "square"),))] == 4
     assert samples[("expertd_batch_queue_delay_seconds_count", (("expert", "square"),))] == 4
     assert samples[("expertd_batch_queue_delay_seconds_bucket", (("expert", "square"), ("le", "0.005")))] == 4
+    assert samples[("expertd_batch_duration_seconds_count", (("expert", "square"),))] == 2
+    assert samples[("expertd_batch_duration_seconds_sum", (("expert", "square"),))] == pytest.approx(0.030)

@@ -113,13 +113,14 @@ def test_a_lead_gathered_beyond_the_room_inside_the_message_goes_alone(batcher):
 def test_batch_figures_summary():
     figures = BatchFigures()
     assert figures.summary() == {"batches": 0, "calls": 0, "mean_batch": 0.0, "mean_queue_delay_ms": 0.0,
-                                 "sizes": {}}
+                                 "mean_batch_ms": 0.0, "sizes": {}}
     figures.record(1, [0.001])
     figures.record(3, [0.002, 0.003, 0.004])
     figures.record(4, [0.0] * 4)
     figures.record(250, [0.0] * 250)
+    figures.runs, figures.run_sum = 2, 0.030  # (two of them reported done, by Batcher.ran)
     assert figures.summary() == {"batches": 4, "calls": 258, "mean_batch": 64.5,
-                                 "mean_queue_delay_ms": round(0.010 / 258 * 1000, 3),
+                                 "mean_queue_delay_ms": round(0.010 / 258 * 1000, 3), "mean_batch_ms": 15.0,
                                  "sizes": {"1": 1, "4": 2, "250": 1}}  # sizes by bucket: at most this many
 
 
