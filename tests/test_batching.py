@@ -520,6 +520,19 @@ def test_max_requests_counts_every_member_and_workers_are_replaced(make_daemon):
         assert sum(batches.values()) - batches[max(batches)] < 5, (pid, batches)
 
 
+def call_until(daemon, number: int, done: threading.Event, answers: list[tuple[str, object]]) -> None:
+    """(A caller thread.)  Call ``tagged`` (5 ms a batch) until ``done``, recording each x and its answer or error."""
+    client = daemon.client()
+    call = 0
+    while not done.is_set():
+        x = f"{number}.{call}"
+        try:
+            answers.append((x, client.call("tagged", {"x": x, "sleep": 0.005})))
+        except Exception as exc:  # (any error is what the tests using this look for)
+            answers.append((x, exc))
+        call += 1
+
+
 def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
     daemon = make_daemon(EXPERTS, workers=2)
     before = daemon.worker_pids()
@@ -527,15 +540,7 @@ def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
     answers: list[tuple[str, object]] = []
 
     def caller(number: int) -> None:
-        client = daemon.client()
-        call = 0
-        while not done.is_set():
-            x = f"{number}.{call}"
-            try:
-                answers.append((x, client.call("tagged", {"x": x, "sleep": 0.005})))
-            except Exception as exc:  # (any error is what this test looks for)
-                answers.append((x, exc))
-            call += 1
+        call_until(daemon, number, done, answers)
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(caller, number) for number in range(8)]
@@ -560,15 +565,7 @@ def test_a_reload_that_makes_an_expert_batched_costs_its_callers_nothing(make_da
     answers: list[tuple[str, object]] = []
 
     def caller(number: int) -> None:
-        client = daemon.client()
-        call = 0
-        while not done.is_set():
-            x = f"{number}.{call}"
-            try:
-                answers.append((x, client.call("tagged", {"x": x, "sleep": 0.005})))
-            except Exception as exc:  # (any error is what this test looks for)
-                answers.append((x, exc))
-            call += 1
+        call_until(daemon, number, done, answers)
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(caller, number) for number in range(8)]
