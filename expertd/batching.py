@@ -36,7 +36,6 @@ from expertd.connections import IDLE, QUEUED, Connection
 from expertd.ipc import MAX_BATCH_FDS, MAX_INLINE
 from expertd.metrics import DELAY_BUCKETS, SIZE_BUCKETS
 from expertd.serving import Serving
-from expertd.settings_types import MAX_BATCH_DELAY
 
 _NEVER = float("inf")
 
@@ -208,14 +207,13 @@ class Batcher:
     def _expected(self, expert: str, now: float, batch_delay: float) -> int:
         """Callers of ``expert`` answered within ``batch_delay`` whose next call has not arrived."""
         answered = self._answered
-        while answered:  # (oldest first: drop those too old to wait for, whatever their expert)
+        # (Oldest first: drop those too old for any batched expert to wait for, whatever their expert.)
+        horizon = max((delay for _max_batch, delay in self._limits.values()), default=0.0)
+        while answered:
             conn, (_name, at) = next(iter(answered.items()))
-            if now - at <= _LONGEST_DELAY and conn.state == IDLE:
+            if now - at <= horizon and conn.state == IDLE:
                 break
             answered.popitem(last=False)
         return sum(1 for conn, (name, at) in answered.items()
                    if name == expert and now - at <= batch_delay and conn.state == IDLE)
 
-
-# Answered callers older than this are never waited for (the largest batch_delay the config accepts).
-_LONGEST_DELAY = MAX_BATCH_DELAY

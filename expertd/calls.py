@@ -112,11 +112,12 @@ class Answering:
         self.board.writing()  # the stream is broken: an error frame from the master would not help
         return True, None
 
-    def _deliver(self, conn: socket.socket, reply: bytes, request: object) -> tuple[bool, memoryview | None]:
-        """Write a reply: (close, the part the client did not take in time)."""
+    def _deliver(self, conn: socket.socket, reply: bytes, request: object,
+                 patience: float | None = None) -> tuple[bool, memoryview | None]:
+        """Write a reply: (close, the part the client did not take within ``patience`` (default: a moment))."""
         self.board.writing()  # from here on, an error frame from the master would corrupt the stream
         try:
-            unsent = _send_briefly(conn, reply)
+            unsent = _send_briefly(conn, reply, _WRITE_PATIENCE if patience is None else patience)
         except OSError as exc:
             self._throttle.info("could not deliver the reply to request %s: %s", request, exc)
             return True, None
@@ -257,8 +258,8 @@ _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)
 _WRITE_PATIENCE = 0.05
 
 
-def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
-    """Write ``frame``; return what the client did not take within a moment (None when all went)."""
+def _send_briefly(conn: socket.socket, frame: bytes, patience: float = _WRITE_PATIENCE) -> memoryview | None:
+    """Write ``frame``; return what the client did not take within ``patience`` seconds (None when all went)."""
     try:
         sent = conn.send(frame, _NOW)
     except BlockingIOError:
@@ -266,7 +267,7 @@ def _send_briefly(conn: socket.socket, frame: bytes) -> memoryview | None:
     if sent == len(frame):  # the usual case: it all fits in the socket
         return None
     view = memoryview(frame)[sent:]
-    deadline = time.monotonic() + _WRITE_PATIENCE
+    deadline = time.monotonic() + patience
     try:
         while view:
             remaining = deadline - time.monotonic()

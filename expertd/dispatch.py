@@ -101,7 +101,8 @@ class Dispatcher(BatchDispatching, Losses):
         if self.queue:
             if self.idle:
                 self._hand_out()
-            if self.queue:  # requests wait and no worker is idle: take back the lingering ones
+            if self.queue and not self.idle:  # requests wait and no worker is idle: take back the lingering ones
+                # (With a worker idle, what still waits are calls whose worker waits for company: see batching.)
                 if self.lingering:
                     self.reclaim_lingering()
                 if self._ahead:
@@ -137,7 +138,6 @@ class Dispatcher(BatchDispatching, Losses):
                 if len(members) > 1:
                     self._hand_out_batch(members)
                     continue
-                self.batcher.handed_out(conn.expert, members, self.serving.now)  # (a batch of one: a plain hand-over)
             slot = idle.popleft()
             self.scoreboard.clear(slot.board)  # before the hand-over: the worker may begin at once
             try:
@@ -155,6 +155,8 @@ class Dispatcher(BatchDispatching, Losses):
                 self.table.release_gathered(conn)
             conn.to(BUSY)
             self._busy(slot, conn)
+            if batched and conn.expert in batched:
+                self.batcher.handed_out(conn.expert, [conn], self.serving.now)  # (a batch of one: a plain hand-over)
         if batched:
             queue.extendleft(reversed(held))  # (first come, first served: they stay at the front)
             self.batcher.end_pass(self.serving.now)

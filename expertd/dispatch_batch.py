@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from expertd import ipc
 from expertd.connections import BUSY, Connection, ConnectionTable
+from expertd.dispatch_losses import still_unread
 from expertd.errors import Overloaded, RequestTimeout
 from expertd.pool import BUSY as WORKER_BUSY
 from expertd.pool import Pool, WorkerSlot, exited_cleanly
@@ -73,16 +74,15 @@ class BatchDispatching:
         return members[:take] if take else None
 
     def _in_hand(self, expert: str) -> tuple[int, int]:
-        """Calls of ``expert`` in workers' hands, and the workers that serve (for a batch's fair share)."""
+        """Calls of ``expert`` in workers' hands, and the workers its calls share (for a batch's fair share):
+        the idle ones and those busy with it (a worker busy with another expert's call is not its)."""
         in_flight = workers = 0
         for slot in self.pool.workers.values():
-            if slot.ready_at is None or slot.leaving is not None:
-                continue
-            workers += 1
             conn = slot.conn
             if conn is not None and conn.expert == expert and slot.state == WORKER_BUSY:
                 in_flight += len(slot.batch) if slot.batch else 1
-        return in_flight, workers
+                workers += 1
+        return in_flight, workers + len(self.idle)
 
     def _fresh(self, members: list[Connection], now: float) -> list[Connection]:
         """``members`` without those that waited in the queue past their expert's timeout (answered so)."""
@@ -161,10 +161,17 @@ class BatchDispatching:
         expert = members[0].expert
         if not began and exited_cleanly(status):
             # A worker exits cleanly only between requests: it never began this batch (a SIGTERM as it
-            # was handed over), so the members' requests are still whole in their sockets.
+            # was handed over), so the members' requests are still whole in their sockets, but for those
+            # the master had gathered (their bytes went with the batch): they are answered as lost.
+            lost = []
             for conn in members:
                 conn.in_batch = False
-                self._requeue(conn)
+                if still_unread(conn):
+                    self._requeue(conn)
+                else:
+                    lost.append(conn)
+            for conn in lost:
+                self._answer_lost_request(conn, slot, how, writing)
             return None
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)

@@ -75,7 +75,7 @@ class Losses:
         # A lingering worker that was only waiting on its connection was serving nothing.
         serving = slot.conn is not None and (not lingering or bool(began))
         if (serving and not lingering and not began and exited_cleanly(status) and slot.conn.state == BUSY
-                and _still_unread(slot.conn)):
+                and still_unread(slot.conn)):
             # A worker exits cleanly only between connections, so it never started this one (a
             # SIGTERM as it was handed over): the request is still whole in its socket.
             conn, slot.conn = slot.conn, None
@@ -162,7 +162,7 @@ class Losses:
         self.kill_and_reap(slot)
 
 
-def _still_unread(conn: Connection) -> bool:
+def still_unread(conn: Connection) -> bool:
     """Whether the connection's request is still whole in its socket (no worker read any of it)."""
     try:
         return conn.frame_size > 0 and protocol.queued_bytes(conn.fd) >= conn.frame_size

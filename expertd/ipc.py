@@ -158,6 +158,7 @@ def send_batch(channel: socket.socket, members: list[tuple[int, int, bytes | byt
 MAX_BATCH_FDS = 250
 # Room for this many descriptors in a message's ancillary data.
 _FDS_SPACE = socket.CMSG_SPACE(MAX_BATCH_FDS * struct.calcsize("i"))
+_REPORT_FDS_SPACE = socket.CMSG_SPACE(2 * struct.calcsize("i"))  # (a report carries at most two memfds)
 
 
 def _receive(channel: socket.socket, size: int, flags: int = 0) -> tuple[bytes, list[int]]:
@@ -289,7 +290,7 @@ def receive_report(channel: socket.socket) -> tuple[bytes, object] | None:
     worker's end closed.
     """
     try:
-        data, ancillary, _flags, _addr = channel.recvmsg(_MAX_MESSAGE, _FDS_SPACE, _DONTWAIT)
+        data, ancillary, _flags, _addr = channel.recvmsg(_MAX_MESSAGE, _REPORT_FDS_SPACE, _DONTWAIT)
     except BlockingIOError:
         return None
     except OSError:

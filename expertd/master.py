@@ -284,8 +284,9 @@ class Master:
             timeout = min(timeout, self.acceptor.next_deadline() - now)  # type: ignore[operator]
         if not self._watching:
             timeout = min(timeout, _UNWATCHED_WAIT)
-        if self.dispatcher.batcher.next_wake < now + timeout:  # a free worker waits for company until then
-            timeout = self.dispatcher.batcher.next_wake - now
+        dispatcher = self.dispatcher
+        if dispatcher.batcher.next_wake < now + timeout and dispatcher.idle and dispatcher.queue:
+            timeout = dispatcher.batcher.next_wake - now  # a free worker waits for company until then
         return timeout if timeout > 0.0 else 0.0
 
     def _maintain(self) -> None:

@@ -199,8 +199,10 @@ class Model:
         Returns, per call, what :meth:`predict` would return for it alone, or
         the :class:`~expertd.errors.BadRequest` it would raise: a call whose
         inputs do not fit fails alone.  Batches stay within ``max_rows`` rows
-        (more run in turn).  When the runtime refuses a batch's values, each
-        of its calls runs alone, so that only the culprit fails.
+        (more run in turn), and stack only rows of one shape (a dimension an
+        input leaves free may differ between calls: those run in turn).  When
+        the runtime refuses a batch's values, each of its calls runs alone, so
+        that only the culprit fails.
         """
         import numpy as np
 
@@ -225,7 +227,9 @@ class Model:
         chunk: list[tuple[int, dict[str, Any], int]] = []
         total = 0
         for entry in [*checked, None]:
-            if entry is not None and total + entry[2] <= self.max_rows:
+            # Rows stack only with rows of the same shape (an input may leave a dimension free: -1).
+            if entry is not None and total + entry[2] <= self.max_rows and (
+                    not chunk or _row_shapes(entry[1]) == _row_shapes(chunk[0][1])):
                 chunk.append(entry)
                 total += entry[2]
                 continue
@@ -250,6 +254,10 @@ class Model:
                         start += rows
             chunk, total = ([entry], entry[2]) if entry is not None else ([], 0)
         return results
+
+
+def _row_shapes(batch: dict[str, Any]) -> list[tuple[int, ...]]:
+    return [array.shape[1:] for array in batch.values()]
 
 
 def _outcome(predict: Any, inputs: Any) -> Any:

@@ -82,10 +82,13 @@ class BatchServing(HttpServing):
             expert = self.experts.get(expert_name)
             self.board.begin(started, self._timeouts.get(expert_name, self.config.timeout),
                              callers[0].request_id if callers else 0, expert_name)
-            if callers and expert is not None:
-                if expert.batched:
-                    results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]
-                else:  # batched by the generation after this one (a reload under way): one call each
+            if callers:
+                if expert is not None and expert.batched:
+                    try:
+                        results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]
+                    except BaseException as exc:  # (call_batch catches the expert's own: this is a bug of ours)
+                        results = [_failure(expert, *member.call, exc) for member in callers]  # type: ignore[misc]
+                else:  # unknown here, or not batched here: the generation after this one's (a reload under way)
                     results = [_outcome(self._invoke, expert_name, *member.call) for member in callers]  # type: ignore[misc]
                 for member, result in zip(callers, results, strict=True):
                     member.error = result if isinstance(result, RemoteError) else None
@@ -94,6 +97,7 @@ class BatchServing(HttpServing):
             retire = None
             for number, member in enumerate(members, 1):
                 retire = self._reply(member, expert_name, elapsed) or retire
+                member.conn.close()  # (before its DONE: the master may close the connection at once)
                 last = number == len(members)
                 # The DONE goes now: its caller's connection is the master's again, whatever the others wait
                 # for.  The last one says whether this worker retires (as a single request's DONE does).
@@ -144,7 +148,8 @@ class BatchServing(HttpServing):
                 else:
                     result = member.error if member.error is not None else member.call[0]  # type: ignore[index]
                     response, keep_alive, outcome = self._http_reply(member.request, result)  # type: ignore[arg-type]
-                member.close, member.unsent = self._deliver(member.conn, response, "HTTP")
+                # No patience: a slow reader's rest goes to the master, and its batch mates are not kept waiting.
+                member.close, member.unsent = self._deliver(member.conn, response, "HTTP", patience=0.0)
                 member.close = member.close or not keep_alive
             else:
                 if member.error is None:
@@ -156,7 +161,7 @@ class BatchServing(HttpServing):
                     reply_kind, reply = _ERROR, protocol.pack(member.error.to_wire())
                     outcome = member.error.code
                 frame = protocol.pack_header(reply_kind, member.request_id, len(reply)) + reply
-                member.close, member.unsent = self._deliver(member.conn, frame, member.request_id)
+                member.close, member.unsent = self._deliver(member.conn, frame, member.request_id, patience=0.0)
             self.recorder.record(expert_name or None, outcome, elapsed)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("batch member %d %s %.3f ms %s", member.request_id, expert_name, elapsed * 1000, outcome)

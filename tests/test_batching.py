@@ -584,6 +584,43 @@ def test_a_reload_that_makes_an_expert_batched_costs_its_callers_nothing(make_da
     assert max(answer["size"] for _x, answer in answers) > 1  # type: ignore[index]  (the new generation batches)
 
 
+def test_calls_of_an_expert_a_reload_adds_get_no_wrong_answer_from_the_old_workers(make_daemon):
+    # From the reload on, the master knows the new batched expert while the old generation's workers, which
+    # do not, still serve: a batch of its calls reaching one of them is answered unknown_expert, never with
+    # anything else (a batch once came back with each caller's own arguments as its result).
+    daemon = make_daemon({"other": "batched:tagged"}, workers=2)
+    done = threading.Event()
+    answers: list[tuple[str, object]] = []
+
+    def caller(number: int) -> None:
+        client = daemon.client()
+        call = 0
+        while not done.is_set():
+            x = f"{number}.{call}"
+            try:
+                answers.append((x, client.call("tagged", {"x": x, "sleep": 0.002})))
+            except Exception as exc:  # (what is expected before the reload: unknown_expert)
+                answers.append((x, exc))
+            call += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(caller, number) for number in range(8)]
+        try:
+            time.sleep(0.2)
+            write_config(daemon.config.parent, {"other": "batched:tagged", "tagged": "batched:tagged_slow_start"})
+            assert daemon.client().reload()["generation"] == 2
+            assert wait_until(lambda: "reload done" in daemon.log)
+            time.sleep(0.2)
+        finally:
+            done.set()
+        assert [outcome(future) for future in futures] == [None] * 8
+    wrong = [(x, answer) for x, answer in answers
+             if not (isinstance(answer, dict) and answer.get("x") == x)
+             and not (isinstance(answer, Exception) and getattr(answer, "code", None) == "unknown_expert")]
+    assert not wrong, (len(wrong), len(answers), wrong[:3])
+    assert any(isinstance(answer, dict) for _x, answer in answers)  # (the new generation served it)
+
+
 # ------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("expert, value, status, expected", [
     ("testexperts:add", "8", 3, "max_batch = 8: testexperts:add is not a batched expert"),

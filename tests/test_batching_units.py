@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 from collections import deque
+from types import SimpleNamespace
 
 import pytest
 
@@ -254,3 +255,44 @@ def test_a_batch_whose_count_and_descriptors_disagree_is_refused_and_its_descrip
             os.close(write_end)
         master_end.close()
         worker_end.close()
+
+
+# ------------------------------------------------------------------------------------------ Model.predict_many
+class SumRunner:
+    """A runtime that sums each row (and records the batches it ran)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, ...]] = []
+
+    def run(self, batch: dict) -> dict:
+        import numpy as np
+
+        self.batches.append(batch["x"].shape)
+        return {"y": np.asarray(batch["x"], dtype="float32").sum(axis=1, keepdims=True)}
+
+
+def summing_model(max_rows: int = 64):
+    from expertd.model import Model
+
+    model = Model("/nonexistent/sum.tflite", name="sum", max_rows=max_rows, _register=False)
+    model.prepared = SimpleNamespace(manifest={
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, -1]}],  # rows of any length
+        "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 1]}]})
+    model._runner = SumRunner()
+    return model
+
+
+def test_rows_of_different_free_lengths_run_apart_and_each_caller_gets_its_own():
+    model = summing_model()
+    results = model.predict_many([[[1, 2, 3]], [[1, 2]], [[4, 5, 6], [7, 8, 9]], [[10, 20]]])
+    assert [result.tolist() for result in results] == [[[6.0]], [[3.0]], [[15.0], [24.0]], [[30.0]]]
+    # Rows stack only with rows of their own shape: [3-long rows], then [2-long], then [3-long x2], then [2-long].
+    assert model._runner.batches == [(1, 3), (1, 2), (2, 3), (1, 2)]
+
+
+def test_calls_of_one_shape_stack_into_one_run_within_max_rows():
+    model = summing_model(max_rows=3)
+    results = model.predict_many([[[1, 1]], [[2, 2]], [[3, 3]], [[4, 4]], [["x", 1]]])
+    assert [result.tolist() for result in results[:4]] == [[[2.0]], [[4.0]], [[6.0]], [[8.0]]]
+    assert isinstance(results[4], BadRequest)  # its own refusal; the others are answered
+    assert model._runner.batches == [(3, 2), (1, 2)]  # at most max_rows rows a run
