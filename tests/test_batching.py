@@ -520,38 +520,43 @@ def test_max_requests_counts_every_member_and_workers_are_replaced(make_daemon):
         assert sum(batches.values()) - batches[max(batches)] < 5, (pid, batches)
 
 
-def call_until(daemon, number: int, done: threading.Event, answers: list[tuple[str, object]]) -> None:
-    """(A caller thread.)  Call ``tagged`` (5 ms a batch) until ``done``, recording each x and its answer or error."""
+def call_until(daemon, number: int, done: threading.Event, answers: list[tuple[str, object]],
+               sleep: float) -> None:
+    """(A caller thread.)  Call ``tagged`` (``sleep`` s a batch) until ``done``, recording each answer or error."""
     client = daemon.client()
     call = 0
     while not done.is_set():
         x = f"{number}.{call}"
         try:
-            answers.append((x, client.call("tagged", {"x": x, "sleep": 0.005})))
+            answers.append((x, client.call("tagged", {"x": x, "sleep": sleep})))
         except Exception as exc:  # (any error is what the tests using this look for)
             answers.append((x, exc))
         call += 1
 
 
-def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
-    daemon = make_daemon(EXPERTS, workers=2)
-    before = daemon.worker_pids()
+@contextmanager
+def eight_callers(daemon, sleep: float = 0.005) -> Iterator[list[tuple[str, object]]]:
+    """Eight threads calling ``tagged`` while the block runs; yields their (x, answer or error), and checks
+    on the way out that every thread ended cleanly."""
     done = threading.Event()
     answers: list[tuple[str, object]] = []
-
-    def caller(number: int) -> None:
-        call_until(daemon, number, done, answers)
-
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(caller, number) for number in range(8)]
+        futures = [pool.submit(call_until, daemon, number, done, answers, sleep) for number in range(8)]
         try:
-            time.sleep(0.3)
-            for _ in range(2):
-                assert daemon.client().reload()["generation"] > 1
-                time.sleep(0.3)
+            yield answers
         finally:
             done.set()
         assert [outcome(future) for future in futures] == [None] * 8
+
+
+def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=2)
+    before = daemon.worker_pids()
+    with eight_callers(daemon) as answers:
+        time.sleep(0.3)
+        for _ in range(2):
+            assert daemon.client().reload()["generation"] > 1
+            time.sleep(0.3)
     errors = [(x, answer) for x, answer in answers if not isinstance(answer, dict)]
     assert not errors, errors[:5]
     assert all(answer["x"] == x for x, answer in answers)  # type: ignore[index]
@@ -561,23 +566,12 @@ def test_a_reload_while_batched_callers_run_costs_them_nothing(make_daemon):
 
 def test_a_reload_that_makes_an_expert_batched_costs_its_callers_nothing(make_daemon):
     daemon = make_daemon({"tagged": "batched:tagged_alone"}, workers=2)
-    done = threading.Event()
-    answers: list[tuple[str, object]] = []
-
-    def caller(number: int) -> None:
-        call_until(daemon, number, done, answers)
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(caller, number) for number in range(8)]
-        try:
-            time.sleep(0.2)
-            write_config(daemon.config.parent, {"tagged": "batched:tagged_slow_start"})  # (workers start in 0.5 s)
-            assert daemon.client().reload()["generation"] == 2
-            assert wait_until(lambda: "reload done" in daemon.log)
-            time.sleep(0.2)
-        finally:
-            done.set()
-        assert [outcome(future) for future in futures] == [None] * 8
+    with eight_callers(daemon) as answers:
+        time.sleep(0.2)
+        write_config(daemon.config.parent, {"tagged": "batched:tagged_slow_start"})  # (workers start in 0.5 s)
+        assert daemon.client().reload()["generation"] == 2
+        assert wait_until(lambda: "reload done" in daemon.log)
+        time.sleep(0.2)
     errors = [(x, answer) for x, answer in answers if not isinstance(answer, dict)]
     assert not errors, (len(errors), len(answers), errors[:3])
     assert all(answer["x"] == x for x, answer in answers)  # type: ignore[index]
@@ -589,31 +583,12 @@ def test_calls_of_an_expert_a_reload_adds_get_no_wrong_answer_from_the_old_worke
     # do not, still serve: a batch of its calls reaching one of them is answered unknown_expert, never with
     # anything else (a batch once came back with each caller's own arguments as its result).
     daemon = make_daemon({"other": "batched:tagged"}, workers=2)
-    done = threading.Event()
-    answers: list[tuple[str, object]] = []
-
-    def caller(number: int) -> None:
-        client = daemon.client()
-        call = 0
-        while not done.is_set():
-            x = f"{number}.{call}"
-            try:
-                answers.append((x, client.call("tagged", {"x": x, "sleep": 0.002})))
-            except Exception as exc:  # (what is expected before the reload: unknown_expert)
-                answers.append((x, exc))
-            call += 1
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(caller, number) for number in range(8)]
-        try:
-            time.sleep(0.2)
-            write_config(daemon.config.parent, {"other": "batched:tagged", "tagged": "batched:tagged_slow_start"})
-            assert daemon.client().reload()["generation"] == 2
-            assert wait_until(lambda: "reload done" in daemon.log)
-            time.sleep(0.2)
-        finally:
-            done.set()
-        assert [outcome(future) for future in futures] == [None] * 8
+    with eight_callers(daemon, sleep=0.002) as answers:  # (unknown_expert is expected before the reload)
+        time.sleep(0.2)
+        write_config(daemon.config.parent, {"other": "batched:tagged", "tagged": "batched:tagged_slow_start"})
+        assert daemon.client().reload()["generation"] == 2
+        assert wait_until(lambda: "reload done" in daemon.log)
+        time.sleep(0.2)
     wrong = [(x, answer) for x, answer in answers
              if not (isinstance(answer, dict) and answer.get("x") == x)
              and not (isinstance(answer, Exception) and getattr(answer, "code", None) == "unknown_expert")]
