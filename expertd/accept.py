@@ -113,6 +113,15 @@ class Acceptor:
             sock.settimeout(None)
             self.table.add(sock, tcp=tcp, uid=uid, gid=gid, pid=pid, groups=groups)
 
+    def adopt(self, fd: int, pid: int) -> Connection | None:
+        """A connection a worker made (ipc HELP: one end of a socket pair), as if accepted; None: no room."""
+        sock = socket.socket(fileno=fd)
+        if len(self.table) >= self.connection_limit():
+            sock.close()  # (declined: the worker that asked runs the request itself)
+            return None
+        sock.settimeout(None)  # (blocking, as accepted ones: see accept)
+        return self.table.add(sock, tcp=False, uid=os.getuid(), gid=os.getgid(), pid=pid, groups=frozenset())
+
     def _accept_without_descriptors(self, listener: socket.socket, tcp: bool, exc: OSError) -> bool:
         """Out of descriptors: make room, or answer a waiting client with overloaded (spare descriptor).
 

@@ -221,6 +221,8 @@ class Admin:
             "quarantined": self.quarantines.current(),
             # Batched experts: batches handed out, calls in them, mean size, queueing delay, sizes seen.
             "batches": {name: figures.summary() for name, figures in sorted(self.dispatcher.batcher.figures.items())},
+            # Pipelines that were asked for: requests, their outcomes, mean time.
+            "pipelines": self.metrics.pipelines([slot.board for slot in pool.workers.values()]),
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
                 # Counted once across the master, the generations' parents and the workers: what the

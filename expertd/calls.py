@@ -26,7 +26,7 @@ from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.loader import LoadedExpert
 from expertd.logs import Throttle
-from expertd.metrics import Recorder
+from expertd.metrics import AD_HOC, Recorder
 from expertd.scoreboard import SlotWriter
 
 log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
@@ -53,6 +53,7 @@ class Answering:
         started = time.monotonic()
         board = self.board
         expert_name = None
+        label = AD_HOC  # (a pipeline's, for its metrics)
         try:
             if kind == _CALL:
                 try:
@@ -73,17 +74,30 @@ class Answering:
                 if len(body) >= self._max_depth:  # (each item is a call's argument: nested as deep as one)
                     protocol.check_shape(items, {}, len(items), self._max_depth, body)
                 reply_kind, reply = _RESULT, _pack_outcomes(expert_name, self._map(expert_name, items))
+            elif kind == _PIPELINE:
+                try:
+                    expert_name, document, options = protocol.decode_pipeline(body)
+                finally:  # (a crash is charged to the target: the master quarantines it as a whole)
+                    board.begin(started, self.config.expert_timeout(expert_name or ""), request_id, expert_name or "")
+                if len(body) >= self._max_depth:
+                    protocol.check_shape([document], options, 1 + len(options), self._max_depth, body)
+                label = expert_name if expert_name in self.config.pipelines else AD_HOC
+                value, outcome = self._run_pipeline(expert_name, document, options, started)
+                reply_kind, reply = _RESULT, _pack_result(expert_name, value)
             else:
                 board.begin(started, self.config.timeout, request_id, "")
                 reply_kind = _RESULT  # PING
                 reply = protocol.pack({"pid": os.getpid(), "worker": self.number, "version": __version__,
                                        "requests": self.requests})
-            outcome = "ok"
+            if kind != _PIPELINE:
+                outcome = "ok"
         except RemoteError as exc:
             reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
         if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
             self.recorder.record(expert_name, outcome, time.monotonic() - started)
+        elif kind == _PIPELINE:  # (its experts counted themselves, each as a call)
+            self.recorder.record_pipeline(label, outcome, time.monotonic() - started)
         close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
                                       request_id)
         if self._debug and not close:
@@ -252,6 +266,7 @@ def _safe_traceback(exc: BaseException) -> str:
 
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 _CALL, _MAP, _RESULT, _ERROR = protocol.CALL, protocol.MAP, protocol.RESULT, protocol.ERROR
+_PIPELINE = protocol.PIPELINE
 _ITEM_OK, _ITEM_FAILED = protocol.ITEM_OK, protocol.ITEM_FAILED
 _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.

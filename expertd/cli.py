@@ -308,6 +308,9 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
               f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "
               f"{_duration(quarantine['seconds_left'])} from now")
+    for name, figures in status.get("pipelines", {}).items():  # (pipelines that were asked for)
+        outcomes = ", ".join(f"{code}: {count}" for code, count in figures["outcomes"].items())
+        print(f"pipeline {name}: {figures['requests']} requests ({outcomes}), mean {figures['mean_ms']} ms")
     for name, batches in status.get("batches", {}).items():  # (batched experts that have served)
         sizes = ", ".join(f"≤{bound}: {count}" for bound, count in batches["sizes"].items())
         print(f"batches of {name}: {batches['batches']} for {batches['calls']} calls, mean size "

@@ -88,6 +88,8 @@ class Dispatcher(BatchDispatching, Losses):
         self.on_ready = on_ready  # a worker became ready (the generation may now be complete)
         self.kill_and_reap = kill_and_reap  # SIGKILL a worker and see to its exit at once
         self.examine = examine  # look at a connection handed back (expertd.intake.Intake.examine; set once made)
+        # take in a connection a worker made (expertd.accept.Acceptor.adopt; set once made)
+        self.adopt: Callable[[int, int], Connection | None] | None = None
         self.idle: deque[WorkerSlot] = deque()
         self.lingering: set[WorkerSlot] = set()
         self._ahead: deque[tuple[WorkerSlot, float]] = deque()  # (busy worker, busy since), oldest first
@@ -292,6 +294,8 @@ class Dispatcher(BatchDispatching, Losses):
                 else:
                     self.pool.close_channel(slot)
                 self.on_ready()
+            elif op == ipc.HELP:
+                self._help(slot, value)  # type: ignore[arg-type]
             elif op == ipc.FAILED:
                 slot.failure = str(value)
             elif op == ipc.MEMORY:
@@ -304,6 +308,22 @@ class Dispatcher(BatchDispatching, Losses):
                 return
             if not drain:
                 return
+
+    def _help(self, slot: WorkerSlot, fd: int) -> None:
+        """A worker running a pipeline offers part of a stage (ipc HELP): an idle worker serves it, or nobody.
+
+        It is served only if a worker is idle now and no request waits: the asking worker waits for
+        the answer, and a request that queued behind others (or for a busy worker) could wait on the
+        asker itself, a deadlock.  Declined, the descriptor is closed, and the asker runs that part
+        itself (experts are pure: whatever was begun may be run again).
+        """
+        if ((slot.state != WORKER_BUSY and slot.state != LINGERING) or self.queue or not self.idle
+                or self.serving.stopping or self.adopt is None):
+            os.close(fd)
+            return
+        conn = self.adopt(fd, slot.pid)
+        if conn is not None:
+            self.examine(conn)  # type: ignore[misc]  (whole already: it joins the queue, for the idle worker)
 
     def _on_done(self, slot: WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
                  unsent: bytearray | None, unread: bytes | None) -> None:

@@ -64,12 +64,7 @@ def frame_of(head: bytes, max_frame: int) -> Frame:
             protocol.parse_header(head[: protocol.HEADER_SIZE])  # (says which is wrong)
         except protocol.ProtocolError as exc:
             return _frame((0, None, None, 0, BadRequest(str(exc))))
-    if kind == protocol.CALL:
-        expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:])
-    elif kind == protocol.MAP:  # many calls of one expert: its timeout and quarantine apply as to a call
-        expert = protocol.expert_name_hint(head[protocol.HEADER_SIZE:], protocol.MAP_HEADS)
-    else:
-        expert = None
+    expert = protocol.named_hint(kind, head[protocol.HEADER_SIZE:])
     error: RemoteError | None = None
     if kind not in protocol.REQUEST_KINDS:
         error = BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md")

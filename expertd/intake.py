@@ -44,7 +44,8 @@ log = logging.getLogger("expertd.master")
 
 _GATHER_CHUNK = 256 * 1024
 _MAP = protocol.MAP
-_NAMED_KINDS = {protocol.CALL: protocol.CALL_HEADS, _MAP: protocol.MAP_HEADS}  # requests whose body names an expert
+_PIPELINE = protocol.PIPELINE
+_NAMED_KINDS = (protocol.CALL, _MAP, _PIPELINE)  # requests whose body names an expert (or a pipeline's target)
 _REFUSED_BODY_WAIT = 64 * 1024  # a refused request's body up to this size is read before the refusal is sent
 
 
@@ -118,7 +119,9 @@ class Intake:
             self.table.fail(conn, frame.error)
             return
         kind = frame.kind
-        conn.whole_batch = kind == _MAP  # (a batch already: never gathered with other calls)
+        # (A MAP is a batch already; a PIPELINE's target may name a batched expert, but its worker runs
+        # it as a batch of one: neither is gathered with other calls.)
+        conn.whole_batch = kind == _MAP or kind == _PIPELINE
         conn.frame_size = size = frame.size
         if len(head) < size and len(peeked) == PEEK_SIZE:
             queued = len(unread) + protocol.queued_bytes(conn.fd)
@@ -128,7 +131,7 @@ class Intake:
             if kind in MASTER_KINDS:
                 self._control(conn, kind, conn.request_id)
                 return
-            if self.quarantines.entries and (kind == protocol.CALL or kind == _MAP):
+            if self.quarantines.entries and (kind == protocol.CALL or kind == _MAP or kind == _PIPELINE):
                 quarantine = self.quarantines.of(conn.expert)
                 if quarantine is not None:
                     self._refuse_quarantined(conn, quarantine)
@@ -237,8 +240,8 @@ class Intake:
         if conn.expert is None and conn.speaks != HTTP and conn.inbuf[3] in _NAMED_KINDS:
             # The expert's name came after the first bytes looked at: read it now that all is here (its
             # timeout, quarantine and batches go by it).
-            conn.expert = protocol.expert_name_hint(bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]),
-                                                    _NAMED_KINDS[conn.inbuf[3]])
+            conn.expert = protocol.named_hint(conn.inbuf[3],
+                                              bytes(conn.inbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + 512]))
         conn.look_again = True  # (the next request may have come in the same edge as this one's last bytes)
         conn.queued_at = self.serving.now
         conn.to(QUEUED)

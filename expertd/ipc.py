@@ -39,6 +39,12 @@ Messages are tiny fixed-format packets (one message per packet, so no framing):
     worker -> master   READY pid | DONE conn_id flags served (+ memfd of unsent reply bytes)
                        (+ memfd of unread request bytes)
                        | FAILED utf-8 text | MEMORY uss pss rss
+                       | HELP (+ one end of a socket pair holding a whole request)
+
+HELP is a worker running a pipeline asking for an idle worker to run part of
+a stage (:mod:`expertd.worker_pipeline`): the master serves the socket pair's
+end as a connection if a worker is idle now, and otherwise closes it at once
+(the asking worker then runs that part itself).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ READY = b"R"
 DONE = b"D"
 FAILED = b"F"
 MEMORY = b"M"
+HELP = b"H"
 
 _FROM_SOCKET, _IN_MESSAGE, _IN_MEMFD = 0, 1, 2
 _DONTWAIT = int(socket.MSG_DONTWAIT)
@@ -258,6 +265,11 @@ def send_done(channel: socket.socket, conn_id: int, close: bool, retiring: bool 
             os.close(memfd)
 
 
+def send_help(channel: socket.socket, fd: int) -> None:
+    """Offer the master a connection (one end of a socket pair) whose request an idle worker may serve."""
+    socket.send_fds(channel, [HELP], [fd])
+
+
 def send_memory(channel: socket.socket, uss: int, pss: int, rss: int) -> None:
     channel.send(MEMORY + _MEMORY.pack(uss, pss, rss))
 
@@ -328,6 +340,12 @@ def _report(data: bytes, fds: list[int]) -> tuple[bytes, object]:
         lost = bool((flags & _UNSENT and unsent is None) or (flags & _UNREAD and unread is None))
         return DONE, (conn_id, bool(flags & _CLOSE) or lost, bool(flags & _RETIRING), bool(flags & _LINGER), served,
                       unsent, unread)
+    if op == HELP:
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds:
+            raise RuntimeError("a HELP report from a worker came without its descriptor")
+        return HELP, fds[0]
     for fd in fds:
         os.close(fd)
     if op == READY:

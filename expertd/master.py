@@ -99,7 +99,7 @@ class Master:
         self._short = False  # fewer workers than wanted, and one can be forked (set by _maintain)
         throttle = Throttle(log)  # for the lines a client can make the master write at will
         self.scoreboard = scoreboard = Scoreboard()
-        self.metrics = metrics = Metrics(MAX_SLOTS, config.experts)
+        self.metrics = metrics = Metrics(MAX_SLOTS, config.experts, pipelines=config.pipelines)
         quarantines = Quarantines()
         self.summary = Summary(log)
         self.table = table = ConnectionTable(serving, self._conn_epoll, throttle)
@@ -120,6 +120,7 @@ class Master:
                                    socket_path=lambda: self.listener.path if self.listener else config.socket)
         self.intake = Intake(serving, table, queue, admin, quarantines, metrics)
         dispatcher.examine = self.intake.examine  # (a connection handed back may have a request waiting)
+        dispatcher.adopt = self.acceptor.adopt  # (a worker's request for help with a pipeline's stage)
         self.throttle = throttle
 
     # ----------------------------------------------------------------- run

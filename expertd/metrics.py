@@ -22,21 +22,28 @@ from collections.abc import Iterable
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A call's outcome: "ok" or an error code (docs/protocol.md).  Workers see the first few; the
 # master counts the failures it answers itself (timeout, worker_lost, ...) apart.
+# A pipeline's outcome is "ok", "expert_errors" (it answered, with some experts' errors in the document),
+# "timeout" (a stage ran past its timeout, or the whole) or the request's error code.
 OUTCOMES = ("ok", "bad_request", "unknown_expert", "frame_too_large", "expert_failed", "bad_result", "timeout",
-            "worker_lost", "overloaded", "shutting_down", "access_denied", "error")
+            "worker_lost", "overloaded", "shutting_down", "access_denied", "expert_errors", "error")
 UNKNOWN_EXPERT = "(unknown)"  # requests that named no served expert
+# Pipelines have records of their own in the same table, under this prefix; requests for a plan that is not
+# one named pipeline (experts listed by the caller) are counted together.
+PIPELINE_PREFIX = "pipeline:"
+AD_HOC = "(ad hoc)"
 _OUTCOME_INDEX = {name: i for i, name in enumerate(OUTCOMES)}
 _OTHER = _OUTCOME_INDEX["error"]
 _FIRST_BUCKET = len(OUTCOMES)
 _SUM = _FIRST_BUCKET + len(BUCKETS) + 1
 _RECORD = _SUM + 1  # counters per outcome, per bucket (and +Inf), then the sum of seconds
+_AD_HOC_KEY = PIPELINE_PREFIX + AD_HOC
 
 
 class Metrics:
     """The shared counters; the master owns the expert indices and the totals of exited workers."""
 
-    def __init__(self, slots: int, experts: Iterable[str], capacity: int = 0) -> None:
-        names = [UNKNOWN_EXPERT, *experts]
+    def __init__(self, slots: int, experts: Iterable[str], capacity: int = 0, pipelines: Iterable[str] = ()) -> None:
+        names = [UNKNOWN_EXPERT, *experts, *(PIPELINE_PREFIX + name for name in (AD_HOC, *pipelines))]
         self.capacity = max(capacity, 16, 2 * len(names))  # room for experts a reload adds
         self.slots = slots
         size = slots * self.capacity * _RECORD * 8
@@ -55,6 +62,10 @@ class Metrics:
         """Give an expert its counters (before forking the workers that serve it)."""
         if name not in self.index and len(self.index) < self.capacity:
             self.index[name] = len(self.index)  # past capacity it is counted as unknown
+
+    def add_pipeline(self, name: str) -> None:
+        """Give a pipeline its counters (before forking the workers that run it)."""
+        self.add_expert(PIPELINE_PREFIX + name)
 
     def retire(self, slot: int) -> None:
         """Fold an exited worker's counters into the totals and clear its slot for the next one."""
@@ -106,6 +117,19 @@ class Metrics:
                     seconds[expert] += self._seconds[record + _SUM]
         return {name: (by_index[i], seconds[i]) for name, i in self.index.items()}
 
+    def pipelines(self, live_slots: Iterable[int]) -> dict[str, dict]:
+        """Per pipeline that was asked for: requests, their outcomes (those seen) and mean time (``status``)."""
+        summary = {}
+        for name, (counters, seconds) in self.totals(live_slots).items():
+            requests = sum(counters[:_FIRST_BUCKET])
+            if name.startswith(PIPELINE_PREFIX) and requests:
+                summary[name[len(PIPELINE_PREFIX):]] = {
+                    "requests": requests,
+                    "outcomes": {code: counters[i] for code, i in _OUTCOME_INDEX.items() if counters[i]},
+                    "mean_ms": round(seconds / requests * 1000, 3),
+                }
+        return summary
+
     def render(self, live_slots: Iterable[int], gauges: dict[str, object]) -> str:
         """The Prometheus text exposition of every counter and of ``gauges`` (see :func:`render`)."""
         return render(self.totals(live_slots), self._master_errors, gauges)
@@ -126,20 +150,26 @@ class Recorder:
         counts[record + _FIRST_BUCKET + bisect_left(BUCKETS, seconds)] += 1
         self._seconds[record + _SUM] += seconds
 
+    def record_pipeline(self, pipeline: str, outcome: str, seconds: float) -> None:
+        """Count a pipeline request (``pipeline``: its name, or AD_HOC)."""
+        key = PIPELINE_PREFIX + pipeline
+        self.record(key if key in self._index else _AD_HOC_KEY, outcome, seconds)
+
 
 # Batched experts' histograms (figures kept by expertd.batching): calls per batch, seconds queued.
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 250)
 DELAY_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def _histogram(name: str, expert: str, bounds: tuple, counts: list[int], total: float, count: int) -> list[str]:
+def _histogram(name: str, expert: str, bounds: tuple, counts: list[int], total: float, count: int,
+               label: str = "expert") -> list[str]:
     lines, cumulative = [], 0
     for bound, bucket in zip((*bounds, float("inf")), counts, strict=True):
         cumulative += bucket
         le = "+Inf" if bound == float("inf") else repr(bound)
-        lines.append(f"{name}_bucket{_labels(expert=expert, le=le)} {cumulative}")
-    lines.append(f"{name}_sum{_labels(expert=expert)} {_number(total)}")
-    lines.append(f"{name}_count{_labels(expert=expert)} {count}")
+        lines.append(f"{name}_bucket{_labels(**{label: expert}, le=le)} {cumulative}")
+    lines.append(f"{name}_sum{_labels(**{label: expert})} {_number(total)}")
+    lines.append(f"{name}_count{_labels(**{label: expert})} {count}")
     return lines
 
 
@@ -168,6 +198,8 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
     def family(name: str, kind: str, help_text: str) -> None:
         out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
 
+    pipelines = {name[len(PIPELINE_PREFIX):]: row for name, row in totals.items() if name.startswith(PIPELINE_PREFIX)}
+    totals = {name: row for name, row in totals.items() if not name.startswith(PIPELINE_PREFIX)}
     requests, errors = {}, {}
     for expert, (counters, _seconds) in totals.items():
         requests[expert] = sum(counters[:_FIRST_BUCKET])
@@ -197,6 +229,19 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
             out.append(f"expertd_request_duration_seconds_bucket{_labels(expert=expert, le=le)} {cumulative}")
         out.append(f"expertd_request_duration_seconds_sum{_labels(expert=expert)} {_number(seconds)}")
         out.append(f"expertd_request_duration_seconds_count{_labels(expert=expert)} {cumulative}")
+
+    family("expertd_pipeline_requests_total", "counter",
+           "Pipeline requests, by pipeline ((ad hoc): experts the caller listed) and outcome: ok, expert_errors "
+           "(answered, some experts' errors in the document), timeout, or the request's error code.")
+    for pipeline, (counters, _seconds) in sorted(pipelines.items()):
+        for code, i in _OUTCOME_INDEX.items():
+            if counters[i] or (code == "ok" and pipeline != AD_HOC):
+                out.append(f"expertd_pipeline_requests_total{_labels(pipeline=pipeline, outcome=code)} {counters[i]}")
+    family("expertd_pipeline_duration_seconds", "histogram",
+           "Time a worker spent on a pipeline request, from taking it to writing the reply, by pipeline.")
+    for pipeline, (counters, seconds) in sorted(pipelines.items()):
+        out.extend(_histogram("expertd_pipeline_duration_seconds", pipeline, BUCKETS, counters[_FIRST_BUCKET:_SUM],
+                              seconds, sum(counters[_FIRST_BUCKET:_SUM]), label="pipeline"))
 
     batches = gauges.get("batches") or {}
     if batches:

@@ -40,13 +40,16 @@ CALL = 0x01
 PING = 0x02
 LIST = 0x03
 MAP = 0x04  # many items for one expert: [expert, items] -> one outcome per item (docs/protocol.md, "MAP")
+# A document through experts in stages: [target, document(, options)] -> the document with their
+# opinions and errors (docs/protocol.md, "PIPELINE").
+PIPELINE = 0x05
 # Control requests, answered by the master itself (expertctl status, reload, stop, workers N).
 STATUS = 0x10
 RELOAD = 0x11
 STOP = 0x12
 SCALE = 0x13
 CONTROL_KINDS = frozenset({STATUS, RELOAD, STOP, SCALE})
-REQUEST_KINDS = frozenset({CALL, PING, LIST, MAP}) | CONTROL_KINDS
+REQUEST_KINDS = frozenset({CALL, PING, LIST, MAP, PIPELINE}) | CONTROL_KINDS
 # Reply kinds (daemon -> client).
 RESULT = 0x80
 ERROR = 0x81
@@ -204,6 +207,36 @@ def decode_map(body: bytes | bytearray | memoryview) -> tuple[str, list]:
     return expert, items
 
 
+def encode_pipeline(request_id: int, target: str, document: dict, options: dict | None = None) -> bytes:
+    body = [target, document, options] if options else [target, document]
+    return encode_frame(PIPELINE, request_id, pack(body))
+
+
+def decode_pipeline(body: bytes | bytearray | memoryview) -> tuple[str, dict, dict]:
+    """Decode and check a PIPELINE body: ``[target, document]`` or ``[target, document, options]``."""
+    try:
+        value = unpack(body)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"request body is not valid msgpack: {exc}") from None
+    if not (isinstance(value, list) and len(value) in (2, 3)):
+        raise BadRequest("a pipeline body must be the array [target, document] or [target, document, options]")
+    target, document = value[0], value[1]
+    options = value[2] if len(value) == 3 else {}
+    if not isinstance(target, str):
+        raise BadRequest(f"a pipeline's target must be a string (experts and pipelines, e.g. 'a,b+c'), "
+                         f"not {type(target).__name__}")
+    if not isinstance(document, dict):
+        raise BadRequest(f"a pipeline's document must be a map (a JSON object), not {type(document).__name__}",
+                         expert=target)
+    for key in ("opinions", "errors"):
+        if key in document and not isinstance(document[key], dict):
+            raise BadRequest(f"the document's {key!r} is a {type(document[key]).__name__}, not a map; "
+                             f"the pipeline adds to it", expert=target)
+    if not isinstance(options, dict):
+        raise BadRequest(f"a pipeline's options must be a map, not {type(options).__name__}", expert=target)
+    return target, document, options
+
+
 def map_outcomes(reply: list) -> list:
     """A MAP reply's body as one result or :class:`RemoteError` per item, in order (the client's side)."""
     if not isinstance(reply, list):
@@ -257,6 +290,22 @@ def expert_name_hint(body_prefix: bytes, heads: tuple[bytes, bytes, bytes] = CAL
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def target_hint(body_prefix: bytes) -> str | None:
+    """The target a PIPELINE body names (an array of 2, or of 3 with options), like :func:`expert_name_hint`."""
+    return expert_name_hint(body_prefix, MAP_HEADS) or expert_name_hint(body_prefix, CALL_HEADS)
+
+
+def named_hint(kind: int, body_prefix: bytes) -> str | None:
+    """What a request of ``kind`` names (an expert, or a pipeline's target) from its body's first bytes."""
+    if kind == CALL:
+        return expert_name_hint(body_prefix)
+    if kind == MAP:  # many calls of one expert: its timeout and quarantine apply as to a call
+        return expert_name_hint(body_prefix, MAP_HEADS)
+    if kind == PIPELINE:  # experts and pipelines: the plan's timeout applies
+        return target_hint(body_prefix)
+    return None
 
 
 # Bytes that can open a msgpack array or map: fixmap, fixarray, map16/32, array16/32.

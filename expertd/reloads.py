@@ -191,6 +191,8 @@ class Reloads:
         metrics = self.shared[1]
         for name in serving.experts:
             metrics.add_expert(name)  # before the new generation forks: its workers count it
+        for name in serving.config.pipelines:
+            metrics.add_pipeline(name)
         serving.generation = loading.number
         self.pool.changed()
         log.info("generation %d loaded (%d experts) in %.1fs; starting %d workers", serving.generation,

@@ -40,6 +40,7 @@ from expertd.logs import Throttle
 from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
 from expertd.worker_batch import BatchServing
+from expertd.worker_pipeline import PipelineServing
 
 _AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
 log = logging.getLogger("expertd.worker")
@@ -47,7 +48,7 @@ log = logging.getLogger("expertd.worker")
 EXIT_BOOT_FAILED = 3
 
 
-class Worker(BatchServing):
+class Worker(BatchServing, PipelineServing):
     """The code that runs in a forked worker process (see :meth:`run`)."""
 
     def __init__(self, number: int, config: Config, experts: dict[str, LoadedExpert], channel: socket.socket,
@@ -87,6 +88,7 @@ class Worker(BatchServing):
         # Each worker draws its own limit so that workers do not all recycle at once.
         self._request_limit = config.max_requests + random.randint(0, jitter) if config.max_requests else 0
         self._limits = bool(self._request_limit or config.max_memory)
+        self._interrupted: str | None = None  # why this worker is not trusted to serve on (see worker_pipeline)
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""
@@ -379,10 +381,12 @@ class Worker(BatchServing):
             self._set_title("ready")
             if os.getppid() != self._master_pid:  # the master died: stop, even mid-linger
                 self._stop_requested = True
-        return self._retire_reason() if self._limits else None
+        return self._retire_reason() if self._limits or self._interrupted else None
 
     def _retire_reason(self) -> str | None:
-        """Why this worker should be replaced now (max_requests, max_memory), or None."""
+        """Why this worker should be replaced now (max_requests, max_memory, an interrupted stage), or None."""
+        if self._interrupted:
+            return self._interrupted
         if self._request_limit and self.requests >= self._request_limit:
             return f"max_requests ({self._request_limit} with jitter)"
         limit = self.config.max_memory
@@ -421,7 +425,7 @@ def _reopen_logs_quietly() -> None:
 _READ_SIZE = 64 * 1024
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 # The rest are the master's: control requests, and LIST (the master checks who may read it: public_status).
-_WORKER_KINDS = frozenset((protocol.CALL, protocol.MAP, protocol.PING))
+_WORKER_KINDS = frozenset((protocol.CALL, protocol.MAP, protocol.PING, protocol.PIPELINE))
 
 
 class _Reclaimed(Exception):

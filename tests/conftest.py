@@ -61,7 +61,8 @@ def write_config(directory: Path, experts: dict[str, str] | None = None, **setti
     lines = ["[expertd]"] + [f"{key} = {value}" for key, value in settings.items()]
     for name, spec in (DEFAULT_EXPERTS if experts is None else experts).items():
         keys = spec if isinstance(spec, dict) else {"function": spec}
-        lines += [f"[expert:{name}]"] + [f"{key} = {value}" for key, value in keys.items()]
+        section = name if ":" in name else f"expert:{name}"  # ("pipeline:NAME": a pipeline's section)
+        lines += [f"[{section}]"] + [f"{key} = {value}" for key, value in keys.items()]
     path = directory / "expertd.conf"
     path.write_text("\n".join(lines) + "\n")
     return path

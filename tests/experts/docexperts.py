@@ -1,0 +1,83 @@
+"""Document experts for the pipeline tests: each takes a document and gives an opinion on it."""
+
+import os
+import time
+
+from expertd import expert
+
+
+def language(document):
+    """'fr' when the text has a French word, else 'en'."""
+    words = set(document.get("text", "").lower().split())
+    return "fr" if words & {"le", "la", "est", "bonjour"} else "en"
+
+
+@expert(reads=("language",))
+def polite(document):
+    """Reads the language opinion: whether the text greets in that language."""
+    greeting = {"en": "hello", "fr": "bonjour"}[document["opinions"]["language"]]
+    return greeting in document.get("text", "").lower()
+
+
+def length(document):
+    return len(document.get("text", ""))
+
+
+def shout(document):
+    text = document.get("text", "")
+    return sum(c.isupper() for c in text) / max(len(text), 1)
+
+
+def seen(document):
+    """The opinions this expert saw when it ran (sorted names): shows what a stage's experts see."""
+    return sorted(document.get("opinions", {}))
+
+
+def worker_pid(document):
+    return os.getpid()
+
+
+def failing(document):
+    raise ValueError(f"cannot judge {document.get('text', '')!r}")
+
+
+def sleeper(document):
+    """Sleeps document['sleep'] seconds (default 60): a stage that runs past its timeout."""
+    time.sleep(document.get("sleep", 60))
+    return "woke"
+
+
+def stubborn(document):
+    """Catches the interruption and sleeps on: the master's deadline ends it."""
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:  # noqa: BLE001  (the point: an expert that will not stop)
+            pass
+
+
+def _burn(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def burn_a(document):
+    """About document['cpu'] seconds of CPU (default 20 ms), then this worker's pid."""
+    _burn(document.get("cpu", 0.02))
+    return os.getpid()
+
+
+def burn_b(document):
+    _burn(document.get("cpu", 0.02))
+    return os.getpid()
+
+
+def burn_c(document):
+    _burn(document.get("cpu", 0.02))
+    return os.getpid()
+
+
+@expert(batched=True)
+def batched_length(documents):
+    return [len(d.get("text", "")) for d in documents]
