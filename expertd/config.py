@@ -5,8 +5,9 @@ INI file, the ``expertd`` command-line flags and ``--help`` text, and the
 reference in docs/config.md (``python -m expertd.config``) are all derived
 from it, so they cannot drift apart.
 
-The file has one ``[expertd]`` section and one ``[expert:NAME]`` section per
-expert.  Relative paths in the file are relative to the file's directory.
+The file has one ``[expertd]`` section, one ``[expert:NAME]`` section per
+expert and one ``[pipeline:NAME]`` section per named pipeline (validated and
+expanded by :mod:`expertd.pipelines`).  Relative paths in the file are relative to the file's directory.
 Every problem is reported as one :class:`~expertd.errors.ConfigError` line
 naming the file, the section, the key and what to do.
 
@@ -15,7 +16,8 @@ loading and validation; the value types the table declares its settings with
 (sizes, durations, paths, user lists...) and their parsers are in
 :mod:`expertd.settings_types` (re-exported here).  No state beyond those
 module-level tables: every :func:`load_config` call builds a new
-:class:`Config`.
+:class:`Config`, which memoizes the plans of the targets it is asked about
+(:meth:`Config.plan`).  docs/config.md is rendered by :mod:`expertd.config_docs`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import configparser
 import difflib
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from expertd.errors import ConfigError
+from expertd.config_docs import render_markdown as _render_markdown
+from expertd.errors import BadRequest, ConfigError, UnknownExpert
+from expertd.pipelines import EXPERT_NAME, NAME_RULE, PIPELINE_PREFIX, PipelineSpec, Plan, load_pipelines, plan_of
 from expertd.protocol import DEFAULT_SOCKET
 from expertd.settings_types import (
     ADDRESS_OR_OFF,
@@ -45,12 +48,14 @@ from expertd.settings_types import (
     MAX_BATCH,
     MODE,
     MODULES,
+    ON_ERROR_MODE,
     OPTIONAL_PATH,
     PATH,
     PATHS,
     PER_UID,
     SIZE,
     SIZE_OR_OFF,
+    STAGES,
     THREADS,
     TOKEN,
     USERS,
@@ -63,7 +68,7 @@ MAIN_SECTION = "expertd"
 EXPERT_PREFIX = "expert:"
 DEFAULT_MAX_ROWS = 4096  # a model expert's max_rows
 DEFAULT_MAX_BATCH = 32  # a batched expert's max_batch = auto
-EXPERT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+MAX_PLANS = 1024  # Config.plan's memo is cleared past this: targets come from clients
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -77,7 +82,7 @@ class Setting:
     """One configuration key: where it lives, its type, default and documentation."""
 
     name: str
-    section: str  # MAIN_SECTION, or "expert" for keys of [expert:NAME] sections
+    section: str  # MAIN_SECTION, or "expert"/"pipeline" for keys of [expert:NAME]/[pipeline:NAME] sections
     type: _Type
     default: str | None  # as written in the file; None means required
     help: str
@@ -248,10 +253,21 @@ SETTINGS: tuple[Setting, ...] = (
             "next call, so that they share a batch; never longer, never longer than a batch of the expert "
             "takes to run, and never for a caller the daemon does not expect. 0 sends whatever waits at once; "
             "at most 1s."),
+    Setting("stages", "pipeline", STAGES, None,
+            "The stages, in order, separated by ',': each an expert, experts joined by '+' (one stage), or another "
+            "pipeline alone. A request gets the document back with opinions.NAME for every expert that answered "
+            "and errors.NAME for every one that failed or was not run."),
+    Setting("on_error", "pipeline", ON_ERROR_MODE, "continue",
+            "After an expert fails: continue runs the later stages anyway; stop skips them (their experts are "
+            "marked skipped). A request may override it."),
+    Setting("timeout", "pipeline", DURATION, "",
+            "Longest the whole pipeline may run; empty means the sum over its stages of each stage's longest "
+            "expert timeout. Each expert still keeps its own timeout."),
 )
 
 _MAIN_KEYS = {s.name: s for s in SETTINGS if s.section == MAIN_SECTION}
 _EXPERT_KEYS = {s.name: s for s in SETTINGS if s.section == "expert"}
+_PIPELINE_KEYS = {s.name: s for s in SETTINGS if s.section == "pipeline"}
 
 
 @dataclass(frozen=True)
@@ -318,6 +334,8 @@ class Config:
     def __init__(self, path: str) -> None:
         self.path = path
         self.experts: dict[str, ExpertSpec] = {}
+        self.pipelines: dict[str, PipelineSpec] = {}  # [pipeline:NAME] sections, nested ones expanded
+        self._plans: dict[str, Plan] = {}  # target -> its plan (see plan)
 
     def max_batch(self, name: str, batched: bool) -> int:
         """The most calls of expert ``name`` one batch may hold (1: not batched)."""
@@ -327,9 +345,32 @@ class Config:
         return DEFAULT_MAX_BATCH if batched else 1
 
     def expert_timeout(self, name: str) -> float:
-        """The request timeout of expert ``name`` (its own, else the daemon's)."""
+        """The request timeout of ``name``; never raises.
+
+        An expert's own, else the daemon's.  A pipeline, or stages (a target with
+        ',' or '+') that plan cleanly: the plan's timeout.  Anything else: the
+        daemon's (the request fails on its own account).
+        """
         spec = self.experts.get(name)
-        return spec.timeout if spec is not None and spec.timeout is not None else self.timeout
+        if spec is not None:
+            return spec.timeout if spec.timeout is not None else self.timeout
+        if name in self.pipelines or "," in name or "+" in name:
+            try:
+                return self.plan(name).timeout
+            except (BadRequest, UnknownExpert):
+                pass
+        return self.timeout
+
+    def plan(self, target: str) -> Plan:
+        """The plan of a request's target (see :func:`expertd.pipelines.plan_of`, which says what it raises)."""
+        plan = self._plans.get(target)
+        if plan is None:
+            # plan_of asks expert_timeout about experts only, so this does not come back here.
+            plan = plan_of(target, self.experts, self.pipelines, self.expert_timeout)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # clients choose the targets: the memo stays bounded whatever they send
+            self._plans[target] = plan
+        return plan
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -374,25 +415,26 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     if MAIN_SECTION not in parser:
         raise ConfigError(f"{path}: no [{MAIN_SECTION}] section; start the file with [{MAIN_SECTION}]")
 
+    pipelines: dict[str, dict[str, Any]] = {}  # validated together, once every expert is known
     for section in parser.sections():
         if section == MAIN_SECTION:
             continue
-        if not section.startswith(EXPERT_PREFIX):
-            raise ConfigError(
-                f"{path}: [{section}]: unknown section; use [{MAIN_SECTION}] and one [{EXPERT_PREFIX}NAME] per expert"
-            )
-        name = section[len(EXPERT_PREFIX):]
+        if not section.startswith((EXPERT_PREFIX, PIPELINE_PREFIX)):
+            raise ConfigError(f"{path}: [{section}]: unknown section; use [{MAIN_SECTION}], one "
+                              f"[{EXPERT_PREFIX}NAME] per expert and one [{PIPELINE_PREFIX}NAME] per pipeline")
+        kind, _, name = section.partition(":")
         if not EXPERT_NAME.match(name):
-            raise ConfigError(
-                f"{path}: [{section}]: bad expert name {name!r}; use letters, digits, '_', '.', '-', "
-                "starting with a letter or '_'"
-            )
+            raise ConfigError(f"{path}: [{section}]: bad {kind} name {name!r}; {NAME_RULE}")
+        keys = _PIPELINE_KEYS if kind == "pipeline" else _EXPERT_KEYS
         values = {}
         for key, raw in parser.items(section):
-            if key not in _EXPERT_KEYS:
-                raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(_EXPERT_KEYS))}")
-            if raw.strip() or _EXPERT_KEYS[key].default is None:  # an empty optional key means its default
-                values[key] = _parse_setting(_EXPERT_KEYS[key], raw, f"{path}: [{section}]")
+            if key not in keys:
+                raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(keys))}")
+            if raw.strip() or keys[key].default is None:  # an empty optional key means its default
+                values[key] = _parse_setting(keys[key], raw, f"{path}: [{section}]")
+        if kind == "pipeline":
+            pipelines[name] = values
+            continue
         if "function" in values and "model" in values:
             raise ConfigError(f"{path}: [{section}]: both function and model are set; keep one")
         if "function" not in values and "model" not in values:
@@ -439,57 +481,14 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         raise ConfigError(
             f"{path}: no [{EXPERT_PREFIX}NAME] sections; add one per expert, with function = module:function"
         )
+    config.pipelines = load_pipelines(pipelines, path, config.experts)
     return config
 
 
 def render_markdown() -> str:
     """The configuration reference, as committed in docs/config.md."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "<!-- Generated from expertd/config.py by `python -m expertd.config`; do not edit by hand. -->",
-        "",
-        "expertd reads one INI file (`expertd --config FILE`, default `/etc/expertd.conf`).",
-        "Relative paths in it are relative to the file's directory. A misspelt key, a bad value,",
-        "an unknown section or an expert that fails to import stops start-up with one line naming",
-        "the file, section and key, and a non-zero exit status.",
-        "",
-    ]
-    for section, title in ((MAIN_SECTION, f"[{MAIN_SECTION}]"), ("expert", f"[{EXPERT_PREFIX}NAME]")):
-        lines += [f"## `{title}`", ""]
-        if section == "expert":
-            lines += [
-                "One section per expert. NAME is what clients call; it starts with a letter or `_` and",
-                "holds letters, digits, `_`, `.` and `-`.",
-                "",
-            ]
-        lines += ["| key | type | default | command line | meaning |", "| --- | --- | --- | --- | --- |"]
-        for setting in SETTINGS:
-            if setting.section != section:
-                continue
-            if setting.default is None:
-                default = "(required)"
-            else:
-                default = f"`{setting.default}`" if setting.default else "(empty)"
-            flag = f"`{setting.flag}`" if setting.cli else ""
-            lines.append(f"| `{setting.name}` | {setting.type.name} | {default} | {flag} | {setting.help} |")
-        lines.append("")
-    lines += [
-        "## Files named on the command line",
-        "",
-        "`--pidfile PATH` and `--log-file PATH` are never written through a symlink, so a link",
-        "planted at their path (in a shared directory such as /tmp) redirects nothing:",
-        "",
-        "- The pidfile is written under a fresh, unguessable name in its directory (created",
-        "  exclusively, mode 0644) and renamed over PATH. A symlink at PATH is stale (expertd never",
-        "  writes one): it is replaced, not followed. A live expertd named by the pidfile is refused.",
-        "- The log file is opened for appending without following a symlink, at start-up and when",
-        "  SIGUSR1 reopens it. It must be a regular file with one link, owned by root or the daemon's",
-        "  user (created mode 0644 if missing); anything else (a symlink, a FIFO, a hard link, another",
-        "  user's file) stops start-up with one line, or, on SIGUSR1, is logged and the old file kept.",
-        "",
-    ]
-    return "\n".join(lines)
+    return _render_markdown(SETTINGS, ((MAIN_SECTION, f"[{MAIN_SECTION}]"), ("expert", f"[{EXPERT_PREFIX}NAME]"),
+                                       ("pipeline", f"[{PIPELINE_PREFIX}NAME]")))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,23 @@ take its calls in batches: the daemon gathers concurrent calls into one::
 
 Each call still passes one argument and gets its own result.  To fail one
 item alone, put an exception in its place in the returned list; the other
-callers get their results.  Standard library only.
+callers get their results.
+
+An expert that reads earlier experts' opinions from the document (in a
+pipeline, docs/config.md ``[pipeline:NAME]``) says which, so that a pipeline
+that does not run them first is refused when the experts load::
+
+    @expert(reads=("language",))   # reads document["opinions"]["language"]
+    def opinion(doc): ...
+
+Standard library only; no state beyond the hooks stored on each function.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False  # typing stays out of the runtime import: clients import this package
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
 _HOOKS_ATTR = "__expertd_hooks__"
@@ -47,13 +56,33 @@ _HOOKS_ATTR = "__expertd_hooks__"
 class Hooks:
     """An expert's set-up hooks; either may be None."""
 
-    __slots__ = ("after_fork", "batched", "before_fork")
+    __slots__ = ("after_fork", "batched", "before_fork", "reads")
 
     def __init__(self, before_fork: Callable[[], Any] | None = None, after_fork: Callable[[], Any] | None = None,
-                 batched: bool = False):
+                 batched: bool = False, reads: tuple[str, ...] = ()):
         self.before_fork = before_fork
         self.after_fork = after_fork
         self.batched = batched
+        self.reads = reads  # the opinions (expert names) the expert reads from the document
+
+
+def _opinion_names(reads: Iterable[str]) -> tuple[str, ...]:
+    """``reads`` checked: opinion names, each once, in order."""
+    if isinstance(reads, (str, bytes)):  # a bare name would be read as its letters
+        raise TypeError(f"expert(): reads must be a list or tuple of opinion names, such as ({reads!r},), "
+                        f"not a {type(reads).__name__}")
+    try:
+        names = list(reads)
+    except TypeError:
+        raise TypeError(f"expert(): reads must be a list or tuple of opinion names, not {type(reads).__name__}"
+                        ) from None
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"expert(): reads holds {name!r}, a {type(name).__name__}; list opinion names (the "
+                            "names of the experts whose opinions it reads) as strings")
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"expert(): reads holds {name!r}; name an expert, without spaces around it")
+    return tuple(dict.fromkeys(names))
 
 
 def expert(
@@ -62,12 +91,17 @@ def expert(
     before_fork: Callable[[], Any] | None = None,
     after_fork: Callable[[], Any] | None = None,
     batched: bool = False,
+    reads: Iterable[str] = (),
 ) -> Any:
     """Mark ``function`` as an expert with optional set-up hooks (usable bare or with arguments).
 
     ``batched=True``: the function takes a list of inputs (one per call) and
     returns a list of results in the same order (see the module docstring).
+    ``reads``: the names of the opinions the expert reads from a pipeline's
+    document; every pipeline that runs it must run those experts in an earlier
+    stage.
     """
+    read_names = _opinion_names(reads)
     if not isinstance(batched, bool):
         raise TypeError(f"expert(): batched must be True or False, not {type(batched).__name__}")
     for label, hook in (("before_fork", before_fork), ("after_fork", after_fork)):
@@ -75,7 +109,7 @@ def expert(
             raise TypeError(f"expert(): {label} must be callable, not {type(hook).__name__}")
 
     def mark(target: Callable) -> Callable:
-        setattr(target, _HOOKS_ATTR, Hooks(before_fork, after_fork, batched))
+        setattr(target, _HOOKS_ATTR, Hooks(before_fork, after_fork, batched, read_names))
         return target
 
     return mark(function) if function is not None else mark

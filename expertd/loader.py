@@ -1,8 +1,10 @@
 """Loading experts: imports, function references, hooks and signatures.
 
 The master calls :func:`load_experts` once: it prepends ``pythonpath``,
-imports the ``preload`` modules, resolves every ``[expert:NAME]`` function and
-runs the ``before_fork`` hooks.  Each worker calls :func:`run_after_fork`
+imports the ``preload`` modules, resolves every ``[expert:NAME]`` function,
+checks the named pipelines against the opinions the experts declare they read
+(``@expert(reads=...)``), prepares the models and runs the ``before_fork``
+hooks.  Each worker calls :func:`run_after_fork`
 after fork.  Failures become one-line :class:`ExpertLoadError` messages that
 name the config file, section and key.
 """
@@ -25,6 +27,7 @@ from expertd.errors import ExpertLoadError
 from expertd.expert import hooks_of
 from expertd.model import Model, collect, model_expert
 from expertd.modelcache import Prepared, cache_directory
+from expertd.pipelines import check_reads
 
 log = logging.getLogger("expertd.loader")
 
@@ -46,6 +49,7 @@ class LoadedExpert:
     batched: bool = False  # takes its calls in batches (a model expert; @expert(batched=True))
     max_batch: int = 1  # the most calls one batch holds (1: never batched)
     batch_delay: float = 0.0  # how long a free worker may wait for expected company (see expertd.batching)
+    reads: tuple[str, ...] = ()  # the opinions it reads from a pipeline's document (@expert(reads=...))
 
     @property
     def is_model(self) -> bool:
@@ -67,6 +71,7 @@ class LoadedExpert:
             "batched": self.batched,
             "max_batch": self.max_batch,
             "batch_delay": self.batch_delay,
+            "reads": list(self.reads),
         }
         model = getattr(self.function, "__expertd_model__", None)
         if model is not None:
@@ -199,7 +204,12 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             batched=hooks.batched,
             max_batch=config.max_batch(spec.name, hooks.batched),
             batch_delay=spec.batch_delay,
+            reads=hooks.reads,
         )
+    # Before any model is prepared: a pipeline that cannot work fails the load (start-up or reload) at once.
+    problem = check_reads(config.pipelines, {name: expert.reads for name, expert in experts.items()})
+    if problem:
+        raise ExpertLoadError(f"{config.path}: {problem}")
 
     served += [(model, f"{config.path}: Model({model.path!r}) in {model._module}") for model in collect()]
     cache = cache_directory(config.model_cache)

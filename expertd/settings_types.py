@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from expertd.pipelines import ON_ERROR
+
 
 class _Invalid(ValueError):
     """A value did not parse; the message says what is expected."""
@@ -201,6 +203,13 @@ def _parse_log_level(raw: str) -> str:
     return value
 
 
+def _parse_on_error(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ON_ERROR:
+        raise _Invalid(f"not {' or '.join(ON_ERROR)}; continue runs the later stages after a failure, stop skips them")
+    return value
+
+
 def _parse_function(raw: str) -> str:
     value = raw.strip()
     dotted = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -262,4 +271,7 @@ MODULES = _Type("list of modules", _parse_modules)
 LOG_LEVEL = _Type("one of " + ", ".join(_LOG_LEVELS), _parse_log_level)
 FUNCTION = _Type("module:function", _parse_function)
 ADDRESS_OR_OFF = _Type("HOST:PORT, or empty for none", _parse_address)
+# Checked by expertd.pipelines.load_pipelines, which needs every section's names at once.
+STAGES = _Type("stages: NAME + NAME, NAME ...", str.strip)
+ON_ERROR_MODE = _Type(" or ".join(ON_ERROR), _parse_on_error)
 TOKEN = _Type("secret text (16+ characters), or empty", _parse_token)
