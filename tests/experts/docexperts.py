@@ -52,7 +52,7 @@ def stubborn(document):
     while True:
         try:
             time.sleep(60)
-        except BaseException:  # noqa: BLE001  (the point: an expert that will not stop)
+        except BaseException:  # (the point: an expert that will not stop)
             pass
 
 
