@@ -54,6 +54,7 @@ class Plan:
     stages: Stages
     on_error: str
     timeout: float
+    limits: tuple[float, ...] = ()  # per stage: its longest expert timeout (what the stage may take)
 
 
 class _Unknown(LookupError):
@@ -206,8 +207,13 @@ def plan_of(target: str, experts: Container[str], pipelines: Mapping[str, Pipeli
     if spec is not None and parsed[0][0] not in experts:
         timeout = spec.timeout if spec.timeout is not None else _spec_timeout(
             spec, experts, pipelines, expert_timeout, frozenset())
-        return Plan(target, spec.name, stages, spec.on_error, timeout)
-    return Plan(target, None, stages, ON_ERROR[0], _timeout(parsed, experts, pipelines, expert_timeout))
+        return Plan(target, spec.name, stages, spec.on_error, timeout, _limits(stages, expert_timeout))
+    return Plan(target, None, stages, ON_ERROR[0], _timeout(parsed, experts, pipelines, expert_timeout),
+                _limits(stages, expert_timeout))
+
+
+def _limits(stages: Stages, expert_timeout: Callable[[str], float]) -> tuple[float, ...]:
+    return tuple(max(expert_timeout(expert) for expert in stage) for stage in stages)
 
 
 def load_pipelines(sections: Mapping[str, Mapping[str, Any]], path: str,

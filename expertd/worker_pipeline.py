@@ -35,6 +35,7 @@ retires).
 
 from __future__ import annotations
 
+import _signal
 import logging
 import signal
 import socket
@@ -56,6 +57,13 @@ FAN_OUT_OVER = 0.002
 PIPELINE_GRACE = 0.5
 _TYPICAL_WEIGHT = 0.25  # how fast the typical duration follows new measurements (an EWMA)
 _HELPER_OPTIONS = {"helper": True}
+# A stage's deadline may come this much earlier than its timeout says, to spare re-arming the timer.
+_REARM_SLACK = 0.01
+_ALARM = [False]  # whether SIGALRM now means a stage's deadline (see _alarm)
+_ALARM_AT = [0.0]  # when the interval timer fires next (time.monotonic()), as last armed
+_getsignal, _SIGALRM = _signal.getsignal, signal.SIGALRM  # (_signal's: signal's wraps the answer in an enum)
+_setitimer, _ITIMER_REAL = signal.setitimer, signal.ITIMER_REAL
+_monotonic = time.monotonic
 _SKIPPED = "skipped"
 
 
@@ -69,7 +77,8 @@ class PipelineServing:
 
     config: Config
     channel: socket.socket
-    _interrupted: str | None
+    _interrupted: str | None  # why this worker must retire (a stage was interrupted), set here
+    _typical: dict[str, float]  # expert -> its typical duration here (see _call), set here
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
                       started: float) -> tuple[Any, str]:
@@ -81,26 +90,45 @@ class PipelineServing:
         Request-level problems (unknown names, a bad target, bad options) raise RemoteError.
         """
         plan = self.config.plan(target)
-        on_error = options.get("on_error", plan.on_error)
-        if on_error not in ("continue", "stop"):
-            raise BadRequest(f"option on_error must be 'continue' or 'stop', not {on_error!r}", expert=target)
-        helper = options.get("helper") is True
-        opinions = document.setdefault("opinions", {})
-        errors = document.get("errors")
-        came_with_errors = bool(errors)
+        on_error, helper = _options(options, plan.on_error, target) if options else (plan.on_error, False)
+        document.setdefault("opinions", {})
+        came_with_errors = bool(document.get("errors"))
+        found: dict[str, Any] = {}  # expert -> its result, or RemoteError
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
         deadline = started + plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10)
-        for index, stage in enumerate(plan.stages):
-            if stop is not None:
-                results: dict[str, Any] = {name: _skipped(name, stop) for name in stage}
-            else:
-                results = self._run_stage(stage, document, min(deadline, time.monotonic() + self._stage_limit(stage)),
-                                          fan_out=not helper and len(stage) > 1)
-            # Written after the stage: each expert of a stage saw the document as it was before it.
-            for name in stage:
-                result = results[name]
-                if isinstance(result, RemoteError):
+        limits = plan.limits
+        # The stage deadlines are kept by one interval timer, left running between requests and re-armed
+        # only when a stage's deadline is earlier than it, or later by more than _REARM_SLACK: with
+        # timeouts alike, a system call every _REARM_SLACK of busy time, not two a request (which cost
+        # 15 µs of a 60 µs round trip).  SIGALRM means something only while _ALARM[0] is set.
+        timed = _getsignal(_SIGALRM) is _alarm or _install_alarm_handler()
+        try:
+            for index, stage in enumerate(plan.stages):
+                if stop is not None:
+                    for name in stage:
+                        found[name] = _skipped(name, stop)
+                        _write(document, name, found[name])
+                    continue
+                now = _monotonic()
+                until = min(deadline, now + limits[index])
+                if timed:
+                    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK:
+                        _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
+                        _ALARM_AT[0] = until
+                    _ALARM[0] = True
+                if len(stage) == 1:  # (the usual stage, kept short)
+                    name = stage[0]
+                    result = found[name] = self._call(name, document, False)
+                else:
+                    results = self._run_stage(stage, document, until, fan_out=not helper)
+                    found.update(results)
+                # Written after the stage: each expert of a stage saw the document as it was before it.
+                for name in stage:
+                    result = found[name]
+                    _write(document, name, result)
+                    if result.__class__ is not RequestTimeout and not isinstance(result, RemoteError):
+                        continue
                     if result.code == "timeout":
                         outcome = "timeout"
                         stop = stop or f"stage {index + 1} ran past its timeout"
@@ -108,100 +136,92 @@ class PipelineServing:
                         outcome = outcome if outcome == "timeout" else "expert_errors"
                         if on_error == "stop":
                             stop = stop or f"{name} (stage {index + 1}) failed, and on_error = stop"
-                    opinions.pop(name, None)  # (an opinion the document came with is not this run's)
-                    if errors is None:
-                        errors = document["errors"] = {}
-                    errors[name] = _error_entry(result)
-                else:
-                    opinions[name] = result
-                    if errors:
-                        errors.pop(name, None)  # (nor is an error it came with)
+        except _StageTimeout:  # (past the deadline outside any expert's code: in hand-overs or book-keeping)
+            self._interrupted = f"a pipeline stage was interrupted at its timeout ({target})"
+            outcome, late = "timeout", None
+            for stage in plan.stages:
+                for name in stage:
+                    if name not in found:
+                        found[name] = late = _stage_timeout(name) if late is None else _skipped(
+                            name, "a stage ran past its timeout")
+                    _write(document, name, found[name])
+        finally:
+            try:
+                _ALARM[0] = False  # (the handler raises only while this is set; the timer runs on)
+            except _StageTimeout:
+                pass
+        errors = document.get("errors")
         if helper:
-            asked = {name for stage in plan.stages for name in stage}
-            reply: dict[str, Any] = {"opinions": {k: v for k, v in opinions.items() if k in asked}}
+            reply: dict[str, Any] = {"opinions": {k: v for k, v in document["opinions"].items() if k in found}}
             if errors:
-                reply["errors"] = {k: v for k, v in errors.items() if k in asked}
+                reply["errors"] = {k: v for k, v in errors.items() if k in found}
             return reply, outcome
         if came_with_errors and not errors:
             del document["errors"]  # (it held only errors of experts that have now answered)
         return document, outcome
 
-    def _stage_limit(self, stage: tuple[str, ...]) -> float:
-        return max(self.config.expert_timeout(name) for name in stage)
-
     # ------------------------------------------------------------- a stage
     def _run_stage(self, stage: tuple[str, ...], document: dict, deadline: float,
                    fan_out: bool) -> dict[str, Any]:
-        """Each expert of ``stage`` on ``document``: its result or RemoteError, by name."""
+        """Each expert of a stage of several on ``document``: its result or RemoteError, by name."""
         results: dict[str, Any] = {}
         helpers: list[tuple[tuple[str, ...], socket.socket]] = []
         mine = stage
-        if fan_out and self.config.workers > 1:
-            theirs, mine = fan_out_split(stage, self._typical_durations())
-            for group in theirs:
-                sock = self._ask_for_help(group, document)
-                if sock is None:
-                    mine += group
-                else:
-                    helpers.append((group, sock))
-        timed_out = False
-        for name in mine:
-            if timed_out:
-                results[name] = _skipped(name, "its stage ran past its timeout")
-                continue
-            results[name] = self._call_in_time(name, document, deadline)
-            timed_out = results[name].__class__ is RequestTimeout
-        for group, sock in helpers:
-            try:
+        try:
+            if fan_out and self.config.workers > 1:
+                theirs, mine = fan_out_split(stage, self._typical_durations())
+                for group in theirs:
+                    sock = self._ask_for_help(group, document)
+                    if sock is None:
+                        mine += group
+                    else:
+                        helpers.append((group, sock))
+            late = False
+            for name in mine:
+                results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
+                    name, document, True)
+                late = late or results[name].__class__ is RequestTimeout
+            for group, sock in helpers:
                 answered = self._helper_answer(group, sock, deadline)
-            finally:
+                if answered is None:  # declined, or the helper was lost: run them here (experts are pure)
+                    for name in group:
+                        results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
+                            name, document, True)
+                        late = late or results[name].__class__ is RequestTimeout
+                else:
+                    results.update(answered)
+        finally:
+            for _group, sock in helpers:
                 sock.close()
-            if answered is None:  # declined, or the helper was lost: run them here (experts are pure)
-                for name in group:
-                    if timed_out:
-                        results[name] = _skipped(name, "its stage ran past its timeout")
-                        continue
-                    results[name] = self._call_in_time(name, document, deadline)
-                    timed_out = results[name].__class__ is RequestTimeout
-            else:
-                results.update(answered)
         return results
 
-    def _call_in_time(self, name: str, document: dict, deadline: float) -> Any:
-        """Expert ``name`` on ``document``, interrupted at ``deadline``: its result, or RemoteError."""
-        started = time.monotonic()
-        limit = deadline - started
-        if limit <= 0:
-            return _stage_timeout(name)
-        armed = signal.getsignal(signal.SIGALRM) is _alarm or _arm_alarm_handler()
-        if armed:
-            signal.setitimer(signal.ITIMER_REAL, limit)
+    def _call(self, name: str, document: dict, measure: bool) -> Any:
+        """Expert ``name`` on ``document`` (the plan's timer armed): its result, or RemoteError.
+
+        ``measure``: keep its typical duration (experts of a stage of several: the fan-out decides by it).
+        """
+        started = _monotonic() if measure else 0.0
         try:
-            try:
-                result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
-            finally:
-                if armed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+            result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
         except _StageTimeout:
-            result = _stage_timeout(name)
-        except RemoteError as exc:
-            result = exc
-        if result.__class__ is RequestTimeout or (
-                isinstance(result, RemoteError) and "_StageTimeout" in (result.remote_type or "")):
-            # (An expert that caught the interruption and raised something else was interrupted all the same.)
             self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
             return _stage_timeout(name)
-        elapsed = time.monotonic() - started
-        typical = self._typical_durations()
-        previous = typical.get(name)
-        typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
+        except RemoteError as exc:
+            if exc.remote_type and "_StageTimeout" in exc.remote_type:
+                # (A batched expert's failures are wrapped one by one: interrupted all the same.)
+                self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
+                return _stage_timeout(name)
+            result = exc
+        if measure:
+            elapsed = _monotonic() - started
+            typical = self._typical_durations()
+            previous = typical.get(name)
+            typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
         return result
 
     def _typical_durations(self) -> dict[str, float]:
-        typical: dict[str, float] | None = getattr(self, "_typical", None)
-        if typical is None:
-            typical = self._typical = {}  # type: ignore[misc]
-        return typical
+        """Each expert's typical duration in this worker, as run in stages of several (an EWMA)."""
+        return self._typical
 
     # ------------------------------------------------------------- fan-out
     def _ask_for_help(self, group: tuple[str, ...], document: dict) -> socket.socket | None:
@@ -276,10 +296,12 @@ def fan_out_split(stage: tuple[str, ...], typical: dict[str, float],
 
 
 def _alarm(signum: int, frame: object) -> None:
-    raise _StageTimeout
+    if _ALARM[0] and _monotonic() >= _ALARM_AT[0] - _REARM_SLACK:
+        _ALARM[0] = False
+        raise _StageTimeout
 
 
-def _arm_alarm_handler() -> bool:
+def _install_alarm_handler() -> bool:
     """Install the stage-timeout handler, unless SIGALRM is taken (the master is gone: see Worker)."""
     if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
         return False
@@ -289,13 +311,35 @@ def _arm_alarm_handler() -> bool:
     return True
 
 
+def _options(options: dict, on_error: str, target: str) -> tuple[str, bool]:
+    """A request's options: (on_error, whether it is a helper's)."""
+    on_error = options.get("on_error", on_error)
+    if on_error not in ("continue", "stop"):
+        raise BadRequest(f"option on_error must be 'continue' or 'stop', not {on_error!r}", expert=target)
+    return on_error, options.get("helper") is True
+
+
+def _write(document: dict, name: str, result: Any) -> None:
+    """Put an expert's result under opinions.NAME, or its failure under errors.NAME (dropping the other)."""
+    errors = document.get("errors")
+    if result.__class__ is RequestTimeout or isinstance(result, RemoteError):
+        document["opinions"].pop(name, None)  # (an opinion the document came with is not this run's)
+        if errors is None:
+            errors = document["errors"] = {}
+        errors[name] = _error_entry(result)
+    else:
+        document["opinions"][name] = result
+        if errors:
+            errors.pop(name, None)  # (nor is an error it came with)
+
+
 def _stage_timeout(name: str) -> RequestTimeout:
     return RequestTimeout(f"{name} ran past its stage's timeout; the stages after it were not run", expert=name)
 
 
 def _skipped(name: str, why: str) -> RemoteError:
     error = RemoteError(f"not run: {why}", expert=name)
-    error.code = _SKIPPED
+    error.code, error.remote_type = _SKIPPED, None  # type: ignore[assignment]  (no exception was raised)
     return error
 
 
