@@ -43,8 +43,10 @@ import time
 from typing import Any
 
 from expertd import ipc, protocol
+from expertd.calls import _failure
 from expertd.config import Config
 from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
+from expertd.loader import LoadedExpert
 
 log = logging.getLogger("expertd.worker")
 
@@ -76,6 +78,7 @@ class PipelineServing:
     """Running pipelines (a mixin of :class:`expertd.worker.Worker`, whose ``__init__`` sets these)."""
 
     config: Config
+    experts: dict[str, LoadedExpert]
     channel: socket.socket
     _interrupted: str | None  # why this worker must retire (a stage was interrupted), set here
     _typical: dict[str, float]  # expert -> its typical duration here (see _call), set here
@@ -91,8 +94,10 @@ class PipelineServing:
         """
         plan = self.config.plan(target)
         on_error, helper = _options(options, plan.on_error, target) if options else (plan.on_error, False)
-        document.setdefault("opinions", {})
-        came_with_errors = bool(document.get("errors"))
+        opinions = document.setdefault("opinions", {})
+        errors = document.get("errors")
+        came_with_errors = bool(errors)
+        experts = self.experts
         found: dict[str, Any] = {}  # expert -> its result, or RemoteError
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
@@ -111,21 +116,39 @@ class PipelineServing:
                         _write(document, name, found[name])
                     continue
                 now = _monotonic()
-                until = min(deadline, now + limits[index])
+                until = deadline if now + limits[index] > deadline else now + limits[index]
                 if timed:
                     if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK:
                         _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
                         _ALARM_AT[0] = until
                     _ALARM[0] = True
-                if len(stage) == 1:  # (the usual stage, kept short)
+                if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
                     name = stage[0]
-                    result = found[name] = self._call(name, document, False)
+                    expert = experts.get(name)
+                    if expert is not None and not expert.batched:
+                        try:
+                            result = expert.function(document)
+                        except _StageTimeout:
+                            result = self._timed_out(name)
+                        except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
+                            result = _failure(expert, [document], {}, exc)
+                            if result.remote_type and "_StageTimeout" in result.remote_type:
+                                result = self._timed_out(name)
+                    else:
+                        result = self._call(name, document, False)
+                    found[name] = result
+                    if result.__class__ is not RequestTimeout and not isinstance(result, RemoteError):
+                        opinions[name] = result
+                        if errors:
+                            errors.pop(name, None)  # (an error the document came with is not this run's)
+                        continue
+                    results = {name: result}
                 else:
                     results = self._run_stage(stage, document, until, fan_out=not helper)
                     found.update(results)
                 # Written after the stage: each expert of a stage saw the document as it was before it.
                 for name in stage:
-                    result = found[name]
+                    result = results[name]
                     _write(document, name, result)
                     if result.__class__ is not RequestTimeout and not isinstance(result, RemoteError):
                         continue
@@ -136,6 +159,7 @@ class PipelineServing:
                         outcome = outcome if outcome == "timeout" else "expert_errors"
                         if on_error == "stop":
                             stop = stop or f"{name} (stage {index + 1}) failed, and on_error = stop"
+                    errors = document.get("errors")
         except _StageTimeout:  # (past the deadline outside any expert's code: in hand-overs or book-keeping)
             self._interrupted = f"a pipeline stage was interrupted at its timeout ({target})"
             outcome, late = "timeout", None
@@ -204,13 +228,10 @@ class PipelineServing:
         try:
             result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
         except _StageTimeout:
-            self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
-            return _stage_timeout(name)
+            return self._timed_out(name)
         except RemoteError as exc:
             if exc.remote_type and "_StageTimeout" in exc.remote_type:
-                # (A batched expert's failures are wrapped one by one: interrupted all the same.)
-                self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
-                return _stage_timeout(name)
+                return self._timed_out(name)  # (an expert's failures are wrapped: interrupted all the same)
             result = exc
         if measure:
             elapsed = _monotonic() - started
@@ -218,6 +239,11 @@ class PipelineServing:
             previous = typical.get(name)
             typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
         return result
+
+    def _timed_out(self, name: str) -> RequestTimeout:
+        """Expert ``name`` was interrupted at its stage's deadline: this worker retires after the reply."""
+        self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
+        return _stage_timeout(name)
 
     def _typical_durations(self) -> dict[str, float]:
         """Each expert's typical duration in this worker, as run in stages of several (an EWMA)."""
