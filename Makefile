@@ -51,23 +51,29 @@ install:
 clean:
 	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis
 
-.PHONY: bench bench-quick bench-model bench-batching
+.PHONY: bench bench-quick bench-model bench-batching bench-pipelines
 $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[tensorflow,bench]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.installed-run
 
 # Full comparison (about 22 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
 # (model experts against Keras, bench/models.py, on the MLP that bench-model builds), then
-# BENCHMARKS-batching.md (dynamic batching on against off, bench/batching.py).
+# BENCHMARKS-batching.md (dynamic batching on against off, bench/batching.py), then
+# BENCHMARKS-pipelines.md (bench/pipelines.py).
 bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/weight_sharing.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/pipelines.py
 
 # Dynamic batching alone (about 5 minutes): BENCHMARKS-batching.md, bench/plots/batching-results.json.
 bench-batching: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/batching.py
+
+# Pipelines (about 2 minutes): one request for many experts against one call each; writes BENCHMARKS-pipelines.md.
+bench-pipelines: $(VENV)/.installed-bench
+	$(BIN)/python bench/pipelines.py
 
 # The model benchmark's 192 MiB Keras MLP (bench/models/, git-ignored); skipped when up to date.
 bench-model: $(VENV)/.installed-bench

@@ -38,3 +38,19 @@ def heavy_b(document):
 def heavy_c(document):
     _burn(document.get("cpu", 0.02))
     return os.getpid()
+
+
+def wait_a(document):
+    """Waits 20 ms without computing (a stand-in for a machine with a core per expert); answers its pid."""
+    time.sleep(document.get("wait", 0.02))
+    return os.getpid()
+
+
+def wait_b(document):
+    time.sleep(document.get("wait", 0.02))
+    return os.getpid()
+
+
+def wait_c(document):
+    time.sleep(document.get("wait", 0.02))
+    return os.getpid()

@@ -55,6 +55,7 @@ PYTHON = sys.executable
 OLD_REF = "8f75b9f"  # main before pipelines landed
 CHEAP = ("language", "length", "shout")
 HEAVY = ("heavy_a", "heavy_b", "heavy_c")
+WAITING = ("wait_a", "wait_b", "wait_c")  # 20 ms each without CPU: as if every expert had a core of its own
 DOCUMENT = {"id": 1, "text": "Hello there, is le monde OK today?"}
 
 
@@ -62,7 +63,7 @@ def write_config(directory: Path, workers: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["[expertd]", f"socket = {directory / 'expertd.sock'}", f"workers = {workers}",
              f"pythonpath = {BENCH}", "preload ="]
-    for name in (*CHEAP, *HEAVY):
+    for name in (*CHEAP, *HEAVY, *WAITING):
         lines += ["", f"[expert:{name}]", f"function = pipeline_experts:{name}"]
     path = directory / "expertd.conf"
     path.write_text("\n".join(lines) + "\n")
@@ -129,12 +130,12 @@ def round_trip(sock: str, rounds: int, count: int) -> dict:
     return {name: median(values) for name, values in medians.items()} | {"rounds": rounds, "count": count}
 
 
-def stage(sock: str, rounds: int, count: int) -> dict:
+def stage(sock: str, rounds: int, count: int, experts: tuple[str, ...] = HEAVY) -> dict:
     raw = Raw(sock)
     ways = {
-        "one expert": protocol.encode_call(1, HEAVY[0], [DOCUMENT], {}),
-        "one stage a+b+c": protocol.encode_pipeline(1, "+".join(HEAVY), DOCUMENT),
-        "three stages a,b,c": protocol.encode_pipeline(1, ",".join(HEAVY), DOCUMENT),
+        "one expert": protocol.encode_call(1, experts[0], [DOCUMENT], {}),
+        "one stage a+b+c": protocol.encode_pipeline(1, "+".join(experts), DOCUMENT),
+        "three stages a,b,c": protocol.encode_pipeline(1, ",".join(experts), DOCUMENT),
     }
     pids: set[int] = set()
 
@@ -232,6 +233,13 @@ def markdown(data: dict) -> str:
             f"longest expert's and {st['one stage a+b+c'] / st['three stages a,b,c']:.2f}× the sum's. "
             f"On {data['cpus']} cores, three 20 ms experts need at least "
             f"{max(1.0, 3 / data['cpus']):.2f}× one expert's time whatever the daemon does.", "",
+            "The same with experts that wait 20 ms instead of computing, which is what a machine with a core "
+            "per expert would show:", "", "| way | latency (median) | / one expert |", "|---|---|---|"]
+    sw = data["stage_waiting"]
+    for name in ("one expert", "one stage a+b+c", "three stages a,b,c"):
+        out.append(f"| {name} | {sw[name] * 1000:.1f} ms | {sw[name] / sw['one expert']:.2f}× |")
+    out += ["", f"On {sw['stage_pids']} distinct workers: **{sw['one stage a+b+c'] / sw['one expert']:.2f}×** the "
+            "longest expert's latency.", "",
             "## 3. `expertctl opinion a b c --lines` over "
             f"{ln['documents']:,} documents (2 workers)", "",
             "| CLI | documents/s (median) |", "|---|---|"]
@@ -265,6 +273,7 @@ def main() -> int:
         with running(directory / "three", 3) as daemon:
             print("stage ...", file=sys.stderr)
             data["stage"] = stage(daemon.sock, rounds, count // 20)
+            data["stage_waiting"] = stage(daemon.sock, rounds, count // 20, WAITING)
     report = markdown(data)
     print(report)
     Path(options.output).write_text(report)
