@@ -109,8 +109,7 @@ class Master:
         queue: deque[Connection] = deque()
         self.dispatcher = dispatcher = Dispatcher(serving, pool, table, queue, scoreboard, metrics, quarantines,
                                                   self.summary, on_ready=lambda: self.reloads.worker_ready(),
-                                                  kill_and_reap=self._kill_and_reap,
-                                                  examine=None)
+                                                  kill_and_reap=self._kill_and_reap, examine=None)
         self.reloads = reloads = Reloads(serving, pool, dispatcher, table, epoll, self.notifier,
                                          (scoreboard, metrics), self._own_fds, overrides or {},
                                          on_first_ready=on_ready or (lambda: None), on_start_failed=self._fail_start,

@@ -193,7 +193,7 @@ def test_control_kinds_are_the_masters_and_need_more_than_read_access(kind):
     assert kind in framing.KIND_NAMES
 
 
-@pytest.mark.parametrize("kind", [0x00, 0x05, 0x0F, 0x14, 0x42, protocol.RESULT, protocol.ERROR, 0xFF])
+@pytest.mark.parametrize("kind", [0x00, 0x06, 0x0F, 0x14, 0x42, protocol.RESULT, protocol.ERROR, 0xFF])
 def test_an_unknown_request_kind_is_refused_with_its_request_id(kind):
     frame = framing.frame_of(protocol.encode_frame(kind, 99, b"\x90"), MAX_FRAME)
     assert frame.kind == kind and frame.request_id == 99 and frame.expert is None

@@ -96,7 +96,9 @@ def test_a_malformed_target_is_refused_with_one_line_saying_what_is_wrong(text, 
     (" moderation ", "moderation", (("language",), ("sentiment", "toxicity")), "stop", 6.0),
 ])
 def test_a_target_plans_into_stages_of_experts_with_a_timeout(target, name, stages, on_error, timeout):
-    assert plan(target) == Plan(target, name, stages, on_error, timeout)
+    planned = plan(target)
+    assert planned == Plan(target, name, stages, on_error, timeout, planned.limits)
+    assert len(planned.limits) == len(stages) and all(limit > 0 for limit in planned.limits)
 
 
 @pytest.mark.parametrize("target, error, message", [
@@ -134,7 +136,7 @@ def test_an_unknown_name_is_reported_as_an_unknown_expert_naming_it():
 def test_a_pipeline_spec_built_by_hand_plans_over_its_stages():
     hand_made = {"p": PipelineSpec("p", (("language",), ("toxicity",)), "stop", None, text="")}
     assert plan_of("p", TIMEOUTS, hand_made, TIMEOUTS.__getitem__) == Plan(
-        "p", "p", (("language",), ("toxicity",)), "stop", 6.0)
+        "p", "p", (("language",), ("toxicity",)), "stop", 6.0, (TIMEOUTS["language"], TIMEOUTS["toxicity"]))
 
 
 def test_plan_of_asks_the_timeout_of_experts_only():
