@@ -81,3 +81,29 @@ def burn_c(document):
 @expert(batched=True)
 def batched_length(documents):
     return [len(d.get("text", "")) for d in documents]
+
+
+def exit_in_helper(document):
+    """About 10 ms of CPU, then this worker's pid; but run by a worker other than the one that ran stage 1
+    (``opinions.worker_pid``), that is by a helper a fanned-out stage was given to, it exits its worker
+    mid-request instead: the asker must then run it itself."""
+    _burn(0.01)
+    ran_stage_1 = document.get("opinions", {}).get("worker_pid")
+    if ran_stage_1 is not None and ran_stage_1 != os.getpid():
+        os._exit(3)
+    return os.getpid()
+
+
+def unsendable(document):
+    """An opinion msgpack cannot carry."""
+    return object()
+
+
+def note_pid(document):
+    """Writes this worker's pid to the file document['pid_file'] names (so that a test knows, mid-request,
+    which worker runs the request), and returns it."""
+    path = document["pid_file"]
+    with open(path + ".tmp", "w") as out:
+        out.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    return os.getpid()
