@@ -53,7 +53,7 @@ class Answering:
         started = time.monotonic()
         board = self.board
         expert_name = None
-        label = AD_HOC  # (a pipeline's, for its metrics)
+        label: str | None = AD_HOC  # (a pipeline's, for its metrics)
         try:
             if kind == _CALL:
                 try:
@@ -81,9 +81,11 @@ class Answering:
                     board.begin(started, self.config.expert_timeout(expert_name or ""), request_id, expert_name or "")
                 if len(body) >= self._max_depth:
                     protocol.check_shape([document], options, 1 + len(options), self._max_depth, body)
-                label = expert_name if expert_name in self.config.pipelines else AD_HOC
+                # (A helper's request is part of another's: its experts count, not it.)
+                label = None if options.get("helper") is True else (
+                    expert_name if expert_name in self.config.pipelines else AD_HOC)
                 value, outcome = self._run_pipeline(expert_name, document, options, started)
-                reply_kind, reply = _RESULT, _pack_result(expert_name, value)
+                reply_kind, reply, outcome = _RESULT, *self._pack_pipeline_reply(expert_name, value, outcome)
             else:
                 board.begin(started, self.config.timeout, request_id, "")
                 reply_kind = _RESULT  # PING
@@ -96,7 +98,7 @@ class Answering:
             outcome = exc.code
         if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
             self.recorder.record(expert_name, outcome, time.monotonic() - started)
-        elif kind == _PIPELINE:  # (its experts counted themselves, each as a call)
+        elif kind == _PIPELINE and label is not None:  # (its experts counted themselves, each as a call)
             self.recorder.record_pipeline(label, outcome, time.monotonic() - started)
         close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
                                       request_id)

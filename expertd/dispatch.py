@@ -322,8 +322,15 @@ class Dispatcher(BatchDispatching, Losses):
             os.close(fd)
             return
         conn = self.adopt(fd, slot.pid)
-        if conn is not None:
-            self.examine(conn)  # type: ignore[misc]  (whole already: it joins the queue, for the idle worker)
+        if conn is None:
+            return
+        self.examine(conn)  # type: ignore[misc]  (whole already: it joins the queue, alone)
+        if conn.state == QUEUED:
+            self._hand_out()  # now, while that worker is idle
+        if conn.state != BUSY:  # (that worker was gone: never to wait for one, which may be the asker itself)
+            if conn.state == QUEUED:
+                self.queue.remove(conn)
+            self.table.close(conn)  # (the asker reads the end of the socket, and runs the request itself)
 
     def _on_done(self, slot: WorkerSlot, conn_id: int, close: bool, retiring: bool, linger: bool, served: int,
                  unsent: bytearray | None, unread: bytes | None) -> None:

@@ -83,7 +83,15 @@ class Metrics:
 
     def count_failure(self, expert: str | None, code: str) -> None:
         """A request that failed in the master's hands (timeout, lost worker, refused)."""
-        key = (expert if expert in self.index else UNKNOWN_EXPERT, code)
+        if expert in self.index:
+            name = expert
+        elif expert and PIPELINE_PREFIX + expert in self.index:  # a pipeline's request (its target names it)
+            name = PIPELINE_PREFIX + expert
+        elif expert and ("," in expert or "+" in expert):  # experts the caller listed: a pipeline's target
+            name = _AD_HOC_KEY
+        else:
+            name = UNKNOWN_EXPERT
+        key = (name, code)
         self._master_errors[key] = self._master_errors.get(key, 0) + 1
 
     def answered(self, expert: str, live_slots: Iterable[int]) -> int:
@@ -121,12 +129,17 @@ class Metrics:
         """Per pipeline that was asked for: requests, their outcomes (those seen) and mean time (``status``)."""
         summary = {}
         for name, (counters, seconds) in self.totals(live_slots).items():
-            requests = sum(counters[:_FIRST_BUCKET])
-            if name.startswith(PIPELINE_PREFIX) and requests:
+            if not name.startswith(PIPELINE_PREFIX):
+                continue
+            failed = self._master_errors  # (what the master answered itself: timeout, worker_lost)
+            outcomes = {code: counters[i] + failed.get((name, code), 0) for code, i in _OUTCOME_INDEX.items()}
+            answered = sum(counters[:_FIRST_BUCKET])
+            requests = sum(outcomes.values())
+            if requests:
                 summary[name[len(PIPELINE_PREFIX):]] = {
                     "requests": requests,
-                    "outcomes": {code: counters[i] for code, i in _OUTCOME_INDEX.items() if counters[i]},
-                    "mean_ms": round(seconds / requests * 1000, 3),
+                    "outcomes": {code: count for code, count in outcomes.items() if count},
+                    "mean_ms": round(seconds / answered * 1000, 3) if answered else None,  # (as its workers timed it)
                 }
         return summary
 
@@ -200,6 +213,9 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
 
     pipelines = {name[len(PIPELINE_PREFIX):]: row for name, row in totals.items() if name.startswith(PIPELINE_PREFIX)}
     totals = {name: row for name, row in totals.items() if not name.startswith(PIPELINE_PREFIX)}
+    pipeline_failures = {(name[len(PIPELINE_PREFIX):], code): count for (name, code), count in master_errors.items()
+                         if name.startswith(PIPELINE_PREFIX)}
+    master_errors = {key: count for key, count in master_errors.items() if not key[0].startswith(PIPELINE_PREFIX)}
     requests, errors = {}, {}
     for expert, (counters, _seconds) in totals.items():
         requests[expert] = sum(counters[:_FIRST_BUCKET])
@@ -235,8 +251,9 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
            "(answered, some experts' errors in the document), timeout, or the request's error code.")
     for pipeline, (counters, _seconds) in sorted(pipelines.items()):
         for code, i in _OUTCOME_INDEX.items():
-            if counters[i] or (code == "ok" and pipeline != AD_HOC):
-                out.append(f"expertd_pipeline_requests_total{_labels(pipeline=pipeline, outcome=code)} {counters[i]}")
+            count = counters[i] + pipeline_failures.get((pipeline, code), 0)  # (with the master's: timeout, lost)
+            if count or (code == "ok" and pipeline != AD_HOC):
+                out.append(f"expertd_pipeline_requests_total{_labels(pipeline=pipeline, outcome=code)} {count}")
     family("expertd_pipeline_duration_seconds", "histogram",
            "Time a worker spent on a pipeline request, from taking it to writing the reply, by pipeline.")
     for pipeline, (counters, seconds) in sorted(pipelines.items()):

@@ -43,10 +43,11 @@ import time
 from typing import Any
 
 from expertd import ipc, protocol
-from expertd.calls import _failure
+from expertd.calls import _failure, _pack_result
 from expertd.config import Config
-from expertd.errors import BadRequest, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
+from expertd.errors import BadRequest, BadResult, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
 from expertd.loader import LoadedExpert
+from expertd.metrics import Recorder
 
 log = logging.getLogger("expertd.worker")
 
@@ -66,6 +67,7 @@ _ALARM_AT = [0.0]  # when the interval timer fires next (time.monotonic()), as l
 _getsignal, _SIGALRM = _signal.getsignal, signal.SIGALRM  # (_signal's: signal's wraps the answer in an enum)
 _setitimer, _ITIMER_REAL = signal.setitimer, signal.ITIMER_REAL
 _monotonic = time.monotonic
+_SCALARS = frozenset((str, int, float, bool, type(None)))  # results that cannot hold the document
 _SKIPPED = "skipped"
 
 
@@ -82,6 +84,7 @@ class PipelineServing:
     channel: socket.socket
     _interrupted: str | None  # why this worker must retire (a stage was interrupted), set here
     _typical: dict[str, float]  # expert -> its typical duration here (see _call), set here
+    recorder: Recorder
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
                       started: float) -> tuple[Any, str]:
@@ -97,7 +100,7 @@ class PipelineServing:
         opinions = document.setdefault("opinions", {})
         errors = document.get("errors")
         came_with_errors = bool(errors)
-        experts = self.experts
+        experts, record = self.experts, self.recorder.record  # (each expert run counts as a call of it)
         found: dict[str, Any] = {}  # expert -> its result, or RemoteError
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
@@ -118,9 +121,7 @@ class PipelineServing:
                 now = _monotonic()
                 until = deadline if now + limits[index] > deadline else now + limits[index]
                 if timed:
-                    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK:
-                        _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
-                        _ALARM_AT[0] = until
+                    _arm(until, now)
                     _ALARM[0] = True
                 if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
                     name = stage[0]
@@ -134,19 +135,34 @@ class PipelineServing:
                             result = _failure(expert, [document], {}, exc)
                             if result.remote_type and "_StageTimeout" in result.remote_type:
                                 result = self._timed_out(name)
+                        found[name] = result
+                        if result.__class__ not in _SCALARS:
+                            if result.__class__ is RequestTimeout or isinstance(result, RemoteError):
+                                record(name, result.code, _monotonic() - now)
+                                results = {name: result}
+                            else:
+                                record(name, "ok", _monotonic() - now)
+                                # Into a copy: a result holding what its expert was given (an expert returning its
+                                # input) keeps the document as it was, not a reference cycle that cannot be sent.
+                                document, opinions, errors = _fresh(document)
+                                opinions[name] = result
+                                if errors:
+                                    errors.pop(name, None)
+                                continue
+                        else:
+                            record(name, "ok", _monotonic() - now)
+                            opinions[name] = result
+                            if errors:
+                                errors.pop(name, None)  # (an error the document came with is not this run's)
+                            continue
                     else:
-                        result = self._call(name, document, False)
-                    found[name] = result
-                    if result.__class__ is not RequestTimeout and not isinstance(result, RemoteError):
-                        opinions[name] = result
-                        if errors:
-                            errors.pop(name, None)  # (an error the document came with is not this run's)
-                        continue
-                    results = {name: result}
+                        results = {name: self._call(name, document, until, timed)}
+                        found[name] = results[name]
                 else:
-                    results = self._run_stage(stage, document, until, fan_out=not helper)
+                    results = self._run_stage(stage, document, until, fan_out=not helper, timed=timed)
                     found.update(results)
                 # Written after the stage: each expert of a stage saw the document as it was before it.
+                document, opinions, errors = _fresh(document)
                 for name in stage:
                     result = results[name]
                     _write(document, name, result)
@@ -185,15 +201,15 @@ class PipelineServing:
         return document, outcome
 
     # ------------------------------------------------------------- a stage
-    def _run_stage(self, stage: tuple[str, ...], document: dict, deadline: float,
-                   fan_out: bool) -> dict[str, Any]:
+    def _run_stage(self, stage: tuple[str, ...], document: dict, deadline: float, fan_out: bool,
+                   timed: bool) -> dict[str, Any]:
         """Each expert of a stage of several on ``document``: its result or RemoteError, by name."""
         results: dict[str, Any] = {}
         helpers: list[tuple[tuple[str, ...], socket.socket]] = []
         mine = stage
         try:
             if fan_out and self.config.workers > 1:
-                theirs, mine = fan_out_split(stage, self._typical_durations())
+                theirs, mine = fan_out_split(stage, self._typical)
                 for group in theirs:
                     sock = self._ask_for_help(group, document)
                     if sock is None:
@@ -203,14 +219,14 @@ class PipelineServing:
             late = False
             for name in mine:
                 results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
-                    name, document, True)
+                    name, document, deadline, timed)
                 late = late or results[name].__class__ is RequestTimeout
             for group, sock in helpers:
                 answered = self._helper_answer(group, sock, deadline)
                 if answered is None:  # declined, or the helper was lost: run them here (experts are pure)
                     for name in group:
                         results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
-                            name, document, True)
+                            name, document, deadline, timed)
                         late = late or results[name].__class__ is RequestTimeout
                 else:
                     results.update(answered)
@@ -219,35 +235,51 @@ class PipelineServing:
                 sock.close()
         return results
 
-    def _call(self, name: str, document: dict, measure: bool) -> Any:
-        """Expert ``name`` on ``document`` (the plan's timer armed): its result, or RemoteError.
+    def _call(self, name: str, document: dict, deadline: float, timed: bool) -> Any:
+        """Expert ``name`` on ``document``, interrupted at its own timeout or ``deadline``: its result, or RemoteError.
 
-        ``measure``: keep its typical duration (experts of a stage of several: the fan-out decides by it).
+        It counts as a call of the expert, and its duration is kept (the fan-out of stages decides by it).
         """
-        started = _monotonic() if measure else 0.0
+        started = _monotonic()
+        if timed:  # (its own timeout may be shorter than its stage's)
+            own = started + self.config.expert_timeout(name)
+            _arm(own if own < deadline else deadline, started)
         try:
             result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
         except _StageTimeout:
-            return self._timed_out(name)
+            result = self._timed_out(name)
         except RemoteError as exc:
-            if exc.remote_type and "_StageTimeout" in exc.remote_type:
-                return self._timed_out(name)  # (an expert's failures are wrapped: interrupted all the same)
-            result = exc
-        if measure:
-            elapsed = _monotonic() - started
-            typical = self._typical_durations()
-            previous = typical.get(name)
-            typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
+            result = self._timed_out(name) if exc.remote_type and "_StageTimeout" in exc.remote_type else exc
+        elapsed = _monotonic() - started
+        self.recorder.record(name, result.code if isinstance(result, RemoteError) else "ok", elapsed)  # type: ignore
+        typical = self._typical
+        previous = typical.get(name)
+        typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
         return result
+
+    def _pack_pipeline_reply(self, target: str, value: dict, outcome: str) -> tuple[bytes, str]:
+        """The reply's body, and the outcome: an opinion that cannot be sent becomes its expert's ``bad_result``
+        error alone (found only when the whole does not pack), not the request's."""
+        try:
+            return _pack_result(target, value), outcome
+        except BadResult:
+            pass
+        opinions, culprits = value.get("opinions", {}), False
+        for name in list(opinions):
+            try:
+                _pack_result(name, opinions[name])
+            except BadResult as exc:
+                culprits = True
+                del opinions[name]
+                value.setdefault("errors", {})[name] = _error_entry(exc)
+        if culprits and outcome == "ok":
+            outcome = "expert_errors"
+        return _pack_result(target, value), outcome  # (still too large, say: the request's error)
 
     def _timed_out(self, name: str) -> RequestTimeout:
         """Expert ``name`` was interrupted at its stage's deadline: this worker retires after the reply."""
         self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
         return _stage_timeout(name)
-
-    def _typical_durations(self) -> dict[str, float]:
-        """Each expert's typical duration in this worker, as run in stages of several (an EWMA)."""
-        return self._typical
 
     # ------------------------------------------------------------- fan-out
     def _ask_for_help(self, group: tuple[str, ...], document: dict) -> socket.socket | None:
@@ -319,6 +351,22 @@ def fan_out_split(stage: tuple[str, ...], typical: dict[str, float],
         return [], stage
     offered = slow[1:]
     return [(name,) for name in offered], tuple(name for name in stage if name not in offered)
+
+
+def _arm(until: float, now: float) -> None:
+    """Have SIGALRM come at ``until`` (within _REARM_SLACK earlier), re-arming the timer only when it must."""
+    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK:
+        _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
+        _ALARM_AT[0] = until
+
+
+def _fresh(document: dict) -> tuple[dict, dict, dict | None]:
+    """A shallow copy of ``document`` with its own opinions (and errors) maps: (copy, opinions, errors)."""
+    copy = {**document, "opinions": {**document["opinions"]}}
+    errors = document.get("errors")
+    if errors is not None:
+        errors = copy["errors"] = {**errors}
+    return copy, copy["opinions"], errors
 
 
 def _alarm(signum: int, frame: object) -> None:

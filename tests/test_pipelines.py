@@ -216,8 +216,6 @@ def test_a_bad_on_error_option_is_a_bad_request(make_daemon):
         assert result(sock, "mod", {"text": "hello"})["opinions"]["polite"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="a pipeline expert whose opinion cannot be sent fails the whole request "
-                   "(ERROR bad_result) instead of landing under errors.NAME (worker_pipeline / calls._answer)")
 def test_an_opinion_that_cannot_be_sent_is_that_experts_error_alone(make_daemon):
     daemon = make_daemon({**EXPERTS, "unsendable": "docexperts:unsendable"})
     sock = raw_connection(daemon)
@@ -317,10 +315,6 @@ def test_a_pipelines_own_timeout_cuts_the_stage_in_hand_and_answers_what_was_don
         "sleeper": "timeout", "length": "skipped"}
 
 
-@pytest.mark.xfail(strict=True, reason="a stage's experts are interrupted at the stage's longest expert timeout, "
-                   "not at their own (worker_pipeline._run_stage: one deadline for the stage), while a helper "
-                   "interrupts the same expert at its own: the same request takes 0.5s or 2s depending on whether "
-                   "an idle worker shared the stage")
 def test_an_expert_past_its_own_timeout_is_interrupted_even_in_a_stage_with_a_longer_one(make_daemon):
     daemon = make_daemon({**EXPERTS, "sleeper": {"function": "docexperts:sleeper", "timeout": "0.5s"}},
                          workers=1, timeout="2s")
@@ -592,8 +586,6 @@ def test_pipeline_requests_are_counted_by_pipeline_and_outcome_in_metrics_and_st
     assert pipelines["slow"]["mean_ms"] >= 400
 
 
-@pytest.mark.xfail(strict=True, reason="experts run inside a pipeline are not counted as calls: "
-                   "worker_pipeline._call_in_time calls _invoke, which records nothing")
 def test_each_expert_run_inside_a_pipeline_counts_as_a_call_of_that_expert(make_daemon):
     daemon = make_daemon(EXPERTS, workers=1)
     sock = raw_connection(daemon)
@@ -609,8 +601,6 @@ def test_each_expert_run_inside_a_pipeline_counts_as_a_call_of_that_expert(make_
     assert seen['expertd_request_duration_seconds_count{expert="language"}'] == 4
 
 
-@pytest.mark.xfail(strict=True, reason="a helper's request (a fanned-out part of a stage) is counted as a "
-                   "pipeline request of its own, under (ad hoc): calls._answer records every PIPELINE request")
 def test_a_shared_stage_counts_one_pipeline_request_not_one_per_helper(make_daemon):
     daemon = make_daemon(BURNERS, workers=3)
     sock = raw_connection(daemon)
@@ -623,9 +613,6 @@ def test_a_shared_stage_counts_one_pipeline_request_not_one_per_helper(make_daem
     assert "(ad hoc)" not in pipelines, pipelines
 
 
-@pytest.mark.xfail(strict=True, reason="a named pipeline timed out by the master's deadline is counted as a "
-                   "timeout of expert '(unknown)', not under expertd_pipeline_requests_total (Metrics.count_failure "
-                   "knows experts only)")
 def test_a_pipeline_timed_out_by_the_master_counts_as_that_pipelines_timeout(make_daemon):
     daemon = make_daemon({**EXPERTS, "stubborn": {"function": "docexperts:stubborn", "timeout": "0.5s"},
                           "pipeline:stuck": {"stages": "language, stubborn", "timeout": "1s"}}, workers=1)
