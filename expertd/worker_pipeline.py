@@ -97,7 +97,13 @@ class PipelineServing:
             else:
                 results = self._run_stage(stage, document, min(deadline, time.monotonic() + self._stage_limit(stage)),
                                           fan_out=not helper and len(stage) > 1)
-            # Written after the stage: each expert of a stage saw the document as it was before it.
+            # Written after the stage: each expert of a stage saw the document as it was before it.  Into new
+            # dicts (shallow copies), so that a result holding what its expert was given (an expert returning
+            # its input) keeps the document as it was, instead of a reference cycle that cannot be sent.
+            document = {**document, "opinions": {**opinions}}
+            opinions = document["opinions"]
+            if errors is not None:
+                errors = document["errors"] = {**errors}
             for name in stage:
                 result = results[name]
                 if isinstance(result, RemoteError):
