@@ -23,7 +23,7 @@ from typing import Any
 from expertd import __version__, http, protocol
 from expertd.backoff import Quarantines
 from expertd.connections import QUEUED
-from expertd.errors import AccessDenied, BadRequest
+from expertd.errors import AccessDenied, BadRequest, UnknownExpert
 from expertd.framing import KIND_NAMES, READ_KINDS
 from expertd.logs import Throttle
 from expertd.metrics import Metrics
@@ -85,7 +85,7 @@ class Admin:
         if kind == protocol.STATUS:
             return self.status(), None
         if kind == protocol.LIST:
-            return list(self.serving.experts.values()), None
+            return self.listing(), None
         if kind == protocol.SCALE:
             if not isinstance(body, int) or isinstance(body, bool) or not 1 <= body <= self.pool.max_workers:
                 raise BadRequest(f"workers N needs a whole number 1 ≤ N ≤ {self.pool.max_workers}")
@@ -117,6 +117,24 @@ class Admin:
             self.dispatcher.retire(slot, "scaled down")
         reloads.worker_ready()  # fewer workers to wait for, during start-up or a reload
 
+    def listing(self) -> list[dict]:
+        """LIST and GET /experts: each expert's description, then each named pipeline's.
+
+        A pipeline's entry: ``{"name", "pipeline": true, "stages": [[expert, ...], ...], "on_error",
+        "timeout"}``, its stages expanded (experts only) and its timeout in seconds (its own, or the sum
+        over its stages).
+        """
+        config = self.serving.config
+        entries = list(self.serving.experts.values())
+        for name, spec in config.pipelines.items():
+            try:
+                timeout: float | None = config.plan(name).timeout
+            except (BadRequest, UnknownExpert):  # (validated at load: not expected)
+                timeout = spec.timeout
+            entries.append({"name": name, "pipeline": True, "stages": [list(stage) for stage in spec.stages],
+                            "on_error": spec.on_error, "timeout": timeout})
+        return entries
+
     # ------------------------------------------------------------- HTTP GETs
     def http_get(self, route: str, uid: int, gid: int, groups: frozenset[int], pid: int,
                  tcp: bool) -> tuple[int, bytes, str]:
@@ -130,7 +148,7 @@ class Admin:
         if route == "health":
             return self.health()
         if route == "experts":
-            return 200, http.dumps(list(self.serving.experts.values())), http.JSON_TYPE
+            return 200, http.dumps(self.listing()), http.JSON_TYPE
         return 200, self.metrics_text().encode("utf-8"), http.METRICS_TYPE
 
     def health(self) -> tuple[int, bytes, str]:

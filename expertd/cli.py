@@ -1,8 +1,10 @@
 """``expertctl``: call experts from the shell.  Standard library + msgpack only.
 
     expertctl call fib n=5                       # -> 8
-    cat doc.json | expertctl opinion a | expertctl opinion b
-    expertctl opinion --lines sentiment < docs.jsonl > opinions.jsonl
+    expertctl opinion a b c < doc.json           # one request: a, then b (seeing a's opinion), then c
+    expertctl pipeline moderation < doc.json     # a [pipeline:NAME] of the daemon's config
+    expertctl opinion --lines a b < docs.jsonl > opinions.jsonl   # a stream, order kept
+    expertctl opinion --lines --keep-going a b < docs.jsonl       # failures under errors.NAME, not fatal
     expertctl opinion --lines --window 64 NAME < docs.jsonl   # NAME batched: 64 documents a request
     expertctl list
     expertctl ping
@@ -19,38 +21,19 @@ import argparse
 import json
 import sys
 import time
-from collections import deque
 
-from expertd.client import Client, default_socket
+from expertd.cli_documents import InputError, dumps, load_document, one_document
+from expertd.cli_lines import document_lines
+from expertd.client import Client, default_socket, target_of
 from expertd.errors import ConnectError, ExpertdError, RemoteError
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from typing import IO, Any
+    from typing import Any
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
-
-
-class _InputError(Exception):
-    """Bad input on stdin; the message names where."""
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            import base64
-
-            return {"base64": base64.b64encode(value).decode("ascii")}
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=_json_default)
 
 
 def _parse_value(text: str) -> Any:
@@ -69,205 +52,51 @@ def _split_call_arguments(words: list[str]) -> tuple[list[Any], dict[str, Any]]:
             kwargs[key] = _parse_value(value)
         else:
             if kwargs:
-                raise _InputError(f"positional argument {word!r} after keyword arguments")
+                raise InputError(f"positional argument {word!r} after keyword arguments")
             args.append(_parse_value(word))
     return args, kwargs
 
 
-def _load_document(text: str, where: str) -> dict:
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise _InputError(f"{where}: invalid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise _InputError(f"{where}: the document must be a JSON object, not {type(document).__name__}")
-    return document
-
-
-def _add_opinions(client: Client, names: list[str], document: dict, where: str) -> dict:
-    for name in names:
-        _add_opinion(document, name, client.call(name, document), where)
-    return document
-
-
-def _add_opinion(document: dict, name: str, result: Any, where: str) -> None:
-    opinions = document.setdefault("opinions", {})
-    if not isinstance(opinions, dict):
-        raise _InputError(f"{where}: the document's 'opinions' is a {type(opinions).__name__}, not an object")
-    opinions[name] = result
-
-
 def _cmd_call(client: Client, options: argparse.Namespace) -> int:
     args, kwargs = _split_call_arguments(options.arguments)
-    print(_dumps(client.call(options.name, *args, **kwargs)))
+    print(dumps(client.call(options.name, *args, **kwargs)))
     return 0
 
 
 def _cmd_opinion(client: Client, options: argparse.Namespace) -> int:
+    return _documents(client, options, options.names, None)
+
+
+def _cmd_pipeline(client: Client, options: argparse.Namespace) -> int:
+    return _documents(client, options, None, options.name)
+
+
+def _documents(client: Client, options: argparse.Namespace, names: list[str] | None, pipeline: str | None) -> int:
+    """``opinion`` and ``pipeline``: a document on stdin, or JSON Lines, through one request per document."""
     if options.lines:
-        return _opinion_lines(client, options.names, sys.stdin, sys.stdout, options.jobs, options.window)
-    document = _load_document(sys.stdin.read(), "stdin")
-    print(_dumps(_add_opinions(client, options.names, document, "stdin")))
+        return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, options.keep_going,
+                              getattr(options, "window", None))
+    target = pipeline if names is None else target_of(names)
+    document = load_document(sys.stdin.read(), "stdin")
+    print(dumps(one_document(client, target, document, "stdin", options.keep_going)))
     return 0
-
-
-def _opinion_lines(client: Client, names: list[str], source: IO[str], sink: IO[str], jobs: int,
-                   window: int | None = None) -> int:
-    """Stream JSON Lines: each document gets its opinions; output keeps input order.
-
-    Documents go one call each, ``jobs`` in flight.  When an expert is batched
-    (``expertctl list --json`` says ``batched``), windows of documents go
-    instead, ``jobs`` windows in flight: a batched expert gets each window in
-    one MAP request, an unbatched one a call per document.  A window holds
-    ``window`` documents, by default the largest ``max_batch`` of the batched
-    experts.  The output is the same either way.
-    """
-    progress = _Progress(sys.stderr)
-    numbered = ((n, line) for n, line in enumerate(source, 1) if line.strip())
-    batched, size = _batched_experts(client, names, window)
-    if batched:
-        def handle_window(lines: list[tuple[int, str]]) -> tuple[list[str], BaseException | None]:
-            return _window_opinions(client, names, batched, lines)
-
-        outputs: Iterator = _ordered_map(handle_window, _windows(numbered, size), jobs)
-    else:
-        def handle(numbered: tuple[int, str]) -> tuple[list[str], None]:
-            lineno, line = numbered
-            where = f"stdin line {lineno}"
-            return [_dumps(_add_opinions(client, names, _load_document(line, where), where))], None
-
-        outputs = _ordered_map(handle, numbered, jobs)
-    try:
-        for written, error in outputs:
-            for output in written:
-                sink.write(output + "\n")
-                sink.flush()
-                progress.tick()
-            if error is not None:
-                raise error
-    finally:
-        progress.done()
-    return 0
-
-
-def _batched_experts(client: Client, names: list[str], window: int | None) -> tuple[set[str], int]:
-    """Which of ``names`` take their documents in MAP requests, and how many documents a window holds."""
-    try:
-        described = {expert.get("name"): expert for expert in client.experts()}
-    except RemoteError:  # (LIST refused: public_status = no) a call per document, as for any expert
-        return set(), 1
-    limits = {name: int(described[name].get("max_batch") or 1) for name in names
-              if name in described and described[name].get("batched")}
-    batched = {name for name, limit in limits.items() if limit > 1 or window}
-    return batched, window or max((limits[name] for name in batched), default=1)
-
-
-def _windows(numbered: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
-    window: list[tuple[int, str]] = []
-    for item in numbered:
-        window.append(item)
-        if len(window) >= size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _window_opinions(client: Client, names: list[str], batched: set[str],
-                     lines: list[tuple[int, str]]) -> tuple[list[str], BaseException | None]:
-    """A window of documents with their opinions: the outputs of those before the first failure, and that failure.
-
-    What fails is what one call per document would have failed on first: the
-    earliest document's bad JSON or error (a document's experts are asked in
-    order, and an error stops its document and those after it).
-    """
-    documents: list[dict] = []
-    failed: tuple[int, BaseException] | None = None  # (document's place in the window, its error)
-    for lineno, line in lines:
-        try:
-            documents.append(_load_document(line, f"stdin line {lineno}"))
-        except _InputError as exc:
-            failed = (len(documents), exc)
-            break
-    for name in names:
-        if name in batched and documents:
-            try:
-                results: list[Any] = client.map(name, documents)
-            except ExpertdError as exc:  # the request as a whole: the window's first document did not get through
-                results = [exc]
-        else:
-            results = []
-            for document in documents:
-                try:
-                    results.append(client.call(name, document))
-                except ExpertdError as exc:
-                    results.append(exc)
-                    break
-        for place, (document, result) in enumerate(zip(documents, results, strict=False)):
-            try:
-                if isinstance(result, ExpertdError):  # (a failed item's place holds its error)
-                    raise result
-                _add_opinion(document, name, result, f"stdin line {lines[place][0]}")
-            except (ExpertdError, _InputError) as exc:
-                if failed is None or place < failed[0]:
-                    failed = (place, exc)
-                del documents[place:]  # not asked any further: its opinions stop here, as the output does
-                break
-    return [_dumps(document) for document in documents], failed[1] if failed else None
-
-
-def _ordered_map(function: Any, items: Iterator, jobs: int) -> Iterator:
-    if jobs <= 1:
-        yield from map(function, items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        window: deque = deque()
-        try:
-            for item in items:
-                window.append(pool.submit(function, item))
-                if len(window) >= 2 * jobs:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
-
-
-class _Progress:
-    """A self-overwriting progress line on stderr, only when it is a terminal."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self.count = 0
-        self.started = self.shown = time.monotonic()
-
-    def tick(self) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if self.enabled and now - self.shown >= 0.2:
-            self.shown = now
-            rate = self.count / max(now - self.started, 1e-9)
-            self.stream.write(f"\r{self.count} documents, {rate:.0f}/s ")
-            self.stream.flush()
-
-    def done(self) -> None:
-        if self.enabled and self.count:
-            self.stream.write(f"\r{self.count} documents in {time.monotonic() - self.started:.1f}s\n")
-            self.stream.flush()
 
 
 def _cmd_list(client: Client, options: argparse.Namespace) -> int:
     experts = client.experts()
     if options.json:
-        print(_dumps(experts))
+        print(dumps(experts))
         return 0
-    width = max((len(e["signature"]) for e in experts), default=0)
-    for expert in experts:
-        print(f"{expert['signature']:<{width}}  {expert['doc']}".rstrip())
+    rows = []
+    for entry in experts:
+        if entry.get("pipeline"):  # (named pipelines come after the experts)
+            stages = ", ".join(" + ".join(stage) for stage in entry.get("stages", ()))
+            rows.append((f"{entry['name']} = {stages}", f"(pipeline; on_error = {entry.get('on_error')})"))
+        else:
+            rows.append((entry.get("signature") or entry.get("name", "?"), entry.get("doc") or ""))
+    width = max((len(left) for left, _ in rows), default=0)
+    for left, right in rows:
+        print(f"{left:<{width}}  {right}".rstrip())
     return 0
 
 
@@ -297,7 +126,7 @@ def _duration(seconds: float | None) -> str:
 def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     status = client.status()
     if options.json:
-        print(_dumps(status))
+        print(dumps(status))
         return 0
     print(f"expertd {status['version']}: master pid {status['pid']}, up {_duration(status['uptime_s'])}, "
           f"generation {status['generation']}, config {status['config']}")
@@ -378,6 +207,23 @@ def _positive(text: str) -> int:
     return value
 
 
+_FAILURES = (" An expert's failure stops the document where it failed (on_error = stop, whatever the pipeline "
+             "says): the failure is one line on stderr and the exit status 1; with --lines, the documents before it "
+             "are written and the stream stops there. With --keep-going the daemon goes on (on_error = continue): "
+             "documents are written with errors.NAME ({code, type, message}) for each expert that failed or was "
+             "not run, and the exit status stays 0. Bad input (a line that is not a JSON object) and failures of "
+             "a request as a whole (unknown names, a lost daemon) stop it either way.")
+
+
+def _document_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--lines", action="store_true", help="stream JSON Lines: one document per line, in order")
+    command.add_argument("--jobs", "-j", type=_positive, default=4, metavar="N",
+                         help="with --lines, connections to the daemon (at most one per worker), each with "
+                              "several documents in flight; with MAP windows, windows in flight (default: 4)")
+    command.add_argument("--keep-going", "-k", action="store_true",
+                         help="write documents whose experts failed, with errors.NAME, and exit 0 (see above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
     parser.add_argument("--socket", "-s", metavar="PATH",
@@ -397,22 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(run=_cmd_call)
 
     opinion = commands.add_parser("opinion", help="add experts' opinions to a JSON document on stdin",
-                                  description="Read a JSON object on stdin, ask each expert in turn (each sees "
-                                              "the document as it stands), and write it to stdout with each "
-                                              "result under opinions.NAME. With --lines, a batched expert "
-                                              "(`expertctl list --json`: batched) gets windows of documents in one "
-                                              "MAP request each; the output is the same as one call per document.")
+                                  description="Read a JSON object on stdin, run the experts on it in one request "
+                                              "(a pipeline whose stages are the NAMEs, in order: each expert sees "
+                                              "the opinions of those before it), and write it to stdout with each "
+                                              "result under opinions.NAME. A NAME may be a pipeline. With --lines, "
+                                              "a single batched expert (`expertctl list --json`: batched) gets "
+                                              "windows of documents in one MAP request each; the output is the "
+                                              "same as one request per document." + _FAILURES)
     opinion.add_argument("names", nargs="+", metavar="NAME")
-    opinion.add_argument("--lines", action="store_true", help="stream JSON Lines: one document per line, in order")
-    opinion.add_argument("--jobs", "-j", type=int, default=4, metavar="N",
-                         help="with --lines, documents (for batched experts: windows of documents) in flight at "
-                              "once (default: 4)")
+    _document_options(opinion)
     opinion.add_argument("--window", type=_positive, default=None, metavar="N",
-                         help="with --lines, documents a batched expert (see `expertctl list --json`) gets in one "
-                              "MAP request (default: its max_batch); other experts get one call per document")
+                         help="with --lines, send documents in windows of N, one MAP request per window to a "
+                              "batched expert (see `expertctl list --json`; default for a single batched expert: "
+                              "its max_batch) and one call per document and expert to the others")
     opinion.set_defaults(run=_cmd_opinion)
 
-    listing = commands.add_parser("list", help="list the experts with their signatures")
+    pipeline = commands.add_parser("pipeline", help="run a pipeline of the daemon's config on a JSON document",
+                                   description="Read a JSON object on stdin, run the [pipeline:NAME] of the daemon's "
+                                               "config on it in one request, and write it to stdout with each "
+                                               "expert's result under opinions.NAME (`expertctl list` shows the "
+                                               "pipelines)." + _FAILURES)
+    pipeline.add_argument("name", metavar="NAME")
+    _document_options(pipeline)
+    pipeline.set_defaults(run=_cmd_pipeline)
+
+    listing = commands.add_parser("list", help="list the experts with their signatures, and the pipelines")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_cmd_list)
 
@@ -449,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expertctl: {label}{exc.message} [{exc.code}]", file=sys.stderr)
         if options.traceback and exc.remote_traceback:
             print(exc.remote_traceback.rstrip(), file=sys.stderr)
+        elif options.traceback and exc.code == "expert_failed" and options.run in (_cmd_opinion, _cmd_pipeline):
+            print(f"expertctl: (an expert's failure in a pipeline carries no traceback: "
+                  f"`expertctl --traceback call {exc.expert} \"$(cat DOCUMENT.json)\"` shows it)", file=sys.stderr)
         return EXIT_FAILED
-    except (ExpertdError, _InputError) as exc:
+    except (ExpertdError, InputError) as exc:
         print(f"expertctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:

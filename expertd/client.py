@@ -7,6 +7,8 @@
     client.fib(n=5)                   # ... or named arguments, as attribute calls
     client.opinion("sentiment", {"text": "what a lovely day"})
     client.map("fib", [5, 6, 7])      # [8, 13, 21]: many items in one request (a failed item holds its error)
+    client.opinions({"text": "hi"}, ["language", ("sentiment", "keywords")])  # experts in stages, one request
+    client.pipeline("moderation", {"text": "hi"})                             # a [pipeline:NAME] of the config
 
 A :class:`Client` is safe to share between threads: it keeps a small pool of
 connections and gives each call its own.  After ``os.fork()`` (multiprocessing
@@ -59,6 +61,7 @@ _HEADER = protocol.HEADER
 _HEADER_SIZE = protocol.HEADER_SIZE
 _MAGIC, _VERSION = protocol.MAGIC, protocol.VERSION
 _RESULT, _ERROR, _CALL, _MAP = protocol.RESULT, protocol.ERROR, protocol.CALL, protocol.MAP
+_PIPELINE = protocol.PIPELINE
 _MAX_REQUEST_ID = protocol.MAX_REQUEST_ID
 _pack = protocol.pack
 
@@ -131,6 +134,48 @@ class Client:
         """Ask ``expert`` for its opinion on ``document`` (the expert's one positional argument)."""
         return self.call(expert, document)
 
+    def opinions(self, document: dict, names: Any, *, on_error: str | None = None) -> dict:
+        """Run experts on ``document`` in stages, in one request; the document back with their opinions.
+
+        ``names`` lists the stages in order: an expert's or a pipeline's name
+        is a stage of its own, and a tuple (or list) of expert names is one
+        stage whose experts are independent (each sees the document as it was
+        before the stage; the daemon may run them side by side)::
+
+            doc = client.opinions({"text": "bonjour"}, ["language", ("sentiment", "keywords")])
+            doc["opinions"]["language"]       # 'fr'; sentiment and keywords saw it
+            doc.get("errors", {})             # {NAME: {"code", "type", "message"}} per expert that failed
+
+        Every expert asked for ends up under ``opinions.NAME`` or, when it
+        failed or was not run, under ``errors.NAME`` (code ``skipped`` for
+        those not run): an expert's failure is not raised.  ``on_error`` is
+        ``"continue"`` (the default for a list of experts: later stages still
+        run) or ``"stop"`` (they are skipped); it overrides a pipeline's own.
+        What fails the request as a whole is raised as :meth:`call` raises it:
+        an unknown name (``UnknownExpert``), a malformed list or document
+        (``BadRequest``), the plan's timeout, a lost worker (retried).
+        """
+        return self._pipeline(target_of(names), document, on_error)
+
+    def pipeline(self, name: str, document: dict, *, on_error: str | None = None) -> dict:
+        """Run the pipeline ``name`` (a ``[pipeline:NAME]`` of the daemon's config) on ``document``, in one request.
+
+        The reply is the document with ``opinions.NAME`` for each of the
+        pipeline's experts that answered and ``errors.NAME`` for each that
+        failed or was not run, as :meth:`opinions` returns it; ``on_error``
+        (``"continue"`` or ``"stop"``) overrides the pipeline's own::
+
+            doc = client.pipeline("moderation", {"text": "you idiot"})
+            doc["opinions"]["keywords"]["flagged"]      # ['idiot']
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a pipeline's name is a non-empty string, not {name!r}")
+        return self._pipeline(name, document, on_error)
+
+    def _pipeline(self, target: str, document: dict, on_error: str | None) -> dict:
+        body = [target, document] if on_error is None else [target, document, {"on_error": on_error}]
+        return self._request(_PIPELINE, _pack(body))
+
     def predict(self, expert: str, inputs: Any, *, arrays: bool | None = None) -> Any:
         """Run model expert ``expert`` on a batch: one output row per input row.
 
@@ -159,7 +204,11 @@ class Client:
         return self._request(protocol.PING, b"")
 
     def experts(self) -> list[dict]:
-        """The served experts: name, function, signature and first docstring line."""
+        """The served experts (name, function, signature, first docstring line...), then the named pipelines.
+
+        A pipeline's entry is ``{"name", "pipeline": True, "stages": [[expert, ...], ...], "on_error",
+        "timeout"}`` (its stages with nested pipelines expanded; its timeout in seconds).
+        """
         return self._request(protocol.LIST, b"")
 
     # Requests the master answers.  status (like experts) is open to every caller unless the daemon's
@@ -375,6 +424,21 @@ def _reset_clients_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_clients_after_fork)
+
+
+def target_of(names: Any) -> str:
+    """The target a list of stages writes: ``["a", ("b", "c")]`` -> ``"a,b+c"`` (names checked lightly)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"names must be a non-empty list of expert or pipeline names, not {names!r}")
+    return ",".join("+".join(_name(name) for name in stage) if isinstance(stage, (list, tuple)) and stage
+                    else _name(stage) for stage in names)
+
+
+def _name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "," in name or "+" in name:
+        raise ValueError(f"{name!r} is not an expert or pipeline name (a non-empty string without ',' or '+'; "
+                         "a tuple of names is one stage)")
+    return name
 
 
 class _Stale(Exception):

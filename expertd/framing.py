@@ -12,6 +12,7 @@ State owned here: none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
@@ -78,14 +79,16 @@ _frame = partial(tuple.__new__, Frame)  # (Frame(...) runs a Python __new__: onc
 
 
 def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | set,
-                 max_frame: int) -> http.HttpRefusal | None:
+                 max_frame: int, plan: Callable[[str], object] | None = None) -> http.HttpRefusal | None:
     """Whether an HTTP request, by its head alone, is refused (and how): admission, route, body.
 
+    ``plan`` (:meth:`expertd.config.Config.plan`) checks a pipeline's target
+    (``POST /pipeline/NAME``, ``POST /opinion/a,b``): unknown names are 404s.
     (A quarantined expert is refused too, by the caller: that depends on the time.)
     """
     try:
         http.admit(request, tcp=tcp, token=token)
-        http.check_route(request, experts, max_frame)
+        http.check_route(request, experts, max_frame, plan)
     except http.HttpRefusal as refusal:
         return refusal
     if request.route not in http.WORKER_ROUTES and request.body_size:

@@ -7,6 +7,8 @@ its OpenAPI document, is in docs/http.md and docs/openapi.yaml:
 
     POST /call/NAME       body: JSON array (positional) or object (keyword arguments)
     POST /opinion/NAME    body: a document; reply: it, with opinions.NAME added
+    POST /opinion/a,b+c   several experts (or a pipeline's name): the pipeline with those stages
+    POST /pipeline/NAME   body: a document; reply: it, with opinions.NAME and errors.NAME of the pipeline's experts
     POST /map/NAME        body: JSON array of items; reply: [{"result": ...} or {"error": {...}}, ...], one per item
     GET  /experts         the served experts
     GET  /health          200 while workers serve, else 503
@@ -28,12 +30,14 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 import h11
 
-from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError
+from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError, UnknownExpert
+from expertd.pipelines import ON_ERROR
 from expertd.protocol import MAX_CONTAINERS, MAX_MAP_ITEMS
 
 MAX_HEAD = 16 * 1024  # request line and headers (nginx's default buffers hold 8-32 KiB)
@@ -43,7 +47,8 @@ SERVER = "expertd"
 
 # The master answers these itself; calls go to a worker.
 MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}
-WORKER_ROUTES = {"call", "opinion", "map"}
+WORKER_ROUTES = {"call", "opinion", "map", "pipeline"}
+ON_ERROR_HEADER = b"x-expertd-on-error"  # a pipeline's on_error for this request: stop or continue
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ")
@@ -66,8 +71,8 @@ class Head(NamedTuple):
     """What the master needs of a request: framing, route and credentials."""
 
     method: str
-    route: str  # "call", "opinion", "map", "health", "experts", "metrics", or "" (no such path)
-    expert: str | None
+    route: str  # "call", "opinion", "map", "pipeline", "health", "experts", "metrics", or "" (no such path)
+    expert: str | None  # the expert, or for a pipeline the target (a pipeline's name, or stages 'a,b+c')
     head_size: int
     body_size: int
     expects_continue: bool
@@ -143,20 +148,41 @@ def _route(target: str) -> tuple[str, str | None]:
     return "", None
 
 
-def check_route(head: Head, experts: set[str] | dict, max_body: int) -> None:
-    """Refuse (404, 405, 413) what no worker could serve, before one is asked."""
+def is_pipeline(route: str, name: str | None, experts: set[str] | dict) -> bool:
+    """Whether a request to ``route`` for ``name`` runs a pipeline: ``POST /pipeline/...``, or ``POST /opinion/...``
+    naming anything but one expert (several, or a pipeline)."""
+    return route == "pipeline" or (route == "opinion" and name is not None and name not in experts)
+
+
+def check_route(head: Head, experts: set[str] | dict, max_body: int,
+                plan: Callable[[str], object] | None = None) -> None:
+    """Refuse (400, 404, 405, 413) what no worker could serve, before one is asked.
+
+    ``plan`` (:meth:`expertd.config.Config.plan`) checks a pipeline's target: an
+    unknown name is a 404, a malformed target a 400.  Without it, a target
+    that is not an expert's name is refused as unknown.
+    """
     if head.body_size > max_body:
         raise HttpRefusal(413, FrameTooLarge.code,
                           f"request body of {head.body_size} bytes exceeds max_frame ({max_body} bytes)", close=True)
     if not head.route:
         raise HttpRefusal(404, "not_found",
-                          "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME, POST /map/NAME")
+                          "no such path; see GET /experts, POST /call/NAME, POST /opinion/NAME, POST /map/NAME, "
+                          "POST /pipeline/NAME")
     wanted = "POST" if head.route in WORKER_ROUTES else "GET"
     if head.method != wanted and not (wanted == "GET" and head.method == "HEAD"):
         allow = "POST" if wanted == "POST" else "GET, HEAD"
         raise HttpRefusal(405, "method_not_allowed", f"{head.method} is not allowed here; use {allow}",
                           headers=(("Allow", allow),))
     if head.expert is not None and head.expert not in experts:
+        if plan is not None and is_pipeline(head.route, head.expert, experts):
+            try:
+                plan(head.expert)
+            except UnknownExpert as exc:
+                raise HttpRefusal(404, exc.code, exc.message) from None
+            except BadRequest as exc:
+                raise HttpRefusal(400, exc.code, exc.message) from None
+            return
         known = ", ".join(sorted(experts)) or "none"
         raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
 
@@ -211,6 +237,7 @@ class Request(NamedTuple):
     expert: str | None
     body: bytes
     connection: h11.Connection
+    on_error: str | None = None  # the X-Expertd-On-Error header (pipelines)
 
 
 def parse_request(raw: bytes | bytearray | memoryview) -> Request:
@@ -236,7 +263,8 @@ def parse_request(raw: bytes | bytearray | memoryview) -> Request:
     except h11.RemoteProtocolError as exc:
         raise HttpRefusal(400, "bad_request", f"malformed HTTP request: {exc}", close=True) from None
     route, expert = _route(event.target.decode("ascii", "replace"))
-    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection)
+    on_error = next((value.decode("latin-1") for name, value in event.headers if name == ON_ERROR_HEADER), None)
+    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection, on_error)
 
 
 def call_arguments(request: Request) -> tuple[list, dict]:
@@ -259,6 +287,23 @@ def call_arguments(request: Request) -> tuple[list, dict]:
         return [], value
     raise BadRequest(f"the body must be a JSON array (positional arguments) or object (keyword arguments), "
                      f"not {_json_type(value)}", expert=request.expert)
+
+
+def pipeline_request(request: Request) -> tuple[dict, dict]:
+    """The document and options of a pipeline request (BadRequest when they are not usable)."""
+    document = _json_body(request.body)
+    if not isinstance(document, dict):
+        raise BadRequest(f"the document must be a JSON object, not {_json_type(document)}", expert=request.expert)
+    for key in ("opinions", "errors"):  # (the pipeline adds to them: the caller's error, found before any expert runs)
+        if key in document and not isinstance(document[key], dict):
+            raise BadRequest(f"the document's {key!r} is {_json_type(document[key])}, not an object",
+                             expert=request.expert)
+    if request.on_error is None:
+        return document, {}
+    if request.on_error not in ON_ERROR:
+        raise BadRequest(f"X-Expertd-On-Error must be stop or continue, not {request.on_error!r}",
+                         expert=request.expert)
+    return document, {"on_error": request.on_error}
 
 
 def map_items(request: Request) -> list:
@@ -295,6 +340,8 @@ def result_body(request: Request, result: Any) -> bytes:
     """The JSON reply to a call: the result, or for an opinion the document with it added; for a map, the outcomes."""
     if request.route == "map":
         return map_body(request.expert, result)
+    if request.route == "pipeline":  # (the document as the pipeline returned it: opinions and errors added)
+        return dumps(result)
     if request.route == "opinion":
         # The document as sent, not the expert's argument: an expert may return its argument or
         # change it, and a client of `expertctl opinion` would not see either.

@@ -176,11 +176,13 @@ class Intake:
             self.table.close(conn)
             return
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
-        conn.whole_batch = request.route == "map"
+        # (A map is a batch already; a pipeline's worker runs its experts as batches of one: neither is gathered.)
+        conn.whole_batch = request.route == "map" or http.is_pipeline(request.route, request.expert,
+                                                                      self.serving.experts)
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         config = self.serving.config
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
-                               max_frame=config.max_frame)
+                               max_frame=config.max_frame, plan=config.plan)
         if refusal is None and self.quarantines.entries:
             quarantine = self.quarantines.of(request.expert)
             if quarantine is not None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from expertd import http, protocol
 from expertd.calls import Answering, _safe_str
 from expertd.errors import BadResult, ConnectionLost, RemoteError, RequestTimeout
+from expertd.metrics import AD_HOC
 
 log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
 
@@ -84,7 +85,7 @@ class HttpServing(Answering):
             if framing is None:
                 return "expired"
             http.admit(framing, tcp=tcp, token=self.config.token)
-            http.check_route(framing, self.experts, self.config.max_frame)
+            http.check_route(framing, self.experts, self.config.max_frame, self.config.plan)
         except http.HttpRefusal:
             return "expired"  # the master refuses it
         if framing.route not in http.WORKER_ROUTES:
@@ -132,7 +133,9 @@ class HttpServing(Answering):
                     framing = http.scan_head(head)
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
-                board.begin(started, self._timeouts.get(framing.expert, timeout), 0, framing.expert or "")
+                limit = self._timeouts.get(framing.expert)  # (None: a pipeline's target, whose plan says)
+                board.begin(started, self.config.expert_timeout(framing.expert or "") if limit is None else limit, 0,
+                            framing.expert or "")
                 raw = protocol.recv_exact(conn, framing.size)
             return http.parse_request(raw), None
         except http.HttpRefusal as refusal:
@@ -151,6 +154,12 @@ class HttpServing(Answering):
         else:
             assert request is not None
             expert = request.expert
+            if http.is_pipeline(request.route, expert, self.experts):
+                request = request._replace(route="pipeline")  # (POST /opinion/a,b: the reply is the pipeline's)
+                response, keep_alive, outcome = self._http_pipeline(request, started)
+                self.recorder.record_pipeline(expert if expert in self.config.pipelines else AD_HOC, outcome,
+                                              time.monotonic() - started)
+                return self._http_delivered(conn, response, keep_alive, expert, started, outcome)
             try:
                 if request.route == "map":  # many items, one call each: the reply holds each one's outcome
                     items = http.map_items(request)
@@ -164,6 +173,22 @@ class HttpServing(Answering):
                 result = exc
             response, keep_alive, outcome = self._http_reply(request, result)
         self.recorder.record(expert, outcome, time.monotonic() - started)
+        return self._http_delivered(conn, response, keep_alive, expert, started, outcome)
+
+    def _http_pipeline(self, request: http.Request, started: float) -> tuple[bytes, bool, str]:
+        """Run a pipeline request: (response, keep-alive, outcome: ok, expert_errors, timeout or an error code)."""
+        try:
+            document, options = http.pipeline_request(request)
+            protocol.check_shape([document], options, 1 + len(options), self.config.max_depth)
+            result, outcome = self._run_pipeline(request.expert or "", document, options,  # type: ignore[attr-defined]
+                                                 started)
+        except RemoteError as exc:
+            return self._http_reply(request, exc)
+        response, keep_alive, code = self._http_reply(request, result)
+        return response, keep_alive, outcome if code == "ok" else code
+
+    def _http_delivered(self, conn: socket.socket, response: bytes, keep_alive: bool, expert: str | None,
+                        started: float, outcome: str) -> tuple[bool, memoryview | None]:
         close, unsent = self._deliver(conn, response, "HTTP")
         if close:
             return close, unsent
