@@ -98,10 +98,12 @@ class Answering:
             outcome = exc.code
         if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
             self.recorder.record(expert_name, outcome, time.monotonic() - started)
-        elif kind == _PIPELINE and label is not None:  # (its experts counted themselves, each as a call)
-            self.recorder.record_pipeline(label, outcome, time.monotonic() - started)
+        elif kind == _PIPELINE:  # (counted once the reply is out: the caller need not wait for it)
+            elapsed = time.monotonic() - started
         close, unsent = self._deliver(conn, _HEADER.pack(_MAGIC, _VERSION, reply_kind, request_id, len(reply)) + reply,
                                       request_id)
+        if kind == _PIPELINE:
+            self._count_pipeline(label, outcome, elapsed)  # type: ignore[attr-defined]
         if self._debug and not close:
             log.debug("request %d %s %.3f ms %s", request_id,
                       expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),

@@ -90,6 +90,7 @@ class Worker(BatchServing, PipelineServing):
         self._limits = bool(self._request_limit or config.max_memory)
         self._interrupted: str | None = None  # why this worker is not trusted to serve on (see worker_pipeline)
         self._typical: dict[str, float] = {}  # what experts of a pipeline's stages take here (see worker_pipeline)
+        self._ran: list[tuple[str, str, float]] = []  # the experts a pipeline ran, counted after its reply
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""

@@ -157,9 +157,11 @@ class HttpServing(Answering):
             if http.is_pipeline(request.route, expert, self.experts):
                 request = request._replace(route="pipeline")  # (POST /opinion/a,b: the reply is the pipeline's)
                 response, keep_alive, outcome = self._http_pipeline(request, started)
-                self.recorder.record_pipeline(expert if expert in self.config.pipelines else AD_HOC, outcome,
-                                              time.monotonic() - started)
-                return self._http_delivered(conn, response, keep_alive, expert, started, outcome)
+                elapsed = time.monotonic() - started
+                delivered = self._http_delivered(conn, response, keep_alive, expert, started, outcome)
+                self._count_pipeline(  # type: ignore[attr-defined]  (it and its experts, once the reply is out)
+                    expert if expert in self.config.pipelines else AD_HOC, outcome, elapsed)
+                return delivered
             try:
                 if request.route == "map":  # many items, one call each: the reply holds each one's outcome
                     items = http.map_items(request)

@@ -85,6 +85,8 @@ class PipelineServing:
     _interrupted: str | None  # why this worker must retire (a stage was interrupted), set here
     _typical: dict[str, float]  # expert -> its typical duration here (see _call), set here
     recorder: Recorder
+    _ran: list[tuple[str, str, float]]  # the experts the request in hand ran: (name, outcome, seconds), set here
+    _timeouts: dict[str, float]  # each expert's own timeout
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
                       started: float) -> tuple[Any, str]:
@@ -100,7 +102,7 @@ class PipelineServing:
         opinions = document.setdefault("opinions", {})
         errors = document.get("errors")
         came_with_errors = bool(errors)
-        experts, record = self.experts, self.recorder.record  # (each expert run counts as a call of it)
+        experts, ran = self.experts, self._ran  # (each expert run counts as a call of it: see _count_pipeline)
         found: dict[str, Any] = {}  # expert -> its result, or RemoteError
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
@@ -111,6 +113,8 @@ class PipelineServing:
         # timeouts alike, a system call every _REARM_SLACK of busy time, not two a request (which cost
         # 15 µs of a 60 µs round trip).  SIGALRM means something only while _ALARM[0] is set.
         timed = _getsignal(_SIGALRM) is _alarm or _install_alarm_handler()
+        alarm_at = _ALARM_AT
+        now = _monotonic()  # (a stage begins when the one before it ended)
         try:
             for index, stage in enumerate(plan.stages):
                 if stop is not None:
@@ -118,10 +122,10 @@ class PipelineServing:
                         found[name] = _skipped(name, stop)
                         _write(document, name, found[name])
                     continue
-                now = _monotonic()
                 until = deadline if now + limits[index] > deadline else now + limits[index]
                 if timed:
-                    _arm(until, now)
+                    if alarm_at[0] > until or until - alarm_at[0] > _REARM_SLACK:  # (as _arm, inline: per stage)
+                        _arm(until, now)
                     _ALARM[0] = True
                 if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
                     name = stage[0]
@@ -136,25 +140,20 @@ class PipelineServing:
                             if result.remote_type and "_StageTimeout" in result.remote_type:
                                 result = self._timed_out(name)
                         found[name] = result
-                        if result.__class__ not in _SCALARS:
-                            if result.__class__ is RequestTimeout or isinstance(result, RemoteError):
-                                record(name, result.code, _monotonic() - now)
-                                results = {name: result}
-                            else:
-                                record(name, "ok", _monotonic() - now)
-                                # Into a copy: a result holding what its expert was given (an expert returning its
-                                # input) keeps the document as it was, not a reference cycle that cannot be sent.
+                        ended = _monotonic()
+                        if result.__class__ in _SCALARS or not isinstance(result, RemoteError):
+                            ran.append((name, "ok", ended - now))
+                            now = ended
+                            if result.__class__ not in _SCALARS:
+                                # Into a copy: a result holding what its expert was given (an expert returning
+                                # its input) keeps the document as it was, not a cycle that cannot be sent.
                                 document, opinions, errors = _fresh(document)
-                                opinions[name] = result
-                                if errors:
-                                    errors.pop(name, None)
-                                continue
-                        else:
-                            record(name, "ok", _monotonic() - now)
                             opinions[name] = result
                             if errors:
                                 errors.pop(name, None)  # (an error the document came with is not this run's)
                             continue
+                        ran.append((name, result.code, ended - now))
+                        results = {name: result}
                     else:
                         results = {name: self._call(name, document, until, timed)}
                         found[name] = results[name]
@@ -176,6 +175,7 @@ class PipelineServing:
                         if on_error == "stop":
                             stop = stop or f"{name} (stage {index + 1}) failed, and on_error = stop"
                     errors = document.get("errors")
+                now = _monotonic()
         except _StageTimeout:  # (past the deadline outside any expert's code: in hand-overs or book-keeping)
             self._interrupted = f"a pipeline stage was interrupted at its timeout ({target})"
             outcome, late = "timeout", None
@@ -242,20 +242,41 @@ class PipelineServing:
         """
         started = _monotonic()
         if timed:  # (its own timeout may be shorter than its stage's)
-            own = started + self.config.expert_timeout(name)
-            _arm(own if own < deadline else deadline, started)
+            own = started + self._timeouts.get(name, deadline - started)
+            if own < deadline:
+                _arm(own, started)
+        expert = self.experts.get(name)
         try:
-            result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
+            if expert is not None and not expert.batched:
+                try:
+                    result = expert.function(document)
+                except _StageTimeout:
+                    raise
+                except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
+                    result = _failure(expert, [document], {}, exc)
+            else:
+                result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
         except _StageTimeout:
             result = self._timed_out(name)
         except RemoteError as exc:
-            result = self._timed_out(name) if exc.remote_type and "_StageTimeout" in exc.remote_type else exc
+            result = exc
+        if isinstance(result, RemoteError) and result.remote_type and "_StageTimeout" in result.remote_type:
+            result = self._timed_out(name)  # (an expert's failures are wrapped: interrupted all the same)
         elapsed = _monotonic() - started
-        self.recorder.record(name, result.code if isinstance(result, RemoteError) else "ok", elapsed)  # type: ignore
+        self._ran.append((name, result.code if isinstance(result, RemoteError) else "ok", elapsed))  # type: ignore
         typical = self._typical
         previous = typical.get(name)
         typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
         return result
+
+    def _count_pipeline(self, label: str | None, outcome: str, seconds: float) -> None:
+        """Count a pipeline request (``label``: None for a helper's) and each expert it ran, as a call of it."""
+        record = self.recorder.record
+        for name, code, elapsed in self._ran:
+            record(name, code, elapsed)
+        self._ran.clear()
+        if label is not None:
+            self.recorder.record_pipeline(label, outcome, seconds)
 
     def _pack_pipeline_reply(self, target: str, value: dict, outcome: str) -> tuple[bytes, str]:
         """The reply's body, and the outcome: an opinion that cannot be sent becomes its expert's ``bad_result``
@@ -346,10 +367,10 @@ def fan_out_split(stage: tuple[str, ...], typical: dict[str, float],
     them stays here (this worker would otherwise only wait), as do the cheap
     ones and those never measured.
     """
-    slow = sorted((name for name in stage if typical.get(name, 0.0) >= over), key=lambda n: -typical[n])
+    slow = [name for name in stage if typical.get(name, 0.0) >= over]
     if len(slow) < 2:
         return [], stage
-    offered = slow[1:]
+    offered = sorted(slow, key=lambda n: -typical[n])[1:]
     return [(name,) for name in offered], tuple(name for name in stage if name not in offered)
 
 
