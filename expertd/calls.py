@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import time
 import traceback
 from typing import Any
@@ -81,11 +82,14 @@ class Answering:
                     board.begin(started, self.config.expert_timeout(expert_name or ""), request_id, expert_name or "")
                 if len(body) >= self._max_depth:
                     protocol.check_shape([document], options, 1 + len(options), self._max_depth, body)
+                if options.get("helper") is True and not sent_by_a_worker(conn):
+                    del options["helper"]  # (a worker's word: from a client, an option like any unknown one)
                 # (A helper's request is part of another's: its experts count, not it.)
                 label = None if options.get("helper") is True else (
                     expert_name if expert_name in self.config.pipelines else AD_HOC)
-                value, outcome = self._run_pipeline(expert_name, document, options, started)
-                reply_kind, reply, outcome = _RESULT, *self._pack_pipeline_reply(expert_name, value, outcome)
+                value, outcome = self._run_pipeline(expert_name, document, options, started)  # type: ignore
+                reply_kind, reply, outcome = _RESULT, *self._pack_pipeline_reply(  # type: ignore[attr-defined]
+                    expert_name, value, outcome)
             else:
                 board.begin(started, self.config.timeout, request_id, "")
                 reply_kind = _RESULT  # PING
@@ -187,6 +191,21 @@ class Answering:
     def _unknown(self, name: str) -> UnknownExpert:
         known = ", ".join(sorted(self.experts)) or "none"
         return UnknownExpert(f"no expert named {name!r}; known experts: {known}", expert=name)
+
+
+def sent_by_a_worker(conn: socket.socket) -> bool:
+    """Whether the peer of ``conn`` is another worker of this daemon (a process with this one's parent).
+
+    Only a worker's request may say ``helper`` (one stage's part, answered with its opinions alone):
+    from anyone else, the option is ignored.
+    """
+    try:
+        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])  # (the name, in parentheses, may hold spaces)
+    except (OSError, ValueError, IndexError):
+        return False
+    return ppid == os.getppid() and pid != os.getpid()
 
 
 def _pack_outcomes(name: str, outcomes: list[Any]) -> bytes:

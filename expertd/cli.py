@@ -22,9 +22,9 @@ import json
 import sys
 import time
 
-from expertd.cli_documents import InputError, dumps, load_document, one_document
+from expertd.cli_documents import InputError, dumps, load_document, one_document, stages_of
 from expertd.cli_lines import document_lines
-from expertd.client import Client, default_socket, target_of
+from expertd.client import Client, default_socket
 from expertd.errors import ConnectError, ExpertdError, RemoteError
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
@@ -76,7 +76,7 @@ def _documents(client: Client, options: argparse.Namespace, names: list[str] | N
     if options.lines:
         return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, options.keep_going,
                               getattr(options, "window", None))
-    target = pipeline if names is None else target_of(names)
+    target = pipeline if names is None else stages_of(names)
     document = load_document(sys.stdin.read(), "stdin")
     print(dumps(one_document(client, target, document, "stdin", options.keep_going)))
     return 0
@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "a single batched expert (`expertctl list --json`: batched) gets "
                                               "windows of documents in one MAP request each; the output is the "
                                               "same as one request per document." + _FAILURES)
-    opinion.add_argument("names", nargs="+", metavar="NAME")
+    opinion.add_argument("names", nargs="+", metavar="NAME",
+                         help="an expert or a pipeline: each is a stage; 'a+b' is one stage of experts a and b, run "
+                              "side by side (each sees the opinions of the stages before, not each other's)")
     _document_options(opinion)
     opinion.add_argument("--window", type=_positive, default=None, metavar="N",
                          help="with --lines, send documents in windows of N, one MAP request per window to a "

@@ -154,3 +154,11 @@ class Progress:
         if self.enabled and self.count:
             self.stream.write(f"\r{self.count} documents in {time.monotonic() - self.started:.1f}s\n")
             self.stream.flush()
+
+
+def stages_of(names: list[str]) -> str:
+    """The target the command line's NAMEs write: each a stage, in order (``a+b``: one stage of two).
+
+    The daemon checks the names and the syntax, and says in one line what is wrong.
+    """
+    return ",".join(name.strip() for name in names)

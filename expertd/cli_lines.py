@@ -36,9 +36,10 @@ from expertd.cli_documents import (
     load_document,
     outgoing,
     pipeline_options,
+    stages_of,
 )
 from expertd.cli_windows import batched_experts, window_lines
-from expertd.client import Client, target_of
+from expertd.client import Client
 from expertd.errors import ConnectionLost, ProtocolError, RemoteError, RequestTimeout, error_from_wire
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
@@ -65,7 +66,7 @@ def document_lines(client: Client, names: list[str] | None, pipeline: str | None
             if batched:
                 window_lines(client, names, batched, size, source, sink, jobs, keep_going, progress)
                 return 0
-        target = pipeline if names is None else target_of(names)
+        target = pipeline if names is None else stages_of(names)
         _Stream(client, target, pipeline_options(keep_going), keep_going, _connections(client, jobs),
                 progress).run(source, sink)
     finally:

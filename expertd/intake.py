@@ -21,7 +21,7 @@ import socket
 
 from expertd import http, protocol
 from expertd.accept import PEEK_NOW, PEEK_SIZE
-from expertd.backoff import Quarantines
+from expertd.backoff import Quarantine, Quarantines
 from expertd.connections import (
     BUSY,
     ENDED,
@@ -35,7 +35,7 @@ from expertd.connections import (
     Connection,
     ConnectionTable,
 )
-from expertd.errors import AccessDenied, BadRequest, Overloaded, Quarantined
+from expertd.errors import AccessDenied, BadRequest, Overloaded, Quarantined, RemoteError
 from expertd.framing import BAD_MAGIC, HTTP, MASTER_KINDS, frame_of, http_refusal, sniff
 from expertd.metrics import Metrics
 from expertd.serving import Serving
@@ -132,9 +132,9 @@ class Intake:
                 self._control(conn, kind, conn.request_id)
                 return
             if self.quarantines.entries and (kind == protocol.CALL or kind == _MAP or kind == _PIPELINE):
-                quarantine = self.quarantines.of(conn.expert)
-                if quarantine is not None:
-                    self._refuse_quarantined(conn, quarantine)
+                quarantined = self._quarantined(conn.expert, kind == _PIPELINE)
+                if quarantined is not None:
+                    self._refuse_quarantined(conn, *quarantined)
                     return
             if not unread:
                 conn.look_again = queued != size  # more than this request waits, or may
@@ -184,10 +184,12 @@ class Intake:
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
                                max_frame=config.max_frame, plan=config.plan)
         if refusal is None and self.quarantines.entries:
-            quarantine = self.quarantines.of(request.expert)
-            if quarantine is not None:
+            quarantined = self._quarantined(request.expert,
+                                            http.is_pipeline(request.route, request.expert, self.serving.experts))
+            if quarantined is not None:
+                quarantine, expert = quarantined
                 refusal = http.HttpRefusal(
-                    503, Quarantined.code, self.quarantines.message(request.expert, quarantine,
+                    503, Quarantined.code, self.quarantines.message(expert, quarantine,
                                                                     config.quarantine_after, config.quarantine_window),
                     headers=(("Retry-After", str(math.ceil(quarantine.until - self.serving.now))),))
         if refusal is not None:
@@ -290,9 +292,25 @@ class Intake:
         conn.unread = b""
         return unread + conn.sock.recv(size - len(unread), socket.MSG_DONTWAIT)
 
-    def _refuse_quarantined(self, conn: Connection, quarantine: object) -> None:
-        """Answer a whole call to a quarantined expert with the error; the connection stays open."""
-        expert = conn.expert or ""
+    def _quarantined(self, target: str | None, pipeline: bool) -> tuple[Quarantine, str] | None:
+        """The quarantine a request runs into, and its expert's name: the one it names, or for a pipeline
+        the first of its plan's experts in quarantine (a crash is charged to the expert, not the pipeline)."""
+        quarantine = self.quarantines.of(target)
+        if quarantine is not None or not pipeline or not target:
+            return None if quarantine is None else (quarantine, target or "")
+        try:
+            plan = self.serving.config.plan(target)
+        except RemoteError:
+            return None  # (the worker says what is wrong with it)
+        for stage in plan.stages:
+            for name in stage:
+                quarantine = self.quarantines.of(name)
+                if quarantine is not None:
+                    return quarantine, name
+        return None
+
+    def _refuse_quarantined(self, conn: Connection, quarantine: Quarantine, expert: str) -> None:
+        """Answer a whole request to a quarantined expert with the error; the connection stays open."""
         self.metrics.count_failure(expert, Quarantined.code)
         try:
             frame = self.take_frame(conn)
@@ -304,7 +322,7 @@ class Intake:
             return
         self.table.rest(conn, self.serving.now)
         config = self.serving.config
-        error = Quarantined(self.quarantines.message(expert, quarantine, config.quarantine_after,  # type: ignore
+        error = Quarantined(self.quarantines.message(expert, quarantine, config.quarantine_after,
                                                      config.quarantine_window), expert=expert)
         self.table.answer(conn, protocol.encode_error(conn.request_id, error))
 

@@ -35,6 +35,12 @@ _REQUESTS_AT = 68
 _NEXT_AT = 72
 _IDLE = _BEGAN.pack(0.0)
 MAX_SLOTS = 4096
+EXPERT_SIZE = 47  # bytes of an expert's name kept in a slot
+
+
+def board_name(expert: str) -> bytes:
+    """``expert`` as a slot holds it: UTF-8, cut or NUL-padded to EXPERT_SIZE bytes."""
+    return expert.encode("utf-8", "replace")[:EXPERT_SIZE].ljust(EXPERT_SIZE, b"\0")
 
 
 class Scoreboard:
@@ -87,13 +93,14 @@ class Scoreboard:
 class SlotWriter:
     """One worker's slot, written by that worker on every request (so: no lookups on the way)."""
 
-    __slots__ = ("_began", "_map", "_next", "_requests", "_tail", "_writing")
+    __slots__ = ("_began", "_expert", "_map", "_next", "_requests", "_tail", "_writing")
 
     def __init__(self, shared: mmap.mmap, offset: int) -> None:
         self._map = shared
         self._began = slice(offset, offset + 8)
         self._tail = slice(offset + 8, offset + 8 + _TAIL.size)
         self._writing = offset + 20
+        self._expert = slice(offset + 21, offset + 21 + EXPERT_SIZE)
         self._next = offset + _NEXT_AT
         self._requests = slice(offset + _REQUESTS_AT, offset + _REQUESTS_AT + 4)
 
@@ -103,6 +110,13 @@ class SlotWriter:
         # timeout too.
         self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
         self._map[self._began] = _BEGAN.pack(began)
+
+    def running(self, expert: bytes) -> None:
+        """The request in hand runs ``expert`` now (a pipeline's, one after another): a crash is charged to it.
+
+        ``expert`` is the name as :func:`board_name` makes it (EXPERT_SIZE bytes, padded).
+        """
+        self._map[self._expert] = expert
 
     def writing(self) -> None:
         """Reply bytes may be on their way: the master must not write an error frame now."""

@@ -40,7 +40,7 @@ from expertd.logs import Throttle
 from expertd.metrics import Recorder
 from expertd.scoreboard import Scoreboard
 from expertd.worker_batch import BatchServing
-from expertd.worker_pipeline import PipelineServing
+from expertd.worker_pipeline import PipelineServing, plain_experts
 
 _AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
 log = logging.getLogger("expertd.worker")
@@ -91,6 +91,7 @@ class Worker(BatchServing, PipelineServing):
         self._interrupted: str | None = None  # why this worker is not trusted to serve on (see worker_pipeline)
         self._typical: dict[str, float] = {}  # what experts of a pipeline's stages take here (see worker_pipeline)
         self._ran: list[tuple[str, str, float]] = []  # the experts a pipeline ran, counted after its reply
+        self._plain = plain_experts(experts)  # (what a pipeline's stage calls directly)
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""

@@ -40,7 +40,8 @@ import logging
 import signal
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from expertd import ipc, protocol
 from expertd.calls import _failure, _pack_result
@@ -48,6 +49,7 @@ from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
 from expertd.loader import LoadedExpert
 from expertd.metrics import Recorder
+from expertd.scoreboard import SlotWriter, board_name
 
 log = logging.getLogger("expertd.worker")
 
@@ -71,6 +73,20 @@ _SCALARS = frozenset((str, int, float, bool, type(None)))  # results that cannot
 _SKIPPED = "skipped"
 
 
+class PlainExpert(NamedTuple):
+    """An expert a stage calls directly: a function that takes the document (not batched)."""
+
+    function: Callable[[Any], Any]
+    board_name: bytes  # its name as the scoreboard holds it (see SlotWriter.running)
+    loaded: LoadedExpert
+
+
+def plain_experts(experts: dict[str, LoadedExpert]) -> dict[str, PlainExpert]:
+    """The experts a pipeline's stage may call directly, by name (a worker's, made once)."""
+    return {name: PlainExpert(expert.function, board_name(name), expert)
+            for name, expert in experts.items() if not expert.batched}
+
+
 class _StageTimeout(BaseException):
     """Raised in an expert's code by SIGALRM at its stage's deadline (a BaseException: ``except Exception``
     in an expert must not swallow it)."""
@@ -87,6 +103,8 @@ class PipelineServing:
     recorder: Recorder
     _ran: list[tuple[str, str, float]]  # the experts the request in hand ran: (name, outcome, seconds), set here
     _timeouts: dict[str, float]  # each expert's own timeout
+    _plain: dict[str, PlainExpert]  # the experts a stage calls directly (see plain_experts)
+    board: SlotWriter
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
                       started: float) -> tuple[Any, str]:
@@ -102,16 +120,16 @@ class PipelineServing:
         opinions = document.setdefault("opinions", {})
         errors = document.get("errors")
         came_with_errors = bool(errors)
-        experts, ran = self.experts, self._ran  # (each expert run counts as a call of it: see _count_pipeline)
+        plain, ran = self._plain, self._ran  # (each expert run counts as a call of it: see _count_pipeline)
         found: dict[str, Any] = {}  # expert -> its result, or RemoteError
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
         deadline = started + plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10)
         limits = plan.limits
-        # The stage deadlines are kept by one interval timer, left running between requests and re-armed
-        # only when a stage's deadline is earlier than it, or later by more than _REARM_SLACK: with
-        # timeouts alike, a system call every _REARM_SLACK of busy time, not two a request (which cost
-        # 15 µs of a 60 µs round trip).  SIGALRM means something only while _ALARM[0] is set.
+        # The stage deadlines are kept by one interval timer, armed once for the plan and re-armed only
+        # when a stage's deadline is earlier than it, or later by more than _REARM_SLACK (system calls are
+        # a good part of a cheap pipeline's cost); it is turned off once the reply is out (_count_pipeline).
+        # SIGALRM means something only while _ALARM[0] is set.
         timed = _getsignal(_SIGALRM) is _alarm or _install_alarm_handler()
         alarm_at = _ALARM_AT
         now = _monotonic()  # (a stage begins when the one before it ended)
@@ -124,21 +142,13 @@ class PipelineServing:
                     continue
                 until = deadline if now + limits[index] > deadline else now + limits[index]
                 if timed:
-                    if alarm_at[0] > until or until - alarm_at[0] > _REARM_SLACK:  # (as _arm, inline: per stage)
+                    if alarm_at[0] > until or until - alarm_at[0] > _REARM_SLACK or alarm_at[0] <= now:  # (_arm's)
                         _arm(until, now)
                     _ALARM[0] = True
                 if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
                     name = stage[0]
-                    expert = experts.get(name)
-                    if expert is not None and not expert.batched:
-                        try:
-                            result = expert.function(document)
-                        except _StageTimeout:
-                            result = self._timed_out(name)
-                        except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
-                            result = _failure(expert, [document], {}, exc)
-                            if result.remote_type and "_StageTimeout" in result.remote_type:
-                                result = self._timed_out(name)
+                    if name in plain:
+                        result = self._run_expert(name, document, more=index + 1 < len(limits))
                         found[name] = result
                         ended = _monotonic()
                         if result.__class__ in _SCALARS or not isinstance(result, RemoteError):
@@ -155,10 +165,11 @@ class PipelineServing:
                         ran.append((name, result.code, ended - now))
                         results = {name: result}
                     else:
-                        results = {name: self._call(name, document, until, timed)}
+                        results = {name: self._call(name, document, until, timed, index + 1 < len(limits))}
                         found[name] = results[name]
                 else:
-                    results = self._run_stage(stage, document, until, fan_out=not helper, timed=timed)
+                    results = self._run_stage(stage, document, until, fan_out=not helper, timed=timed,
+                                              more=index + 1 < len(limits))
                     found.update(results)
                 # Written after the stage: each expert of a stage saw the document as it was before it.
                 document, opinions, errors = _fresh(document)
@@ -176,13 +187,12 @@ class PipelineServing:
                             stop = stop or f"{name} (stage {index + 1}) failed, and on_error = stop"
                     errors = document.get("errors")
                 now = _monotonic()
-        except _StageTimeout:  # (past the deadline outside any expert's code: in hand-overs or book-keeping)
-            self._interrupted = f"a pipeline stage was interrupted at its timeout ({target})"
+        except _StageTimeout:  # (past the deadline in this module's own code, which may go on: no retiring)
             outcome, late = "timeout", None
             for stage in plan.stages:
                 for name in stage:
                     if name not in found:
-                        found[name] = late = _stage_timeout(name) if late is None else _skipped(
+                        found[name] = late = _stage_timeout(name, True) if late is None else _skipped(
                             name, "a stage ran past its timeout")
                     _write(document, name, found[name])
         finally:
@@ -202,11 +212,15 @@ class PipelineServing:
 
     # ------------------------------------------------------------- a stage
     def _run_stage(self, stage: tuple[str, ...], document: dict, deadline: float, fan_out: bool,
-                   timed: bool) -> dict[str, Any]:
-        """Each expert of a stage of several on ``document``: its result or RemoteError, by name."""
+                   timed: bool, more: bool) -> dict[str, Any]:
+        """Each expert of a stage of several on ``document``: its result or RemoteError, by name.
+
+        ``more``: stages follow this one (what a timeout's message says).
+        """
         results: dict[str, Any] = {}
         helpers: list[tuple[tuple[str, ...], socket.socket]] = []
         mine = stage
+        late: str | None = None  # why the experts left are not run
         try:
             if fan_out and self.config.workers > 1:
                 theirs, mine = fan_out_split(stage, self._typical)
@@ -216,52 +230,43 @@ class PipelineServing:
                         mine += group
                     else:
                         helpers.append((group, sock))
-            late = False
             for name in mine:
-                results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
-                    name, document, deadline, timed)
-                late = late or results[name].__class__ is RequestTimeout
+                results[name] = _skipped(name, late) if late else self._call(name, document, deadline, timed, more)
+                if late is None and results[name].__class__ is RequestTimeout:
+                    late = f"{name} ran past its timeout"
             for group, sock in helpers:
-                answered = self._helper_answer(group, sock, deadline)
+                _ALARM[0] = False  # (the wait has a deadline of its own: SIGALRM must not cut it)
+                answered = self._helper_answer(group, sock, deadline, more)
                 if answered is None:  # declined, or the helper was lost: run them here (experts are pure)
                     for name in group:
-                        results[name] = _skipped(name, "its stage ran past its timeout") if late else self._call(
-                            name, document, deadline, timed)
-                        late = late or results[name].__class__ is RequestTimeout
+                        results[name] = _skipped(name, late) if late else self._call(name, document, deadline, timed,
+                                                                                     more)
+                        if late is None and results[name].__class__ is RequestTimeout:
+                            late = f"{name} ran past its timeout"
                 else:
                     results.update(answered)
+        except _StageTimeout:  # (past the stage's deadline in this module's own code: what was done stays)
+            for name in stage:
+                if name not in results:
+                    results[name] = _stage_timeout(name, more) if late is None else _skipped(name, late)
+                    late = late or f"{name} ran past its stage's timeout"
         finally:
             for _group, sock in helpers:
                 sock.close()
         return results
 
-    def _call(self, name: str, document: dict, deadline: float, timed: bool) -> Any:
-        """Expert ``name`` on ``document``, interrupted at its own timeout or ``deadline``: its result, or RemoteError.
+    def _call(self, name: str, document: dict, deadline: float, timed: bool, more: bool) -> Any:
+        """Expert ``name`` of a stage of several, interrupted at its own timeout or the stage's ``deadline``.
 
-        It counts as a call of the expert, and its duration is kept (the fan-out of stages decides by it).
+        Its result, or RemoteError.  Its duration is kept (the fan-out of stages decides by it).
         """
         started = _monotonic()
-        if timed:  # (its own timeout may be shorter than its stage's)
+        if timed:  # (its own timeout may be shorter than its stage's, or the one before it's was)
             own = started + self._timeouts.get(name, deadline - started)
-            if own < deadline:
-                _arm(own, started)
-        expert = self.experts.get(name)
-        try:
-            if expert is not None and not expert.batched:
-                try:
-                    result = expert.function(document)
-                except _StageTimeout:
-                    raise
-                except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
-                    result = _failure(expert, [document], {}, exc)
-            else:
-                result = self._invoke(name, [document], {})  # type: ignore[attr-defined]
-        except _StageTimeout:
-            result = self._timed_out(name)
-        except RemoteError as exc:
-            result = exc
-        if isinstance(result, RemoteError) and result.remote_type and "_StageTimeout" in result.remote_type:
-            result = self._timed_out(name)  # (an expert's failures are wrapped: interrupted all the same)
+            _arm(own if own < deadline else deadline, started)
+            _ALARM[0] = True
+        result = self._run_expert(name, document, more) if name in self._plain else self._invoke_in_stage(
+            name, document, more)
         elapsed = _monotonic() - started
         self._ran.append((name, result.code if isinstance(result, RemoteError) else "ok", elapsed))  # type: ignore
         typical = self._typical
@@ -269,8 +274,36 @@ class PipelineServing:
         typical[name] = elapsed if previous is None else previous + (elapsed - previous) * _TYPICAL_WEIGHT
         return result
 
+    def _run_expert(self, name: str, document: dict, more: bool) -> Any:
+        """Expert ``name`` (a plain function: see _plain) on ``document``: its result, or RemoteError."""
+        expert = self._plain[name]
+        self.board.running(expert.board_name)  # (a crash now is charged to it, not to the pipeline)
+        try:
+            return expert.function(document)
+        except _StageTimeout:
+            return self._timed_out(name, more)
+        except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
+            failure = _failure(expert.loaded, [document], {}, exc)
+            # (An expert that caught the interruption and raised something else was interrupted all the same.)
+            return self._timed_out(name, more) if "_StageTimeout" in (failure.remote_type or "") else failure
+
+    def _invoke_in_stage(self, name: str, document: dict, more: bool) -> Any:
+        """Expert ``name`` (batched: a batch of one) on ``document``: its result, or RemoteError."""
+        self.board.running(board_name(name))
+        try:
+            return self._invoke(name, [document], {})  # type: ignore[attr-defined]
+        except _StageTimeout:
+            return self._timed_out(name, more)
+        except RemoteError as exc:
+            return self._timed_out(name, more) if "_StageTimeout" in (exc.remote_type or "") else exc
+
     def _count_pipeline(self, label: str | None, outcome: str, seconds: float) -> None:
         """Count a pipeline request (``label``: None for a helper's) and each expert it ran, as a call of it."""
+        if _ALARM_AT[0]:
+            # The stage timer off, now that the reply is out: left running, SIGALRM would come during
+            # whatever runs next, and native code there sees EINTR (Python's retries; C's may not).
+            _setitimer(_ITIMER_REAL, 0)
+            _ALARM_AT[0] = 0.0
         record = self.recorder.record
         for name, code, elapsed in self._ran:
             record(name, code, elapsed)
@@ -297,10 +330,10 @@ class PipelineServing:
             outcome = "expert_errors"
         return _pack_result(target, value), outcome  # (still too large, say: the request's error)
 
-    def _timed_out(self, name: str) -> RequestTimeout:
-        """Expert ``name`` was interrupted at its stage's deadline: this worker retires after the reply."""
-        self._interrupted = f"a pipeline stage was interrupted at its timeout ({name})"
-        return _stage_timeout(name)
+    def _timed_out(self, name: str, more: bool) -> RequestTimeout:
+        """Expert ``name`` was interrupted at its deadline: this worker retires after the reply."""
+        self._interrupted = f"a pipeline's expert was interrupted at its timeout ({name})"
+        return _stage_timeout(name, more)
 
     # ------------------------------------------------------------- fan-out
     def _ask_for_help(self, group: tuple[str, ...], document: dict) -> socket.socket | None:
@@ -328,15 +361,15 @@ class PipelineServing:
             theirs.close()
         return mine
 
-    def _helper_answer(self, group: tuple[str, ...], sock: socket.socket,
-                       deadline: float) -> dict[str, Any] | None:
+    def _helper_answer(self, group: tuple[str, ...], sock: socket.socket, deadline: float,
+                       more: bool) -> dict[str, Any] | None:
         """What the helper answered for ``group``; None when it did not (declined, lost): run them here."""
         try:
             kind, _request_id, body = protocol.read_frame(sock, protocol.MAX_BODY, deadline)
+        except RequestTimeout:  # (first: it is an OSError too)
+            return {name: _stage_timeout(name, more) for name in group}
         except (ConnectionLost, ProtocolError, OSError):
             return None
-        except RequestTimeout:
-            return {name: _stage_timeout(name) for name in group}
         try:
             value = protocol.unpack(body)
         except (ValueError, TypeError):
@@ -344,7 +377,7 @@ class PipelineServing:
         if kind == protocol.ERROR:
             code = value.get("code") if isinstance(value, dict) else None
             if code == "timeout":
-                return {name: _stage_timeout(name) for name in group}
+                return {name: _stage_timeout(name, more) for name in group}
             return None  # (worker_lost, shutting_down, overloaded...: not the experts' doing)
         opinions = value.get("opinions", {}) if isinstance(value, dict) else {}
         errors = value.get("errors", {}) if isinstance(value, dict) else {}
@@ -376,7 +409,8 @@ def fan_out_split(stage: tuple[str, ...], typical: dict[str, float],
 
 def _arm(until: float, now: float) -> None:
     """Have SIGALRM come at ``until`` (within _REARM_SLACK earlier), re-arming the timer only when it must."""
-    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK:
+    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK or _ALARM_AT[0] <= now:
+        # (The last: the timer went off already, while SIGALRM meant nothing; it must come again.)
         _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
         _ALARM_AT[0] = until
 
@@ -428,8 +462,9 @@ def _write(document: dict, name: str, result: Any) -> None:
             errors.pop(name, None)  # (nor is an error it came with)
 
 
-def _stage_timeout(name: str) -> RequestTimeout:
-    return RequestTimeout(f"{name} ran past its stage's timeout; the stages after it were not run", expert=name)
+def _stage_timeout(name: str, more: bool) -> RequestTimeout:
+    after = "; the stages after it were not run" if more else ""
+    return RequestTimeout(f"{name} ran past its timeout{after}", expert=name)
 
 
 def _skipped(name: str, why: str) -> RemoteError:

@@ -645,3 +645,67 @@ def test_a_pipeline_of_a_batched_expert_is_never_gathered_into_a_batch_of_calls(
             assert future.result(timeout=30) == ("result", {"text": "x" * n, "opinions": {"batched_length": n}})
         for n, future in zip(range(11, 17), calls, strict=True):
             assert future.result(timeout=30) == ("result", n)
+
+
+# ------------------------------------------------------------------- review findings
+def test_an_expert_that_kills_its_worker_inside_pipelines_is_quarantined_and_so_are_pipelines_that_run_it(
+        make_daemon):
+    daemon = make_daemon({**EXPERTS, "crash": "docexperts:crash", "pipeline:fatal": {"stages": "language, crash"}},
+                         quarantine_after=3, quarantine_window="30s", quarantine_time="30s")
+    for target in ("fatal", "language,crash", "language, crash"):  # (the crash is the expert's, whatever names it)
+        with raw_connection(daemon) as sock:  # (a connection whose worker died mid-request is closed)
+            kind, error = ask(sock, target, {"text": "hello"})
+            assert kind == "error" and error["code"] == "worker_lost"  # type: ignore[index]
+
+    def refused() -> bool:
+        with raw_connection(daemon) as sock:
+            return ask(sock, "fatal", {"text": "hello"})[1].get("code") == "quarantined"  # type: ignore[union-attr]
+
+    assert wait_until(refused, timeout=10)
+    with raw_connection(daemon) as sock:
+        kind, error = ask(sock, "language , crash", {"text": "hello"})
+        assert kind == "error" and error["code"] == "quarantined" and error["expert"] == "crash"  # type: ignore
+        assert "crash" in error["message"]  # type: ignore[index]
+        assert result(sock, "mod", {"text": "hello"})["opinions"] == {"language": "en", "polite": True}
+    assert "quarantine" in daemon.log and "crash" in daemon.log
+
+
+def test_in_a_stage_of_two_the_second_expert_gets_its_own_timeout_not_the_first_ones(make_daemon):
+    daemon = make_daemon({"nap": {"function": "docexperts:nap", "timeout": "1s"},
+                          "snooze": {"function": "docexperts:snooze", "timeout": "10s"}}, workers=1)
+    with raw_connection(daemon) as sock:
+        started = time.monotonic()
+        document = result(sock, "nap + snooze", {"naps": {"nap": 0.05, "snooze": 1.5}})
+    assert document["opinions"] == {"nap": "nap done", "snooze": "snooze done"}, document
+    assert "errors" not in document and time.monotonic() - started >= 1.5
+
+
+def test_a_helper_past_its_timeout_is_the_one_marked_and_the_askers_own_opinion_is_kept(make_daemon):
+    daemon = make_daemon({"nap": {"function": "docexperts:nap", "timeout": "1s"},
+                          "snooze": {"function": "docexperts:snooze", "timeout": "1s"},
+                          "worker_pid": "docexperts:worker_pid"}, workers=3)
+    with raw_connection(daemon) as sock:
+        for _ in range(3):  # (each worker learns that both take long enough to share)
+            result(sock, "nap + snooze", {"naps": {"nap": 0.1, "snooze": 0.05}})
+        document = result(sock, "nap + snooze", {"naps": {"nap": 0.1, "snooze": 5}})
+    # The longer one (nap, as measured) stays with the asker; snooze goes to a helper and runs past its timeout.
+    assert document["opinions"] == {"nap": "nap done"}, document
+    assert document["errors"]["snooze"]["code"] == "timeout"
+
+
+def test_a_call_after_a_pipeline_is_not_cut_short_by_the_pipelines_timer(make_daemon):
+    daemon = make_daemon({"nap": {"function": "docexperts:nap", "timeout": "1s"},
+                          "native_sleep": "docexperts:native_sleep"}, workers=1)
+    with raw_connection(daemon) as sock:
+        assert result(sock, "nap", {})["opinions"] == {"nap": "nap done"}
+        sock.sendall(protocol.encode_call(8, "native_sleep", [{"seconds": 2}], {}))
+        kind, _id, body = protocol.read_frame(sock, protocol.MAX_BODY)
+    assert kind == protocol.RESULT and protocol.unpack(body) >= 1.9  # (a timer left running cut it at 1s)
+
+
+def test_a_client_cannot_ask_for_a_helpers_reply(make_daemon):
+    daemon = make_daemon(EXPERTS)
+    with raw_connection(daemon) as sock:
+        document = result(sock, "mod", {"text": "hello", "id": 42}, {"helper": True})
+    assert document["id"] == 42 and document["opinions"] == {"language": "en", "polite": True}
+    assert metrics(daemon).get('expertd_pipeline_requests_total{pipeline="mod",outcome="ok"}') == 1

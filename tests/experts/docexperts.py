@@ -107,3 +107,32 @@ def note_pid(document):
         out.write(str(os.getpid()))
     os.replace(path + ".tmp", path)
     return os.getpid()
+
+
+def crash(document):
+    """Kills its worker (an expert with a fatal bug)."""
+    os._exit(7)
+
+
+def nap(document):
+    """Sleeps document['nap'][its own name] seconds (0 if absent), then says so: stages of experts with
+    different timeouts. Registered under several names (see the tests)."""
+    return _nap(document, "nap")
+
+
+def snooze(document):
+    return _nap(document, "snooze")
+
+
+def _nap(document, name):
+    time.sleep(document.get("naps", {}).get(name, 0))
+    return f"{name} done"
+
+
+def native_sleep(document):
+    """Sleeps in C (libc sleep(), which a signal cuts short): how long it really slept."""
+    import ctypes
+
+    started = time.monotonic()
+    ctypes.CDLL(None).sleep(int(document.get("seconds", 2)))
+    return round(time.monotonic() - started, 2)
