@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from expertd import __version__, protocol
+from expertd import __version__, protocol, stage_timer
 from expertd.batches import call_batch
 from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
@@ -55,6 +55,8 @@ class Answering:
         board = self.board
         expert_name = None
         label: str | None = AD_HOC  # (a pipeline's, for its metrics)
+        if _TIMER_AT[0] and kind != _PIPELINE:
+            stage_timer.off()  # (a pipeline's timer, left running for the next: nothing else may see SIGALRM)
         try:
             if kind == _CALL:
                 try:
@@ -290,6 +292,7 @@ def _safe_traceback(exc: BaseException) -> str:
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 _CALL, _MAP, _RESULT, _ERROR = protocol.CALL, protocol.MAP, protocol.RESULT, protocol.ERROR
 _PIPELINE = protocol.PIPELINE
+_TIMER_AT = stage_timer.ALARM_AT
 _ITEM_OK, _ITEM_FAILED = protocol.ITEM_OK, protocol.ITEM_FAILED
 _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)
 # How long a worker waits for a slow client to take its reply before handing the rest to the master.

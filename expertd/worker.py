@@ -31,7 +31,7 @@ import time
 from types import FrameType
 from typing import Any, NoReturn
 
-from expertd import ipc, notify, protocol, runtimes
+from expertd import ipc, notify, protocol, runtimes, stage_timer
 from expertd.calls import _pack_result as _pack_result  # (bench/hotpath.py imports it from here)
 from expertd.config import Config
 from expertd.errors import ConnectionLost, ExpertLoadError
@@ -173,6 +173,7 @@ class Worker(BatchServing, PipelineServing):
         else:  # between requests, or one being read: no longer than any call may take
             deadline = now + max(self.config.timeout, *self._timeouts.values())
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        stage_timer.ALARM_AT[0] = 0.0  # (the timer is this one's now: a pipeline's may not turn it off)
         signal.setitimer(signal.ITIMER_REAL, max(deadline - now, 0.001))
         log.warning("worker %d (pid %d): the master is gone; exiting after the request in hand, "
                     "or at its timeout (%.1fs from now)", self.number, os.getpid(), max(deadline - now, 0.0))

@@ -22,7 +22,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from expertd import http, ipc, protocol
+from expertd import http, ipc, protocol, stage_timer
 from expertd.batches import call_batch
 from expertd.calls import _failure, _pack_result
 from expertd.errors import BadRequest, ConnectionLost, RemoteError, RequestTimeout
@@ -58,6 +58,8 @@ class BatchServing(HttpServing):
 
     def _serve_batch(self, handed: list[tuple[int, int, bytearray | None, bool]]) -> str | None:
         """Answer every member of a batch; returns why this worker should retire, if it should."""
+        if stage_timer.ALARM_AT[0]:
+            stage_timer.off()  # (a pipeline's timer, left running for the next: a batch must not see SIGALRM)
         started = time.monotonic()
         members = [_Member(conn_id, socket.socket(fileno=fd)) for conn_id, fd, _frame, _http in handed]
         try:

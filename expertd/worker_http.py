@@ -17,7 +17,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from expertd import http, protocol
+from expertd import http, protocol, stage_timer
 from expertd.calls import Answering, _safe_str
 from expertd.errors import BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
@@ -162,6 +162,8 @@ class HttpServing(Answering):
                 self._count_pipeline(  # type: ignore[attr-defined]  (it and its experts, once the reply is out)
                     expert if expert in self.config.pipelines else AD_HOC, outcome, elapsed)
                 return delivered
+            if stage_timer.ALARM_AT[0]:
+                stage_timer.off()  # (a pipeline's timer, left running for the next: a call must not see SIGALRM)
             try:
                 if request.route == "map":  # many items, one call each: the reply holds each one's outcome
                     items = http.map_items(request)

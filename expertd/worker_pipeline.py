@@ -35,21 +35,20 @@ retires).
 
 from __future__ import annotations
 
-import _signal
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from expertd import ipc, protocol
+from expertd import ipc, protocol, stage_timer
 from expertd.calls import _failure, _pack_result
 from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
 from expertd.loader import LoadedExpert
 from expertd.metrics import Recorder
 from expertd.scoreboard import SlotWriter, board_name
+from expertd.stage_timer import StageTimeout
 
 log = logging.getLogger("expertd.worker")
 
@@ -62,12 +61,6 @@ FAN_OUT_OVER = 0.002
 PIPELINE_GRACE = 0.5
 _TYPICAL_WEIGHT = 0.25  # how fast the typical duration follows new measurements (an EWMA)
 _HELPER_OPTIONS = {"helper": True}
-# A stage's deadline may come this much earlier than its timeout says, to spare re-arming the timer.
-_REARM_SLACK = 0.01
-_ALARM = [False]  # whether SIGALRM now means a stage's deadline (see _alarm)
-_ALARM_AT = [0.0]  # when the interval timer fires next (time.monotonic()), as last armed
-_getsignal, _SIGALRM = _signal.getsignal, signal.SIGALRM  # (_signal's: signal's wraps the answer in an enum)
-_setitimer, _ITIMER_REAL = signal.setitimer, signal.ITIMER_REAL
 _monotonic = time.monotonic
 _SCALARS = frozenset((str, int, float, bool, type(None)))  # results that cannot hold the document
 _SKIPPED = "skipped"
@@ -85,11 +78,6 @@ def plain_experts(experts: dict[str, LoadedExpert]) -> dict[str, PlainExpert]:
     """The experts a pipeline's stage may call directly, by name (a worker's, made once)."""
     return {name: PlainExpert(expert.function, board_name(name), expert)
             for name, expert in experts.items() if not expert.batched}
-
-
-class _StageTimeout(BaseException):
-    """Raised in an expert's code by SIGALRM at its stage's deadline (a BaseException: ``except Exception``
-    in an expert must not swallow it)."""
 
 
 class PipelineServing:
@@ -126,12 +114,8 @@ class PipelineServing:
         stop: str | None = None  # why the stages left are not run
         deadline = started + plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10)
         limits = plan.limits
-        # The stage deadlines are kept by one interval timer, armed once for the plan and re-armed only
-        # when a stage's deadline is earlier than it, or later by more than _REARM_SLACK (system calls are
-        # a good part of a cheap pipeline's cost); it is turned off once the reply is out (_count_pipeline).
-        # SIGALRM means something only while _ALARM[0] is set.
-        timed = _getsignal(_SIGALRM) is _alarm or _install_alarm_handler()
-        alarm_at = _ALARM_AT
+        timed = stage_timer.usable()  # (the deadlines: see expertd.stage_timer)
+        arm, meaning = stage_timer.arm, stage_timer.MEANING
         now = _monotonic()  # (a stage begins when the one before it ended)
         try:
             for index, stage in enumerate(plan.stages):
@@ -142,9 +126,8 @@ class PipelineServing:
                     continue
                 until = deadline if now + limits[index] > deadline else now + limits[index]
                 if timed:
-                    if alarm_at[0] > until or until - alarm_at[0] > _REARM_SLACK or alarm_at[0] <= now:  # (_arm's)
-                        _arm(until, now)
-                    _ALARM[0] = True
+                    arm(until, now)
+                    meaning[0] = True
                 if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
                     name = stage[0]
                     if name in plain:
@@ -187,7 +170,7 @@ class PipelineServing:
                             stop = stop or f"{name} (stage {index + 1}) failed, and on_error = stop"
                     errors = document.get("errors")
                 now = _monotonic()
-        except _StageTimeout:  # (past the deadline in this module's own code, which may go on: no retiring)
+        except StageTimeout:  # (past the deadline in this module's own code, which may go on: no retiring)
             outcome, late = "timeout", None
             for stage in plan.stages:
                 for name in stage:
@@ -197,8 +180,8 @@ class PipelineServing:
                     _write(document, name, found[name])
         finally:
             try:
-                _ALARM[0] = False  # (the handler raises only while this is set; the timer runs on)
-            except _StageTimeout:
+                meaning[0] = False  # (the handler raises only while this is set; the timer runs on)
+            except StageTimeout:
                 pass
         errors = document.get("errors")
         if helper:
@@ -235,7 +218,7 @@ class PipelineServing:
                 if late is None and results[name].__class__ is RequestTimeout:
                     late = f"{name} ran past its timeout"
             for group, sock in helpers:
-                _ALARM[0] = False  # (the wait has a deadline of its own: SIGALRM must not cut it)
+                stage_timer.MEANING[0] = False  # (the wait has a deadline of its own: SIGALRM must not cut it)
                 answered = self._helper_answer(group, sock, deadline, more)
                 if answered is None:  # declined, or the helper was lost: run them here (experts are pure)
                     for name in group:
@@ -245,7 +228,7 @@ class PipelineServing:
                             late = f"{name} ran past its timeout"
                 else:
                     results.update(answered)
-        except _StageTimeout:  # (past the stage's deadline in this module's own code: what was done stays)
+        except StageTimeout:  # (past the stage's deadline in this module's own code: what was done stays)
             for name in stage:
                 if name not in results:
                     results[name] = _stage_timeout(name, more) if late is None else _skipped(name, late)
@@ -263,8 +246,8 @@ class PipelineServing:
         started = _monotonic()
         if timed:  # (its own timeout may be shorter than its stage's, or the one before it's was)
             own = started + self._timeouts.get(name, deadline - started)
-            _arm(own if own < deadline else deadline, started)
-            _ALARM[0] = True
+            stage_timer.arm(own if own < deadline else deadline, started)
+            stage_timer.MEANING[0] = True
         result = self._run_expert(name, document, more) if name in self._plain else self._invoke_in_stage(
             name, document, more)
         elapsed = _monotonic() - started
@@ -280,30 +263,25 @@ class PipelineServing:
         self.board.running(expert.board_name)  # (a crash now is charged to it, not to the pipeline)
         try:
             return expert.function(document)
-        except _StageTimeout:
+        except StageTimeout:
             return self._timed_out(name, more)
         except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
             failure = _failure(expert.loaded, [document], {}, exc)
             # (An expert that caught the interruption and raised something else was interrupted all the same.)
-            return self._timed_out(name, more) if "_StageTimeout" in (failure.remote_type or "") else failure
+            return self._timed_out(name, more) if "StageTimeout" in (failure.remote_type or "") else failure
 
     def _invoke_in_stage(self, name: str, document: dict, more: bool) -> Any:
         """Expert ``name`` (batched: a batch of one) on ``document``: its result, or RemoteError."""
         self.board.running(board_name(name))
         try:
             return self._invoke(name, [document], {})  # type: ignore[attr-defined]
-        except _StageTimeout:
+        except StageTimeout:
             return self._timed_out(name, more)
         except RemoteError as exc:
-            return self._timed_out(name, more) if "_StageTimeout" in (exc.remote_type or "") else exc
+            return self._timed_out(name, more) if "StageTimeout" in (exc.remote_type or "") else exc
 
     def _count_pipeline(self, label: str | None, outcome: str, seconds: float) -> None:
         """Count a pipeline request (``label``: None for a helper's) and each expert it ran, as a call of it."""
-        if _ALARM_AT[0]:
-            # The stage timer off, now that the reply is out: left running, SIGALRM would come during
-            # whatever runs next, and native code there sees EINTR (Python's retries; C's may not).
-            _setitimer(_ITIMER_REAL, 0)
-            _ALARM_AT[0] = 0.0
         record = self.recorder.record
         for name, code, elapsed in self._ran:
             record(name, code, elapsed)
@@ -407,14 +385,6 @@ def fan_out_split(stage: tuple[str, ...], typical: dict[str, float],
     return [(name,) for name in offered], tuple(name for name in stage if name not in offered)
 
 
-def _arm(until: float, now: float) -> None:
-    """Have SIGALRM come at ``until`` (within _REARM_SLACK earlier), re-arming the timer only when it must."""
-    if _ALARM_AT[0] > until or until - _ALARM_AT[0] > _REARM_SLACK or _ALARM_AT[0] <= now:
-        # (The last: the timer went off already, while SIGALRM meant nothing; it must come again.)
-        _setitimer(_ITIMER_REAL, max(until - now, 1e-6))
-        _ALARM_AT[0] = until
-
-
 def _fresh(document: dict) -> tuple[dict, dict, dict | None]:
     """A shallow copy of ``document`` with its own opinions (and errors) maps: (copy, opinions, errors)."""
     copy = {**document, "opinions": {**document["opinions"]}}
@@ -422,22 +392,6 @@ def _fresh(document: dict) -> tuple[dict, dict, dict | None]:
     if errors is not None:
         errors = copy["errors"] = {**errors}
     return copy, copy["opinions"], errors
-
-
-def _alarm(signum: int, frame: object) -> None:
-    if _ALARM[0] and _monotonic() >= _ALARM_AT[0] - _REARM_SLACK:
-        _ALARM[0] = False
-        raise _StageTimeout
-
-
-def _install_alarm_handler() -> bool:
-    """Install the stage-timeout handler, unless SIGALRM is taken (the master is gone: see Worker)."""
-    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
-        return False
-    if signal.getitimer(signal.ITIMER_REAL)[0]:
-        return False  # (a timer is running: the worker's own, for a master that is gone)
-    signal.signal(signal.SIGALRM, _alarm)
-    return True
 
 
 def _options(options: dict, on_error: str, target: str) -> tuple[str, bool]:

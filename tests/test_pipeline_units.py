@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 
 import msgpack
 import pytest
@@ -291,3 +293,43 @@ def test_metrics_render_pipeline_requests_by_outcome_and_their_duration_histogra
     # Pipelines are not experts.
     assert not any("pipeline:" in line for line in lines)
     assert not any(line.startswith("expertd_requests_total") and "mod" in line for line in lines)
+
+
+# ------------------------------------------------------------------- the stage timer
+def test_the_stage_timer_interrupts_only_while_it_means_something_and_off_stops_it():
+    from expertd import stage_timer
+
+    previous = signal.getsignal(signal.SIGALRM)
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        assert stage_timer.usable()
+        now = time.monotonic()
+        stage_timer.arm(now + 0.05, now)
+        stage_timer.MEANING[0] = True
+        with pytest.raises(stage_timer.StageTimeout):
+            time.sleep(1)
+        assert not stage_timer.MEANING[0]  # (once: a second SIGALRM would not raise)
+        now = time.monotonic()
+        stage_timer.arm(now + 0.05, now)  # (it went off: armed again though the deadline is near the last)
+        stage_timer.MEANING[0] = False
+        started = time.monotonic()
+        time.sleep(0.2)  # SIGALRM comes, meaning nothing: the sleep goes on
+        assert time.monotonic() - started >= 0.19
+        now = time.monotonic()
+        stage_timer.arm(now + 0.05, now)
+        stage_timer.off()
+        assert stage_timer.ALARM_AT[0] == 0.0 and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0
+    finally:
+        stage_timer.off()
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_stage_timer_is_not_taken_when_sigalrm_is_someone_elses():
+    from expertd import stage_timer
+
+    previous = signal.getsignal(signal.SIGALRM)
+    try:
+        signal.signal(signal.SIGALRM, lambda signum, frame: None)
+        assert not stage_timer.usable()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
