@@ -296,22 +296,38 @@ def test_metrics_render_pipeline_requests_by_outcome_and_their_duration_histogra
 
 
 # ------------------------------------------------------------------- the stage timer
+def _in_a_child(check) -> None:
+    """Run ``check`` in a forked child, as in a worker (pytest's own SIGALRM timer stays out of it)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            check()
+            code = 0
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
 def test_the_stage_timer_interrupts_only_while_it_means_something_and_off_stops_it():
     from expertd import stage_timer
 
-    previous = signal.getsignal(signal.SIGALRM)
-    try:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    def check() -> None:
         assert stage_timer.usable()
         now = time.monotonic()
         stage_timer.arm(now + 0.05, now)
         stage_timer.MEANING[0] = True
-        with pytest.raises(stage_timer.StageTimeout):
+        try:
             time.sleep(1)
+            raise AssertionError("not interrupted")
+        except stage_timer.StageTimeout:
+            pass
         assert not stage_timer.MEANING[0]  # (once: a second SIGALRM would not raise)
         now = time.monotonic()
         stage_timer.arm(now + 0.05, now)  # (it went off: armed again though the deadline is near the last)
-        stage_timer.MEANING[0] = False
         started = time.monotonic()
         time.sleep(0.2)  # SIGALRM comes, meaning nothing: the sleep goes on
         assert time.monotonic() - started >= 0.19
@@ -319,17 +335,15 @@ def test_the_stage_timer_interrupts_only_while_it_means_something_and_off_stops_
         stage_timer.arm(now + 0.05, now)
         stage_timer.off()
         assert stage_timer.ALARM_AT[0] == 0.0 and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0
-    finally:
-        stage_timer.off()
-        signal.signal(signal.SIGALRM, previous)
+
+    _in_a_child(check)
 
 
 def test_the_stage_timer_is_not_taken_when_sigalrm_is_someone_elses():
     from expertd import stage_timer
 
-    previous = signal.getsignal(signal.SIGALRM)
-    try:
+    def check() -> None:
         signal.signal(signal.SIGALRM, lambda signum, frame: None)
         assert not stage_timer.usable()
-    finally:
-        signal.signal(signal.SIGALRM, previous)
+
+    _in_a_child(check)
