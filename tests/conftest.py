@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import http.client
 import os
 import shutil
 import signal
@@ -220,4 +221,37 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
     return predicate()
 
 
-__all__ = ["Daemon", "raw_connection", "run_expertd", "wait_until", "write_config"]
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over the daemon's Unix socket."""
+
+    def __init__(self, path: str | Path, timeout: float = 10) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+@pytest.fixture
+def web(daemon):
+    """An HTTP connection to the test's daemon, over its Unix socket."""
+    conn = UnixHTTPConnection(daemon.socket)
+    yield conn
+    conn.close()
+
+
+def open_fds() -> set[int]:
+    """The descriptors open in this process (found without opening one, as listing /proc/self/fd would)."""
+    found = set()
+    for fd in range(4096):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
+
+
+__all__ = ["Daemon", "UnixHTTPConnection", "open_fds", "raw_connection", "run_expertd", "wait_until", "write_config"]

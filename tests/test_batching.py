@@ -30,25 +30,12 @@ import pytest
 from expertd import protocol
 from expertd.errors import BadRequest, ExpertFailed, RequestTimeout, WorkerLost
 
-from conftest import EXAMPLES, Daemon, run_expertd, wait_until, write_config
+from conftest import EXAMPLES, Daemon, UnixHTTPConnection, run_expertd, wait_until, write_config
 
 EXPERTS = {"tagged": "batched:tagged", "gate": "batched:gate", "add": "testexperts:add"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over the daemon's Unix socket."""
-
-    def __init__(self, path: Path, timeout: float = 30) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def post(conn: http.client.HTTPConnection, path: str, body: object) -> tuple[int, object]:
     try:
         conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -66,7 +53,7 @@ def free_port() -> int:
 
 def queued(daemon: Daemon) -> int:
     """Whole requests waiting for a worker, as the master counts them (its own /metrics)."""
-    conn = UnixHTTPConnection(daemon.socket)
+    conn = UnixHTTPConnection(daemon.socket, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
@@ -198,7 +185,7 @@ def test_http_and_msgpack_callers_share_a_batch(make_daemon, short_dir):
         tcp("/call/tagged", [{"x": "h1"}]),
         tagged(daemon, {"x": "m2"}),
         tcp("/opinion/tagged", {"x": "o1", "text": "a document"}),
-        lambda: post(UnixHTTPConnection(daemon.socket), "/call/tagged", {"documents": {"x": "u1"}}),
+        lambda: post(UnixHTTPConnection(daemon.socket, timeout=30), "/call/tagged", {"documents": {"x": "u1"}}),
         # Arriving in pieces: the master gathers them, and they travel inside the batch's message.
         lambda: in_pieces(daemon, b"POST /call/tagged HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                           % (len(http_body), http_body)),
@@ -240,7 +227,7 @@ def test_a_batch_never_holds_more_than_max_batch_calls(make_daemon, short_dir, m
     assert sorted({tuple(result["members"]) for result in results}) == [tuple(batch) for batch in batches]
     # What status and /metrics show of them (max_batch 1: not batched, so nothing).
     figures = daemon.client().status()["batches"].get("tagged")
-    metrics = UnixHTTPConnection(daemon.socket)
+    metrics = UnixHTTPConnection(daemon.socket, timeout=30)
     metrics.request("GET", "/metrics")
     text = metrics.getresponse().read().decode()
     if max_batch == 1:

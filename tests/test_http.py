@@ -17,22 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from expertd import protocol
 
-from conftest import BIN, ROOT, raw_connection, run_expertd, wait_until, write_config
+from conftest import BIN, ROOT, UnixHTTPConnection, raw_connection, run_expertd, wait_until, write_config
 
 TOKEN = "s3cret-token-for-the-tests"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over the daemon's Unix socket."""
-
-    def __init__(self, path: str, timeout: float = 10) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str, body: object = None,
@@ -50,13 +37,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture
-def web(daemon):
-    conn = UnixHTTPConnection(str(daemon.socket))
-    yield conn
-    conn.close()
 
 
 def test_curl_calls_an_expert_over_the_unix_socket(daemon):

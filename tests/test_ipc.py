@@ -9,6 +9,8 @@ import pytest
 
 from expertd import ipc
 
+from conftest import open_fds
+
 
 @pytest.fixture
 def channel():
@@ -26,18 +28,6 @@ def client_pair():
     yield client, served
     client.close()
     served.close()
-
-
-def _open_fds() -> set[int]:
-    """The descriptors open in this process (found without opening one, as listing /proc/self/fd would)."""
-    open_fds = set()
-    for fd in range(4096):
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        open_fds.add(fd)
-    return open_fds
 
 
 def test_the_channel_keeps_message_boundaries(channel):
@@ -98,12 +88,12 @@ def test_every_connection_id_goes_through(channel, client_pair, conn_id):
 @pytest.mark.parametrize("frame", [None, b"abc", os.urandom(ipc.MAX_INLINE + 1)], ids=["socket", "inline", "memfd"])
 def test_handing_over_leaves_no_descriptor_open_but_the_connections(channel, client_pair, frame):
     master_end, worker_end = channel
-    before = _open_fds()
+    before = open_fds()
     ipc.send_serve(master_end, 1, client_pair[1].fileno(), frame)
     _conn_id, fd, _frame, _http = ipc.receive_command(worker_end)
-    assert _open_fds() - before == {fd}
+    assert open_fds() - before == {fd}
     os.close(fd)
-    assert _open_fds() == before
+    assert open_fds() == before
 
 
 def test_handed_ahead_connections_wait_in_the_channel_in_order(channel, client_pair):
@@ -127,11 +117,11 @@ def test_a_worker_whose_master_closed_the_channel_is_told_to_go(channel):
 @pytest.mark.parametrize("message", [ipc.READY + b"\x00\x00\x00\x01", b"?garbage", ipc.DONE])
 def test_a_message_other_than_serve_from_the_master_is_an_error(channel, client_pair, message):
     master_end, worker_end = channel
-    before = _open_fds()
+    before = open_fds()
     socket.send_fds(master_end, [message], [client_pair[1].fileno()])
     with pytest.raises(RuntimeError, match="unexpected message from the master"):
         ipc.receive_command(worker_end)
-    assert _open_fds() == before  # the descriptor that came with it is closed
+    assert open_fds() == before  # the descriptor that came with it is closed
 
 
 def test_a_serve_without_its_connection_is_an_error(channel):
@@ -152,7 +142,7 @@ UNREAD = {"none": None, "empty": b"", "some": b"XD\x01\x10" + bytes(8)}
 def test_a_done_report_carries_every_flag_and_the_bytes_handed_back(channel, close, retiring, linger, unsent,
                                                                      unread):
     master_end, worker_end = channel
-    before = _open_fds()
+    before = open_fds()
     served = 1 + close + 2 * retiring + 4 * linger
     ipc.send_done(worker_end, 99, close, retiring=retiring, unsent=unsent, linger=linger, served=served,
                   unread=unread)
@@ -161,7 +151,7 @@ def test_a_done_report_carries_every_flag_and_the_bytes_handed_back(channel, clo
     assert value == (99, close, retiring, linger, served, unsent or None, unread or None)
     if unread:
         assert type(value[6]) is bytes
-    assert _open_fds() == before  # the memfds are read and closed
+    assert open_fds() == before  # the memfds are read and closed
     assert ipc.receive_report(master_end) is None
 
 
@@ -182,10 +172,10 @@ def test_unsent_bytes_may_be_a_view_of_the_reply(channel):
 
 def test_descriptors_a_done_report_does_not_announce_are_closed(channel, client_pair):
     master_end, worker_end = channel
-    before = _open_fds()
+    before = open_fds()
     socket.send_fds(worker_end, [ipc.DONE + struct.pack("!IBI", 6, 0, 1)], [client_pair[0].fileno()])
     assert ipc.receive_report(master_end) == (ipc.DONE, (6, False, False, False, 1, None, None))
-    assert _open_fds() == before
+    assert open_fds() == before
 
 
 @pytest.mark.parametrize("flag, index", [("_UNSENT", 5), ("_UNREAD", 6)])
@@ -260,11 +250,11 @@ def test_an_unknown_report_is_an_error(channel, message):
 
 def test_descriptors_sent_with_an_unknown_report_are_closed(channel, client_pair):
     master_end, worker_end = channel
-    before = _open_fds()
+    before = open_fds()
     socket.send_fds(worker_end, [b"Zzz"], [client_pair[0].fileno()])
     with pytest.raises(RuntimeError):
         ipc.receive_report(master_end)
-    assert _open_fds() == before
+    assert open_fds() == before
 
 
 @pytest.mark.parametrize(

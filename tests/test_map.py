@@ -26,7 +26,7 @@ from expertd.errors import (
 )
 from expertd.framing import frame_of
 
-from conftest import raw_connection
+from conftest import UnixHTTPConnection, raw_connection
 
 MAP_EXPERTS = {
     "text_length": "batchexperts:text_length",
@@ -43,19 +43,6 @@ MAP_EXPERTS = {
 @pytest.fixture
 def daemon(make_daemon):
     return make_daemon(MAP_EXPERTS)
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over the daemon's Unix socket."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str,

@@ -9,12 +9,12 @@ import threading
 import time
 
 import pytest
-from test_http import TOKEN, UnixHTTPConnection, free_port, request
+from test_http import TOKEN, free_port, request
 
 from expertd.client import Client, target_of
 from expertd.errors import BadRequest, UnknownExpert
 
-from conftest import BIN, ROOT, wait_until
+from conftest import BIN, ROOT, UnixHTTPConnection, wait_until
 
 DOC_EXPERTS = {
     "language": "docexperts:language",
@@ -304,13 +304,6 @@ def test_keep_going_over_a_batched_experts_windows_writes_the_failed_items_error
 
 
 # ------------------------------------------------------------------ HTTP
-@pytest.fixture
-def web(daemon):
-    conn = UnixHTTPConnection(str(daemon.socket))
-    yield conn
-    conn.close()
-
-
 def test_http_pipeline_returns_the_document_with_opinions_and_errors(web):
     status, _, document = request(web, "POST", "/pipeline/greeting", {"id": 3, "text": "hello"})
     assert (status, document) == (200, {"id": 3, "text": "hello", "opinions": {"language": "en", "polite": True}})

@@ -15,6 +15,8 @@ from expertd.errors import BadRequest
 from expertd.metrics import AD_HOC, Metrics
 from expertd.worker_pipeline import FAN_OUT_OVER, fan_out_split
 
+from conftest import open_fds
+
 
 # ------------------------------------------------------------------------------------------ fan_out_split
 @pytest.mark.parametrize("stage, typical, over, offered, kept", [
@@ -53,17 +55,6 @@ def test_fan_out_split_keeps_every_expert_exactly_once():
 
 
 # ------------------------------------------------------------------------------------------ ipc HELP
-def _open_fds() -> set[int]:
-    fds = set()
-    for fd in range(4096):
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        fds.add(fd)
-    return fds
-
-
 @pytest.fixture
 def channel():
     master_end, worker_end = ipc.channel_pair()
@@ -103,11 +94,11 @@ def test_a_help_report_without_its_descriptor_is_refused_and_extra_descriptors_a
         ipc.receive_report(master_end)
     first, second = socket.socketpair()
     try:
-        before = _open_fds()
+        before = open_fds()
         socket.send_fds(worker_end, [ipc.HELP], [first.fileno(), second.fileno()])
         op, fd = ipc.receive_report(master_end)
         assert op == ipc.HELP
-        assert _open_fds() - before == {fd}  # (the second copy was closed)
+        assert open_fds() - before == {fd}  # (the second copy was closed)
         os.close(fd)
     finally:
         first.close()

@@ -9,7 +9,6 @@ tests/experts/docexperts.py.
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -25,7 +23,7 @@ import pytest
 from expertd import protocol
 from expertd.client import Client
 
-from conftest import Daemon, raw_connection, run_expertd, wait_until, write_config
+from conftest import Daemon, UnixHTTPConnection, raw_connection, run_expertd, wait_until, write_config
 
 EXPERTS = {
     "language": "docexperts:language",
@@ -81,17 +79,6 @@ def timed(sock: socket.socket, target: str, document: dict) -> tuple[float, dict
     began = time.monotonic()
     value = result(sock, target, document)
     return time.monotonic() - began, value
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
 
 
 def metrics(daemon: Daemon) -> dict[str, float]:
