@@ -5,6 +5,7 @@ Pure functions and config files only (no daemon), except one start-up check run 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -368,6 +369,8 @@ def test_loaded_experts_describe_what_they_read(tmp_path, monkeypatch):
     from expertd.loader import load_experts
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # load_experts prepends pythonpath
+    # (and sets TensorFlow's log level in the environment, which daemons started later would inherit)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     config = load_config(str(_reader_config(tmp_path, "xd_reads_ok", "language, sentiment")))
     experts = load_experts(config)
     assert experts["sentiment"].reads == ("language",)
@@ -380,6 +383,7 @@ def test_a_pipeline_that_runs_a_reader_before_what_it_reads_fails_the_load_namin
     from expertd.loader import load_experts
 
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     config = load_config(str(_reader_config(tmp_path, "xd_reads_bad", "sentiment, language")))
     with pytest.raises(ExpertLoadError) as caught:
         load_experts(config)
