@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from expertd import ipc
 from expertd.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,6 +241,16 @@ def web(daemon):
     conn = UnixHTTPConnection(daemon.socket)
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def channel():
+    """A master-worker channel (expertd.ipc), the master's end non-blocking as the master holds it."""
+    master_end, worker_end = ipc.channel_pair()
+    master_end.setblocking(False)
+    yield master_end, worker_end
+    master_end.close()
+    worker_end.close()
 
 
 def open_fds() -> set[int]:

@@ -13,15 +13,6 @@ from conftest import open_fds
 
 
 @pytest.fixture
-def channel():
-    master_end, worker_end = ipc.channel_pair()
-    master_end.setblocking(False)  # as the master holds it
-    yield master_end, worker_end
-    master_end.close()
-    worker_end.close()
-
-
-@pytest.fixture
 def client_pair():
     """A client connection: (the client's end, the end the master hands to a worker)."""
     client, served = socket.socketpair()

@@ -55,15 +55,6 @@ def test_fan_out_split_keeps_every_expert_exactly_once():
 
 
 # ------------------------------------------------------------------------------------------ ipc HELP
-@pytest.fixture
-def channel():
-    master_end, worker_end = ipc.channel_pair()
-    master_end.setblocking(False)  # as the master holds it
-    yield master_end, worker_end
-    master_end.close()
-    worker_end.close()
-
-
 def test_receive_report_returns_help_and_a_descriptor_that_reaches_the_asker(channel):
     master_end, worker_end = channel
     asker, offered = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
