@@ -159,7 +159,7 @@ class PipelineServing:
                 for name in stage:
                     result = results[name]
                     _write(document, name, result)
-                    if result.__class__ is not RequestTimeout and not isinstance(result, RemoteError):
+                    if not isinstance(result, RemoteError):  # (RequestTimeout is one too)
                         continue
                     if result.code == "timeout":
                         outcome = "timeout"
@@ -405,7 +405,7 @@ def _options(options: dict, on_error: str, target: str) -> tuple[str, bool]:
 def _write(document: dict, name: str, result: Any) -> None:
     """Put an expert's result under opinions.NAME, or its failure under errors.NAME (dropping the other)."""
     errors = document.get("errors")
-    if result.__class__ is RequestTimeout or isinstance(result, RemoteError):
+    if isinstance(result, RemoteError):
         document["opinions"].pop(name, None)  # (an opinion the document came with is not this run's)
         if errors is None:
             errors = document["errors"] = {}
