@@ -80,7 +80,7 @@ class Answering:
             elif kind == _PIPELINE:
                 try:
                     expert_name, document, options = protocol.decode_pipeline(body)
-                finally:  # (a crash is charged to the target: the master quarantines it as a whole)
+                finally:  # (the target until its first expert runs: then that expert's name, see SlotWriter.running)
                     board.begin(started, self.config.expert_timeout(expert_name or ""), request_id, expert_name or "")
                 if len(body) >= self._max_depth:
                     protocol.check_shape([document], options, 1 + len(options), self._max_depth, body)

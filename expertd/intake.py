@@ -177,15 +177,14 @@ class Intake:
             return
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
         # (A map is a batch already; a pipeline's worker runs its experts as batches of one: neither is gathered.)
-        conn.whole_batch = request.route == "map" or http.is_pipeline(request.route, request.expert,
-                                                                      self.serving.experts)
+        pipeline = http.is_pipeline(request.route, request.expert, self.serving.experts)
+        conn.whole_batch = request.route == "map" or pipeline
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         config = self.serving.config
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
                                max_frame=config.max_frame, plan=config.plan)
         if refusal is None and self.quarantines.entries:
-            quarantined = self._quarantined(request.expert,
-                                            http.is_pipeline(request.route, request.expert, self.serving.experts))
+            quarantined = self._quarantined(request.expert, pipeline)
             if quarantined is not None:
                 quarantine, expert = quarantined
                 refusal = http.HttpRefusal(
