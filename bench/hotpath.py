@@ -36,6 +36,8 @@ from expertd.scoreboard import Scoreboard
 from expertd.worker import Worker, _pack_result
 
 CALLS = 50_000
+PIPELINE = ("language", "length", "shout")  # bench/pipeline_experts.py's cheap three (bench/pipelines.py's round trip)
+DOCUMENT = {"id": 1, "text": "Hello there, is le monde OK today?"}
 
 
 def best_ns(function, number: int = CALLS, repeat: int = 7) -> float:
@@ -64,8 +66,9 @@ class _Socket:
 def _worker() -> Worker:
     directory = Path(tempfile.mkdtemp(prefix="xd-hotpath-"))
     (directory / "hot_square.py").write_text("def square(n):\n    return n * n\n")
-    (directory / "hot.conf").write_text(f"[expertd]\npythonpath = {directory}\n\n"
-                                        "[expert:square]\nfunction = hot_square:square\n")
+    experts = "".join(f"\n[expert:{name}]\nfunction = pipeline_experts:{name}\n" for name in PIPELINE)
+    (directory / "hot.conf").write_text(f"[expertd]\npythonpath = {directory}\n    {Path(__file__).parent}\n\n"
+                                        f"[expert:square]\nfunction = hot_square:square\n{experts}")
     config = load_config(str(directory / "hot.conf"))
     experts = load_experts(config)
     channel, _other_end = socket.socketpair()
@@ -85,6 +88,16 @@ def measure() -> dict[str, float]:
         worker._answer(conn, protocol.CALL, 7, body)
         worker._after_request()
         worker._may_linger()
+
+    call_body = memoryview(bytearray(msgpack.packb([PIPELINE[0], [DOCUMENT], {}])))
+    pipeline_body = memoryview(bytearray(msgpack.packb([",".join(PIPELINE), DOCUMENT])))
+
+    def worker_request_of(kind: int, request_body: memoryview):
+        def request() -> None:
+            worker._answer(conn, kind, 7, request_body)
+            worker._after_request()
+            worker._may_linger()
+        return request
 
     board, recorder = worker.board, worker.recorder
 
@@ -115,6 +128,9 @@ def measure() -> dict[str, float]:
     return {
         "worker: one call, all of it": best_ns(worker_request),
         "worker: decode and check the call": best_ns(lambda: protocol.decode_call(body)),
+        "worker: one call of a document expert (language)": best_ns(worker_request_of(protocol.CALL, call_body)),
+        "worker: one pipeline request of three (language,length,shout)":
+            best_ns(worker_request_of(protocol.PIPELINE, pipeline_body)),
         "worker: scoreboard writes (timeouts, lost-request answers)": best_ns(scoreboard_writes),
         "worker: metrics (counters, histogram)": best_ns(lambda: recorder.record("square", "ok", 3e-6)),
         "worker: pack the result": best_ns(lambda: _pack_result("square", 9)),

@@ -81,14 +81,18 @@ class Answering:
                 try:
                     expert_name, document, options = protocol.decode_pipeline(body)
                 finally:  # (the target until its first expert runs: then that expert's name, see SlotWriter.running)
-                    board.begin(started, self.config.expert_timeout(expert_name or ""), request_id, expert_name or "")
+                    known = self._plans.get(expert_name)  # type: ignore[attr-defined]  (see PipelineServing._steps)
+                    board.begin(started, known[0].timeout if known else self.config.expert_timeout(expert_name or ""),
+                                request_id, expert_name or "")
                 if len(body) >= self._max_depth:
                     protocol.check_shape([document], options, 1 + len(options), self._max_depth, body)
-                if options.get("helper") is True and not sent_by_a_worker(conn):
-                    del options["helper"]  # (a worker's word: from a client, an option like any unknown one)
-                # (A helper's request is part of another's: its experts count, not it.)
-                label = None if options.get("helper") is True else (
-                    expert_name if expert_name in self.config.pipelines else AD_HOC)
+                if options and options.get("helper") is True:
+                    if sent_by_a_worker(conn):
+                        label = None  # (a helper's request is part of another's: its experts count, not it)
+                    else:
+                        del options["helper"]  # (a worker's word: from a client, an option like any unknown one)
+                if label is not None:
+                    label = expert_name if expert_name in self.config.pipelines else AD_HOC
                 value, outcome = self._run_pipeline(expert_name, document, options, started)  # type: ignore
                 reply_kind, reply, outcome = _RESULT, *self._pack_pipeline_reply(  # type: ignore[attr-defined]
                     expert_name, value, outcome)

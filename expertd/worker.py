@@ -92,6 +92,7 @@ class Worker(BatchServing, PipelineServing):
         self._typical: dict[str, float] = {}  # what experts of a pipeline's stages take here (see worker_pipeline)
         self._ran: list[tuple[str, str, float]] = []  # the experts a pipeline ran, counted after its reply
         self._plain = plain_experts(experts)  # (what a pipeline's stage calls directly)
+        self._plans: dict = {}  # a pipeline's target -> its plan and steps (see worker_pipeline)
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""

@@ -43,10 +43,11 @@ from typing import Any, NamedTuple
 
 from expertd import ipc, protocol, stage_timer
 from expertd.calls import _failure, _pack_result
-from expertd.config import Config
+from expertd.config import MAX_PLANS, Config
 from expertd.errors import BadRequest, BadResult, ConnectionLost, ProtocolError, RemoteError, RequestTimeout
 from expertd.loader import LoadedExpert
 from expertd.metrics import Recorder
+from expertd.pipelines import Plan
 from expertd.scoreboard import SlotWriter, board_name
 from expertd.stage_timer import StageTimeout
 
@@ -69,6 +70,7 @@ _SKIPPED = "skipped"
 class PlainExpert(NamedTuple):
     """An expert a stage calls directly: a function that takes the document (not batched)."""
 
+    name: str
     function: Callable[[Any], Any]
     board_name: bytes  # its name as the scoreboard holds it (see SlotWriter.running)
     loaded: LoadedExpert
@@ -76,8 +78,34 @@ class PlainExpert(NamedTuple):
 
 def plain_experts(experts: dict[str, LoadedExpert]) -> dict[str, PlainExpert]:
     """The experts a pipeline's stage may call directly, by name (a worker's, made once)."""
-    return {name: PlainExpert(expert.function, board_name(name), expert)
+    return {name: PlainExpert(name, expert.function, board_name(name), expert)
             for name, expert in experts.items() if not expert.batched}
+
+
+class Step(NamedTuple):
+    """One stage of a plan as a worker runs it (see :func:`steps_of`)."""
+
+    stage: tuple[str, ...]
+    # The stage's one expert when it is called directly (the usual stage), else None; its function and its
+    # name as the scoreboard holds it (see SlotWriter.running).
+    name: str | None
+    function: Callable[[Any], Any] | None
+    board_name: bytes
+    limit: float  # what the stage may take: its longest expert's timeout
+    more: bool  # stages follow it (a timeout's message says so)
+
+
+def steps_of(plan: Plan, plain: dict[str, PlainExpert]) -> tuple[Step, ...]:
+    """``plan``'s stages as a worker runs them, everything a stage needs found once per plan, not per request."""
+    steps = []
+    for index, (stage, limit) in enumerate(zip(plan.stages, plan.limits, strict=True)):
+        expert = plain.get(stage[0]) if len(stage) == 1 else None
+        more = index < len(plan.stages) - 1
+        if expert is None:
+            steps.append(Step(stage, None, None, b"", limit, more))
+        else:
+            steps.append(Step(stage, expert.name, expert.function, expert.board_name, limit, more))
+    return tuple(steps)
 
 
 class PipelineServing:
@@ -92,7 +120,18 @@ class PipelineServing:
     _ran: list[tuple[str, str, float]]  # the experts the request in hand ran: (name, outcome, seconds), set here
     _timeouts: dict[str, float]  # each expert's own timeout
     _plain: dict[str, PlainExpert]  # the experts a stage calls directly (see plain_experts)
+    _plans: dict[str, tuple[Plan, tuple[Step, ...]]]  # target -> its plan and steps (see _steps), set here
     board: SlotWriter
+
+    def _steps(self, target: str) -> tuple[Plan, tuple[Step, ...]]:
+        """``target``'s plan and its steps, made once per target (raises as Config.plan does)."""
+        entry = self._plans.get(target)
+        if entry is None:
+            plan = self.config.plan(target)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()  # (clients choose the targets: bounded whatever they send)
+            entry = self._plans[target] = (plan, steps_of(plan, self._plain))
+        return entry
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
                       started: float) -> tuple[Any, str]:
@@ -103,57 +142,56 @@ class PipelineServing:
         ``timeout``.
         Request-level problems (unknown names, a bad target, bad options) raise RemoteError.
         """
-        plan = self.config.plan(target)
+        plan, steps = self._steps(target)
         on_error, helper = _options(options, plan.on_error, target) if options else (plan.on_error, False)
         opinions = document.setdefault("opinions", {})
         errors = document.get("errors")
         came_with_errors = bool(errors)
-        plain, ran = self._plain, self._ran  # (each expert run counts as a call of it: see _count_pipeline)
-        found: dict[str, Any] = {}  # expert -> its result, or RemoteError
+        ran, running = self._ran, self.board.running  # (each expert run counts as a call of it: see _count_pipeline)
+        found: dict[str, Any] = {}  # expert -> its result or RemoteError, for the stages not written at once
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
         deadline = started + plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10)
-        limits = plan.limits
         timed = stage_timer.usable()  # (the deadlines: see expertd.stage_timer)
         arm, meaning = stage_timer.arm, stage_timer.MEANING
+        index = 0  # the stage in hand (the ones before it are written)
         now = _monotonic()  # (a stage begins when the one before it ended)
         try:
-            for index, stage in enumerate(plan.stages):
+            for index, (stage, name, function, board_name, limit, more) in enumerate(steps):
                 if stop is not None:
                     for name in stage:
-                        found[name] = _skipped(name, stop)
-                        _write(document, name, found[name])
+                        _write(document, name, _skipped(name, stop))
                     continue
-                until = deadline if now + limits[index] > deadline else now + limits[index]
+                until = now + limit
+                if until > deadline:
+                    until = deadline
                 if timed:
                     arm(until, now)
-                    meaning[0] = True
-                if len(stage) == 1:  # (the usual stage: the expert called here, its result written at once)
-                    name = stage[0]
-                    if name in plain:
-                        result = self._run_expert(name, document, more=index + 1 < len(limits))
-                        found[name] = result
-                        ended = _monotonic()
-                        if result.__class__ in _SCALARS or not isinstance(result, RemoteError):
-                            ran.append((name, "ok", ended - now))
-                            now = ended
-                            if result.__class__ not in _SCALARS:
-                                # Into a copy: a result holding what its expert was given (an expert returning
-                                # its input) keeps the document as it was, not a cycle that cannot be sent.
-                                document, opinions, errors = _fresh(document)
-                            opinions[name] = result
-                            if errors:
-                                errors.pop(name, None)  # (an error the document came with is not this run's)
-                            continue
-                        ran.append((name, result.code, ended - now))
-                        results = {name: result}
-                    else:
-                        results = {name: self._call(name, document, until, timed, index + 1 < len(limits))}
-                        found[name] = results[name]
+                    meaning[0] = True  # (after arming: a SIGALRM still due from an earlier deadline means nothing)
+                if function is not None:  # (the usual stage: one expert, called here)
+                    running(board_name)  # (a crash now is charged to it, not to the pipeline)
+                    try:
+                        result = function(document)
+                    except BaseException as exc:  # (its failure is its entry in errors, never a dead worker)
+                        result = self._failed(self._plain[name], document, exc, more)  # type: ignore[index]
+                    ended = _monotonic()
+                    if result.__class__ in _SCALARS:  # (the usual opinion: it cannot hold the document, written now)
+                        ran.append((name, "ok", ended - now))
+                        opinions[name] = result
+                        if errors:
+                            errors.pop(name, None)  # (an error the document came with is not this run's)
+                        now = ended
+                        continue
+                    # Anything else is written into a copy below: a result holding what its expert was given
+                    # (an expert returning its input) keeps the document as it was, not a cycle that cannot be sent.
+                    failed = isinstance(result, RemoteError)
+                    ran.append((name, result.code if failed else "ok", ended - now))  # type: ignore[arg-type]
+                    results = {name: result}
+                elif len(stage) == 1:  # (a batched expert: a batch of one)
+                    results = {stage[0]: self._call(stage[0], document, until, timed, more)}
                 else:
-                    results = self._run_stage(stage, document, until, fan_out=not helper, timed=timed,
-                                              more=index + 1 < len(limits))
-                    found.update(results)
+                    results = self._run_stage(stage, document, until, fan_out=not helper, timed=timed, more=more)
+                found.update(results)
                 # Written after the stage: each expert of a stage saw the document as it was before it.
                 document, opinions, errors = _fresh(document)
                 for name in stage:
@@ -172,8 +210,8 @@ class PipelineServing:
                 now = _monotonic()
         except StageTimeout:  # (past the deadline in this module's own code, which may go on: no retiring)
             outcome, late = "timeout", None
-            for stage in plan.stages:
-                for name in stage:
+            for step in steps[index:]:  # (those before it are written)
+                for name in step.stage:
                     if name not in found:
                         found[name] = late = _stage_timeout(name, True) if late is None else _skipped(
                             name, "a stage ran past its timeout")
@@ -184,10 +222,11 @@ class PipelineServing:
             except StageTimeout:
                 pass
         errors = document.get("errors")
-        if helper:
-            reply: dict[str, Any] = {"opinions": {k: v for k, v in document["opinions"].items() if k in found}}
+        if helper:  # (only its experts': the asker has the rest)
+            mine = {name for stage in plan.stages for name in stage}
+            reply: dict[str, Any] = {"opinions": {k: v for k, v in document["opinions"].items() if k in mine}}
             if errors:
-                reply["errors"] = {k: v for k, v in errors.items() if k in found}
+                reply["errors"] = {k: v for k, v in errors.items() if k in mine}
             return reply, outcome
         if came_with_errors and not errors:
             del document["errors"]  # (it held only errors of experts that have now answered)
@@ -263,12 +302,16 @@ class PipelineServing:
         self.board.running(expert.board_name)  # (a crash now is charged to it, not to the pipeline)
         try:
             return expert.function(document)
-        except StageTimeout:
-            return self._timed_out(name, more)
         except BaseException as exc:  # an expert's failure is its entry in errors, never a dead worker
-            failure = _failure(expert.loaded, [document], {}, exc)
-            # (An expert that caught the interruption and raised something else was interrupted all the same.)
-            return self._timed_out(name, more) if "StageTimeout" in (failure.remote_type or "") else failure
+            return self._failed(expert, document, exc, more)
+
+    def _failed(self, expert: PlainExpert, document: dict, exc: BaseException, more: bool) -> RemoteError:
+        """What ``expert`` raising ``exc`` on ``document`` leaves under errors.NAME (interrupted: a timeout)."""
+        if isinstance(exc, StageTimeout):
+            return self._timed_out(expert.name, more)
+        failure = _failure(expert.loaded, [document], {}, exc)
+        # (An expert that caught the interruption and raised something else was interrupted all the same.)
+        return self._timed_out(expert.name, more) if "StageTimeout" in (failure.remote_type or "") else failure
 
     def _invoke_in_stage(self, name: str, document: dict, more: bool) -> Any:
         """Expert ``name`` (batched: a batch of one) on ``document``: its result, or RemoteError."""

@@ -13,7 +13,8 @@ import pytest
 from expertd import ipc, protocol
 from expertd.errors import BadRequest
 from expertd.metrics import AD_HOC, Metrics
-from expertd.worker_pipeline import FAN_OUT_OVER, fan_out_split
+from expertd.pipelines import Plan
+from expertd.worker_pipeline import FAN_OUT_OVER, PlainExpert, fan_out_split, steps_of
 
 from conftest import open_fds
 
@@ -55,6 +56,27 @@ def test_fan_out_split_keeps_every_expert_exactly_once():
 
 
 # ------------------------------------------------------------------------------------------ ipc HELP
+def _plain(name: str) -> PlainExpert:
+    return PlainExpert(name, len, name.encode().ljust(48, b"\0"), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("stages", "plain", "direct", "more"), [
+    ((("a",),), {"a"}, ["a"], [False]),
+    ((("a",), ("b",), ("c",)), {"a", "b", "c"}, ["a", "b", "c"], [True, True, False]),
+    ((("a",), ("batched",)), {"a"}, ["a", None], [True, False]),  # a batched expert: a batch of one, not direct
+    ((("a", "b"), ("c",)), {"a", "b", "c"}, [None, "c"], [True, False]),  # a stage of several: never direct
+])
+def test_a_plans_steps_call_single_plain_experts_directly(stages, plain, direct, more):
+    plan = Plan("t", None, stages, "continue", 3.0, tuple(1.0 + i for i in range(len(stages))))
+    steps = steps_of(plan, {name: _plain(name) for name in plain})
+    assert [step.stage for step in steps] == list(stages)
+    assert [step.name for step in steps] == direct
+    assert [step.function is len for step in steps] == [name is not None for name in direct]
+    assert [step.board_name[:1] for step in steps] == [name.encode()[:1] if name else b"" for name in direct]
+    assert [step.limit for step in steps] == list(plan.limits)
+    assert [step.more for step in steps] == more
+
+
 def test_receive_report_returns_help_and_a_descriptor_that_reaches_the_asker(channel):
     master_end, worker_end = channel
     asker, offered = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
