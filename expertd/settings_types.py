@@ -5,7 +5,7 @@ the function that parses a value from the INI file or the command line; a
 value that does not parse raises :class:`_Invalid`, whose message says what is
 expected (:func:`expertd.config.load_config` adds the file, section and key).
 Stateless: the constants below (``SIZE``, ``DURATION``, ``PATH``...) are what
-:data:`expertd.config.SETTINGS` declares its settings with.
+:data:`expertd.settings.SETTINGS` declares its settings with.
 """
 
 from __future__ import annotations
