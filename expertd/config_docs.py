@@ -37,7 +37,7 @@ def render_markdown(settings: Iterable[Any], sections: Sequence[tuple[str, str]]
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from expertd/config.py by `python -m expertd.config`; do not edit by hand. -->",
+        "<!-- Generated from expertd/settings.py by `python -m expertd.config`; do not edit by hand. -->",
         "",
         "expertd reads one INI file (`expertd --config FILE`, default `/etc/expertd.conf`).",
         "Relative paths in it are relative to the file's directory. A misspelt key, a bad value,",
