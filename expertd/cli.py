@@ -4,7 +4,8 @@
     expertctl opinion a b c < doc.json           # one request: a, then b (seeing a's opinion), then c
     expertctl pipeline moderation < doc.json     # a [pipeline:NAME] of the daemon's config
     expertctl opinion --lines a b < docs.jsonl > opinions.jsonl   # a stream, order kept
-    expertctl opinion --lines --keep-going a b < docs.jsonl       # failures under errors.NAME, not fatal
+    expertctl opinion --lines --on-error record a b < docs.jsonl  # failures under errors.NAME, not fatal
+    expertctl opinion --lines --on-error skip a b < docs.jsonl    # bad documents left out, one line each on stderr
     expertctl opinion --lines --window 64 NAME < docs.jsonl   # NAME batched: 64 documents a request
     expertctl list
     expertctl ping
@@ -22,7 +23,17 @@ import json
 import sys
 import time
 
-from expertd.cli_documents import InputError, dumps, load_document, one_document, stages_of
+from expertd.cli_documents import (
+    ON_ERROR,
+    RECORD,
+    STOP,
+    InputError,
+    StreamStopped,
+    dumps,
+    load_document,
+    one_document,
+    stages_of,
+)
 from expertd.cli_lines import document_lines
 from expertd.client import Client, default_socket
 from expertd.errors import ConnectError, ExpertdError, RemoteError
@@ -73,12 +84,13 @@ def _cmd_pipeline(client: Client, options: argparse.Namespace) -> int:
 
 def _documents(client: Client, options: argparse.Namespace, names: list[str] | None, pipeline: str | None) -> int:
     """``opinion`` and ``pipeline``: a document on stdin, or JSON Lines, through one request per document."""
+    on_error = options.on_error or (RECORD if options.keep_going else STOP)
     if options.lines:
-        return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, options.keep_going,
+        return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, on_error,
                               getattr(options, "window", None))
     target = pipeline if names is None else stages_of(names)
     document = load_document(sys.stdin.read(), "stdin")
-    print(dumps(one_document(client, target, document, "stdin", options.keep_going)))
+    print(dumps(one_document(client, target, document, "stdin", on_error == RECORD)))
     return 0
 
 
@@ -208,11 +220,18 @@ def _positive(text: str) -> int:
 
 
 _FAILURES = (" An expert's failure stops the document where it failed (on_error = stop, whatever the pipeline "
-             "says): the failure is one line on stderr and the exit status 1; with --lines, the documents before it "
-             "are written and the stream stops there. With --keep-going the daemon goes on (on_error = continue): "
-             "documents are written with errors.NAME ({code, type, message}) for each expert that failed or was "
-             "not run, and the exit status stays 0. Bad input (a line that is not a JSON object) and failures of "
-             "a request as a whole (unknown names, a lost daemon) stop it either way.")
+             "says): the failure is one line on stderr and the exit status 1. With --on-error record (or "
+             "--keep-going) the daemon goes on (on_error = continue): the document is written with errors.NAME "
+             "({code, type, message}) for each expert that failed or was not run, and the exit status stays 0. "
+             "With --lines, a bad document (a line that is not a JSON object, an expert's failure, a document "
+             "too large) stops the stream after the documents before it are written (--on-error stop, the "
+             "default; the message names its input line), is left out with one line on stderr naming its input "
+             "line (skip; the exit status is then 1), or is written with its errors (record: a line that is not "
+             "a JSON object becomes {\"errors\": {\"_input\": {code, message, line}}}, a document refused as a "
+             "whole gets errors._request). A count of the documents skipped or written with errors ends "
+             "stderr. Failures that are no document's own (unknown names, a lost daemon) stop it either way. "
+             "With --lines, a progress line (with the share read and the time left when stdin is a file) is "
+             "shown when stderr is a terminal and stdout is not.")
 
 
 def _document_options(command: argparse.ArgumentParser) -> None:
@@ -220,8 +239,10 @@ def _document_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--jobs", "-j", type=_positive, default=4, metavar="N",
                          help="with --lines, connections to the daemon (at most one per worker), each with "
                               "several documents in flight; with MAP windows, windows in flight (default: 4)")
-    command.add_argument("--keep-going", "-k", action="store_true",
-                         help="write documents whose experts failed, with errors.NAME, and exit 0 (see above)")
+    command.add_argument("--on-error", choices=ON_ERROR, default=None,
+                         help="what a bad document does: stop (default) the stream there, skip it with a line "
+                              "on stderr, or record its errors in the output under errors.NAME (see above)")
+    command.add_argument("--keep-going", "-k", action="store_true", help="the same as --on-error record")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         elif options.traceback and exc.code == "expert_failed" and options.run in (_cmd_opinion, _cmd_pipeline):
             print(f"expertctl: (an expert's failure in a pipeline carries no traceback: "
                   f"`expertctl --traceback call {exc.expert} \"$(cat DOCUMENT.json)\"` shows it)", file=sys.stderr)
+        return EXIT_FAILED
+    except StreamStopped as exc:
+        print(f"expertctl: {exc}", file=sys.stderr)
+        if options.traceback and getattr(exc.cause, "remote_traceback", None):
+            print(exc.cause.remote_traceback.rstrip(), file=sys.stderr)  # type: ignore[attr-defined]
         return EXIT_FAILED
     except (ExpertdError, InputError) as exc:
         print(f"expertctl: {exc}", file=sys.stderr)

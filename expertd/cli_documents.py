@@ -130,14 +130,124 @@ def one_document(client: Client, target: str, document: dict, where: str, keep_g
     return document
 
 
-class Progress:
-    """A self-overwriting progress line on stderr, only when it is a terminal."""
+# --on-error: what a bad document does to a stream (--lines).
+STOP, SKIP, RECORD = "stop", "skip", "record"
+ON_ERROR = (STOP, SKIP, RECORD)
 
-    def __init__(self, stream: IO[str]) -> None:
+# Errors that are one document's own (its line, its experts' failures, its size): with --on-error skip or
+# record the stream goes on past them.  Any other (an unknown name, access denied, a lost daemon) would
+# fail every document alike, and stops the stream whatever --on-error says.
+_DOCUMENT_CODES = frozenset({"expert_failed", "bad_result", "timeout", "frame_too_large", "bad_request",
+                             "worker_lost"})
+
+
+def is_documents_own(error: BaseException) -> bool:
+    """Whether ``error`` is one document's own (see _DOCUMENT_CODES), not the stream's."""
+    return isinstance(error, InputError) or (isinstance(error, RemoteError) and error.code in _DOCUMENT_CODES)
+
+
+def describe(error: BaseException) -> str:
+    """One line for an error, as expertctl prints it after ``expertctl: ``."""
+    if isinstance(error, RemoteError):
+        label = f"{error.expert}: " if error.expert else ""
+        return f"{label}{error.message} [{error.code}]"
+    return str(error)
+
+
+def at_line(lineno: int, error: BaseException) -> str:
+    """``error`` with the input line it belongs to (an InputError names it already)."""
+    return describe(error) if isinstance(error, InputError) else f"stdin line {lineno}: {describe(error)}"
+
+
+def error_entry(error: BaseException, lineno: int | None = None) -> dict:
+    """How --on-error record writes ``error`` under ``errors.NAME``: {code, type, message} (and line)."""
+    if isinstance(error, RemoteError):
+        entry = {"code": error.code, "type": error.remote_type, "message": error.message}
+    else:
+        entry = {"code": "bad_input", "type": type(error).__name__, "message": str(error)}
+    if lineno is not None:
+        entry["line"] = lineno
+    return entry
+
+
+def recorded(document: dict | None, error: BaseException, lineno: int) -> str:
+    """The output line for a document the stream could not run (--on-error record).
+
+    A line that is not a JSON object becomes ``{"errors": {"_input": {...}}}``;
+    a document refused as a whole (too large, say) is written as it came with
+    ``errors._request``.  Either entry names the input line.
+    """
+    if document is None or isinstance(error, InputError):
+        return dumps({"errors": {"_input": error_entry(error, lineno)}})
+    errors = document.get("errors")
+    errors = dict(errors) if isinstance(errors, dict) else {}
+    errors["_request"] = error_entry(error, lineno)
+    return dumps({**document, "errors": errors})
+
+
+class StreamStopped(Exception):
+    """A stream stopped at a document (--on-error stop, or an error that is not a document's own)."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class Tally:
+    """What a stream did: documents written, skipped or written with errors; the messages on stderr."""
+
+    def __init__(self, on_error: str, progress: Progress) -> None:
+        self.on_error, self.progress = on_error, progress
+        self.written = self.skipped = self.with_errors = 0
+
+    def stop(self, lineno: int | None, error: BaseException) -> StreamStopped:
+        """The exception that stops the stream at ``error`` (at ``lineno``, when it is that document's own)."""
+        if lineno is None or not is_documents_own(error):
+            return StreamStopped(describe(error), error)
+        return StreamStopped(f"{at_line(lineno, error)}; stopped there, {plural(self.written, 'document')} written "
+                             f"(--on-error skip or record goes on)", error)
+
+    def skip(self, lineno: int, error: BaseException) -> None:
+        self.skipped += 1
+        self.progress.say(f"expertctl: {at_line(lineno, error)} (skipped)")
+
+    def summary(self) -> str | None:
+        """The last line on stderr when documents were skipped or recorded with errors (else None)."""
+        if self.skipped:
+            return (f"expertctl: {self.skipped} of {plural(self.written + self.skipped, 'document')} skipped "
+                    f"(--on-error skip); exit status 1")
+        if self.with_errors:
+            return (f"expertctl: {self.with_errors} of {plural(self.written, 'document')} written with errors "
+                    f"(under errors.NAME)")
+        return None
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """A self-overwriting progress line on stderr, only when stderr is a terminal and stdout is not.
+
+    (With stdout on the same terminal, the line would be mixed into the
+    documents written there.)  ``total`` is the input's size in bytes when it
+    is known (a regular file on stdin): the line then shows how far the input
+    has been read and an estimate of the time left.
+    """
+
+    def __init__(self, stream: IO[str], total: int | None = None, output: IO[str] | None = None) -> None:
         self.stream = stream
-        self.enabled = stream.isatty()
+        self.enabled = _isatty(stream) and not (output is not None and _isatty(output))
+        self.total = total
         self.count = 0
+        self.taken = 0  # bytes of input taken so far
         self.started = self.shown = time.monotonic()
+        self.showing = False
 
     def tick(self) -> None:
         self.count += 1
@@ -146,14 +256,57 @@ class Progress:
         now = time.monotonic()
         if now - self.shown >= 0.2:
             self.shown = now
-            rate = self.count / max(now - self.started, 1e-9)
-            self.stream.write(f"\r{self.count} documents, {rate:.0f}/s ")
+            self.stream.write(f"\r{self.line(now)}\x1b[K")
             self.stream.flush()
+            self.showing = True
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        text = f"{plural(self.count, 'document')}, {self.count / elapsed:.0f}/s"
+        if self.total:
+            done = min(self.taken / self.total, 1.0)
+            text += f", {done:.0%} of {self.total / 2**20:.1f} MiB"
+            if self.taken:
+                text += f", {_clock(elapsed * (self.total - self.taken) / self.taken)} left"
+        return text
+
+    def say(self, message: str) -> None:
+        """A line on stderr (a skipped document's), not mixed into the progress line."""
+        if self.showing:
+            self.stream.write("\r\x1b[K")
+            self.showing = False
+        self.stream.write(message + "\n")
+        self.stream.flush()
 
     def done(self) -> None:
         if self.enabled and self.count:
-            self.stream.write(f"\r{self.count} documents in {time.monotonic() - self.started:.1f}s\n")
+            if self.showing:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(f"{plural(self.count, 'document')} in {time.monotonic() - self.started:.1f}s\n")
             self.stream.flush()
+            self.showing = False
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def input_size(source: IO[str]) -> int | None:
+    """The bytes left to read on ``source`` when it is a regular file (for the progress line), else None."""
+    import os
+    import stat
+
+    try:
+        fd = source.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return max(info.st_size - os.lseek(fd, 0, os.SEEK_CUR), 0)
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def stages_of(names: list[str]) -> str:

@@ -7,9 +7,15 @@ order sent, so the next request is on its way while the daemon works on the
 one before, and the worker serving the connection finds it waiting.  Replies
 are written in input order.  One thread drives it all with ``poll``, stdin
 included, so that a document is written as soon as those before it are,
-however slowly the input comes.  The stream stops at the first document that
-fails (bad input, a failed expert without ``--keep-going``, a request that
-failed as a whole), after writing those before it.
+however slowly the input comes.
+
+A bad document (a line that is not a JSON object, an expert's failure, a
+document too large) stops the stream there after writing those before it
+(``--on-error stop``), or is left out with a line on stderr naming its input
+line (``skip``), or is written with its errors under ``errors.NAME``
+(``record``, see :func:`expertd.cli_documents.recorded`).  An error that is
+not a document's own (an unknown name, a lost daemon) stops the stream
+whatever ``--on-error`` says.
 
 A single batched expert (``expertctl list --json``: batched), or ``--window
 N``, streams as before pipelines (:mod:`expertd.cli_windows`): windows of
@@ -28,14 +34,21 @@ import time
 
 from expertd import protocol
 from expertd.cli_documents import (
+    RECORD,
+    SKIP,
+    STOP,
     InputError,
     Progress,
+    Tally,
     dumps,
     first_failure,
     incoming,
+    input_size,
+    is_documents_own,
     load_document,
     outgoing,
     pipeline_options,
+    recorded,
     stages_of,
 )
 from expertd.cli_windows import batched_experts, window_lines
@@ -53,25 +66,35 @@ _READ_SIZE = 256 * 1024
 
 
 def document_lines(client: Client, names: list[str] | None, pipeline: str | None, source: IO[str], sink: IO[str],
-                   jobs: int, keep_going: bool, window: int | None = None) -> int:
+                   jobs: int, on_error: str = STOP, window: int | None = None) -> int:
     """Stream JSON Lines through experts (``names``) or a pipeline: each document gets its opinions; order kept.
 
     A single batched expert, or ``window``, goes in MAP windows (:func:`window_lines`);
-    anything else in pipelined PIPELINE requests (:class:`_Stream`).
+    anything else in pipelined PIPELINE requests (:class:`_Stream`).  Returns
+    the exit status: 1 when documents were skipped (the output lacks them),
+    else 0; raises :class:`StreamStopped` where the stream stops.
     """
-    progress = Progress(sys.stderr)
+    progress = Progress(sys.stderr, input_size(source), sink)
+    tally = Tally(on_error, progress)
     try:
         if names is not None and (window or len(names) == 1):
             batched, size = batched_experts(client, names, window)
             if batched:
-                window_lines(client, names, batched, size, source, sink, jobs, keep_going, progress)
-                return 0
+                window_lines(client, names, batched, size, source, sink, jobs, tally)
+                return _ending(tally)
         target = pipeline if names is None else stages_of(names)
-        _Stream(client, target, pipeline_options(keep_going), keep_going, _connections(client, jobs),
+        _Stream(client, target, pipeline_options(on_error == RECORD), tally, _connections(client, jobs),
                 progress).run(source, sink)
     finally:
         progress.done()
-    return 0
+    return _ending(tally)
+
+
+def _ending(tally: Tally) -> int:
+    summary = tally.summary()
+    if summary:
+        tally.progress.say(summary)
+    return 1 if tally.skipped else 0
 
 
 def _connections(client: Client, jobs: int) -> int:
@@ -106,13 +129,17 @@ class _Link:
 class _Stream:
     """Documents through one target, ``jobs`` connections with up to DEPTH requests in flight on each."""
 
-    def __init__(self, client: Client, target: str, options: dict, keep_going: bool, jobs: int,
+    def __init__(self, client: Client, target: str, options: dict, tally: Tally, jobs: int,
                  progress: Progress) -> None:
-        self.client, self.target, self.options, self.keep_going = client, target, options, keep_going
+        self.client, self.target, self.options, self.tally = client, target, options, tally
+        self.on_error = tally.on_error
         self.jobs, self.progress = jobs, progress
         self.links: list[_Link] = []
         self.documents: dict[int, list] = {}  # number -> [line number, document with errors or None, frame, tries]
-        self.finished: dict[int, str | BaseException] = {}  # number -> output line, or what stops the stream there
+        # number -> output line, or what stops the stream there, or (line number, error) for a skipped document
+        self.finished: dict[int, str | BaseException | tuple[int, BaseException]] = {}
+        self.with_errors: set[int] = set()  # documents written with this run's errors (--on-error record)
+        self.linenos: dict[int, int] = {}  # number -> input line, for the documents not written yet
         self.resend: list[int] = []  # documents whose connection was lost before their reply, to send again
         self.read = 0  # documents read so far (numbered from 0)
         self.written = 0  # documents written (or the one that stopped the stream)
@@ -130,7 +157,7 @@ class _Stream:
             while True:
                 self._write(sink)
                 if self.stop_at is not None and self.written >= self.stop_at:
-                    raise self.finished[self.stop_at]
+                    raise self.tally.stop(self.linenos.get(self.stop_at), self.finished[self.stop_at])
                 if self.written == self.read and ((lines.eof and not lines.ready) or self.stop_at is not None):
                     return
                 while self.resend and self._free_link() is not None:
@@ -184,6 +211,8 @@ class _Stream:
         lineno, text = line
         number = self.read
         self.read += 1
+        self.linenos[number] = lineno
+        self.progress.taken += len(text) + 1
         where = f"stdin line {lineno}"
         try:
             sent, came = outgoing(load_document(text, where), where)
@@ -301,7 +330,9 @@ class _Stream:
         if not isinstance(value, dict):
             raise ProtocolError(f"a pipeline's reply must be a map, not {type(value).__name__}")
         document, fresh = incoming(value, came)
-        failure = None if self.keep_going else first_failure(fresh)
+        failure = first_failure(fresh) if self.on_error != RECORD else None
+        if fresh and failure is None:
+            self.with_errors.add(number)
         self._finish(number, failure if failure is not None else dumps(document))
 
     @staticmethod
@@ -332,7 +363,17 @@ class _Stream:
 
     # ------------------------------------------------------------- output
     def _finish(self, number: int, outcome: str | BaseException) -> None:
-        self.documents.pop(number, None)
+        entry = self.documents.pop(number, None)
+        if isinstance(outcome, BaseException) and self.on_error != STOP and is_documents_own(outcome):
+            lineno = self.linenos[number]
+            if self.on_error == SKIP:
+                self.finished[number] = (lineno, outcome)
+                return
+            document = None
+            if entry is not None:  # (refused as a whole: the document as it came, from the frame sent)
+                document = entry[1] if entry[1] is not None else protocol.unpack(entry[2])[1]
+            self.with_errors.add(number)
+            outcome = recorded(document, outcome, lineno)
         if isinstance(outcome, BaseException):
             if self.stop_at is not None and self.stop_at < number:
                 return  # (the stream stops before it anyway)
@@ -341,9 +382,18 @@ class _Stream:
         self.finished[number] = outcome
 
     def _write(self, sink: IO[str]) -> None:
-        finished, written = self.finished, self.written
+        finished, written, tally = self.finished, self.written, self.tally
         while written in finished and written != self.stop_at:
-            sink.write(finished.pop(written) + "\n")  # type: ignore[operator]
+            outcome = finished.pop(written)
+            if isinstance(outcome, tuple):
+                tally.skip(*outcome)
+            else:
+                sink.write(outcome + "\n")  # type: ignore[operator]
+                tally.written += 1
+                if written in self.with_errors:
+                    self.with_errors.discard(written)
+                    tally.with_errors += 1
+            del self.linenos[written]
             written += 1
             self.progress.tick()
         if written != self.written:

@@ -11,7 +11,18 @@ threads, their outputs written in order.
 
 from __future__ import annotations
 
-from expertd.cli_documents import InputError, Progress, check_document, dumps, load_document
+from expertd.cli_documents import (
+    RECORD,
+    SKIP,
+    STOP,
+    InputError,
+    Tally,
+    check_document,
+    dumps,
+    is_documents_own,
+    load_document,
+    recorded,
+)
 from expertd.client import Client
 from expertd.errors import ExpertdError, RemoteError
 
@@ -20,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import IO, Any
 
-# Errors of one expert, written under errors.NAME with --keep-going.
+# Errors of one expert, written under errors.NAME with --on-error record.
 _EXPERT_ERRORS = ("expert_failed", "bad_request", "bad_result", "timeout")
 
 
@@ -39,25 +50,37 @@ def batched_experts(client: Client, names: list[str], window: int | None) -> tup
 
 
 def window_lines(client: Client, names: list[str], batched: set[str], size: int, source: IO[str], sink: IO[str],
-                 jobs: int, keep_going: bool, progress: Progress) -> None:
+                 jobs: int, tally: Tally) -> None:
     """Stream JSON Lines in windows of ``size`` documents, ``jobs`` windows in flight.
 
     A batched expert gets each window in one MAP request, any other expert a
     call per document; each document's experts are asked in turn.  The output
-    is what one call per document and expert would write.
+    is what one call per document and expert would write; a bad document is
+    what ``tally.on_error`` says (see :mod:`expertd.cli_lines`).
     """
-    numbered = ((n, line) for n, line in enumerate(source, 1) if line.strip())
+    progress, on_error = tally.progress, tally.on_error
 
-    def handle_window(lines: list[tuple[int, str]]) -> tuple[list[str], BaseException | None]:
-        return _window_opinions(client, names, batched, lines, keep_going)
+    def numbered() -> Iterator[tuple[int, str]]:
+        for n, line in enumerate(source, 1):
+            progress.taken += len(line)
+            if line.strip():
+                yield n, line
 
-    for written, error in _ordered_map(handle_window, _windows(numbered, size), jobs):
-        for output in written:
-            sink.write(output + "\n")
-            sink.flush()
+    def handle_window(lines: list[tuple[int, str]]) -> list[tuple[int, str | None, Any]]:
+        return _window_opinions(client, names, batched, lines, on_error)
+
+    for outcomes in _ordered_map(handle_window, _windows(numbered(), size), jobs):
+        for lineno, output, error in outcomes:
+            if output is not None:
+                sink.write(output + "\n")
+                sink.flush()
+                tally.written += 1
+                tally.with_errors += error is not None
+            elif on_error == SKIP and is_documents_own(error):  # type: ignore[arg-type]
+                tally.skip(lineno, error)  # type: ignore[arg-type]
+            else:
+                raise tally.stop(lineno, error)  # type: ignore[arg-type]
             progress.tick()
-        if error is not None:
-            raise error
 
 
 def _windows(numbered: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
@@ -72,51 +95,79 @@ def _windows(numbered: Iterator[tuple[int, str]], size: int) -> Iterator[list[tu
 
 
 def _window_opinions(client: Client, names: list[str], batched: set[str], lines: list[tuple[int, str]],
-                     keep_going: bool) -> tuple[list[str], BaseException | None]:
-    """A window of documents with their opinions: the outputs of those before the first failure, and that failure.
+                     on_error: str) -> list[tuple[int, str | None, Any]]:
+    """A window of documents with their opinions: (input line, output line or None, error or None) each.
 
-    What fails is what one call per document would have failed on first: the
-    earliest document's bad JSON or error (a document's experts are asked in
-    order, and an error stops its document and those after it).  With
-    ``keep_going`` an expert's error is written under ``errors.NAME`` instead.
+    A document's experts are asked in order, and an error stops that document
+    (output None, its error) unless ``on_error`` is record and the error is the
+    document's own: then it is written with the error under ``errors.NAME``
+    (the same as a pipeline's ``continue``) and goes on to the next expert.
+    With ``on_error`` stop, the window ends at its first failed document.
     """
-    documents: list[dict] = []
-    failed: tuple[int, BaseException] | None = None  # (document's place in the window, its error)
+    record = on_error == RECORD
+    documents: list[dict | None] = []
+    failures: list[BaseException | None] = []
     for lineno, line in lines:
         try:
             documents.append(load_document(line, f"stdin line {lineno}"))
+            failures.append(None)
         except InputError as exc:
-            failed = (len(documents), exc)
-            break
+            documents.append(None)
+            failures.append(exc)
+    recorded_any = [False] * len(lines)
+    as_far: list[dict | None] = [None] * len(lines)  # a failed document as far as it got (for record)
     for name in names:
-        if name in batched and documents:
+        live = [place for place, document in enumerate(documents) if document is not None]
+        if not live:
+            break
+        if name in batched:
             try:
-                results: list[Any] = client.map(name, documents)
+                results: list[Any] = client.map(name, [documents[place] for place in live])
             except ExpertdError as exc:  # the request as a whole: the window's first document did not get through
-                results = [exc] * (len(documents) if keep_going and _recordable(exc) else 1)
+                results = [exc] * (len(live) if on_error != STOP and is_documents_own(exc) else 1)
         else:
             results = []
-            for document in documents:
+            for place in live:
                 try:
-                    results.append(client.call(name, document))
+                    results.append(client.call(name, documents[place]))
                 except ExpertdError as exc:
                     results.append(exc)
-                    if not (keep_going and _recordable(exc)):
+                    if on_error == STOP or not is_documents_own(exc):
                         break
-        for place, (document, result) in enumerate(zip(documents, results, strict=False)):
+        for place, result in zip(live, results, strict=False):
+            document = documents[place]
+            where = f"stdin line {lines[place][0]}"
             try:
                 if isinstance(result, ExpertdError):  # (a failed item's place holds its error)
-                    if keep_going and _recordable(result):
-                        _add_error(document, name, result, f"stdin line {lines[place][0]}")
+                    if record and _recordable(result):
+                        _add_error(document, name, result, where)  # type: ignore[arg-type]
+                        recorded_any[place] = True
                         continue
                     raise result
-                _add_opinion(document, name, result, f"stdin line {lines[place][0]}")
+                _add_opinion(document, name, result, where)  # type: ignore[arg-type]
             except (ExpertdError, InputError) as exc:
-                if failed is None or place < failed[0]:
-                    failed = (place, exc)
-                del documents[place:]  # not asked any further: its opinions stop here, as the output does
-                break
-    return [dumps(document) for document in documents], failed[1] if failed else None
+                documents[place], failures[place], as_far[place] = None, exc, document
+        if len(results) < len(live):  # (stopped at a failure: the documents after it were not asked)
+            for place in live[len(results):]:
+                documents[place] = None
+        first = next((place for place, failure in enumerate(failures) if failure is not None), None)
+        if first is not None and on_error == STOP:  # (nothing after the first failure is written: not asked)
+            documents[first:] = [None] * (len(documents) - first)
+    outcomes: list[tuple[int, str | None, Any]] = []
+    for place, (lineno, _line) in enumerate(lines):
+        document, failure = documents[place], failures[place]
+        if failure is not None:
+            if record and is_documents_own(failure):
+                outcomes.append((lineno, recorded(as_far[place], failure, lineno), failure))
+                continue
+            outcomes.append((lineno, None, failure))
+            if on_error == STOP or not is_documents_own(failure):
+                break  # (nothing after it is written)
+            continue
+        if document is None:
+            break  # (not asked: the window stopped before it)
+        outcomes.append((lineno, dumps(document), True if recorded_any[place] else None))
+    return outcomes
 
 
 def _recordable(error: ExpertdError) -> bool:

@@ -203,17 +203,20 @@ def test_opinion_lines_stops_at_an_experts_failure_mid_stream(daemon):
     done = daemon.ctl("opinion", "--lines", "length", "polite", input=_lines(documents))
     assert done.returncode == 1
     assert [json.loads(line)["n"] for line in done.stdout.splitlines()] == list(range(150))
-    assert done.stderr == "expertctl: polite: KeyError: 'de' [expert_failed]\n"
+    # The failure names the document's input line and what was written before it stopped.
+    assert done.stderr == ("expertctl: stdin line 151: polite: KeyError: 'de' [expert_failed]; stopped there, "
+                           "150 documents written (--on-error skip or record goes on)\n")
     # The same words as for that document alone.
     alone = daemon.ctl("opinion", "length", "polite", input=json.dumps(documents[150]))
-    assert (alone.returncode, alone.stderr) == (1, done.stderr)
+    assert (alone.returncode, alone.stderr) == (1, "expertctl: polite: KeyError: 'de' [expert_failed]\n")
 
 
 def test_opinion_lines_keep_going_writes_every_document_with_its_errors(daemon):
     documents = [{"n": n, "opinions": {"language": "de" if n % 100 == 7 else "en"}, "text": "hello"}
                  for n in range(300)]
     done = daemon.ctl("opinion", "--lines", "--keep-going", "length", "polite", input=_lines(documents))
-    assert (done.returncode, done.stderr) == (0, "")
+    assert (done.returncode, done.stderr) == (0, "expertctl: 3 of 300 documents written with errors "
+                                                 "(under errors.NAME)\n")
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
     assert [out["n"] for out in outputs] == list(range(300))
     failed = [out["n"] for out in outputs if "errors" in out]
@@ -238,7 +241,8 @@ def test_opinion_lines_stops_at_a_document_that_keeps_killing_its_worker(daemon)
     done = daemon.ctl("opinion", "--lines", "language", "reaper", input=_lines(documents))
     assert done.returncode == 1
     assert [json.loads(line)["n"] for line in done.stdout.splitlines()] == list(range(5))
-    assert done.stderr.endswith("[worker_lost]\n") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("expertctl: stdin line 6: ") and done.stderr.count("\n") == 1
+    assert "[worker_lost]; stopped there, 5 documents written" in done.stderr
 
 
 def test_opinion_lines_reads_a_file_whose_last_line_has_no_newline(daemon, short_dir):
@@ -292,7 +296,8 @@ def test_keep_going_over_a_batched_experts_windows_writes_the_failed_items_error
     documents = [{"n": n, "text": "x" * n} for n in range(30)]
     documents[12]["fail"] = "item twelve"
     done = daemon.ctl("opinion", "--lines", "--keep-going", "tlen", input=_lines(documents))
-    assert (done.returncode, done.stderr) == (0, "")
+    assert (done.returncode, done.stderr) == (0, "expertctl: 1 of 30 documents written with errors "
+                                                 "(under errors.NAME)\n")
     outputs = [json.loads(line) for line in done.stdout.splitlines()]
     assert [out["n"] for out in outputs] == list(range(30))
     assert outputs[12]["errors"] == {"tlen": {"code": "expert_failed", "type": "builtins.ValueError",
@@ -300,7 +305,9 @@ def test_keep_going_over_a_batched_experts_windows_writes_the_failed_items_error
     assert outputs[12]["opinions"] == {} and outputs[13]["opinions"]["tlen"]["chars"] == 13
     stopped = daemon.ctl("opinion", "--lines", "tlen", input=_lines(documents))
     assert stopped.returncode == 1 and len(stopped.stdout.splitlines()) == 12
-    assert stopped.stderr == "expertctl: tlen: ValueError: asked to fail: item twelve [expert_failed]\n"
+    assert stopped.stderr == ("expertctl: stdin line 13: tlen: ValueError: asked to fail: item twelve "
+                              "[expert_failed]; stopped there, 12 documents written (--on-error skip or record "
+                              "goes on)\n")
 
 
 # ------------------------------------------------------------------ HTTP
