@@ -23,6 +23,7 @@ import json
 import sys
 import time
 
+from expertd import __version__
 from expertd.cli_documents import (
     ON_ERROR,
     RECORD,
@@ -246,7 +247,11 @@ def _document_options(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.")
+    parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.",
+                                     epilog="`expertctl COMMAND --help` explains a command and its arguments. Exit "
+                                            "status: 0 done, 1 an error of the daemon, an expert or the input, 2 a "
+                                            "bad command line, 3 no daemon reached.")
+    parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     parser.add_argument("--socket", "-s", metavar="PATH",
                         help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -259,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     call = commands.add_parser("call", help="call an expert; print its result as JSON",
                                description="Arguments are parsed as JSON where they parse, else taken as "
                                            "strings; KEY=VALUE passes a keyword argument.")
-    call.add_argument("name", metavar="NAME")
-    call.add_argument("arguments", nargs="*", metavar="ARG | KEY=VALUE")
+    call.add_argument("name", metavar="NAME", help="the expert (`expertctl list` shows them)")
+    call.add_argument("arguments", nargs="*", metavar="ARG | KEY=VALUE",
+                      help="its arguments, in order: each parsed as JSON where it parses (5, [1, 2], null), else "
+                           "taken as a string; KEY=VALUE is the keyword argument KEY (after the positional ones)")
     call.set_defaults(run=_cmd_call)
 
     opinion = commands.add_parser("opinion", help="add experts' opinions to a JSON document on stdin",
@@ -286,25 +293,37 @@ def build_parser() -> argparse.ArgumentParser:
                                                "config on it in one request, and write it to stdout with each "
                                                "expert's result under opinions.NAME (`expertctl list` shows the "
                                                "pipelines)." + _FAILURES)
-    pipeline.add_argument("name", metavar="NAME")
+    pipeline.add_argument("name", metavar="NAME", help="a [pipeline:NAME] of the daemon's config")
     _document_options(pipeline)
     pipeline.set_defaults(run=_cmd_pipeline)
 
-    listing = commands.add_parser("list", help="list the experts with their signatures, and the pipelines")
+    listing = commands.add_parser("list", help="list the experts with their signatures, and the pipelines",
+                                  description="One line per expert (its signature and the first line of its "
+                                              "docstring), then the pipelines with their stages.")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_cmd_list)
 
-    ping = commands.add_parser("ping", help="check that the daemon answers")
+    ping = commands.add_parser("ping", help="check that the daemon answers",
+                               description="Ask a worker for a reply: its number, pid, the version, the time taken.")
     ping.set_defaults(run=_cmd_ping)
 
-    status = commands.add_parser("status", help="master, workers, requests and shared/private memory")
+    status = commands.add_parser("status", help="master, workers, requests and shared/private memory",
+                                 description="The master, each worker (state, requests, memory), quarantined "
+                                             "experts, pipelines' and batches' figures, the last reload.")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=_cmd_status)
-    commands.add_parser("reload", help="reload config and experts into new workers (like SIGHUP)"
+    commands.add_parser("reload", help="reload config and experts into new workers (like SIGHUP)",
+                        description="Load the config file and the experts again into a new generation of "
+                                    "workers; the old ones finish what they hold. Waits for the outcome: exit 1 "
+                                    "if the new generation failed (the old one keeps serving).",
                         ).set_defaults(run=_cmd_reload)
-    commands.add_parser("stop", help="stop the daemon gracefully (like SIGTERM)").set_defaults(run=_cmd_stop)
-    workers = commands.add_parser("workers", help="set the number of workers (like TTIN/TTOU)")
-    workers.add_argument("count", type=int, metavar="N")
+    commands.add_parser("stop", help="stop the daemon gracefully (like SIGTERM)",
+                        description="Stop the daemon: requests in progress finish, then it exits.",
+                        ).set_defaults(run=_cmd_stop)
+    workers = commands.add_parser("workers", help="set the number of workers (like TTIN/TTOU)",
+                                  description="Set how many workers serve now, as the signals TTIN and TTOU do.")
+    workers.add_argument("count", type=_positive, metavar="N",
+                         help="the number of workers, at least 1 (and at most the daemon's max_workers)")
     workers.set_defaults(run=_cmd_workers)
     return parser
 

@@ -384,7 +384,8 @@ class Client:
         except FileNotFoundError:
             conn.close()
             raise ConnectError(
-                f"no expertd socket at {path}: is the daemon running? (set EXPERTD_SOCKET or pass socket=)", path
+                f"no expertd socket at {path}: is the daemon running? (--socket PATH or $EXPERTD_SOCKET says where)",
+                path,
             ) from None
         except ConnectionRefusedError:
             conn.close()

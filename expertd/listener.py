@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import errno
 import grp
+import logging
 import os
 import pwd
 import socket
 import stat
 
 from expertd.errors import ExpertdError
+
+log = logging.getLogger("expertd.listener")
 
 
 class ListenerError(ExpertdError):
@@ -63,8 +66,12 @@ class Listener:
         return cls(sock, path, inode)
 
     @classmethod
-    def inherit(cls, fd: int) -> Listener:
-        """Use a listening socket handed over by socket activation (systemd owns its file)."""
+    def inherit(cls, fd: int, instead_of: str | None = None) -> Listener:
+        """Use a listening socket handed over by socket activation (systemd owns its file).
+
+        ``instead_of`` is the configured ``socket``: when the socket passed is
+        another, the log says so, for whoever looks for the daemon there.
+        """
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
@@ -74,7 +81,11 @@ class Listener:
                                 "use ListenStream=/run/expertd/expertd.sock in the .socket unit")
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ListenerError(f"socket activation passed fd {fd}, which is not listening")
-        return cls(sock, sock.getsockname() or f"fd {fd}", None)
+        path = sock.getsockname() or f"fd {fd}"
+        if instead_of is not None and os.path.abspath(instead_of) != path:
+            log.info("using the socket passed by systemd (LISTEN_FDS), %s, instead of socket = %s: the .socket "
+                     "unit's ListenStream= decides where expertd listens", path, instead_of)
+        return cls(sock, path, None)
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -149,3 +149,8 @@ class Summary:
                            SUMMARY_INTERVAL, self._seen, durations[len(durations) // 2] * 1000,
                            durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000, connections)
             self._durations, self._seen = [], 0
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``: a count with its noun, for messages."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

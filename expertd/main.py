@@ -16,6 +16,7 @@ from expertd import __version__
 from expertd.config import SETTINGS, load_config
 from expertd.errors import ConfigError, ExpertLoadError
 from expertd.listener import ListenerError
+from expertd.logs import plural
 
 DEFAULT_CONFIG = "/etc/expertd.conf"
 EXIT_CONFIG = 2
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 experts = load_experts(config, keepalive=extend_start_timeout)
         except ExpertLoadError as exc:
             return fail(str(exc), EXIT_EXPERT)
-        print(f"expertd: {config.path}: OK, {len(experts)} experts: {', '.join(sorted(experts))}")
+        print(f"expertd: {config.path}: OK, {plural(len(experts), 'expert')}: {', '.join(sorted(experts))}")
         return 0
 
     from expertd.master import Master

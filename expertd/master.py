@@ -51,7 +51,7 @@ from expertd.generation import become_subreaper
 from expertd.intake import Intake
 from expertd.listener import Listener, bind_tcp
 from expertd.logfile import reopen_log_files
-from expertd.logs import Summary, Throttle
+from expertd.logs import Summary, Throttle, plural
 from expertd.metrics import Metrics
 from expertd.notify import Notifier
 from expertd.pool import Pool, WorkerSlot, describe_status
@@ -225,7 +225,7 @@ class Master:
             self.http_listener = bind_tcp(*config.http_listen)
         inherited = self._activated
         if inherited:
-            self.listener = Listener.inherit(inherited[0])
+            self.listener = Listener.inherit(inherited[0], instead_of=config.socket)
         else:
             self.listener = Listener.bind(config.socket, config.socket_mode, config.socket_group)
         self.acceptor.listeners = [self.listener.sock] + ([self.http_listener] if self.http_listener else [])
@@ -235,9 +235,9 @@ class Master:
         self.acceptor.spare_fd = open_spare()
         self.acceptor.fd_base = open_descriptors() or 64
         notify.set_title(f"expertd: master [{config.path}]")
-        log.info("expertd master %d %s %s; starting %d workers for %d experts", os.getpid(),
-                 "serving the socket activated on" if inherited else "listening on", self.listener.path,
-                 config.workers, len(self.serving.experts))
+        log.info("expertd master %d %s %s; starting %s for %s", os.getpid(), "serving the socket activated on" if
+                 inherited else "listening on", self.listener.path, plural(config.workers, "worker"),
+                 plural(len(self.serving.experts), "expert"))
         if self.http_listener is not None:
             host, port = config.http_listen  # type: ignore[misc]
             log.info("HTTP also on %s:%d (%s)", host, port,
@@ -336,8 +336,8 @@ class Master:
         if (now >= self._next_status and self.reloads.announced and not self.reloads.reloading
                 and self._stop_deadline is None):
             self._next_status = now + _STATUS_INTERVAL
-            self.notifier.status(f"{self.pool.ready_count()} workers ready, {self.serving.requests_served} "
-                                 f"requests served, generation {self.serving.generation}")
+            ready, served = plural(self.pool.ready_count(), "worker"), plural(self.serving.requests_served, "request")
+            self.notifier.status(f"{ready} ready, {served} served, generation {self.serving.generation}")
         self.summary.write(now, len(self.table))
 
     # ------------------------------------------------------------- signals

@@ -30,6 +30,7 @@ from expertd.config import Config
 from expertd.connections import WAITING, Connection, ConnectionTable
 from expertd.errors import ConfigError
 from expertd.generation import FAILED, KEEPALIVE, LOADED, RETIRED, SERVING, Generation
+from expertd.logs import plural
 from expertd.notify import Notifier
 from expertd.pool import Pool, describe_status
 from expertd.serving import Serving
@@ -215,7 +216,7 @@ class Reloads:
         ready = sum(1 for slot in self.pool.current() if slot.ready_at is not None)
         if ready < self.serving.config.workers:
             return
-        status = f"{ready} workers ready, generation {self.serving.generation}"
+        status = f"{plural(ready, 'worker')} ready, generation {self.serving.generation}"
         if self.replacing is not None:
             self._finish()
             self.notifier.ready(status)

@@ -12,6 +12,7 @@ Worker's lingering and book-keeping methods (``_start_lingering``,
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from expertd import http, protocol, stage_timer
 from expertd.calls import Answering, _safe_str
-from expertd.errors import BadResult, ConnectionLost, RemoteError, RequestTimeout
+from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
 
 log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
@@ -201,9 +202,10 @@ class HttpServing(Answering):
         return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
 
 
-    @staticmethod
-    def _http_reply(request: http.Request, result: Any) -> tuple[bytes, bool, str]:
+    def _http_reply(self, request: http.Request, result: Any) -> tuple[bytes, bool, str]:
         """The response to ``request`` whose call returned ``result`` (a RemoteError: it failed)."""
+        if isinstance(result, BadRequest):  # (perhaps the wrong route: the error says which is meant)
+            result = self._hinted(request, result)
         if not isinstance(result, RemoteError):
             try:
                 body = http.result_body(request, result)
@@ -213,6 +215,25 @@ class HttpServing(Answering):
             else:
                 return (*http.respond(request, 200, body), "ok")
         return (*http.error_response(request, result), result.code)
+
+    def _hinted(self, request: http.Request, error: BadRequest) -> RemoteError:
+        """``error`` with a hint at the route meant, when its request's body suggests another (else as it is)."""
+        expert = self.experts.get(request.expert or "")  # type: ignore[attr-defined]
+        if expert is None or request.route != "call":
+            return error
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return error
+        takes_one = False  # (a document expert: one parameter, which one positional argument fills)
+        if expert.signature is not None and len(expert.signature.parameters) == 1:
+            try:
+                expert.signature.bind(None)
+                takes_one = True
+            except TypeError:
+                pass
+        hint = http.route_hint(request.route, expert.name, body, expert.batched, takes_one)
+        return error if hint is None else http.with_hint(error, hint)
 
 
 _PEEK = 4096

@@ -118,7 +118,10 @@ def test_socket_activation_serves_on_the_inherited_socket(short_dir):
         assert wait_until(lambda: "expertd ready" in (short_dir / "activated.log").read_text(), timeout=60)
         assert Client(str(path)).call("add", 2, 3) == 5
         assert not (short_dir / "unused.sock").exists()
-        assert "serving the socket activated on" in (short_dir / "activated.log").read_text()
+        logged = (short_dir / "activated.log").read_text()
+        assert "serving the socket activated on" in logged
+        assert (f"using the socket passed by systemd (LISTEN_FDS), {path}, instead of socket = "
+                f"{short_dir / 'unused.sock'}") in logged
         # Only the master holds the listening socket: expert code in a worker or in the generation's
         # parent cannot accept a connection past the master's checks.
         listening = os.readlink(f"/proc/{proc.pid}/fd/3")
