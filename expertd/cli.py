@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list the experts with their signatures, and the pipelines",
                                   description="One line per expert (its signature and the first line of its "
                                               "docstring), then the pipelines with their stages.")
-    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("--json", action="store_true",
+                         help="print the list as JSON, with each expert's details (batched, max_batch, reads)")
     listing.set_defaults(run=_cmd_list)
 
     ping = commands.add_parser("ping", help="check that the daemon answers",
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="master, workers, requests and shared/private memory",
                                  description="The master, each worker (state, requests, memory), quarantined "
                                              "experts, pipelines' and batches' figures, the last reload.")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--json", action="store_true", help="print the whole status as JSON, for scripts")
     status.set_defaults(run=_cmd_status)
     commands.add_parser("reload", help="reload config and experts into new workers (like SIGHUP)",
                         description="Load the config file and the experts again into a new generation of "
