@@ -27,7 +27,8 @@ READ_KINDS = frozenset({protocol.STATUS, protocol.LIST})
 MASTER_KINDS = protocol.CONTROL_KINDS | {protocol.LIST}  # answered by the master, never a worker
 KIND_NAMES = {protocol.STATUS: "STATUS", protocol.LIST: "LIST", protocol.RELOAD: "RELOAD", protocol.STOP: "STOP",
               protocol.SCALE: "SCALE"}
-BAD_MAGIC = "bad frame magic: this socket speaks the expertd protocol (docs/protocol.md) and HTTP (docs/http.md)"
+BAD_MAGIC = ("bad frame magic: this socket speaks the expertd protocol (expertd --help-topic protocol) and HTTP "
+             "(expertd --help-topic http)")
 
 
 class Frame(NamedTuple):
@@ -68,7 +69,7 @@ def frame_of(head: bytes, max_frame: int) -> Frame:
     expert = protocol.named_hint(kind, head[protocol.HEADER_SIZE:])
     error: RemoteError | None = None
     if kind not in protocol.REQUEST_KINDS:
-        error = BadRequest(f"unknown request kind 0x{kind:02x}; see docs/protocol.md")
+        error = BadRequest(f"unknown request kind 0x{kind:02x}; see expertd --help-topic protocol")
     elif length > max_frame:
         error = FrameTooLarge(f"request body of {length} bytes exceeds max_frame ({max_frame} bytes)")
     return _frame((kind, request_id, expert, protocol.HEADER_SIZE + length, error))

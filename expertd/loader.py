@@ -96,7 +96,7 @@ def _check_fork_safety(what: str) -> None:
     if started:
         raise ExpertLoadError(
             f"{what} started {started[0]} in the process that forks the workers, and they would deadlock; "
-            "move model building and loading into an after_fork hook (see docs/experts.md)"
+            "move model building and loading into an after_fork hook (see expertd --help-topic experts)"
         )
 
 

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertd",
         description="Serve Python experts from a prefork worker daemon over a Unix socket.",
-        epilog="Every setting is described in docs/config.md. Signals: TERM/INT stop gracefully, QUIT stops at "
+        epilog="Every setting is described in `expertd --help-topic config`; `expertd --help-topic` lists the "
+               "other pages (experts, protocol, http...). Signals: TERM/INT stop gracefully, QUIT stops at "
                "once, HUP reloads config and experts, TTIN/TTOU add or remove a worker, USR1 reopens the log file.",
     )
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
@@ -47,7 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log here instead of stderr (SIGUSR1 reopens it, for logrotate); a symlink, or "
                              "a file that is not the daemon's own, is refused")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
+    parser.add_argument("--help-topic", nargs="?", const="", metavar="TOPIC",
+                        help="print a documentation page the package carries (config, experts, protocol, http, "
+                             "...) and exit; with no TOPIC, list them")
     return parser
+
+
+def _help_topic(name: str) -> int:
+    from expertd.help_topics import listing, page
+
+    try:
+        sys.stdout.write(page(name) if name else listing())
+    except LookupError as exc:
+        print(f"expertd: {exc.args[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
 
 
 def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
@@ -66,6 +81,8 @@ def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.help_topic is not None:
+        return _help_topic(args.help_topic)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS if s.cli}
     try:
         config = load_config(args.config, overrides)

@@ -230,7 +230,8 @@ def render(totals: dict[str, tuple[list[int], float]], master_errors: dict[tuple
     for expert, count in sorted(requests.items()):
         if count or expert != UNKNOWN_EXPERT:
             out.append(f"expertd_requests_total{_labels(expert=expert)} {count}")
-    family("expertd_errors_total", "counter", "Calls that failed, by expert and error code (docs/protocol.md).")
+    family("expertd_errors_total", "counter",
+           "Calls that failed, by expert and error code (expertd --help-topic protocol).")
     for (expert, code), count in sorted(errors.items()):
         out.append(f"expertd_errors_total{_labels(expert=expert, code=code)} {count}")
     family("expertd_request_duration_seconds", "histogram",

@@ -82,7 +82,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("preload", MAIN_SECTION, MODULES, "",
             "Modules imported once in the master before the experts (e.g. tensorflow), so that every "
             "worker shares them copy-on-write. Importing is safe; starting TensorFlow's runtime is not "
-            "(see docs/experts.md)."),
+            "(expertd --help-topic experts)."),
     Setting("pythonpath", MAIN_SECTION, PATHS, "",
             "Directories prepended to sys.path before importing experts; relative ones are relative "
             "to the config file."),
@@ -188,7 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Threshold for TensorFlow's own log (native and Python). The default keeps its start-up "
             "notices out of the log; info or debug lets them through."),
     Setting("http_listen", MAIN_SECTION, ADDRESS_OR_OFF, "",
-            "Also serve the HTTP/JSON API (docs/http.md) on this TCP address, e.g. 127.0.0.1:8000. "
+            "Also serve the HTTP/JSON API (expertd --help-topic http) on this TCP address, e.g. 127.0.0.1:8000. "
             "The Unix socket serves it in any case. A non-loopback address needs token.", cli=True),
     Setting("token", MAIN_SECTION, TOKEN, "",
             "Bearer token that HTTP requests on http_listen must send (Authorization: Bearer TOKEN). "
@@ -208,8 +208,8 @@ SETTINGS: tuple[Setting, ...] = (
             "The module is imported in the master. Give either function or model."),
     Setting("model", "expert", PATH, "",
             "Serve a saved model with no Python code: a Keras .keras file, an exported SavedModel directory "
-            "or a .tflite file (docs/experts.md, \"Model experts\"). A call takes a batch of input rows and "
-            "returns one output row per input row. Give either function or model."),
+            "or a .tflite file (expertd --help-topic experts, \"Model experts\"). A call takes a batch of input "
+            "rows and returns one output row per input row. Give either function or model."),
     Setting("max_rows", "expert", _int_at_least(1), str(DEFAULT_MAX_ROWS),
             "Model experts: the most input rows one call may carry; more get a bad_request error. A runtime keeps "
             "the memory of the largest batch it has run, so this bounds what one caller can make every worker "
@@ -219,7 +219,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch", "expert", MAX_BATCH, "auto",
             "Batched experts (model experts, and functions declared @expert(batched=True)): the most calls "
             "the daemon gathers into one batch for one worker. auto is 32; 1 turns batching off. A lone call "
-            "never waits for company (docs/experts.md, \"Batching\")."),
+            "never waits for company (expertd --help-topic experts, \"Batching\")."),
     Setting("batch_delay", "expert", BATCH_DELAY, "2ms",
             "Batched experts: how long a free worker may wait for the callers just answered to send their "
             "next call, so that they share a batch; never longer, never longer than a batch of the expert "

@@ -89,7 +89,7 @@ def test_neither_msgpack_nor_http_is_refused(daemon):
     sock = raw_connection(daemon)
     sock.sendall(b"\x00\x01hello")
     kind, _request_id, error = _read_reply(sock)
-    assert kind == protocol.ERROR and "docs/http.md" in error["message"]
+    assert kind == protocol.ERROR and "expertd --help-topic http" in error["message"]
     _still_serving(daemon)
 
 
