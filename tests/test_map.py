@@ -334,10 +334,12 @@ def test_opinion_lines_stops_at_a_failed_document_as_one_call_per_line_does(daem
     assert done.returncode == 1
     assert [json.loads(line)["opinions"]["text_length"]["chars"] for line in done.stdout.splitlines()] == [0, 1, 2, 3,
                                                                                                              4]
-    assert done.stderr == "expertctl: text_length: ValueError: asked to fail: line six [expert_failed]\n"
-    # The same as the unbatched path says for the same failure, one document at a time.
+    assert done.stderr == ("expertctl: stdin line 6: text_length: ValueError: asked to fail: line six "
+                           "[expert_failed]; stopped there, 5 documents written (--on-error skip or record goes on)\n")
+    # The same words as the unbatched path says for the same failure, one document at a time.
     single = daemon.ctl("opinion", "text_length", input=lines[5])
-    assert single.stderr == done.stderr and single.returncode == 1
+    assert single.returncode == 1
+    assert single.stderr == "expertctl: text_length: ValueError: asked to fail: line six [expert_failed]\n"
 
 
 def test_opinion_lines_names_a_bad_line_inside_a_window(daemon):
@@ -348,7 +350,8 @@ def test_opinion_lines_names_a_bad_line_inside_a_window(daemon):
     assert done.stderr.startswith("expertctl: stdin line 3: invalid JSON") and done.stderr.count("\n") == 1
     done = daemon.ctl("opinion", "--lines", "batch_size", input='{"text": "a"}\n{"text": "b", "opinions": 3}\n')
     assert done.returncode == 1 and done.stdout.count("\n") == 1
-    assert done.stderr == "expertctl: stdin line 2: the document's 'opinions' is a int, not an object\n"
+    assert done.stderr == ("expertctl: stdin line 2: the document's 'opinions' is a int, not an object; stopped "
+                           "there, 1 document written (--on-error skip or record goes on)\n")
 
 
 def test_opinion_lines_window_must_be_positive(daemon):
