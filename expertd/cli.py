@@ -33,6 +33,7 @@ from expertd.cli_documents import (
     dumps,
     load_document,
     one_document,
+    plural,
     stages_of,
 )
 from expertd.cli_lines import document_lines
@@ -143,8 +144,8 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
         return 0
     print(f"expertd {status['version']}: master pid {status['pid']}, up {_duration(status['uptime_s'])}, "
           f"generation {status['generation']}, config {status['config']}")
-    print(f"socket {status['socket']}: {status['workers_wanted']} workers wanted, "
-          f"{status['requests']} requests served, {status['connections']} connections open")
+    print(f"socket {status['socket']}: {plural(status['workers_wanted'], 'worker')} wanted, "
+          f"{plural(status['requests'], 'request')} served, {plural(status['connections'], 'connection')} open")
     print(f"experts: {', '.join(status['experts'])}")
     for quarantine in status.get("quarantined", ()):  # (an older daemon sends none)
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
@@ -152,7 +153,7 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
               f"{_duration(quarantine['seconds_left'])} from now")
     for name, figures in status.get("pipelines", {}).items():  # (pipelines that were asked for)
         outcomes = ", ".join(f"{code}: {count}" for code, count in figures["outcomes"].items())
-        print(f"pipeline {name}: {figures['requests']} requests ({outcomes}), mean {figures['mean_ms']} ms")
+        print(f"pipeline {name}: {plural(figures['requests'], 'request')} ({outcomes}), mean {figures['mean_ms']} ms")
     for name, batches in status.get("batches", {}).items():  # (batched experts that have served)
         sizes = ", ".join(f"≤{bound}: {count}" for bound, count in batches["sizes"].items())
         print(f"batches of {name}: {batches['batches']} for {batches['calls']} calls, mean size "
