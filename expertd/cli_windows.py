@@ -117,6 +117,9 @@ def _window_opinions(client: Client, names: list[str], batched: set[str], lines:
     recorded_any = [False] * len(lines)
     as_far: list[dict | None] = [None] * len(lines)  # a failed document as far as it got (for record)
     for name in names:
+        first = next((place for place, failure in enumerate(failures) if failure is not None), None)
+        if first is not None and on_error == STOP:  # (nothing after the first failure is written: not asked)
+            documents[first:] = [None] * (len(documents) - first)
         live = [place for place, document in enumerate(documents) if document is not None]
         if not live:
             break
@@ -150,9 +153,6 @@ def _window_opinions(client: Client, names: list[str], batched: set[str], lines:
         if len(results) < len(live):  # (stopped at a failure: the documents after it were not asked)
             for place in live[len(results):]:
                 documents[place] = None
-        first = next((place for place, failure in enumerate(failures) if failure is not None), None)
-        if first is not None and on_error == STOP:  # (nothing after the first failure is written: not asked)
-            documents[first:] = [None] * (len(documents) - first)
     outcomes: list[tuple[int, str | None, Any]] = []
     for place, (lineno, _line) in enumerate(lines):
         document, failure = documents[place], failures[place]
