@@ -114,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Whether every caller who may connect can read the daemon's state: expertctl status and list, and "
             "HTTP /health, /experts and /metrics. no limits them to the users who may send control requests "
             "(control_uids, control_gids, root, the daemon's user); http_listen connections carry no user, so "
-            "those routes are refused there."),
+            "those routes are refused there (public_health opens /health and /metrics there)."),
     Setting("timeout", MAIN_SECTION, DURATION, "60s",
             "Longest a request may run in an expert. Past it the worker is killed and replaced and the "
             "caller gets a timeout error. [expert:NAME] timeout overrides it per expert."),
