@@ -6,10 +6,10 @@ working directory is kept, not changed to /: an expert that opens a relative
 path must find the same file in the foreground and as a daemon.  The command
 that started the daemon waits on that pipe and exits 0 only once the daemon
 is serving, or prints the one-line reason and exits with the status the
-daemon would have (2 config, 3 experts, 1 otherwise) when it failed to start,
-so scripts can rely on its status and the terminal shows why.  The pidfile is written only once
-every worker is ready, refused while a live expertd holds it, replaced when
-stale, and removed on exit.
+daemon would have (3 experts, 1 otherwise) when it failed to start, so that
+scripts can rely on its status and the terminal shows why.  The pidfile is
+written only once every worker is ready, refused while a live expertd holds
+it, replaced when stale, and removed on exit.
 
 No file operation on the pidfile's path follows a symlink, so a link planted
 there (in a shared directory such as /tmp) cannot redirect the write to a file

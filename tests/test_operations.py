@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from expertd.daemon_mode import launcher_outcome
 from expertd.errors import ConfigError
 from expertd.tokens import resolve_token
 
@@ -257,6 +258,20 @@ def test_daemon_mode_prints_why_the_start_failed_on_the_launchers_terminal(ops):
     assert "after_fork hook opsexperts._load failed: RuntimeError: the model file is corrupt" in done.stderr
     assert "see its log" not in done.stderr
     assert "the model file is corrupt" in (ops / "run" / "expertd.log").read_text()
+
+
+@pytest.mark.parametrize("word, log_path, outcome", [
+    ("ready", "/run/x/expertd.log", (0, "")),
+    ("3 worker 1: [expert:x] after_fork hook m.f failed: OSError", None,
+     (3, "worker 1: [expert:x] after_fork hook m.f failed: OSError")),
+    ("1 cannot bind", None, (1, "cannot bind")),
+    ("0 the daemon stopped before it was ready", None, (1, "the daemon stopped before it was ready")),
+    ("", "/run/x/expertd.log", (1, "the daemon exited before it was ready; see its log, /run/x/expertd.log")),
+    ("", None, (1, "the daemon exited before it was ready")),
+    ("garbled", None, (1, "the daemon exited before it was ready")),
+])
+def test_what_the_launcher_prints_and_exits_with(word, log_path, outcome):
+    assert launcher_outcome(word, log_path) == outcome
 
 
 # ---------------------------------------------------------------------------------------------- tokens
