@@ -331,12 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         "stop", help="stop the daemon gracefully (like SIGTERM) and wait until it exits",
         description="Stop the daemon gracefully and wait until its master process exits (exit 0); exit 4 if it "
                     "still runs after --timeout.")
-    for command, run, wait in ((reload, _cmd_reload, "its workers starting"), (stop, _cmd_stop, "it stopping")):
+    for command, run, default, no_wait in (
+            (reload, _cmd_reload, "as long as the daemon's reload_timeout and boot_timeout let it take",
+             "return once the new generation's experts have loaded, while its workers start"),
+            (stop, _cmd_stop, "60", "return once the daemon has begun to stop")):
+        # (SUPPRESS: without it here, the `expertctl --timeout S reload` form stays the same option.)
         command.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
-                             help="how long to wait in all (default: for reload, as long as the daemon's "
-                                  "reload_timeout and boot_timeout let it take; for stop, 60)")
-        command.add_argument("--no-wait", action="store_true",
-                             help=f"return once the daemon has taken the request, without waiting for {wait}")
+                             help=f"how long to wait in all (default: {default})")
+        command.add_argument("--no-wait", action="store_true", help=no_wait)
         command.set_defaults(run=run)
     workers = commands.add_parser("workers", help="set the number of workers (like TTIN/TTOU)")
     workers.add_argument("count", type=int, metavar="N")
