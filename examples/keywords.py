@@ -36,7 +36,8 @@ def compile_matcher() -> None:
     _MATCHER = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
 
 
-@expert(before_fork=read_lexicon, after_fork=compile_matcher)
+# example=: `expertd --check` calls it once with this document, after the hooks, in a trial worker.
+@expert(before_fork=read_lexicon, after_fork=compile_matcher, example={"text": "what a stupid idea"})
 def opinion(document: dict) -> dict:
     """Flag lexicon words in document['text']: which, by category, and a score in [0, 1]."""
     if not isinstance(document, dict) or not isinstance(document.get("text"), str):

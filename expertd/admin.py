@@ -139,7 +139,8 @@ class Admin:
     def http_get(self, route: str, uid: int, gid: int, groups: frozenset[int], pid: int,
                  tcp: bool) -> tuple[int, bytes, str]:
         """GET /health, /experts or /metrics: (status, body, content type); AccessDenied if the peer may not."""
-        if not self.serving.access().reads(uid, gid, groups):
+        public = tcp and route in http.PUBLIC_HEALTH_ROUTES and self.serving.config.public_health
+        if not (public or self.serving.access().reads(uid, gid, groups)):
             self.throttle.warning("refused GET /%s from uid %d (pid %d): public_status = no", route, uid, pid,
                                   cause=("control refused", uid))
             who = "connections on http_listen" if tcp else f"uid {uid}"

@@ -9,10 +9,11 @@
     expertctl opinion --lines --window 64 NAME < docs.jsonl   # NAME batched: 64 documents a request
     expertctl list
     expertctl ping
-    expertctl status [--json] | reload | stop | workers N
+    expertctl status [--json] | reload [--no-wait] | stop [--no-wait] | workers N
 
 Exit status: 0 on success, 1 when the daemon or an expert reports an error or
-the input is bad, 2 for a bad command line, 3 when no daemon can be reached.
+the input is bad (or a reload failed), 2 for a bad command line, 3 when no
+daemon can be reached, 4 when reload or stop did not end within --timeout.
 Every failure is one line on stderr.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_TIMEOUT = 4
 
 
 def _parse_value(text: str) -> Any:
@@ -183,25 +186,66 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
 
 
 _RELOAD_WAIT = 24 * 3600.0
+_POLL = 0.1  # seconds between looks at the daemon while reload or stop waits
 
 
 def _cmd_reload(client: Client, options: argparse.Namespace) -> int:
-    reply = client.reload()
+    deadline = time.monotonic() + options.timeout
+    reply = client.reload()  # answered once the new generation has loaded, or failed to
+    number = reply.get("reload")  # (None from a daemon older than the wait)
     last = reply.get("last_reload") or {}
     if reply.get("reloading"):
-        print(f"reloading: generation {reply['generation']} loaded, its workers are starting")
-        return 0
+        if options.no_wait or number is None:
+            print(f"reloading: generation {reply['generation']} loaded, its workers are starting")
+            return 0
+        # Its workers are starting: the reload ends when they are all ready, or when one fails to start.
+        while not (last and last.get("reload", 0) >= number):
+            if time.monotonic() >= deadline:
+                print(f"expertctl: generation {reply['generation']} loaded, but its workers were not all ready "
+                      f"within --timeout ({options.timeout:g}s); `expertctl status` shows how it goes",
+                      file=sys.stderr)
+                return EXIT_TIMEOUT
+            time.sleep(_POLL)
+            last = client.status().get("last_reload") or {}
     if last and not last.get("ok"):
-        print(f"expertctl: reload failed, generation {reply['generation']} keeps serving: {last.get('error')}",
-              file=sys.stderr)
+        print(f"expertctl: reload failed, generation {last.get('generation', reply['generation'])} keeps serving: "
+              f"{last.get('error')}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"reloaded: generation {reply['generation']}")
+    print(f"reloaded: generation {last.get('generation', reply['generation'])} serving")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` has not exited (a zombie, waiting for its parent to reap it, has)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another user's: alive
+        return True
 
 
 def _cmd_stop(client: Client, options: argparse.Namespace) -> int:
     reply = client.stop()
-    print(f"stopping expertd (master pid {reply['pid']})")
+    pid = reply["pid"]
+    if options.no_wait:
+        print(f"stopping expertd (master pid {pid})")
+        return 0
+    deadline = time.monotonic() + options.timeout
+    while _running(pid):  # in-flight requests finish first, for up to the daemon's graceful_timeout
+        if time.monotonic() >= deadline:
+            print(f"expertctl: expertd (master pid {pid}) is still running after --timeout ({options.timeout:g}s)",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(_POLL)
+    print(f"stopped expertd (master pid {pid})")
     return 0
 
 
@@ -314,14 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
                                              "experts, pipelines' and batches' figures, the last reload.")
     status.add_argument("--json", action="store_true", help="print the whole status as JSON, for scripts")
     status.set_defaults(run=_cmd_status)
-    commands.add_parser("reload", help="reload config and experts into new workers (like SIGHUP)",
-                        description="Load the config file and the experts again into a new generation of "
-                                    "workers; the old ones finish what they hold. Waits for the outcome: exit 1 "
-                                    "if the new generation failed (the old one keeps serving).",
-                        ).set_defaults(run=_cmd_reload)
-    commands.add_parser("stop", help="stop the daemon gracefully (like SIGTERM)",
-                        description="Stop the daemon: requests in progress finish, then it exits.",
-                        ).set_defaults(run=_cmd_stop)
+    reload = commands.add_parser(
+        "reload", help="reload config and experts into new workers (like SIGHUP) and wait until they serve",
+        description="Reload and wait until the new generation serves (exit 0) or the reload failed and the old "
+                    "one keeps serving (exit 1, with the reason); exit 4 if neither happened within --timeout.")
+    stop = commands.add_parser(
+        "stop", help="stop the daemon gracefully (like SIGTERM) and wait until it exits",
+        description="Stop the daemon gracefully and wait until its master process exits (exit 0); exit 4 if it "
+                    "still runs after --timeout.")
+    for command, run, default, no_wait in (
+            (reload, _cmd_reload, "as long as the daemon's reload_timeout and boot_timeout let it take",
+             "return once the new generation's experts have loaded, while its workers start"),
+            (stop, _cmd_stop, "60", "return once the daemon has begun to stop")):
+        # (SUPPRESS: without it here, the `expertctl --timeout S reload` form stays the same option.)
+        command.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                             help=f"how long to wait in all (default: {default})")
+        command.add_argument("--no-wait", action="store_true", help=no_wait)
+        command.set_defaults(run=run)
     workers = commands.add_parser("workers", help="set the number of workers (like TTIN/TTOU)",
                                   description="Set how many workers serve now, as the signals TTIN and TTOU do.")
     workers.add_argument("count", type=_positive, metavar="N",
@@ -337,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         # A reload's reply comes once the new generation has loaded (or failed to), which the daemon
         # bounds with reload_timeout; any other reply is quick.
         timeout = _RELOAD_WAIT if options.run is _cmd_reload else 60.0
+    options.timeout = timeout
     client = Client(options.socket, timeout=timeout)
     try:
         return options.run(client, options)

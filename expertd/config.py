@@ -41,6 +41,7 @@ from expertd.settings import (  # (re-exported: the table is part of what config
     Setting,
 )
 from expertd.settings_types import OPTIONAL_PATH, PATH, PATHS, _Invalid
+from expertd.tokens import resolve_token
 
 MAX_PLANS = 1024  # Config.plan's memo is cleared past this: targets come from clients
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -92,7 +93,9 @@ class Config:
     max_requests_jitter: int | None
     max_memory: int
     http_listen: tuple[str, int] | None
-    token: str
+    token: str  # the token in force: token, token_file's content or $EXPERTD_TOKEN (expertd.tokens)
+    token_file: str
+    public_health: bool
     max_depth: int
     max_args: int
     idle_timeout: float
@@ -257,11 +260,12 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
             f"{path}: [{MAIN_SECTION}] socket = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
             f"Unix sockets allow at most {MAX_SOCKET_PATH}; choose a shorter path"
         )
+    config.token = resolve_token(config.token, config.token_file, f"{path}: [{MAIN_SECTION}]", base_dir)
     if config.http_listen is not None and not config.token and not is_loopback(config.http_listen[0]):
         raise ConfigError(
             f"{path}: [{MAIN_SECTION}] http_listen = {config.http_listen[0]}:{config.http_listen[1]}: "
-            "not a loopback address, and no token is set; set token (clients send Authorization: Bearer TOKEN) "
-            "or listen on 127.0.0.1"
+            "not a loopback address, and no token is set; set token or token_file (clients send Authorization: "
+            "Bearer TOKEN) or listen on 127.0.0.1"
         )
     if not config.experts:
         raise ConfigError(

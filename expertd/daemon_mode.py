@@ -1,12 +1,15 @@
 """Classic daemon mode (``expertd --daemon``): detaching, the pidfile, the launcher's wait.
 
 Detaching is python-daemon's DaemonContext (double fork, setsid, umask 022,
-working directory /, every descriptor closed but the log file and the pipe
-to the launcher).  The command that started the daemon waits on that pipe and
-exits 0 only once the daemon is serving, or 1 with the reason when it failed
-to start, so scripts can rely on its status.  The pidfile is written only once
-every worker is ready, refused while a live expertd holds it, replaced when
-stale, and removed on exit.
+every descriptor closed but the log file and the pipe to the launcher).  The
+working directory is kept, not changed to /: an expert that opens a relative
+path must find the same file in the foreground and as a daemon.  The command
+that started the daemon waits on that pipe and exits 0 only once the daemon
+is serving, or prints the one-line reason and exits with the status the
+daemon would have (3 experts, 1 otherwise) when it failed to start, so that
+scripts can rely on its status and the terminal shows why.  The pidfile is
+written only once every worker is ready, refused while a live expertd holds
+it, replaced when stale, and removed on exit.
 
 No file operation on the pidfile's path follows a symlink, so a link planted
 there (in a shared directory such as /tmp) cannot redirect the write to a file
@@ -103,11 +106,12 @@ def _is_expertd(pid: int) -> bool:
         return False
 
 
-def detach(log_stream: IO[str] | None) -> IO[bytes]:
+def detach(log_stream: IO[str] | None, log_path: str | None = None) -> IO[bytes]:
     """Become a daemon; returns the pipe on which to report readiness to the launcher.
 
     The launcher (this process) does not return from here: it waits for the
-    daemon's word, prints why if it failed, and exits.
+    daemon's word (``ready``, or ``STATUS REASON``), prints the reason if it
+    failed, and exits.
     """
     import daemon
 
@@ -117,14 +121,14 @@ def detach(log_stream: IO[str] | None) -> IO[bytes]:
         with os.fdopen(read_end, "rb") as pipe:
             # One line: workers forked before readiness hold the write end too, so EOF may never come.
             word = pipe.readline().decode("utf-8", "replace").strip()
-        if word.startswith("ready"):
-            os._exit(0)
-        sys.stderr.write(f"expertd: {word or 'the daemon exited before it was ready; see its log file'}\n")
-        os._exit(1)
+        status, message = launcher_outcome(word, log_path)
+        if message:
+            sys.stderr.write(f"expertd: {message}\n")
+        os._exit(status)
     os.close(read_end)
     preserve = [write_end] + ([log_stream.fileno()] if log_stream is not None else [])
     context = daemon.DaemonContext(
-        working_directory="/",
+        working_directory=os.getcwd(),  # kept: relative paths in hooks mean what they meant in the foreground
         umask=0o022,
         detach_process=True,
         files_preserve=preserve,
@@ -134,3 +138,14 @@ def detach(log_stream: IO[str] | None) -> IO[bytes]:
     )
     context.open()
     return os.fdopen(write_end, "wb", buffering=0)
+
+
+def launcher_outcome(word: str, log_path: str | None) -> tuple[int, str]:
+    """The launcher's exit status and what it prints, from the daemon's one line (empty: it died first)."""
+    if word == "ready":
+        return 0, ""
+    status, _, message = word.partition(" ")
+    if status.isdigit() and message:
+        return int(status) or 1, message
+    where = f"; see its log, {log_path}" if log_path else ""
+    return 1, f"the daemon exited before it was ready{where}"

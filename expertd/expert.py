@@ -40,6 +40,16 @@ that does not run them first is refused when the experts load::
     @expert(reads=("language",))   # reads document["opinions"]["language"]
     def opinion(doc): ...
 
+An expert can give an example of its input, which ``expertd --check`` passes
+to it in a trial worker (after the after_fork hooks), so that a broken model
+fails the check rather than the first request::
+
+    @expert(after_fork=build_model, example={"text": "a short review"})
+    def opinion(doc): ...
+
+The example is the call's one argument (a batched expert gets a list of it);
+the call must return without raising, and its result must be sendable.
+
 Standard library only; no state beyond the hooks stored on each function.
 """
 
@@ -51,19 +61,21 @@ if TYPE_CHECKING:
     from typing import Any
 
 _HOOKS_ATTR = "__expertd_hooks__"
+_NO_EXAMPLE = object()  # (None is a fine example input)
 
 
 class Hooks:
     """An expert's set-up hooks; either may be None."""
 
-    __slots__ = ("after_fork", "batched", "before_fork", "reads")
+    __slots__ = ("after_fork", "batched", "before_fork", "example", "reads")
 
     def __init__(self, before_fork: Callable[[], Any] | None = None, after_fork: Callable[[], Any] | None = None,
-                 batched: bool = False, reads: tuple[str, ...] = ()):
+                 batched: bool = False, reads: tuple[str, ...] = (), example: tuple[Any, ...] = ()):
         self.before_fork = before_fork
         self.after_fork = after_fork
         self.batched = batched
         self.reads = reads  # the opinions (expert names) the expert reads from the document
+        self.example = example  # (the example input,) for expertd --check's trial call, or () for none
 
 
 def _opinion_names(reads: Iterable[str]) -> tuple[str, ...]:
@@ -92,6 +104,7 @@ def expert(
     after_fork: Callable[[], Any] | None = None,
     batched: bool = False,
     reads: Iterable[str] = (),
+    example: Any = _NO_EXAMPLE,
 ) -> Any:
     """Mark ``function`` as an expert with optional set-up hooks (usable bare or with arguments).
 
@@ -100,6 +113,7 @@ def expert(
     ``reads``: the names of the opinions the expert reads from a pipeline's
     document; every pipeline that runs it must run those experts in an earlier
     stage.
+    ``example``: an input for ``expertd --check``'s trial call (the call's one argument).
     """
     read_names = _opinion_names(reads)
     if not isinstance(batched, bool):
@@ -109,7 +123,8 @@ def expert(
             raise TypeError(f"expert(): {label} must be callable, not {type(hook).__name__}")
 
     def mark(target: Callable) -> Callable:
-        setattr(target, _HOOKS_ATTR, Hooks(before_fork, after_fork, batched, read_names))
+        given = () if example is _NO_EXAMPLE else (example,)
+        setattr(target, _HOOKS_ATTR, Hooks(before_fork, after_fork, batched, read_names, given))
         return target
 
     return mark(function) if function is not None else mark

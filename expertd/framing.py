@@ -80,7 +80,8 @@ _frame = partial(tuple.__new__, Frame)  # (Frame(...) runs a Python __new__: onc
 
 
 def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | set,
-                 max_frame: int, plan: Callable[[str], object] | None = None) -> http.HttpRefusal | None:
+                 max_frame: int, plan: Callable[[str], object] | None = None,
+                 public_health: bool = False) -> http.HttpRefusal | None:
     """Whether an HTTP request, by its head alone, is refused (and how): admission, route, body.
 
     ``plan`` (:meth:`expertd.config.Config.plan`) checks a pipeline's target
@@ -88,7 +89,7 @@ def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | s
     (A quarantined expert is refused too, by the caller: that depends on the time.)
     """
     try:
-        http.admit(request, tcp=tcp, token=token)
+        http.admit(request, tcp=tcp, token=token, public_health=public_health)
         http.check_route(request, experts, max_frame, plan)
     except http.HttpRefusal as refusal:
         return refusal

@@ -189,15 +189,19 @@ def check_route(head: Head, experts: set[str] | dict, max_body: int,
         raise HttpRefusal(404, "unknown_expert", f"no expert named {head.expert!r}; known experts: {known}")
 
 
-def admit(head: Head, *, tcp: bool, token: str) -> None:
+PUBLIC_HEALTH_ROUTES = frozenset({"health", "metrics"})  # (public_health = yes: open on http_listen)
+
+
+def admit(head: Head, *, tcp: bool, token: str, public_health: bool = False) -> None:
     """Refuse a request that may not be served on its connection: the one check of credentials and origin.
 
     The master runs it on every request it examines and a lingering worker on
     every request it serves directly, so that no path can skip it.  A request on
     the Unix socket is admitted here (its file mode and allow_uids guard it); on
-    http_listen it needs the bearer token, or without one a local Host.
+    http_listen it needs the bearer token, or without one a local Host, except
+    GET /health and /metrics with ``public_health`` (load balancers, Prometheus).
     """
-    if not tcp:
+    if not tcp or (public_health and head.route in PUBLIC_HEALTH_ROUTES and head.method == "GET"):
         return
     if token:
         if not token_accepted(head.authorization, token):

@@ -182,7 +182,7 @@ class Intake:
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         config = self.serving.config
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
-                               max_frame=config.max_frame, plan=config.plan)
+                               max_frame=config.max_frame, plan=config.plan, public_health=config.public_health)
         if refusal is None and self.quarantines.entries:
             quarantined = self._quarantined(request.expert, pipeline)
             if quarantined is not None:

@@ -50,6 +50,7 @@ class LoadedExpert:
     max_batch: int = 1  # the most calls one batch holds (1: never batched)
     batch_delay: float = 0.0  # how long a free worker may wait for expected company (see expertd.batching)
     reads: tuple[str, ...] = ()  # the opinions it reads from a pipeline's document (@expert(reads=...))
+    example: tuple[Any, ...] = ()  # (its example input,) for expertd --check's trial call (@expert(example=...))
 
     @property
     def is_model(self) -> bool:
@@ -205,6 +206,7 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
             max_batch=config.max_batch(spec.name, hooks.batched),
             batch_delay=spec.batch_delay,
             reads=hooks.reads,
+            example=hooks.example,
         )
     # Before any model is prepared: a pipeline that cannot work fails the load (start-up or reload) at once.
     problem = check_reads(config.pipelines, {name: expert.reads for name, expert in experts.items()})

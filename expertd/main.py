@@ -21,6 +21,7 @@ from expertd.logs import plural
 DEFAULT_CONFIG = "/etc/expertd.conf"
 EXIT_CONFIG = 2
 EXIT_EXPERT = 3
+DEFAULT_DAEMON_LOG = "expertd.log"  # --daemon without --log-file: this file in the socket's directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
                                 help=f"{setting.help} Overrides [expertd] {setting.name} ({setting.type.name}).")
     parser.add_argument("--check", action="store_true",
-                        help="load the config and import the experts, then exit 0 if all is well")
+                        help="load the config, import the experts and run their before_fork hooks, then their "
+                             "after_fork hooks and a call of each expert with an example in a trial worker; exit 0 "
+                             "if all is well, else print the first failure")
     parser.add_argument("--daemon", action="store_true",
-                        help="detach and run in the background (the command returns once the daemon serves)")
+                        help="detach and run in the background: the command returns once the daemon serves (exit "
+                             "0), or prints why it could not start and exits non-zero. The working directory is "
+                             f"kept; without --log-file it logs to {DEFAULT_DAEMON_LOG} in the socket's directory")
     parser.add_argument("--pidfile", metavar="PATH",
                         help="write the master's pid here once serving (replaced by rename, never written "
                              "through a symlink)")
     parser.add_argument("--log-file", metavar="PATH",
-                        help="log here instead of stderr (SIGUSR1 reopens it, for logrotate); a symlink, or "
+                        help="log here instead of stderr (with --daemon, instead of expertd.log in the socket's "
+                             "directory; SIGUSR1 reopens it, for logrotate); a symlink, or "
                              "a file that is not the daemon's own, is refused")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     parser.add_argument("--help-topic", nargs="?", const="", metavar="TOPIC",
@@ -89,11 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    pidfile = os.path.abspath(args.pidfile) if args.pidfile else None  # detaching changes directory to /
+    pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
+    log_file = args.log_file
+    if args.daemon and not args.check and not log_file:
+        from expertd.listener import check_socket_directory
+
+        # Detached, stderr goes nowhere: log to a file beside the socket, in the run directory that only the
+        # daemon's user may write (checked here). A file, not syslog: native libraries write to fd 2 too.
+        directory = os.path.dirname(config.socket) or "."
+        try:
+            check_socket_directory(directory, create=True)
+        except ListenerError as exc:
+            print(f"expertd: {exc}", file=sys.stderr)
+            return 1
+        log_file = os.path.join(os.path.abspath(directory), DEFAULT_DAEMON_LOG)
     try:
-        handler = _setup_logging(config.log_level, args.log_file)
+        handler = _setup_logging(config.log_level, log_file)
     except OSError as exc:
-        print(f"expertd: cannot open log file {args.log_file}: {exc.strerror}", file=sys.stderr)
+        print(f"expertd: cannot open log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     if pidfile:
         from expertd.daemon_mode import PidfileError, check_pidfile
@@ -122,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         # Detach before the experts load: detaching closes every descriptor it was not
         # told about, and files an expert opens must survive. Their errors still reach
         # the terminal, through the launcher.
-        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None)
+        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None, log_file)
 
     def tell_launcher(word: str) -> None:
         nonlocal launcher
         if launcher is None:
             return
         try:
-            launcher.write(f"{word}\n".encode())
+            launcher.write(f"{' '.join(word.split())}\n".encode())  # one line: the launcher reads one
             launcher.close()
         except OSError:
             pass  # the launcher is gone (interrupted): nobody is waiting for the word
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     def fail(message: str, status: int) -> int:
         if launcher is not None:
             logging.getLogger("expertd").error("%s", message)
-            tell_launcher(message)
+            tell_launcher(f"{status} {message}")  # (the launcher prints the message and exits with the status)
         else:
             print(f"expertd: {message}", file=sys.stderr)
         return status
@@ -152,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with quiet_native_logs(config.tf_log_level in ("warning", "error")):
                 experts = load_experts(config, keepalive=extend_start_timeout)
+            from expertd.check import trial_worker
+
+            checked = trial_worker(config, experts)  # the after_fork hooks and example calls, in a forked child
         except ExpertLoadError as exc:
             return fail(str(exc), EXIT_EXPERT)
         print(f"expertd: {config.path}: OK, {plural(len(experts), 'expert')}: {', '.join(sorted(experts))}")
+        for line in checked:
+            print(f"expertd: {line}")
         return 0
 
     from expertd.master import Master
@@ -189,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             from expertd.daemon_mode import remove_pidfile
 
             remove_pidfile(pidfile)
-    tell_launcher("the daemon stopped before it was ready; see its log file")
+    if launcher is not None:  # (not ready: the first generation failed, or a signal stopped it)
+        tell_launcher(f"{status or 1} {master.start_failure or 'the daemon stopped before it was ready'}")
     return status
 
 

@@ -92,7 +92,7 @@ class Master:
         self.listener: Listener | None = None
         self.http_listener = None
         self._stop_deadline: float | None = None
-        self._exit_status = 0
+        self._exit_status, self.start_failure = 0, ""  # (why the first generation failed: for --daemon's launcher)
         self._next_expiry_check = 0.0
         self._next_housekeeping = 0.0
         self._next_status = 0.0
@@ -412,7 +412,7 @@ class Master:
     def _fail_start(self, message: str, reason: str) -> None:
         """The first generation cannot serve: stop, with its message, and exit status 3."""
         log.error("%s", message)
-        self._exit_status = EXIT_WORKER_BOOT_FAILED
+        self._exit_status, self.start_failure = EXIT_WORKER_BOOT_FAILED, message
         self._begin_stop(graceful=False, reason=reason)
 
     def _reopen_logs(self) -> None:

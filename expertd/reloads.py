@@ -81,6 +81,9 @@ class Reloads:
         self._pending_waiters: list[Waiter] = []
         self._next_parent_try = 0.0
         self.last_reload: dict | None = None
+        # Reloads begun so far: each reload's number is in its RELOAD reply and, once it ends, in last_reload,
+        # so that `expertctl reload` can wait for the outcome of its own reload (expertd.cli).
+        self.count = 0
         self.announced = False  # the first generation's workers are all ready (pidfile, READY=1)
 
     @property
@@ -135,6 +138,7 @@ class Reloads:
         from expertd.config import load_config
 
         self.pending = False
+        self.count += 1
         waiters, self._pending_waiters = self._pending_waiters, []
         current = self.serving.config
         self.notifier.reloading()
@@ -148,10 +152,15 @@ class Reloads:
             log.warning("the socket path changed to %s; that takes a restart, keeping %s", config.socket,
                         current.socket)
             config.socket = current.socket
-        if (config.http_listen, config.token) != (current.http_listen, current.token):
-            log.warning("http_listen or token changed; that takes a restart, keeping the listener and "
-                        "token in force")
-            config.http_listen, config.token = current.http_listen, current.token
+        if config.http_listen != current.http_listen:
+            log.warning("http_listen changed; that takes a restart, keeping the listener in force")
+            config.http_listen = current.http_listen
+        if current.token and not config.token:  # (a slip must not open the listener to whoever reaches it)
+            log.warning("the new config sets no token; removing it takes a restart, keeping the token in force")
+            config.token = current.token
+        elif config.token != current.token:  # rotated (token_file read again): in force once the generation serves
+            log.info("the HTTP token changed: the new one applies once generation %d serves",
+                     self.serving.generation + 1)
         try:
             loading = self._start(self.serving.generation + 1, config)
         except OSError as exc:
@@ -199,7 +208,7 @@ class Reloads:
         log.info("generation %d loaded (%d experts) in %.1fs; starting %d workers", serving.generation,
                  len(serving.experts), time.monotonic() - loading.started, serving.config.workers)
         self._answer(loading.waiters, {"generation": serving.generation, "reloading": True,  # type: ignore[arg-type]
-                                       "last_reload": self.last_reload})
+                                       "last_reload": self.last_reload, "reload": self.count})
 
     def _load_failed(self, loading: Generation, reason: str) -> None:
         if loading is not self.loading:
@@ -236,7 +245,8 @@ class Reloads:
         saved, self.replacing = self.replacing, None
         if saved.parent is not None:
             saved.parent.close()  # it forks no more workers: it exits, and its modules and models with it
-        self.last_reload = {"ok": True, "at": time.time(), "generation": generation, "error": None}
+        self.last_reload = {"ok": True, "at": time.time(), "generation": generation, "error": None,
+                            "reload": self.count}
         self.on_reloaded()
         log.info("reload done: generation %d serving; %d old workers retiring", generation, len(old))
         self._run_pending()
@@ -257,10 +267,11 @@ class Reloads:
 
     def _failed(self, reason: str, waiters: list[Waiter] = ()) -> None:  # type: ignore[assignment]
         log.error("reload failed; generation %d keeps serving: %s", self.serving.generation, reason)
-        self.last_reload = {"ok": False, "at": time.time(), "generation": self.serving.generation, "error": reason}
+        self.last_reload = {"ok": False, "at": time.time(), "generation": self.serving.generation, "error": reason,
+                            "reload": self.count}
         self.notifier.ready(f"reload failed: {reason}"[:200])
         self._answer(waiters, {"generation": self.serving.generation, "reloading": False,
-                               "last_reload": self.last_reload})
+                               "last_reload": self.last_reload, "reload": self.count})
         self._run_pending()
 
     def _answer(self, waiters: list[Waiter], reply: dict) -> None:

@@ -38,6 +38,7 @@ from expertd.settings_types import (
     STAGES,
     THREADS,
     TOKEN,
+    TOKEN_FILE,
     USERS,
     _int_at_least,
     _Type,
@@ -113,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Whether every caller who may connect can read the daemon's state: expertctl status and list, and "
             "HTTP /health, /experts and /metrics. no limits them to the users who may send control requests "
             "(control_uids, control_gids, root, the daemon's user); http_listen connections carry no user, so "
-            "those routes are refused there."),
+            "those routes are refused there (public_health opens /health and /metrics there)."),
     Setting("timeout", MAIN_SECTION, DURATION, "60s",
             "Longest a request may run in an expert. Past it the worker is killed and replaced and the "
             "caller gets a timeout error. [expert:NAME] timeout overrides it per expert."),
@@ -192,8 +193,21 @@ SETTINGS: tuple[Setting, ...] = (
             "The Unix socket serves it in any case. A non-loopback address needs token.", cli=True),
     Setting("token", MAIN_SECTION, TOKEN, "",
             "Bearer token that HTTP requests on http_listen must send (Authorization: Bearer TOKEN). "
-            "Keep the config file unreadable to others. The Unix socket is guarded by its file mode, "
-            "socket_group and allow_uids instead."),
+            "Keep the config file unreadable to others, or use token_file. The Unix socket is guarded by its file "
+            "mode, socket_group and allow_uids instead. With neither token nor token_file set, the environment "
+            "variable EXPERTD_TOKEN is the token, if set. A new token takes effect on reload (HUP)."),
+    Setting("token_file", MAIN_SECTION, TOKEN_FILE, "",
+            "Read the token from this file (the token alone; surrounding whitespace is ignored) instead of "
+            "writing it in the config: at start, where a missing or unreadable file stops start-up with one line, "
+            "and on every reload (HUP, expertctl reload), so rotating the token is writing the new one into the "
+            "file and reloading; a reload that cannot read it fails, and the old token stays in force. "
+            "credential:NAME reads $CREDENTIALS_DIRECTORY/NAME, for systemd's LoadCredential=NAME:PATH "
+            "(systemd/expertd.service). A relative path is relative to the config file. Set token or "
+            "token_file, not both."),
+    Setting("public_health", MAIN_SECTION, BOOL, "no",
+            "yes serves GET /health and GET /metrics on http_listen without the token (and whatever "
+            "public_status says), for load balancers' health checks and Prometheus; every other request there "
+            "still needs the token."),
     Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
             "Directory where model experts' files are prepared (converted for the serving runtime, weights "
             "laid out once for every worker to map) and kept, by content hash, across restarts and reloads. "

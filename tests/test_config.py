@@ -96,6 +96,9 @@ def test_shipped_default_config_loads():
     assert done.returncode == 0, done.stderr
     for name in ("fib", "square", "keywords", "textstats"):
         assert name in done.stdout
+    # Its models loaded and hooks ran in a trial worker, and keywords was called with its example.
+    assert "expertd: trial worker: 2 models loaded, 1 after_fork hook ran" in done.stdout
+    assert "expertd: trial calls with their examples: keywords (" in done.stdout
 
 
 def test_relative_pythonpath_is_relative_to_the_config_file(short_dir):

@@ -163,13 +163,17 @@ def test_a_killed_generation_parent_is_replaced_and_workers_are_still_replaced(m
     assert daemon.client().call("add", 1, 1) == 2
 
 
-def test_expertctl_reload_waits_for_the_new_generation_to_load(make_daemon, short_dir):
+def test_expertctl_reload_waits_for_the_new_generation_to_serve(make_daemon, short_dir):
     daemon, code = _daemon(make_daemon, short_dir)
     _write(code, "v2", "time.sleep(1)")
     done = daemon.ctl("reload")
     assert done.returncode == 0, done.stderr
-    assert "generation 2 loaded" in done.stdout
-    assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
+    assert done.stdout == "reloaded: generation 2 serving\n"
+    assert daemon.client().call("version")[0] == "v2"  # at once: the reload is over when expertctl returns
+    _write(code, "v3", "time.sleep(1)")
+    done = daemon.ctl("reload", "--no-wait")  # back once the experts loaded, the workers still starting
+    assert done.returncode == 0 and "generation 3 loaded" in done.stdout
+    assert wait_until(lambda: daemon.client().call("version")[0] == "v3", timeout=30)
 
 
 def test_a_reload_keeps_serving_during_many_concurrent_callers(make_daemon, short_dir):

@@ -285,11 +285,11 @@ def test_a_failed_load_keeps_the_old_generation_serving(h):
     assert second.killed and not first.killed
     last = h.reloads.last_reload
     assert last == {"ok": False, "at": last["at"], "generation": 1,
-                    "error": "importing 'shapes' failed: ImportError: no module named 'numpy'"}
+                    "error": "importing 'shapes' failed: ImportError: no module named 'numpy'", "reload": 1}
     assert abs(last["at"] - time.time()) < 60
     assert h.notifier.calls[-1] == ("ready", "reload failed: importing 'shapes' failed: ImportError: no module "
                                              "named 'numpy'")
-    assert h.answer(client) == (17, {"generation": 1, "reloading": False, "last_reload": last})
+    assert h.answer(client) == (17, {"generation": 1, "reloading": False, "last_reload": last, "reload": 1})
     assert waiter[0].state == IDLE
 
 
@@ -328,7 +328,7 @@ def test_a_loaded_generation_serves_at_once(h):
     assert h.reloads.loading is None and h.reloads.reloading  # its workers are starting
     assert not first.killed and first.state == SERVING  # it may be needed back
     assert not _watched(h, second)  # nothing more to hear from it while it serves
-    assert h.answer(client) == (8, {"generation": 2, "reloading": True, "last_reload": None})
+    assert h.answer(client) == (8, {"generation": 2, "reloading": True, "last_reload": None, "reload": 1})
 
 
 def test_a_reload_ends_when_the_new_workers_are_all_ready(h):
@@ -344,6 +344,7 @@ def test_a_reload_ends_when_the_new_workers_are_all_ready(h):
     assert h.dispatcher.retired == [(slot, "replaced by generation 2") for slot in old_workers]
     assert first.state == RETIRED and not first.killed  # it exits, finishing nothing
     assert h.reloads.last_reload["ok"] is True and h.reloads.last_reload["generation"] == 2
+    assert h.reloads.last_reload["reload"] == 1  # the number its RELOAD reply carried
     assert h.events[-1] == "reloaded" and h.notifier.calls[-1] == ("ready", "2 workers ready, generation 2")
 
 
@@ -357,6 +358,8 @@ def test_a_second_reload_during_one_is_remembered_once_and_runs_after(h):
     h.reloads.read(h.generation(2))
     assert [g.number for g in h.starter.started] == [1, 2, 2]  # once, for the three asked for during it
     assert not h.reloads.pending and h.reloads.loading is h.starter.started[-1]
+    # Each reload has its number (expertctl reload waits for its own): the failed one's is 1, the next is 2.
+    assert h.reloads.last_reload["reload"] == 1 and h.reloads.count == 2
 
 
 def test_a_reload_asked_for_while_new_workers_start_runs_once_they_are_ready(h):
@@ -386,7 +389,7 @@ def test_each_reload_answers_the_requests_that_asked_for_it(h):
     retry.reports.append((LOADED, {"square": SQUARE}))
     h.reloads.read(retry)
     assert h.answer(second_client) == (2, {"generation": 2, "reloading": True,
-                                           "last_reload": h.reloads.last_reload})
+                                           "last_reload": h.reloads.last_reload, "reload": 2})
 
 
 def test_a_waiter_whose_connection_closed_is_not_answered(h):
@@ -428,7 +431,8 @@ def test_an_aborted_reload_puts_the_old_generation_back(h):
     assert h.dispatcher.retired == [(slot, "reload aborted") for slot in new_workers]
     assert h.pool.changes > changes and not h.reloads.reloading
     assert h.reloads.last_reload == {"ok": False, "at": h.reloads.last_reload["at"], "generation": 1,
-                                     "error": "worker 5 of generation 2 exited with status 1 before it was ready"}
+                                     "error": "worker 5 of generation 2 exited with status 1 before it was ready",
+                                     "reload": 1}
 
 
 def test_a_reload_while_stopping_does_nothing(h):

@@ -16,7 +16,7 @@ import pytest
 
 from expertd.client import Client
 
-from conftest import BIN, ROOT, run_expertd, wait_until, write_config
+from conftest import BIN, ROOT, TEST_EXPERTS, run_expertd, wait_until, write_config
 
 
 def _messages(sock: socket.socket, until: str, timeout: float = 60) -> list[str]:
@@ -185,8 +185,10 @@ def test_daemon_mode_reports_a_failed_start(short_dir):
     done = subprocess.run([str(BIN / "expertd"), "--config", str(config), "--socket", str(short_dir / "f.sock"),
                            "--daemon", "--log-file", str(short_dir / "f.log")],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert "before it was ready" in done.stderr
+    assert done.returncode == 3  # as in the foreground: a hook failed
+    # The reason itself, one line, on the launcher's terminal (not "see its log file").
+    assert done.stderr == ("expertd: worker 1: [expert:x] after_fork hook badhooks._fail_in_worker failed: "
+                           f"RuntimeError: cannot build model in worker (at {TEST_EXPERTS}/badhooks.py:13)\n")
 
 
 VERSIONED = '''
