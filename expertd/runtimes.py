@@ -90,11 +90,10 @@ def set_native_log_level(level: str) -> None:
 
 
 def quiet_python_loggers(level: str) -> None:
-    """Apply ``level`` to TensorFlow's Python logger, if TensorFlow is loaded."""
-    if "tensorflow" in sys.modules:
-        import logging
+    """Apply ``level`` to TensorFlow's Python logger (also when an after_fork hook imports TensorFlow later)."""
+    import logging
 
-        logging.getLogger("tensorflow").setLevel(level.upper())
+    logging.getLogger("tensorflow").setLevel(level.upper())
 
 
 def quiet_library_loggers(names: list[str], log_level: str) -> None:
