@@ -263,11 +263,13 @@ def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException)
         remote_traceback=_safe_traceback(exc),
         expert=expert.name,
     )
+    if isinstance(exc, stage_timer.StageTimeout):
+        return failed  # (a pipeline's stage ran out of time: its caller gets a timeout, not a failure)
     # The operator's trace of it (the caller has the traceback too): rate-limited per expert and exception
     # type, so that an expert failing on every call writes a line group per interval and a count, not a flood.
     message = failed.message if len(failed.message) <= _LOGGED_MESSAGE else failed.message[:_LOGGED_MESSAGE] + "..."
     FAILURE_LOG.warning("expert %s failed: %s", expert.name, message, cause=(expert.name, failed.remote_type),
-                      detail=failed.remote_traceback)
+                        detail=failed.remote_traceback)
     return failed
 
 

@@ -185,10 +185,11 @@ class CallCounts(NamedTuple):
     pipelines: int  # pipeline requests
 
     def since(self, before: CallCounts) -> CallCounts:
-        """What was counted between ``before`` and these."""
-        return CallCounts({code: count - before.outcomes.get(code, 0) for code, count in self.outcomes.items()},
-                          [now - then for now, then in zip(self.buckets, before.buckets, strict=True)],
-                          self.pipelines - before.pipelines)
+        """What was counted between ``before`` and these (never below 0: counters never go back, and a
+        bug that made one would show as nothing rather than as a negative count)."""
+        return CallCounts({code: max(0, count - before.outcomes.get(code, 0)) for code, count in self.outcomes.items()},
+                          [max(0, now - then) for now, then in zip(self.buckets, before.buckets, strict=True)],
+                          max(0, self.pipelines - before.pipelines))
 
 
 def quantile(q: float, buckets: list[int], bounds: tuple[float, ...] = BUCKETS) -> float | None:
