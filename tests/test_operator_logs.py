@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT, UnixHTTPConnection, wait_until
 
 EXPERTS = {"echo": "testexperts:echo", "boom": "testexperts:boom", "spin": "logexperts:spin",
-           "fails": "logexperts:fails", "chatty": "logexperts:chatty"}
+           "fails": "logexperts:fails", "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
 SUMMARY = re.compile(r"last \d+s: (\d+) requests(?: \(([^)]*)\))?"
                      r"(?:, median ([\d.]+) ms, 99th percentile ([\d.]+) ms)?")
 
@@ -108,6 +108,17 @@ def test_debug_shows_the_experts_own_lines_not_the_libraries_debug(make_daemon):
     assert wait_until(lambda: "the expert's own debug line" in daemon.log)
     assert "h5py info: still shown" in daemon.log
     assert "h5py debug" not in daemon.log and "matplotlib debug" not in daemon.log
+
+
+def test_debug_is_not_flooded_by_h5py_and_tensorflow_imported_in_a_worker(make_daemon):
+    pytest.importorskip("h5py")
+    pytest.importorskip("tensorflow")
+    daemon = make_daemon(EXPERTS, workers=1, log_level="debug")
+    assert daemon.client(timeout=120).call("imports") is True
+    assert daemon.client().call("chatty") is True  # (a line after the imports': the log has caught up)
+    assert wait_until(lambda: "the expert's own debug line" in daemon.log)
+    assert "Creating converter" not in daemon.log and "[DEBUG] tensorflow" not in daemon.log, daemon.log
+    assert "[DEBUG] expertd." in daemon.log  # debug is on
 
 
 def test_quiet_loggers_empty_lets_the_libraries_debug_through(make_daemon):

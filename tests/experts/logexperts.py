@@ -26,3 +26,11 @@ def chatty():
     logging.getLogger("h5py._conv").info("h5py info: still shown")
     logging.getLogger("logexperts").debug("the expert's own debug line")
     return True
+
+
+def imports_libraries():
+    """Import h5py and TensorFlow in the worker (as a model expert's after_fork hook would): both log at debug."""
+    import h5py  # noqa: F401  (its converters log a debug line each as it loads)
+    import tensorflow  # noqa: F401
+
+    return True
