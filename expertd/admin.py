@@ -25,7 +25,7 @@ from expertd.backoff import Quarantines
 from expertd.connections import QUEUED
 from expertd.errors import AccessDenied, BadRequest, UnknownExpert
 from expertd.framing import KIND_NAMES, READ_KINDS
-from expertd.logs import Throttle
+from expertd.logs import Summary, Throttle
 from expertd.metrics import Metrics
 from expertd.pool import BOOTING, LINGERING, Pool, WorkerSlot
 from expertd.scoreboard import Scoreboard
@@ -44,7 +44,7 @@ class Admin:
 
     def __init__(self, serving: Serving, pool: Pool, dispatcher: Any, table: Any, acceptor: Any, reloads: Any,
                  scoreboard: Scoreboard, metrics: Metrics, quarantines: Quarantines, throttle: Throttle,
-                 socket_path: Callable[[], str], stop: Callable[[str], None]) -> None:
+                 summary: Summary, socket_path: Callable[[], str], stop: Callable[[str], None]) -> None:
         self.serving = serving
         self.pool = pool
         self.dispatcher = dispatcher
@@ -55,6 +55,7 @@ class Admin:
         self.metrics = metrics
         self.quarantines = quarantines
         self.throttle = throttle
+        self.summary = summary  # (its last interval's figures, which status shows)
         self.socket_path = socket_path
         self.stop = stop  # (reason): begin a graceful stop
         self._status_cache: tuple[float, dict] | None = None
@@ -172,7 +173,7 @@ class Admin:
             states[self.worker_state(slot)] += 1
         memory = {("workers", kind): status["memory"][f"workers_{kind}"] for kind in ("rss", "pss", "uss")}
         memory.update({("master", kind): status["master"].get(kind, 0) for kind in ("rss", "pss", "uss")})
-        return self.metrics.render([slot.board for slot in self.pool.workers.values()], {
+        return self.metrics.render(self.pool.boards(), {
             "batches": self.dispatcher.batcher.figures,
             "workers": states, "workers_wanted": self.serving.config.workers, "connections": len(self.table),
             "queued": sum(1 for conn in self.dispatcher.queue if conn.state == QUEUED),
@@ -229,6 +230,9 @@ class Admin:
             "http_listen": "{}:{}".format(*config.http_listen) if config.http_listen else None,
             "uptime_s": round(time.time() - serving.started_at, 1), "generation": serving.generation,
             "experts": sorted(serving.experts), "workers_wanted": config.workers,
+            # The log summary's figures for its last interval (from the counters /metrics shows); None before
+            # the first interval ends, or with log_summary_interval = off.
+            "last_interval": self.summary.figures,
             "requests": serving.requests_served + sum(  # what lingering workers served and have not reported yet
                 max(0, self.scoreboard.requests(s.board) - s.requests) for s in pool.workers.values()
                 if s.state == LINGERING),
@@ -241,7 +245,7 @@ class Admin:
             # Batched experts: batches handed out, calls in them, mean size, queueing delay, sizes seen.
             "batches": {name: figures.summary() for name, figures in sorted(self.dispatcher.batcher.figures.items())},
             # Pipelines that were asked for: requests, their outcomes, mean time.
-            "pipelines": self.metrics.pipelines([slot.board for slot in pool.workers.values()]),
+            "pipelines": self.metrics.pipelines(pool.boards()),
             "memory": {
                 "workers_rss": totals["rss"], "workers_pss": totals["pss"], "workers_uss": totals["uss"],
                 # Counted once across the master, the generations' parents and the workers: what the

@@ -31,6 +31,9 @@ from expertd.metrics import AD_HOC, Recorder
 from expertd.scoreboard import SlotWriter
 
 log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines keep their name
+# Experts' failures, logged with their tracebacks: each worker's own (made before fork, kept per process).
+FAILURE_LOG = Throttle(log)
+_LOGGED_MESSAGE = 500  # an exception's message past this many characters is cut in the log (the reply has it all)
 
 
 class Answering:
@@ -254,12 +257,20 @@ def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException)
             _refuse_misfit(expert, args, kwargs, exc)
         except BadRequest as misfit:
             return misfit
-    return ExpertFailed(
+    failed = ExpertFailed(
         f"{type(exc).__name__}: {_safe_str(exc)}",
         remote_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
         remote_traceback=_safe_traceback(exc),
         expert=expert.name,
     )
+    if isinstance(exc, stage_timer.StageTimeout):
+        return failed  # (a pipeline's stage ran out of time: its caller gets a timeout, not a failure)
+    # The operator's trace of it (the caller has the traceback too): rate-limited per expert and exception
+    # type, so that an expert failing on every call writes a line group per interval and a count, not a flood.
+    message = failed.message if len(failed.message) <= _LOGGED_MESSAGE else failed.message[:_LOGGED_MESSAGE] + "..."
+    FAILURE_LOG.warning("expert %s failed: %s", expert.name, message, cause=(expert.name, failed.remote_type),
+                        detail=failed.remote_traceback)
+    return failed
 
 
 def _refuse_misfit(expert: LoadedExpert, args: list, kwargs: dict, exc: TypeError) -> None:

@@ -150,6 +150,13 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     print(f"socket {status['socket']}: {plural(status['workers_wanted'], 'worker')} wanted, "
           f"{plural(status['requests'], 'request')} served, {plural(status['connections'], 'connection')} open")
     print(f"experts: {', '.join(status['experts'])}")
+    last = status.get("last_interval")  # (the log summary's last interval; an older daemon sends none)
+    if last:
+        outcomes = ", ".join(f"{code}: {count}" for code, count in last["outcomes"].items())
+        latency = (f", median {last['median_ms']:.3f} ms, 99th percentile {last['p99_ms']:.3f} ms"
+                   if last["median_ms"] is not None else "")
+        print(f"last {last['seconds']:.0f}s: {last['requests']} requests" + (f" ({outcomes})" if outcomes else "")
+              + latency + (f", {last['pipeline_requests']} pipeline requests" if last["pipeline_requests"] else ""))
     for quarantine in status.get("quarantined", ()):  # (an older daemon sends none)
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
               f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "

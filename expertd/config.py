@@ -83,6 +83,8 @@ class Config:
     preload: list[str]
     pythonpath: list[str]
     log_level: str
+    quiet_loggers: list[str]
+    log_summary_interval: float
     max_frame: int
     socket_mode: int
     socket_group: int | None

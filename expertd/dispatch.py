@@ -54,7 +54,6 @@ from expertd.connections import LINGERING as CONN_LINGERING
 from expertd.dispatch_batch import BatchDispatching
 from expertd.dispatch_losses import Losses
 from expertd.errors import Overloaded, Quarantined
-from expertd.logs import Summary
 from expertd.metrics import Metrics
 from expertd.pool import BOOTING, IDLE, LINGERING, Pool, WorkerSlot
 from expertd.pool import BUSY as WORKER_BUSY
@@ -74,7 +73,7 @@ class Dispatcher(BatchDispatching, Losses):
     """Hands whole requests to workers and takes their connections back."""
 
     def __init__(self, serving: Serving, pool: Pool, table: ConnectionTable, queue: deque[Connection],
-                 scoreboard: Scoreboard, metrics: Metrics, quarantines: Quarantines, summary: Summary,
+                 scoreboard: Scoreboard, metrics: Metrics, quarantines: Quarantines,
                  on_ready: Callable[[], None], kill_and_reap: Callable[[WorkerSlot], None],
                  examine: Callable[[Connection], None] | None) -> None:
         self.serving = serving
@@ -84,7 +83,6 @@ class Dispatcher(BatchDispatching, Losses):
         self.scoreboard = scoreboard
         self.metrics = metrics
         self.quarantines = quarantines
-        self.summary = summary
         self.on_ready = on_ready  # a worker became ready (the generation may now be complete)
         self.kill_and_reap = kill_and_reap  # SIGKILL a worker and see to its exit at once
         self.examine = examine  # look at a connection handed back (expertd.intake.Intake.examine; set once made)
@@ -345,7 +343,6 @@ class Dispatcher(BatchDispatching, Losses):
         conn = slot.conn
         if not lingered:
             elapsed = now - slot.busy_since
-            self.summary.record(elapsed)
             if conn is not None and served == 1:  # (a batch's last member: the batch's duration)
                 name = conn.expert or ""
                 if self.batcher.figures and name in self.batcher.figures:

@@ -29,7 +29,6 @@ from expertd.pool import Pool, WorkerSlot, exited_cleanly
 
 if TYPE_CHECKING:
     from expertd.batching import Batcher
-    from expertd.logs import Summary
     from expertd.metrics import Metrics
     from expertd.scoreboard import Scoreboard
     from expertd.serving import Serving
@@ -47,7 +46,6 @@ class BatchDispatching:
     table: ConnectionTable
     scoreboard: Scoreboard
     metrics: Metrics
-    summary: Summary
     batcher: Batcher
 
     if TYPE_CHECKING:  # the Dispatcher's
@@ -148,7 +146,6 @@ class BatchDispatching:
         if conn is None:
             log.warning("worker %d reported an unexpected connection %d", slot.number, conn_id)
             return True
-        self.summary.record(self.serving.now - slot.busy_since)
         if slot.conn is conn:
             slot.conn = next(iter(batch.values()))  # (the slot's connection is always one still in its hands)
         self._conn_done(conn, close, unsent, unread, False)

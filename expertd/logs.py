@@ -11,23 +11,27 @@ out::
     refused a connection from uid 1001 (pid 5113): ... (61832 more like this in the last 10s)
 
 A cause is any hashable key (by default the message template): give one per
-user, say, so that one user's flood cannot hide another's first line.
+user, say, so that one user's flood cannot hide another's first line.  A line
+may carry a ``detail`` (an expert's traceback) that only the lines written at
+once show.
 :meth:`Throttle.flush` writes the counts of intervals that are over; call it
 now and then (the master does from its loop), or they are written with the
 cause's next line.
 
-:class:`Summary` is the master's line per minute on the calls it handed over.
+:class:`Summary` is the master's line per minute on the calls served, from the
+counters /metrics shows.
 
-State owned here: each cause's window (Throttle); the minute's call durations (Summary).
+State owned here: each cause's window (Throttle); the counters as the last summary read them (Summary).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+
+from expertd.metrics import CallCounts, quantile
 
 DEFAULT_INTERVAL = 10.0
 _MAX_CAUSES = 256  # past this many causes at once, causes fall back to their message template
@@ -53,8 +57,8 @@ class Throttle:
         self._windows: dict[Hashable, _Window] = {}
         self._next_flush = float("inf")
 
-    def warning(self, msg: str, *args: object, cause: Hashable = None) -> None:
-        self.log(logging.WARNING, msg, *args, cause=cause)
+    def warning(self, msg: str, *args: object, cause: Hashable = None, detail: str | None = None) -> None:
+        self.log(logging.WARNING, msg, *args, cause=cause, detail=detail)
 
     def info(self, msg: str, *args: object, cause: Hashable = None) -> None:
         self.log(logging.INFO, msg, *args, cause=cause)
@@ -62,8 +66,12 @@ class Throttle:
     def error(self, msg: str, *args: object, cause: Hashable = None) -> None:
         self.log(logging.ERROR, msg, *args, cause=cause)
 
-    def log(self, level: int, msg: str, *args: object, cause: Hashable = None) -> None:
-        """Log ``msg % args`` unless a line of the same cause went out less than ``interval`` ago."""
+    def log(self, level: int, msg: str, *args: object, cause: Hashable = None, detail: str | None = None) -> None:
+        """Log ``msg % args`` unless a line of the same cause went out less than ``interval`` ago.
+
+        ``detail`` (a traceback, say) follows the line on lines of its own when it goes out; the
+        count of those left out is one line, without it.
+        """
         if not self.logger.isEnabledFor(level):
             return
         now = self._clock()
@@ -79,7 +87,10 @@ class Throttle:
         if window is None:
             self._windows[key] = _Window(until=now + self.interval)
             self._next_flush = min(self._next_flush, now + self.interval)
-            self.logger.log(level, msg, *args)
+            if detail:
+                self.logger.log(level, msg + "\n%s", *args, detail.rstrip("\n"))
+            else:
+                self.logger.log(level, msg, *args)
             return
         window.left_out += 1
         window.level, window.msg, window.args = level, msg, args
@@ -112,43 +123,69 @@ class Throttle:
             self._next_flush = min(self._next_flush, now + self.interval)
 
 
-SUMMARY_INTERVAL = 60.0
-_SUMMARY_SAMPLES = 10_000  # call durations kept for the summary's percentiles
-
-
 class Summary:
-    """The master's periodic log line: handed-over calls in the last minute, their median and 99th percentile.
+    """The master's line every ``interval`` on the calls served in it, from the counters /metrics shows.
 
-    Memory stays bounded at any request rate: past _SUMMARY_SAMPLES durations, a
-    uniform sample of them is kept (a reservoir).
+    Workers count every call in shared memory (:mod:`expertd.metrics`), those served on
+    a lingering connection too, which the master never sees; the summary reads those
+    counters (``read``) at the end of each interval and writes the differences::
+
+        last 60s: 610620 requests (610600 ok, 20 expert_failed), median 0.026 ms, 99th percentile 0.094 ms, ...
+
+    The percentiles are estimated from the latency histogram's buckets (see
+    :func:`expertd.metrics.quantile`), as Prometheus' histogram_quantile would.
+    ``figures`` keeps the last interval's, for ``status``.
     """
 
-    def __init__(self, log: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, log: logging.Logger, interval: float, read: Callable[[], CallCounts],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._log = log
-        self._durations: list[float] = []
-        self._seen = 0
-        self.next_at = clock() + SUMMARY_INTERVAL
-
-    def record(self, elapsed: float) -> None:
-        self._seen += 1
-        if self._seen <= _SUMMARY_SAMPLES:
-            self._durations.append(elapsed)
-        else:
-            kept = int(random.random() * self._seen)  # (randrange costs ten times more)
-            if kept < _SUMMARY_SAMPLES:
-                self._durations[kept] = elapsed
+        self.interval = interval  # 0: off (nothing is read)
+        self._read = read
+        self._last_at = clock()
+        self._last = read() if interval else None
+        self.next_at = self._last_at + interval if interval else float("inf")
+        self.figures: dict | None = None
 
     def write(self, now: float, connections: int) -> None:
-        """Write the line if the minute is over (and anything was handed over in it)."""
+        """Write the line if the interval is over (and anything was served in it)."""
         if now < self.next_at:
             return
-        self.next_at = now + SUMMARY_INTERVAL
-        if self._durations:
-            durations = sorted(self._durations)
-            self._log.info("last %.0fs: %d requests, median %.2f ms, 99th percentile %.2f ms, %d connections open",
-                           SUMMARY_INTERVAL, self._seen, durations[len(durations) // 2] * 1000,
-                           durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000, connections)
-            self._durations, self._seen = [], 0
+        counts = self._read()
+        served = counts.since(self._last)  # type: ignore[arg-type]
+        self.figures = summary_figures(served, now - self._last_at)
+        self._last, self._last_at, self.next_at = counts, now, now + self.interval
+        line = summary_line(self.figures, connections)
+        if line is not None:
+            self._log.info("%s", line)
+
+
+def summary_figures(served: CallCounts, seconds: float) -> dict:
+    """What the summary says of ``served`` (calls counted over ``seconds``): also ``status``'s last_interval."""
+    p50, p99 = quantile(0.5, served.buckets), quantile(0.99, served.buckets)
+    return {
+        "seconds": round(seconds, 1),
+        "requests": sum(served.outcomes.values()),
+        "outcomes": {code: count for code, count in served.outcomes.items() if count},
+        "median_ms": None if p50 is None else round(p50 * 1000, 3),
+        "p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        "pipeline_requests": served.pipelines,
+    }
+
+
+def summary_line(figures: dict, connections: int) -> str | None:
+    """The summary's log line for ``figures`` (:func:`summary_figures`); None when nothing was served."""
+    if not figures["requests"] and not figures["pipeline_requests"]:
+        return None
+    outcomes = ", ".join(f"{count} {code}" for code, count in figures["outcomes"].items())
+    text = f"last {figures['seconds']:.0f}s: {figures['requests']} requests"
+    if outcomes:
+        text += f" ({outcomes})"
+    if figures["median_ms"] is not None:
+        text += f", median {figures['median_ms']:.3f} ms, 99th percentile {figures['p99_ms']:.3f} ms"
+    if figures["pipeline_requests"]:
+        text += f", {figures['pipeline_requests']} pipeline requests"
+    return text + f", {connections} connections open"
 
 
 def plural(count: int, noun: str) -> str:

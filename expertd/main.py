@@ -17,6 +17,7 @@ from expertd.config import SETTINGS, load_config
 from expertd.errors import ConfigError, ExpertLoadError
 from expertd.listener import ListenerError
 from expertd.logs import plural
+from expertd.runtimes import quiet_library_loggers
 
 DEFAULT_CONFIG = "/etc/expertd.conf"
 EXIT_CONFIG = 2
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"expertd: cannot open log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
+    quiet_library_loggers(config.quiet_loggers, config.log_level)  # (before any expert's import logs)
     if pidfile:
         from expertd.daemon_mode import PidfileError, check_pidfile
 

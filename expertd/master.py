@@ -101,21 +101,21 @@ class Master:
         self.scoreboard = scoreboard = Scoreboard()
         self.metrics = metrics = Metrics(MAX_SLOTS, config.experts, pipelines=config.pipelines)
         quarantines = Quarantines()
-        self.summary = Summary(log)
         self.table = table = ConnectionTable(serving, self._conn_epoll, throttle)
         self.pool = pool = Pool(serving, epoll, scoreboard, metrics, quarantines, throttle,
                                 make_room=lambda: self.acceptor.evict_for_room())
         self.acceptor = Acceptor(serving, table, epoll, throttle, pool)
+        self.summary = Summary(log, config.log_summary_interval, lambda: metrics.calls_so_far(pool.boards()))
         queue: deque[Connection] = deque()
         self.dispatcher = dispatcher = Dispatcher(serving, pool, table, queue, scoreboard, metrics, quarantines,
-                                                  self.summary, on_ready=lambda: self.reloads.worker_ready(),
+                                                  on_ready=lambda: self.reloads.worker_ready(),
                                                   kill_and_reap=self._kill_and_reap, examine=None)
         self.reloads = reloads = Reloads(serving, pool, dispatcher, table, epoll, self.notifier,
                                          (scoreboard, metrics), self._own_fds, overrides or {},
                                          on_first_ready=on_ready or (lambda: None), on_start_failed=self._fail_start,
                                          on_reloaded=self.acceptor.count_base_descriptors)
         self.admin = admin = Admin(serving, pool, dispatcher, table, self.acceptor, reloads, scoreboard, metrics,
-                                   quarantines, throttle, stop=lambda reason: self._begin_stop(True, reason),
+                                   quarantines, throttle, self.summary, stop=lambda why: self._begin_stop(True, why),
                                    socket_path=lambda: self.listener.path if self.listener else config.socket)
         self.intake = Intake(serving, table, queue, admin, quarantines, metrics)
         dispatcher.examine = self.intake.examine  # (a connection handed back may have a request waiting)

@@ -17,9 +17,13 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_left
 from collections.abc import Iterable
+from typing import NamedTuple
 
-# Upper bounds (seconds) of the latency histogram's buckets; +Inf is implicit.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Upper bounds (seconds) of the latency histogram's buckets; +Inf is implicit.  From 10 µs: a fast
+# expert's call takes tens of microseconds, and a histogram that starts at 0.5 ms reads all of them as
+# 0.25 ms.  21 buckets: each record in the shared map, and each expert's lines in /metrics, grow with them.
+BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+           0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # A call's outcome: "ok" or an error code (docs/protocol.md).  Workers see the first few; the
 # master counts the failures it answers itself (timeout, worker_lost, ...) apart.
 # A pipeline's outcome is "ok", "expert_errors" (it answered, with some experts' errors in the document),
@@ -143,9 +147,70 @@ class Metrics:
                 }
         return summary
 
+    def calls_so_far(self, live_slots: Iterable[int]) -> CallCounts:
+        """Every call counted so far, as /metrics counts them (the log summary's differences of these agree).
+
+        By outcome: the workers' counts and the master's failures (expertd_requests_total over the
+        experts); the latency buckets of the calls workers answered (expertd_request_duration_seconds);
+        and pipeline requests (expertd_pipeline_requests_total), apart.
+        """
+        outcomes = dict.fromkeys(OUTCOMES, 0)
+        buckets = [0] * (len(BUCKETS) + 1)
+        pipelines = 0
+        for name, (counters, _seconds) in self.totals(live_slots).items():
+            if name.startswith(PIPELINE_PREFIX):
+                pipelines += sum(counters[:_FIRST_BUCKET])
+                continue
+            for code, i in _OUTCOME_INDEX.items():
+                outcomes[code] += counters[i]
+            for i, count in enumerate(counters[_FIRST_BUCKET:_SUM]):
+                buckets[i] += count
+        for (name, code), count in self._master_errors.items():
+            if name.startswith(PIPELINE_PREFIX):
+                pipelines += count
+            else:
+                outcomes[code] = outcomes.get(code, 0) + count
+        return CallCounts(outcomes, buckets, pipelines)
+
     def render(self, live_slots: Iterable[int], gauges: dict[str, object]) -> str:
         """The Prometheus text exposition of every counter and of ``gauges`` (see :func:`render`)."""
         return render(self.totals(live_slots), self._master_errors, gauges)
+
+
+class CallCounts(NamedTuple):
+    """Calls counted up to a moment (:meth:`Metrics.calls_so_far`); the summary subtracts two of them."""
+
+    outcomes: dict[str, int]  # outcome -> calls
+    buckets: list[int]  # calls per latency bucket (BUCKETS, then +Inf), not cumulative
+    pipelines: int  # pipeline requests
+
+    def since(self, before: CallCounts) -> CallCounts:
+        """What was counted between ``before`` and these (never below 0: counters never go back, and a
+        bug that made one would show as nothing rather than as a negative count)."""
+        return CallCounts({code: max(0, count - before.outcomes.get(code, 0)) for code, count in self.outcomes.items()},
+                          [max(0, now - then) for now, then in zip(self.buckets, before.buckets, strict=True)],
+                          max(0, self.pipelines - before.pipelines))
+
+
+def quantile(q: float, buckets: list[int], bounds: tuple[float, ...] = BUCKETS) -> float | None:
+    """Estimate the ``q`` quantile (0..1) of durations counted in ``buckets`` (per bucket of ``bounds``, then +Inf).
+
+    As Prometheus' histogram_quantile does: linear within the bucket the rank falls in (the first
+    from 0); in the +Inf bucket, the largest finite bound.  None when nothing was counted.
+    """
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = q * total
+    below = 0
+    for i, count in enumerate(buckets):
+        if count and below + count >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * max(0.0, rank - below) / count
+        below += count
+    return bounds[-1]  # (q > 1)
 
 
 class Recorder:

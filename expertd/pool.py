@@ -136,6 +136,10 @@ class Pool:
         generation = self.serving.generation
         return [slot for slot in self.workers.values() if slot.leaving is None and slot.generation == generation]
 
+    def boards(self) -> list[int]:
+        """The scoreboard slots of every worker alive (its metrics' slot too)."""
+        return [slot.board for slot in self.workers.values()]
+
     def ready_count(self) -> int:
         return sum(1 for slot in self.workers.values() if slot.ready_at is not None and slot.leaving is None)
 

@@ -12,7 +12,8 @@ but must not start them.  This module
 * applies the per-worker thread settings after fork, before the worker's own
   runtime starts (:func:`apply_worker_threads`);
 * keeps TensorFlow's native start-up chatter off the log unless asked
-  (:func:`quiet_native_logs`).
+  (:func:`quiet_native_logs`), and libraries' debug lines out of ``log_level =
+  debug`` (:func:`quiet_library_loggers`).
 
 Nothing here imports TensorFlow or torch: they are inspected only if the
 experts already imported them.
@@ -89,11 +90,27 @@ def set_native_log_level(level: str) -> None:
 
 
 def quiet_python_loggers(level: str) -> None:
-    """Apply ``level`` to TensorFlow's Python logger, if TensorFlow is loaded."""
-    if "tensorflow" in sys.modules:
-        import logging
+    """Apply ``level`` to TensorFlow's Python logger (also when an after_fork hook imports TensorFlow later)."""
+    import logging
 
-        logging.getLogger("tensorflow").setLevel(level.upper())
+    logging.getLogger("tensorflow").setLevel(level.upper())
+
+
+def quiet_library_loggers(names: list[str], log_level: str) -> None:
+    """With ``log_level`` debug, hold the libraries' loggers ``names`` at info (quiet_loggers).
+
+    Their debug lines (h5py's per conversion, TensorFlow's, matplotlib's font search)
+    would drown expertd's and the experts' own.  A logger that already has a level
+    (set by the operator's code before this) keeps it.
+    """
+    if log_level != "debug":
+        return
+    import logging
+
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
 
 @contextlib.contextmanager

@@ -88,7 +88,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Directories prepended to sys.path before importing experts; relative ones are relative "
             "to the config file."),
     Setting("log_level", MAIN_SECTION, LOG_LEVEL, "info",
-            "Logging threshold. debug logs one line per request.", cli=True),
+            "Logging threshold. debug logs one line per request (and keeps the loggers named in quiet_loggers "
+            "at info).", cli=True),
+    Setting("quiet_loggers", MAIN_SECTION, MODULES,
+            "tensorflow h5py absl matplotlib PIL numba urllib3 filelock fsspec jax keras asyncio",
+            "Libraries' loggers held at info or above when log_level = debug, so that debug shows expertd's "
+            "lines and the experts' own rather than a flood of the libraries' (h5py logs a line per dtype "
+            "conversion). A logger an expert sets a level on keeps it; TensorFlow's follows tf_log_level; empty "
+            "lets every library's debug lines through."),
+    Setting("log_summary_interval", MAIN_SECTION, DURATION_OR_OFF, "60s",
+            "How often the master logs a line on the calls served since the last one: requests by outcome, "
+            "median and 99th percentile, from the same counters as /metrics (so the two agree; percentiles "
+            "are estimated from the latency histogram's buckets). Nothing is written for an interval without "
+            "requests. off (or 0): no summary."),
     Setting("max_frame", MAIN_SECTION, SIZE, "16M",
             "Largest request body accepted. Checked from the frame header before the body is read; "
             "a larger request gets a frame_too_large error and the connection is closed."),

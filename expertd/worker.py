@@ -32,6 +32,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from expertd import ipc, notify, protocol, runtimes, stage_timer
+from expertd.calls import FAILURE_LOG
 from expertd.calls import _pack_result as _pack_result  # (bench/hotpath.py imports it from here)
 from expertd.config import Config
 from expertd.errors import ConnectionLost, ExpertLoadError
@@ -120,6 +121,8 @@ class Worker(BatchServing, PipelineServing):
         except BaseException:
             log.exception("worker %d crashed", self.number)
             os._exit(1)
+        self._throttle.flush(force=True)  # (the counts of lines left out, which would go with the worker)
+        FAILURE_LOG.flush(force=True)
         os._exit(0)
 
     def _report_memory(self) -> None:
@@ -191,6 +194,7 @@ class Worker(BatchServing, PipelineServing):
     def _serve_forever(self) -> None:
         while not self._stop_requested:
             self._throttle.flush()
+            FAILURE_LOG.flush()
             self._idle = True
             command = ipc.receive_command(self.channel)
             self._idle = False

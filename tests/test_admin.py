@@ -4,7 +4,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import select
+import time
 from collections import deque
 
 import pytest
@@ -18,7 +20,7 @@ from expertd.batching import Batcher
 from expertd.config import load_config
 from expertd.connections import QUEUED, Connection
 from expertd.errors import AccessDenied, BadRequest
-from expertd.logs import Throttle
+from expertd.logs import Summary, Throttle
 from expertd.metrics import Metrics
 from expertd.pool import BOOTING, BUSY, IDLE, LINGERING, Pool, WorkerSlot
 from expertd.scoreboard import Scoreboard
@@ -98,8 +100,10 @@ class Harness:
         self.table = FakeTable()
         self.reloads = FakeReloads()
         self.stops: list[str] = []
+        self.summary = Summary(logging.getLogger("test.admin"), 60.0,
+                               lambda: self.metrics.calls_so_far(self.pool.boards()))
         self.admin = Admin(self.serving, self.pool, self.dispatcher, self.table, FakeAcceptor(), self.reloads,
-                           self.scoreboard, self.metrics, self.quarantines, throttle,
+                           self.scoreboard, self.metrics, self.quarantines, throttle, self.summary,
                            socket_path=lambda: str(directory / "x.sock"), stop=self.stops.append)
 
     def worker(self, number: int, *, born: float | None = None, state: str = IDLE, ready: bool = True,
@@ -394,7 +398,7 @@ def test_a_workers_state_as_status_shows_it(h, state, busy, leaving, serving_now
 STATUS_KEYS = {"pid", "version", "config", "socket", "http_listen", "uptime_s", "generation", "experts",
                "workers_wanted", "requests", "connections", "max_connections", "max_connections_per_uid",
                "last_reload", "reloading", "workers", "generation_parents", "master", "quarantined", "memory",
-               "cpu_count"}
+               "cpu_count", "last_interval"}
 
 
 def test_status_has_what_expertctl_status_reads(h):
@@ -428,6 +432,25 @@ def test_expertctl_status_prints_what_status_returns(h, capsys):
     out = capsys.readouterr().out
     assert f"master pid {os.getpid()}" in out and "experts: fib, square" in out
     assert "quarantined: square" in out and "last reload: FAILED: typo" in out
+    assert not re.search(r"^last \d+s: ", out, re.M)  # no interval of the log summary is over yet
+
+
+def test_expertctl_status_shows_the_log_summarys_last_interval(h, capsys):
+    worker = h.worker(1, pid=os.getpid())
+    recorder = h.metrics.recorder(worker.board)
+    for _ in range(3):
+        recorder.record("square", "ok", 0.00003)
+    recorder.record("fib", "expert_failed", 0.00003)
+    h.summary.write(time.monotonic() + 60, connections=0)  # the interval is over
+
+    class Client:
+        def status(self) -> dict:
+            return protocol.unpack(protocol.pack(h.admin.status()))
+
+    assert h.admin.status()["last_interval"]["requests"] == 4
+    assert cli._cmd_status(Client(), argparse.Namespace(json=False)) == 0
+    assert re.search(r"^last 6\ds: 4 requests \(ok: 3, expert_failed: 1\), median 0.038 ms, 99th percentile 0.050 ms$",
+                     capsys.readouterr().out, re.M)
 
 
 def test_status_counts_requests_lingering_workers_have_not_reported_yet(h):

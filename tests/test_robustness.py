@@ -308,7 +308,7 @@ def test_calls_to_many_distinct_unknown_experts_do_not_grow_the_master(make_daem
     _call_unknown_experts(daemon, 0, 5_000)  # the master's own caches and free lists settle
     before = master.memory_full_info().uss
     # As many calls to one unknown name: what the calls cost the master in any case (the
-    # minute's latencies kept for the log summary, say).
+    # counters it keeps per request, say).
     _call_unknown_experts(daemon, 5_000, 25_000, distinct=False)
     middle = master.memory_full_info().uss
     _call_unknown_experts(daemon, 30_000, 25_000)

@@ -1,0 +1,142 @@
+"""What an operator reads: the log summary agrees with /metrics, experts' failures leave a trace,
+debug is not drowned by libraries, and the latency histogram resolves fast experts (real daemons)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, UnixHTTPConnection, wait_until
+
+EXPERTS = {"echo": "testexperts:echo", "boom": "testexperts:boom", "spin": "logexperts:spin",
+           "fails": "logexperts:fails", "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
+SUMMARY = re.compile(r"last \d+s: (\d+) requests(?: \(([^)]*)\))?"
+                     r"(?:, median ([\d.]+) ms, 99th percentile ([\d.]+) ms)?")
+
+
+def metrics(daemon) -> dict[str, float]:
+    """GET /metrics: each sample's name and labels -> its value."""
+    conn = UnixHTTPConnection(daemon.socket)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def requests_total(daemon) -> int:
+    return int(sum(value for key, value in metrics(daemon).items() if key.startswith("expertd_requests_total{")))
+
+
+def summaries(daemon) -> list[tuple[int, dict[str, int], float | None]]:
+    """Each summary line in the log: (requests, by outcome, median ms)."""
+    found = []
+    for match in SUMMARY.finditer(daemon.log):
+        outcomes = {}
+        for part in (match.group(2) or "").split(", "):
+            if part:
+                count, code = part.split(" ")
+                outcomes[code] = int(count)
+        found.append((int(match.group(1)), outcomes, float(match.group(3)) if match.group(3) else None))
+    return found
+
+
+def test_the_summary_counts_calls_served_on_a_lingering_connection_as_metrics_does(make_daemon):
+    # One worker that keeps the connection between calls (linger): the master sees none of them but the first.
+    daemon = make_daemon(EXPERTS, workers=1, linger="1s", log_summary_interval="1s")
+    with daemon.client() as client:
+        for i in range(300):
+            assert client.call("echo", i)["args"] == [i]
+        for _ in range(5):
+            with pytest.raises(Exception, match="ValueError"):
+                client.call("boom")
+    assert requests_total(daemon) == 305
+    assert wait_until(lambda: sum(count for count, _, _ in summaries(daemon)) >= 305, timeout=10), daemon.log
+    lines = summaries(daemon)
+    assert sum(count for count, _, _ in lines) == 305 == requests_total(daemon)
+    outcomes: dict[str, int] = {}
+    for _count, by_outcome, _median in lines:
+        for code, count in by_outcome.items():
+            outcomes[code] = outcomes.get(code, 0) + count
+    assert outcomes == {"ok": 300, "expert_failed": 5}
+    # The median, from the histogram: an echo takes tens of microseconds in its worker, not milliseconds.
+    busiest = max(lines, key=lambda line: line[0])
+    assert busiest[2] is not None and busiest[2] < 0.2, busiest
+    # status shows the last interval's figures, counted the same way (0 once an interval passes without calls).
+    last = daemon.client().status()["last_interval"]
+    assert last is not None and last["requests"] in (0, *(count for count, _, _ in lines))
+    shown = subprocess.run([sys.executable, "-m", "expertd.cli", "--socket", str(daemon.socket), "status"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    assert SUMMARY.search(shown), shown  # expertctl status: the same line
+
+
+def test_no_summary_line_when_it_is_off(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, log_summary_interval="off")
+    with daemon.client() as client:
+        client.call("echo", 1)
+    assert not wait_until(lambda: summaries(daemon), timeout=1.5)
+    assert daemon.client().status()["last_interval"] is None
+
+
+def test_a_failing_expert_logs_its_traceback_once_per_exception_type_then_a_count(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1)
+    with daemon.client() as client:
+        for _ in range(100):
+            for kind in ("value", "key"):
+                with pytest.raises(Exception, match="Error"):
+                    client.call("fails", kind)
+    assert daemon.stop() == 0  # (the worker writes the counts of what it left out as it exits)
+    log = daemon.log
+    for error, line in (("ValueError: bad value", "the ValueError line"), ("KeyError: 'no such key'",
+                                                                            "the KeyError line")):
+        assert log.count(f"expert fails failed: {error}") == 2, log
+        assert f"expert fails failed: {error}\nTraceback (most recent call last):" in log
+        assert log.count(f"expert fails failed: {error} (99 more like this in the last 10s)") == 1
+        # The traceback names the expert's file and line, once.
+        assert len(re.findall(r'File ".*logexperts\.py", line \d+, in fails\n.*' + line, log)) == 1, log
+    assert "[WARNING] expertd.worker: expert fails failed" in log
+
+
+def test_debug_shows_the_experts_own_lines_not_the_libraries_debug(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, log_level="debug")
+    assert daemon.client().call("chatty") is True
+    assert wait_until(lambda: "the expert's own debug line" in daemon.log)
+    assert "h5py info: still shown" in daemon.log
+    assert "h5py debug" not in daemon.log and "matplotlib debug" not in daemon.log
+
+
+def test_debug_is_not_flooded_by_h5py_and_tensorflow_imported_in_a_worker(make_daemon):
+    pytest.importorskip("h5py")
+    pytest.importorskip("tensorflow")
+    daemon = make_daemon(EXPERTS, workers=1, log_level="debug")
+    assert daemon.client(timeout=120).call("imports") is True
+    assert daemon.client().call("chatty") is True  # (a line after the imports': the log has caught up)
+    assert wait_until(lambda: "the expert's own debug line" in daemon.log)
+    assert "Creating converter" not in daemon.log and "[DEBUG] tensorflow" not in daemon.log, daemon.log
+    assert "[DEBUG] expertd." in daemon.log  # debug is on
+
+
+def test_quiet_loggers_empty_lets_the_libraries_debug_through(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, log_level="debug", quiet_loggers="")
+    assert daemon.client().call("chatty") is True
+    assert wait_until(lambda: "h5py debug: creating converter" in daemon.log)
+
+
+def test_a_fast_experts_calls_land_in_the_microsecond_buckets(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1)
+    with daemon.client() as client:
+        for _ in range(200):
+            client.call("spin", 20)
+    seen = metrics(daemon)
+
+    def bucket(le: str) -> float:
+        return seen[f'expertd_request_duration_seconds_bucket{{expert="spin",le="{le}"}}']
+
+    assert bucket("+Inf") == 200
+    assert bucket("1e-05") == 0  # (each call spins 20 µs)
+    assert bucket("5e-05") >= 100, seen  # most of them under 50 µs, as a ~30 µs call should be
