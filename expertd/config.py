@@ -82,6 +82,8 @@ class Config:
     preload: list[str]
     pythonpath: list[str]
     log_level: str
+    log_format: str
+    access_log: str
     max_frame: int
     socket_mode: int
     socket_group: int | None

@@ -103,10 +103,11 @@ def _is_expertd(pid: int) -> bool:
         return False
 
 
-def detach(log_stream: IO[str] | None) -> IO[bytes]:
+def detach(log_stream: IO[str] | None, keep: list[int] | None = None) -> IO[bytes]:
     """Become a daemon; returns the pipe on which to report readiness to the launcher.
 
-    The launcher (this process) does not return from here: it waits for the
+    ``keep``: other descriptors to keep open (the access log's).  The launcher
+    (this process) does not return from here: it waits for the
     daemon's word, prints why if it failed, and exits.
     """
     import daemon
@@ -122,7 +123,7 @@ def detach(log_stream: IO[str] | None) -> IO[bytes]:
         sys.stderr.write(f"expertd: {word or 'the daemon exited before it was ready; see its log file'}\n")
         os._exit(1)
     os.close(read_end)
-    preserve = [write_end] + ([log_stream.fileno()] if log_stream is not None else [])
+    preserve = [write_end, *(keep or ())] + ([log_stream.fileno()] if log_stream is not None else [])
     context = daemon.DaemonContext(
         working_directory="/",
         umask=0o022,

@@ -49,14 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
+def _setup_logging(level: str, log_file: str | None, log_format: str = "text") -> logging.Handler:
     if log_file:
         from expertd.logfile import LogFileHandler
 
         handler: logging.Handler = LogFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    if log_format == "json":
+        from expertd.accesslog import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
@@ -73,10 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None  # detaching changes directory to /
     try:
-        handler = _setup_logging(config.log_level, args.log_file)
+        handler = _setup_logging(config.log_level, args.log_file, config.log_format)
     except OSError as exc:
         print(f"expertd: cannot open log file {args.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
+    access_fds: list[int] = []
+    if config.access_log and not args.check:
+        from expertd.accesslog import open_access_log
+
+        try:
+            access = open_access_log(config.access_log, config.log_format)
+        except OSError as exc:
+            print(f"expertd: cannot open access log {config.access_log} ([expertd] access_log): {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        if access is not None and access.fd != 2:
+            access_fds.append(access.fd)
     if pidfile:
         from expertd.daemon_mode import PidfileError, check_pidfile
 
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         # Detach before the experts load: detaching closes every descriptor it was not
         # told about, and files an expert opens must survive. Their errors still reach
         # the terminal, through the launcher.
-        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None)
+        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None, access_fds)
 
     def tell_launcher(word: str) -> None:
         nonlocal launcher
