@@ -334,8 +334,7 @@ def _answer_and_close(sock: socket.socket, error: RemoteError, head: bytes | Non
     What the client sent is read first, so that closing cannot reset the connection, reply and all.
     """
     if head is not None:
-        if accesslog.LOG is not None:  # (a connection refused before it has a serial: an id of its own)
-            error.request_id = accesslog.generated_id(accesslog.new_number())
+        error.request_id = accesslog.generated_id(accesslog.new_number())  # (refused before it has a serial)
         reply = refusal_reply(error, head)
         drain(sock)
         try:
