@@ -99,7 +99,8 @@ class BatchDispatching:
             self.metrics.count_failure(conn.expert, RequestTimeout.code)
             self.table.fail(conn, RequestTimeout(
                 f"{conn.expert} waited {now - conn.queued_at:.1f}s for a worker, past its {timeout:g}s timeout; "
-                "it was not run (the daemon is overloaded: add workers, or retry later)", expert=conn.expert))
+                "it was not run (the daemon is overloaded: add workers, or retry later)", expert=conn.expert),
+                started=conn.queued_at)
         return fresh
 
     def _hand_out_batch(self, members: list[Connection]) -> None:

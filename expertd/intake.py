@@ -389,11 +389,12 @@ class Intake:
                 route, conn.uid, conn.gid, conn.groups, conn.pid, conn.tcp)
         except AccessDenied as refused:
             reply, keep_alive = http.error_response(request, refused)
+            code = refused.code
         else:
             reply, keep_alive = http.respond(request, status, body, content_type)
+            code = "ok" if status < 400 else "unhealthy"  # (/health's 503)
         if accesslog.LOG is not None:
-            self.table.log_access(conn, request.request_id or "-", "ok" if reply[9:10] == b"2" else "access_denied",
-                                  reply)
+            self.table.log_access(conn, request.request_id or "-", code, reply)
         conn.close_when_written = not keep_alive
         self.table.send_reply(conn, reply)
         if conn.state == IDLE:

@@ -28,7 +28,7 @@ from test_batching import free_port, in_one_batch, post, tagged
 from expertd import accesslog, protocol
 from expertd.errors import ExpertFailed, FrameTooLarge, RequestTimeout, UnknownExpert
 
-from conftest import ROOT, UnixHTTPConnection, wait_until
+from conftest import ROOT, UnixHTTPConnection, run_expertd, wait_until, write_config
 
 TEXT_FIELDS = ("time", "request_id", "peer", "protocol", "expert", "code", "status", "duration_ms", "bytes_in",
                "bytes_out")
@@ -301,6 +301,23 @@ def test_an_access_log_that_is_a_symlink_stops_start_up_with_one_line(make_daemo
     assert daemon.proc.wait(30) == 2
     assert "cannot open access log" in daemon.log and "symbolic link" in daemon.log, daemon.log
     assert target.read_text() == ""
+
+
+def test_access_log_dash_writes_to_stderr_beside_the_log(make_daemon):
+    daemon = make_daemon(access_log="-")
+    with pytest.raises(UnknownExpert) as unknown:
+        daemon.client().call("nope")
+    assert wait_until(lambda: f" {unknown.value.request_id} " in daemon.log), daemon.log
+    (line,) = [parse_text(text) for text in daemon.log.splitlines() if f" {unknown.value.request_id} " in text]
+    assert (line["expert"], line["code"]) == ("nope", "unknown_expert")
+
+
+def test_a_log_format_that_is_neither_text_nor_json_stops_start_up_with_one_line(short_dir):
+    config = write_config(short_dir, log_format="xml")
+    done = run_expertd("--config", str(config), "--check")
+    assert done.returncode == 2
+    assert "log_format" in done.stderr and "text or json" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 # ------------------------------------------------------------------------------------------ pure parts
