@@ -114,11 +114,12 @@ class Losses:
         slot.to(GONE)
         return blamed
 
-    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool, log_id: str,
-                             started: float) -> None:
+    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool,
+                             log_id: str | None = None, started: float | None = None) -> None:
         """Tell the caller why its request died with its worker, unless reply bytes may be out already.
 
-        ``log_id`` is the request's id in the logs, ``started`` when it began (the access log's duration).
+        ``log_id`` is the request's id in the logs (default: the connection's), ``started`` when it began
+        (the access log's duration).
         """
         timed_out = slot.leaving == "timed out"
         if conn.expert is not None and not writing:  # once writing, the worker has counted the call

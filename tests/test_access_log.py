@@ -26,7 +26,7 @@ from test_batching import EXPERTS as BATCH_EXPERTS
 from test_batching import free_port, in_one_batch, post, tagged
 
 from expertd import accesslog, protocol
-from expertd.errors import ExpertFailed, FrameTooLarge, RequestTimeout, UnknownExpert
+from expertd.errors import ExpertFailed, FrameTooLarge, RequestTimeout, UnknownExpert, WorkerLost
 
 from conftest import ROOT, UnixHTTPConnection, run_expertd, wait_until, write_config
 
@@ -117,6 +117,17 @@ def test_each_msgpack_call_gets_one_line_with_its_peer_id_outcome_and_bytes(make
     assert msgpack.unpackb(got_bad[protocol.HEADER_SIZE:])["request_id"] == bad["request_id"]
 
 
+def test_requests_on_one_kept_connection_each_get_a_line_under_its_serial(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1)
+    client = daemon.client()  # (one pooled connection: the worker lingers on it between calls)
+    assert [client.call("add", number, 1) for number in range(5)] == [1, 2, 3, 4, 5]
+    lines = access_lines(log, 5)
+    assert len({line["request_id"].split("-")[0] for line in lines}) == 1
+    frames = [int(line["request_id"].split("-")[1]) for line in lines]
+    assert frames == sorted(set(frames))
+
+
 def test_a_client_error_names_the_request_id_of_its_access_log_line(make_daemon, short_dir):
     log = short_dir / "access.log"
     daemon = make_daemon(access_log=log)
@@ -162,6 +173,18 @@ def test_a_timed_out_request_has_the_same_id_in_the_access_log_the_error_log_and
     assert line["request_id"] == timed_out.value.request_id
     assert line["duration_ms"] >= 400
     assert wait_until(lambda: f"(request {line['request_id']})" in daemon.log), daemon.log
+
+
+def test_a_request_whose_worker_died_has_the_same_id_in_the_access_log_the_error_log_and_the_error(
+        make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1)
+    with pytest.raises(WorkerLost) as lost:
+        daemon.client(retries=0).call("kill_worker")
+    (line,) = access_lines(log, 1)
+    assert (line["expert"], line["code"]) == ("kill_worker", "worker_lost")
+    assert line["request_id"] == lost.value.request_id
+    assert wait_until(lambda: f"while serving request {line['request_id']}" in daemon.log), daemon.log
 
 
 # ------------------------------------------------------------------------------------------ HTTP
