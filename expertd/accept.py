@@ -25,6 +25,7 @@ import select
 import socket
 from collections import OrderedDict
 
+from expertd import accesslog, http
 from expertd.access import NO_PEER, peer_credentials, peer_groups
 from expertd.connections import ET_READ, IDLE, Connection, ConnectionTable, drain
 from expertd.errors import AccessDenied, Overloaded, RemoteError
@@ -333,12 +334,18 @@ def _answer_and_close(sock: socket.socket, error: RemoteError, head: bytes | Non
     What the client sent is read first, so that closing cannot reset the connection, reply and all.
     """
     if head is not None:
+        error.request_id = accesslog.generated_id(accesslog.new_number())  # (refused before it has a serial)
         reply = refusal_reply(error, head)
         drain(sock)
         try:
             sock.send(reply, socket.MSG_DONTWAIT)
         except OSError:
             pass  # the client is gone or not reading: closing is all that is left
+        if accesslog.LOG is not None:
+            speaks_http = http.looks_like_http(head)
+            accesslog.LOG.write(error.request_id or "-", accesslog.peer_of(sock), "http" if speaks_http else "msgpack",
+                                None, error.code, accesslog.status_of(reply) if speaks_http else None, 0.0, len(head),
+                                len(reply))
     sock.close()
 
 

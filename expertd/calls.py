@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from expertd import __version__, protocol, stage_timer
+from expertd import __version__, accesslog, protocol, stage_timer
 from expertd.batches import call_batch
 from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
@@ -50,6 +50,8 @@ class Answering:
     _max_depth: int
     _debug: bool
     _throttle: Throttle
+    _access: accesslog.AccessLog | None  # the access log, None when off (then nothing about it is done)
+    _conn_id: int  # the master's serial of the connection served (a msgpack request's log id begins with it)
 
     def _answer(self, conn: socket.socket, kind: int, request_id: int,
                 body: memoryview) -> tuple[bool, memoryview | None]:
@@ -107,6 +109,7 @@ class Answering:
             if kind != _PIPELINE:
                 outcome = "ok"
         except RemoteError as exc:
+            exc.request_id = f"{self._conn_id}-{request_id}"  # (accesslog.msgpack_id: matched to the logs' lines)
             reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
         if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
@@ -117,6 +120,10 @@ class Answering:
                                       request_id)
         if kind == _PIPELINE:
             self._count_pipeline(label, outcome, elapsed)  # type: ignore[attr-defined]
+        if self._access is not None:
+            self._access.write(accesslog.msgpack_id(self._conn_id, request_id), accesslog.peer_of(conn), "msgpack",
+                               expert_name if expert_name is not None else _KIND_NAMES.get(kind), outcome, None,
+                               time.monotonic() - started, _HEADER_SIZE + len(body), _HEADER_SIZE + len(reply))
         if self._debug and not close:
             log.debug("request %d %s %.3f ms %s", request_id,
                       expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),
@@ -133,8 +140,13 @@ class Answering:
                 f"request body of {length} bytes exceeds max_frame ({self.config.max_frame} bytes)")
         else:
             error = BadRequest("this request could not be read whole")
-        log.info("refusing request %d: %s", request_id, error)
-        self._deliver(conn, protocol.encode_error(request_id, error), request_id)
+        error.request_id = accesslog.msgpack_id(self._conn_id, request_id)
+        log.info("refusing request %s: %s", error.request_id, error, extra={"request_id": error.request_id})
+        reply = protocol.encode_error(request_id, error)
+        self._deliver(conn, reply, request_id)
+        if self._access is not None:
+            self._access.write(error.request_id, accesslog.peer_of(conn), "msgpack", None, error.code, None, 0.0,
+                               end - start, len(reply))
         return True, None
 
     def _give_up(self, reason: BaseException) -> tuple[bool, None]:
@@ -307,6 +319,7 @@ def _safe_traceback(exc: BaseException) -> str:
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 _CALL, _MAP, _RESULT, _ERROR = protocol.CALL, protocol.MAP, protocol.RESULT, protocol.ERROR
 _PIPELINE = protocol.PIPELINE
+_KIND_NAMES = {protocol.PING: "(ping)"}  # the access log's target for a request that names no expert
 _TIMER_AT = stage_timer.ALARM_AT
 _ITEM_OK, _ITEM_FAILED = protocol.ITEM_OK, protocol.ITEM_FAILED
 _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)

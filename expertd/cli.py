@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except RemoteError as exc:
         label = f"{exc.expert}: " if exc.expert else ""
-        print(f"expertctl: {label}{exc.message} [{exc.code}]", file=sys.stderr)
+        # The request id matches the daemon's access and error logs' lines about this request.
+        request = f" (request {exc.request_id})" if exc.request_id else ""
+        print(f"expertctl: {label}{exc.message} [{exc.code}]{request}", file=sys.stderr)
         if options.traceback and exc.remote_traceback:
             print(exc.remote_traceback.rstrip(), file=sys.stderr)
         elif options.traceback and exc.code == "expert_failed" and options.run in (_cmd_opinion, _cmd_pipeline):

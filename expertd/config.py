@@ -85,6 +85,8 @@ class Config:
     log_level: str
     quiet_loggers: list[str]
     log_summary_interval: float
+    log_format: str
+    access_log: str
     max_frame: int
     socket_mode: int
     socket_group: int | None

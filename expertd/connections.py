@@ -31,7 +31,7 @@ import socket
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from expertd import http, protocol
+from expertd import accesslog, http, protocol
 from expertd.access import NO_PEER
 from expertd.errors import Overloaded, RemoteError
 from expertd.logs import Throttle
@@ -106,6 +106,9 @@ class Connection:
     gid: int = NO_PEER
     pid: int = NO_PEER
     groups: frozenset[int] = frozenset()  # supplementary groups at connect (read only when a gid list is set)
+    # The HTTP request examined last: its X-Request-Id (if valid) and its route, for the logs (see log_id).
+    http_id: str | None = None
+    http_target: str | None = None
 
     def to(self, state: str) -> None:
         """Move to ``state``: the one place a connection's state changes."""
@@ -199,13 +202,52 @@ class ConnectionTable:
                 self.close(conn)
 
     # ------------------------------------------------------- replies of the master's own
-    def fail(self, conn: Connection, error: RemoteError | http.HttpRefusal) -> None:
-        """Answer the connection's current request with ``error`` (HTTP refusals: HTTP only) and close it."""
+    def fail(self, conn: Connection, error: RemoteError | http.HttpRefusal, *, started: float | None = None,
+             log_id: str | None = None) -> None:
+        """Answer the connection's current request with ``error`` (HTTP refusals: HTTP only) and close it.
+
+        ``started``: when its request began (the access log's duration; else none); ``log_id``: its id, if
+        not the connection's own (see :func:`log_id`).
+        """
+        log_id = log_id or self.log_id(conn)
         if conn.speaks == "http":
             drain(conn.sock)
-            self._send_and_close(conn, http.error_response(None, error)[0])
+            reply = http.error_response(None, error, request_id=log_id)[0]
         else:
-            self._send_and_close(conn, protocol.encode_error(conn.request_id, error))
+            if isinstance(error, RemoteError):
+                error.request_id = log_id
+            reply = protocol.encode_error(conn.request_id, error)  # type: ignore[arg-type]
+        if accesslog.LOG is not None:
+            self.log_access(conn, log_id, getattr(error, "code", "error"), reply, started)
+        self._send_and_close(conn, reply)
+
+    @staticmethod
+    def log_id(conn: Connection) -> str:
+        """The id of the connection's request in hand, for the logs (the access log's, the error log's)."""
+        if conn.speaks == "http":
+            if conn.http_id is None:
+                conn.http_id = accesslog.generated_id(accesslog.new_number())
+            return conn.http_id
+        return accesslog.msgpack_id(conn.conn_id, conn.request_id)
+
+    def log_access(self, conn: Connection, log_id: str, code: str, reply: bytes | bytearray | memoryview,
+                   started: float | None = None, target: str | None = None) -> None:
+        """The access log's line for a request the master answered itself (the caller checked the log is on)."""
+        access = accesslog.LOG
+        if access is None:
+            return
+        if conn.tcp:
+            try:
+                peer = accesslog.tcp_peer(conn.sock.getpeername())
+            except OSError:
+                peer = "-"
+        else:
+            peer = accesslog.unix_peer(conn.uid, conn.pid)
+        speaks_http = conn.speaks == "http"
+        access.write(log_id, peer, "http" if speaks_http else "msgpack",
+                     target or (conn.http_target if speaks_http else conn.expert), code,
+                     accesslog.status_of(reply) if speaks_http else None,
+                     max(self.serving.now - started, 0.0) if started else 0.0, conn.frame_size, len(reply))
 
     def _send_and_close(self, conn: Connection, data: bytes) -> None:
         try:

@@ -106,12 +106,13 @@ def _is_expertd(pid: int) -> bool:
         return False
 
 
-def detach(log_stream: IO[str] | None, log_path: str | None = None) -> IO[bytes]:
+def detach(log_stream: IO[str] | None, log_path: str | None = None, keep: list[int] | None = None) -> IO[bytes]:
     """Become a daemon; returns the pipe on which to report readiness to the launcher.
 
-    The launcher (this process) does not return from here: it waits for the
-    daemon's word (``ready``, or ``STATUS REASON``), prints the reason if it
-    failed, and exits.
+    ``log_path``: where the log goes (the launcher names it when the daemon died without saying why);
+    ``keep``: other descriptors to keep open (the access log's).  The launcher
+    (this process) does not return from here: it waits for the daemon's word
+    (``ready``, or ``STATUS REASON``), prints the reason if it failed, and exits.
     """
     import daemon
 
@@ -126,7 +127,7 @@ def detach(log_stream: IO[str] | None, log_path: str | None = None) -> IO[bytes]
             sys.stderr.write(f"expertd: {message}\n")
         os._exit(status)
     os.close(read_end)
-    preserve = [write_end] + ([log_stream.fileno()] if log_stream is not None else [])
+    preserve = [write_end, *(keep or ())] + ([log_stream.fileno()] if log_stream is not None else [])
     context = daemon.DaemonContext(
         working_directory=os.getcwd(),  # kept: relative paths in hooks mean what they meant in the foreground
         umask=0o022,

@@ -53,7 +53,8 @@ class BatchDispatching:
         def _requeue(self, conn: Connection) -> None: ...
         def _conn_done(self, conn: Connection, close: bool, unsent: bytearray | None, unread: bytes | None,
                        lingered: bool) -> None: ...
-        def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool) -> None: ...
+        def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool,
+                                 log_id: str | None = None, started: float | None = None) -> None: ...
 
     def _batch_of(self, lead: Connection, limits: tuple[int, float]) -> list[Connection] | None:
         """The calls that go with ``lead`` to the next idle worker (``lead`` first), or None: the worker waits
@@ -97,7 +98,8 @@ class BatchDispatching:
             self.metrics.count_failure(conn.expert, RequestTimeout.code)
             self.table.fail(conn, RequestTimeout(
                 f"{conn.expert} waited {now - conn.queued_at:.1f}s for a worker, past its {timeout:g}s timeout; "
-                "it was not run (the daemon is overloaded: add workers, or retry later)", expert=conn.expert))
+                "it was not run (the daemon is overloaded: add workers, or retry later)", expert=conn.expert),
+                started=conn.queued_at)
         return fresh
 
     def _hand_out_batch(self, members: list[Connection]) -> None:
@@ -168,16 +170,16 @@ class BatchDispatching:
                 else:
                     lost.append(conn)
             for conn in lost:
-                self._answer_lost_request(conn, slot, how, writing)
+                self._answer_lost_request(conn, slot, how, writing, started=conn.queued_at)
             return None
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         else:
-            log.error("worker %d (pid %d) %s while serving a batch of %d calls of %s", slot.number, slot.pid, how,
-                      len(members), expert)
+            log.error("worker %d (pid %d) %s while serving a batch of %d calls of %s (requests %s)", slot.number,
+                      slot.pid, how, len(members), expert, " ".join(self.table.log_id(conn) for conn in members))
         for conn in members:
             conn.in_batch = False
             # Once the worker was writing, it may have been writing to any of them: close rather than send
             # an error frame into a reply (a pooled client retries a connection closed before its reply).
-            self._answer_lost_request(conn, slot, how, writing)
+            self._answer_lost_request(conn, slot, how, writing, started=conn.queued_at)
         return expert

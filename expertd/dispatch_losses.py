@@ -16,7 +16,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from expertd import protocol
+from expertd import accesslog, protocol
 from expertd.connections import BUSY, ET_READ, Connection, ConnectionTable
 from expertd.errors import RequestTimeout, ShuttingDown, WorkerLost
 from expertd.pool import BUSY as WORKER_BUSY
@@ -87,8 +87,9 @@ class Losses:
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         elif serving:
-            log.error("worker %d (pid %d) %s while serving request %d", slot.number, slot.pid, how,
-                      request_id if lingering else slot.conn.request_id)  # type: ignore[union-attr]
+            lost = lost_request_id(slot.conn, request_id, lingering)  # type: ignore[arg-type]
+            log.error("worker %d (pid %d) %s while serving request %s", slot.number, slot.pid, how, lost,
+                      extra={"request_id": lost})
         elif not self.serving.stopping:
             log.warning("worker %d (pid %d) %s", slot.number, slot.pid, how)
         conn = slot.conn
@@ -106,14 +107,20 @@ class Losses:
                 self.table.rest(conn, self.serving.now)
                 self.table.recheck.append(conn)
             else:
+                log_id = lost_request_id(conn, request_id, lingering)
                 if lingering:
                     conn.request_id, conn.expert = request_id, expert or None
-                self._answer_lost_request(conn, slot, how, writing)
+                self._answer_lost_request(conn, slot, how, writing, log_id, began or conn.queued_at)
         slot.to(GONE)
         return blamed
 
-    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool) -> None:
-        """Tell the caller why its request died with its worker, unless reply bytes may be out already."""
+    def _answer_lost_request(self, conn: Connection, slot: WorkerSlot, how: str, writing: bool,
+                             log_id: str | None = None, started: float | None = None) -> None:
+        """Tell the caller why its request died with its worker, unless reply bytes may be out already.
+
+        ``log_id`` is the request's id in the logs (default: the connection's), ``started`` when it began
+        (the access log's duration).
+        """
         timed_out = slot.leaving == "timed out"
         if conn.expert is not None and not writing:  # once writing, the worker has counted the call
             self.metrics.count_failure(conn.expert, "timeout" if timed_out else "worker_lost")
@@ -123,11 +130,13 @@ class Losses:
             limit = self.serving.config.expert_timeout(conn.expert or "")
             self.table.fail(conn, RequestTimeout(
                 f"{conn.expert or 'the request'} did not answer within its {limit:g}s timeout; "
-                "the worker was replaced", expert=conn.expert))
+                "the worker was replaced", expert=conn.expert), started=started, log_id=log_id)
         elif self.serving.stopping:
-            self.table.fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"))
+            self.table.fail(conn, ShuttingDown("the daemon stopped before answering; retry when it is back"),
+                            started=started, log_id=log_id)
         else:
-            self.table.fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"))
+            self.table.fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"),
+                            started=started, log_id=log_id)
 
     # ------------------------------------------------------------- timeouts
     def expire(self, now: float) -> None:
@@ -155,11 +164,24 @@ class Losses:
     def _time_out(self, slot: WorkerSlot) -> None:
         conn = slot.conn
         assert conn is not None
-        log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %d); killing and replacing it",
+        lost = lost_request_id(conn, self.scoreboard.read(slot.board)[2], slot.state == LINGERING)
+        log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %s); killing and replacing it",
                   slot.number, slot.pid, self.serving.config.expert_timeout(conn.expert or ""),
-                  conn.expert or "(request)", conn.request_id)
+                  conn.expert or "(request)", lost, extra={"request_id": lost})
         self.pool.leave(slot, "timed out", override=True)
         self.kill_and_reap(slot)
+
+
+def lost_request_id(conn: Connection, board_request_id: int, lingering: bool) -> str:
+    """The log id of the request a worker held when it died or timed out (the worker's access line is never
+    written): the master's own record of it, or for one served on a lingering connection (which the master did
+    not see) what the worker wrote on the scoreboard: the frame's id, or the number of the id it made for an
+    HTTP request (one that brought its own X-Request-Id is then named by that number: see docs/logging.md)."""
+    if conn.speaks == "http":
+        if conn.http_id is not None and not lingering:
+            return conn.http_id
+        return accesslog.generated_id(board_request_id) if board_request_id else "-"
+    return accesslog.msgpack_id(conn.conn_id, board_request_id if lingering else conn.request_id)
 
 
 def still_unread(conn: Connection) -> bool:

@@ -52,11 +52,14 @@ class RemoteError(ExpertdError):
 
     ``code`` is the wire code, ``remote_type`` the name of the exception class
     on the daemon side, ``remote_traceback`` its formatted traceback (only for
-    exceptions raised inside an expert), ``expert`` the expert called.
+    exceptions raised inside an expert), ``expert`` the expert called,
+    ``request_id`` the id the daemon gave the request (its access log's and
+    error log's, to match them; None from a daemon that sends none).
     """
 
     code = "error"
     retryable = False
+    request_id: str | None = None  # (set by whoever answers with it: the daemon, or error_from_wire)
 
     def __init__(
         self,
@@ -74,13 +77,16 @@ class RemoteError(ExpertdError):
 
     def to_wire(self) -> dict:
         """The error as the map carried in an error reply."""
-        return {
+        wire = {
             "code": self.code,
             "type": self.remote_type,
             "message": self.message,
             "traceback": self.remote_traceback,
             "expert": self.expert,
         }
+        if self.request_id is not None:
+            wire["request_id"] = self.request_id
+        return wire
 
 
 class UnknownExpert(RemoteError):
@@ -181,9 +187,13 @@ def error_from_wire(payload: object) -> RemoteError:
     if not isinstance(payload, dict):
         return RemoteError(f"malformed error reply: {payload!r:.200}")
     cls = error_for_code(str(payload.get("code", "error")))
-    return cls(
+    error = cls(
         str(payload.get("message", "")),
         remote_type=payload.get("type"),
         remote_traceback=payload.get("traceback"),
         expert=payload.get("expert"),
     )
+    request_id = payload.get("request_id")
+    if isinstance(request_id, str):
+        error.request_id = request_id
+    return error

@@ -100,5 +100,7 @@ def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | s
 
 def refusal_reply(error: RemoteError, head: bytes) -> bytes:
     """``error`` as a reply in the protocol ``head`` (a connection's first bytes) shows: msgpack (request
-    id 0, the daemon's own) unless they are HTTP's."""
-    return http.error_response(None, error)[0] if http.looks_like_http(head) else protocol.encode_error(0, error)
+    id 0, the daemon's own) unless they are HTTP's.  ``error.request_id`` goes with it (X-Request-Id)."""
+    if http.looks_like_http(head):
+        return http.error_response(None, error, request_id=error.request_id)[0]
+    return protocol.encode_error(0, error)

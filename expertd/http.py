@@ -36,6 +36,7 @@ from urllib.parse import unquote
 
 import h11
 
+from expertd import accesslog
 from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.pipelines import ON_ERROR
 from expertd.protocol import MAX_CONTAINERS, MAX_MAP_ITEMS
@@ -49,6 +50,7 @@ SERVER = "expertd"
 MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}
 WORKER_ROUTES = {"call", "opinion", "map", "pipeline"}
 ON_ERROR_HEADER = b"x-expertd-on-error"  # a pipeline's on_error for this request: stop or continue
+REQUEST_ID_HEADER = b"x-request-id"  # the caller's id for the request (logs), returned in the response
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC", b"PRI ")
@@ -78,6 +80,7 @@ class Head(NamedTuple):
     expects_continue: bool
     authorization: bytes | None
     host: bytes | None
+    request_id: str | None = None  # the caller's X-Request-Id, when valid (see accesslog.request_id_of)
 
     @property
     def size(self) -> int:
@@ -112,7 +115,7 @@ def scan_head(data: bytes) -> Head | None:
     if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
         raise HttpRefusal(400, "bad_request", "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
     method, target = request_line[0].decode("ascii", "replace"), request_line[1].decode("ascii", "replace")
-    body_size, expects_continue, authorization, host = None, False, None, None
+    body_size, expects_continue, authorization, host, request_id = None, False, None, None, None
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):  # obsolete line folding: h11 would read this header differently
             raise HttpRefusal(400, "bad_request", "folded header lines are not accepted", close=True)
@@ -133,9 +136,11 @@ def scan_head(data: bytes) -> Head | None:
             authorization = value
         elif name == b"host":
             host = value
+        elif name == REQUEST_ID_HEADER:
+            request_id = accesslog.request_id_of(value)
     body_size = body_size or 0
     route, expert = _route(target)
-    return Head(method, route, expert, end.end(), body_size, expects_continue, authorization, host)
+    return Head(method, route, expert, end.end(), body_size, expects_continue, authorization, host, request_id)
 
 
 def _route(target: str) -> tuple[str, str | None]:
@@ -244,10 +249,14 @@ class Request(NamedTuple):
     body: bytes
     connection: h11.Connection
     on_error: str | None = None  # the X-Expertd-On-Error header (pipelines)
+    request_id: str | None = None  # X-Request-Id if valid (accesslog.request_id_of), else one the daemon made
 
 
-def parse_request(raw: bytes | bytearray | memoryview) -> Request:
-    """Parse exactly one request (as framed by :func:`scan_head`); HttpRefusal if h11 disagrees."""
+def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = None) -> Request:
+    """Parse exactly one request (as framed by :func:`scan_head`); HttpRefusal if h11 disagrees.
+
+    Its ``request_id`` is its X-Request-Id if valid, else ``made_id`` (the daemon's own).
+    """
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     connection.receive_data(bytes(raw))
     try:
@@ -269,8 +278,14 @@ def parse_request(raw: bytes | bytearray | memoryview) -> Request:
     except h11.RemoteProtocolError as exc:
         raise HttpRefusal(400, "bad_request", f"malformed HTTP request: {exc}", close=True) from None
     route, expert = _route(event.target.decode("ascii", "replace"))
-    on_error = next((value.decode("latin-1") for name, value in event.headers if name == ON_ERROR_HEADER), None)
-    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection, on_error)
+    on_error = request_id = None
+    for name, value in event.headers:
+        if name == ON_ERROR_HEADER:
+            on_error = value.decode("latin-1")
+        elif name == REQUEST_ID_HEADER:
+            request_id = accesslog.request_id_of(value)
+    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection, on_error,
+                   request_id or made_id)
 
 
 def call_arguments(request: Request) -> tuple[list, dict]:
@@ -402,7 +417,8 @@ def _to_json(value: Any) -> Any:
 
 
 def respond(request: Request | None, status: int, body: bytes, content_type: str = JSON_TYPE,
-            headers: tuple[tuple[str, str], ...] = (), close: bool = False) -> tuple[bytes, bool]:
+            headers: tuple[tuple[str, str], ...] = (), close: bool = False,
+            request_id: str | None = None) -> tuple[bytes, bool]:
     """A whole response; returns it and whether the connection stays open (keep-alive).
 
     With the parsed request, h11 writes the response and decides keep-alive
@@ -410,6 +426,9 @@ def respond(request: Request | None, status: int, body: bytes, content_type: str
     parsed), the response closes the connection.
     """
     fields = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Server", SERVER), *headers]
+    request_id = request.request_id if request is not None and request.request_id else request_id
+    if request_id:
+        fields.append(("X-Request-Id", request_id))
     if request is None or close:
         fields.append(("Connection", "close"))
     if request is None:
@@ -472,14 +491,14 @@ def error_object(error: RemoteError) -> dict[str, Any]:
 
 
 def error_response(request: Request | None, error: RemoteError | HttpRefusal,
-                   close: bool = False) -> tuple[bytes, bool]:
-    """The response for a refusal or a daemon error."""
+                   close: bool = False, request_id: str | None = None) -> tuple[bytes, bool]:
+    """The response for a refusal or a daemon error (``request_id``: the X-Request-Id when there is no request)."""
     if isinstance(error, HttpRefusal):
         return respond(request, error.status, error_body(error.code, error.message), headers=error.headers,
-                       close=close or error.close)
+                       close=close or error.close, request_id=request_id)
     headers = (("Retry-After", "1"),) if error.retryable else ()
     body = dumps({"error": error_object(error)})
-    return respond(request, error_status(error), body, headers=headers, close=close)
+    return respond(request, error_status(error), body, headers=headers, close=close, request_id=request_id)
 
 
 _STATUS_BY_CODE = {

@@ -19,7 +19,7 @@ import logging
 import math
 import socket
 
-from expertd import http, protocol
+from expertd import accesslog, http, protocol
 from expertd.accept import PEEK_NOW, PEEK_SIZE
 from expertd.backoff import Quarantine, Quarantines
 from expertd.connections import (
@@ -116,6 +116,7 @@ class Intake:
             conn.request_id = frame.request_id
         conn.expert = frame.expert
         if frame.error is not None:
+            conn.frame_size = 0  # (the access log's bytes in: nothing of it is read)
             self.table.fail(conn, frame.error)
             return
         kind = frame.kind
@@ -157,6 +158,8 @@ class Intake:
 
     def _examine_http(self, conn: Connection, head: bytes) -> None:
         """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
+        conn.http_id = conn.http_target = None  # (the last request's: the logs must not name this one so)
+        conn.frame_size = 0
         try:
             request = http.scan_head(head)
             if request is None and len(head) == PEEK_SIZE:  # a long head: look further, once it grew
@@ -176,6 +179,7 @@ class Intake:
             self.table.close(conn)
             return
         conn.request_id, conn.expert, conn.frame_size, conn.head_scanned = 0, request.expert, request.size, 0
+        conn.http_id, conn.http_target = request.request_id, accesslog.target_of(request.route, request.expert)
         # (A map is a batch already; a pipeline's worker runs its experts as batches of one: neither is gathered.)
         pipeline = http.is_pipeline(request.route, request.expert, self.serving.experts)
         conn.whole_batch = request.route == "map" or pipeline
@@ -323,7 +327,11 @@ class Intake:
         config = self.serving.config
         error = Quarantined(self.quarantines.message(expert, quarantine, config.quarantine_after,
                                                      config.quarantine_window), expert=expert)
-        self.table.answer(conn, protocol.encode_error(conn.request_id, error))
+        error.request_id = self.table.log_id(conn)
+        reply = protocol.encode_error(conn.request_id, error)
+        if accesslog.LOG is not None:
+            self.table.log_access(conn, error.request_id, error.code, reply)
+        self.table.answer(conn, reply)
 
     def _control(self, conn: Connection, kind: int, request_id: int) -> None:
         """Answer a request of the master's here: status, list, and (for control_uids/gids) reload, stop, scale."""
@@ -339,7 +347,11 @@ class Intake:
         admin = self.admin
         refusal = admin.refusal(kind, conn.uid, conn.gid, conn.groups, conn.pid)  # type: ignore[attr-defined]
         if refusal is not None:
-            self.table.answer(conn, protocol.encode_error(request_id, refusal))
+            refusal.request_id = self.table.log_id(conn)
+            reply = protocol.encode_error(request_id, refusal)
+            if accesslog.LOG is not None:
+                self.table.log_access(conn, refusal.request_id, refusal.code, reply, target=_control_name(kind))
+            self.table.answer(conn, reply)
             return
         if kind == protocol.RELOAD:
             log.info("control: RELOAD from uid %d (pid %d)", conn.uid, conn.pid)
@@ -351,7 +363,10 @@ class Intake:
         except BadRequest as exc:
             self.table.fail(conn, exc)
             return
-        self.table.send_reply(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
+        frame = protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply))
+        if accesslog.LOG is not None:
+            self.table.log_access(conn, self.table.log_id(conn), "ok", frame, target=_control_name(kind))
+        self.table.send_reply(conn, frame)
         if after is not None:
             after()
         elif conn.state == IDLE:
@@ -361,7 +376,7 @@ class Intake:
         """GET /health, /experts and /metrics, answered here: they need no worker."""
         try:
             raw = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
-            request = http.parse_request(raw)
+            request = http.parse_request(raw, self.table.log_id(conn))
         except OSError:
             self.table.close(conn)
             return
@@ -374,8 +389,12 @@ class Intake:
                 route, conn.uid, conn.gid, conn.groups, conn.pid, conn.tcp)
         except AccessDenied as refused:
             reply, keep_alive = http.error_response(request, refused)
+            code = refused.code
         else:
             reply, keep_alive = http.respond(request, status, body, content_type)
+            code = "ok" if status < 400 else "unhealthy"  # (/health's 503)
+        if accesslog.LOG is not None:
+            self.table.log_access(conn, request.request_id or "-", code, reply)
         conn.close_when_written = not keep_alive
         self.table.send_reply(conn, reply)
         if conn.state == IDLE:
@@ -383,3 +402,12 @@ class Intake:
                 self.table.recheck.append(conn)  # a request pipelined behind this one: look in the main loop
             else:
                 self.table.close(conn)
+
+
+def _control_name(kind: int) -> str:
+    """What the access log names for a request of the master's (status, list, reload...)."""
+    return f"({_KIND_NAMES.get(kind, kind)})"
+
+
+_KIND_NAMES = {protocol.LIST: "list", protocol.STATUS: "status", protocol.RELOAD: "reload", protocol.STOP: "stop",
+               protocol.SCALE: "workers"}

@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from typing import TextIO
 
 LOG_FILE_MODE = 0o644  # before the umask, as for any file expertd creates
@@ -25,6 +26,16 @@ LOG_FILE_MODE = 0o644  # before the umask, as for any file expertd creates
 
 def open_log_file(path: str, encoding: str | None = "utf-8", errors: str | None = None) -> TextIO:
     """Open ``path`` for appending, created if missing; OSError, whose strerror says why and what to do, if unsafe."""
+    fd = open_log_fd(path)
+    try:
+        return open(fd, "a", encoding=encoding, errors=errors)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_log_fd(path: str) -> int:
+    """The descriptor of ``path`` opened for appending (blocking, close-on-exec), checked as open_log_file says."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, LOG_FILE_MODE)
@@ -38,7 +49,7 @@ def open_log_file(path: str, encoding: str | None = "utf-8", errors: str | None 
     try:
         _check(fd, path)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        return open(fd, "a", encoding=encoding, errors=errors)
+        return fd
     except BaseException:
         os.close(fd)
         raise
@@ -97,6 +108,26 @@ def reopen_log_files() -> None:
     directly), stdout and stderr follow it to the new file.  OSError (with the
     reason) if a file cannot be opened safely: that handler keeps its old file.
     """
+    failure: OSError | None = None
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            reopen(handler)
+            try:
+                reopen(handler)
+            except OSError as exc:
+                failure = failure or exc
+    for also in _ALSO_REOPEN:  # (the access log: one file's failure does not keep the others on old files)
+        try:
+            also()
+        except OSError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+_ALSO_REOPEN: list[Callable[[], None]] = []  # files other than the log's handlers (see also_reopen)
+
+
+def also_reopen(reopen_file: Callable[[], None]) -> None:
+    """Have :func:`reopen_log_files` call ``reopen_file`` too (the access log's, which this module does not know)."""
+    if reopen_file not in _ALSO_REOPEN:
+        _ALSO_REOPEN.append(reopen_file)

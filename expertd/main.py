@@ -72,14 +72,19 @@ def _help_topic(name: str) -> int:
     return 0
 
 
-def _setup_logging(level: str, log_file: str | None) -> logging.Handler:
+def _setup_logging(level: str, log_file: str | None, log_format: str = "text") -> logging.Handler:
     if log_file:
         from expertd.logfile import LogFileHandler
 
         handler: logging.Handler = LogFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    if log_format == "json":
+        from expertd.accesslog import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
@@ -111,11 +116,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log_file = os.path.join(os.path.abspath(directory), DEFAULT_DAEMON_LOG)
     try:
-        handler = _setup_logging(config.log_level, log_file)
+        handler = _setup_logging(config.log_level, log_file, config.log_format)
     except OSError as exc:
         print(f"expertd: cannot open log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     quiet_library_loggers(config.quiet_loggers, config.log_level)  # (before any expert's import logs)
+    access_fds: list[int] = []
+    if config.access_log and not args.check:
+        from expertd.accesslog import open_access_log
+
+        try:
+            access = open_access_log(config.access_log, config.log_format)
+        except OSError as exc:
+            print(f"expertd: cannot open access log {config.access_log} ([expertd] access_log): {exc.strerror}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        if access is not None and access.fd != 2:
+            access_fds.append(access.fd)
     if pidfile:
         from expertd.daemon_mode import PidfileError, check_pidfile
 
@@ -143,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         # Detach before the experts load: detaching closes every descriptor it was not
         # told about, and files an expert opens must survive. Their errors still reach
         # the terminal, through the launcher.
-        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None, log_file)
+        launcher = detach(handler.stream if isinstance(handler, logging.FileHandler) else None, log_file,
+                          access_fds)
 
     def tell_launcher(word: str) -> None:
         nonlocal launcher

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from expertd import protocol
+from expertd import accesslog, protocol
 from expertd.config import Config
 from expertd.connections import WAITING, Connection, ConnectionTable
 from expertd.errors import ConfigError
@@ -279,7 +279,11 @@ class Reloads:
             if conn.state != WAITING:
                 continue  # closed meanwhile
             self.table.rest(conn, self.serving.now)
-            self.table.answer(conn, protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply)))
+            frame = protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply))
+            if accesslog.LOG is not None:
+                self.table.log_access(conn, accesslog.msgpack_id(conn.conn_id, request_id),
+                                      "ok", frame, target="(reload)")
+            self.table.answer(conn, frame)
 
     # ----------------------------------------------------------- parents
     def pop_parent(self, pid: int) -> Generation | None:

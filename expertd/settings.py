@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from expertd.protocol import DEFAULT_SOCKET
 from expertd.settings_types import (
+    ACCESS_LOG_PATH,
     ADDRESS_OR_OFF,
     BATCH_DELAY,
     BOOL,
@@ -24,6 +25,7 @@ from expertd.settings_types import (
     GROUPS,
     INT_WORKERS,
     JITTER,
+    LOG_FORMAT,
     LOG_LEVEL,
     MAX_BATCH,
     MODE,
@@ -101,6 +103,16 @@ SETTINGS: tuple[Setting, ...] = (
             "median and 99th percentile, from the same counters as /metrics (so the two agree; percentiles "
             "are estimated from the latency histogram's buckets). Nothing is written for an interval without "
             "requests. off (or 0): no summary."),
+    Setting("log_format", MAIN_SECTION, LOG_FORMAT, "text",
+            "Format of the log and of the access log: text (one readable line per event), or json (one JSON "
+            "object per line with stable keys: time, level, pid, logger, message, and request_id where a line "
+            "is about a request; see expertd --help-topic logging).", cli=True),
+    Setting("access_log", MAIN_SECTION, ACCESS_LOG_PATH, "",
+            "Write one line per request here (empty: no access log, at no cost; -: stderr): both protocols, the "
+            "requests the master refuses or answers itself included, with time, request id, peer, protocol, "
+            "expert or route, outcome, duration and bytes in and out (expertd --help-topic logging). Opened like "
+            "--log-file (a symlink, or a file that is not the daemon's own, is refused) and reopened on SIGUSR1; "
+            "read at start-up only (a reload keeps the file the daemon started with).", cli=True),
     Setting("max_frame", MAIN_SECTION, SIZE, "16M",
             "Largest request body accepted. Checked from the frame header before the body is read; "
             "a larger request gets a frame_too_large error and the connection is closed."),

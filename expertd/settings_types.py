@@ -210,6 +210,16 @@ def _parse_on_error(raw: str) -> str:
     return value
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _parse_log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise _Invalid("not text or json; json writes one JSON object a line (expertd --help-topic logging)")
+    return value
+
+
 def _parse_function(raw: str) -> str:
     value = raw.strip()
     dotted = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -273,6 +283,8 @@ FUNCTION = _Type("module:function", _parse_function)
 ADDRESS_OR_OFF = _Type("HOST:PORT, or empty for none", _parse_address)
 # Checked by expertd.pipelines.load_pipelines, which needs every section's names at once.
 STAGES = _Type("stages: NAME + NAME, NAME ...", str.strip)
+LOG_FORMAT = _Type("text or json", _parse_log_format)
+ACCESS_LOG_PATH = _Type("path, - for stderr, or empty for none", str.strip)
 ON_ERROR_MODE = _Type(" or ".join(ON_ERROR), _parse_on_error)
 TOKEN = _Type("secret text (16+ characters), or empty", _parse_token)
 TOKEN_FILE = _Type("path, credential:NAME, or empty", str.strip)  # (read by expertd.tokens)

@@ -31,7 +31,7 @@ import time
 from types import FrameType
 from typing import Any, NoReturn
 
-from expertd import ipc, notify, protocol, runtimes, stage_timer
+from expertd import accesslog, ipc, notify, protocol, runtimes, stage_timer
 from expertd.calls import FAILURE_LOG
 from expertd.calls import _pack_result as _pack_result  # (bench/hotpath.py imports it from here)
 from expertd.config import Config
@@ -80,6 +80,8 @@ class Worker(BatchServing, PipelineServing):
         self._max_args, self._max_depth = config.max_args, config.max_depth
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._throttle = Throttle(log)  # a client can break its connections at will: those lines are rate-limited
+        self._access = accesslog.LOG  # (inherited from the master; None: off)
+        self._conn_id = 0
         self._lingers = config.linger > 0
         micros = max(1, round(config.linger * 1e6))  # (a zero timeval would mean for ever)
         self._linger_timeval = _TIMEVAL.pack(*divmod(micros, 10**6))
@@ -247,6 +249,7 @@ class Worker(BatchServing, PipelineServing):
         since the last DONE, unread bytes).
         """
         self._reclaim_signalled = False  # (a late signal meant for the previous connection)
+        self._conn_id = conn_id
         buf = self._buf
         if frame is not None:  # gathered by the master (perhaps followed by more of the input)
             data: bytearray = frame

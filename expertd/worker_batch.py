@@ -22,7 +22,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from expertd import http, ipc, protocol, stage_timer
+from expertd import accesslog, http, ipc, protocol, stage_timer
 from expertd.batches import call_batch
 from expertd.calls import _failure, _pack_result
 from expertd.errors import BadRequest, ConnectionLost, RemoteError, RequestTimeout
@@ -34,7 +34,8 @@ log = logging.getLogger("expertd.worker")
 class _Member:
     """One caller of a batch, from its request to its reply."""
 
-    __slots__ = ("call", "close", "conn", "conn_id", "error", "request", "request_id", "unread", "unsent")
+    __slots__ = ("bytes_in", "call", "close", "conn", "conn_id", "error", "log_id", "request", "request_id", "unread",
+                 "unsent")
 
     def __init__(self, conn_id: int, conn: socket.socket) -> None:
         self.conn_id = conn_id
@@ -46,6 +47,8 @@ class _Member:
         self.close = False  # the connection broke: nothing can be answered on it
         self.unread: bytes | None = None  # input read behind its request (goes back to the master)
         self.unsent: memoryview | None = None  # the part of its reply the client did not take in time
+        self.log_id = "-"  # its request id in the logs (see expertd.accesslog), once read
+        self.bytes_in = 0
 
 
 class BatchServing(HttpServing):
@@ -114,13 +117,16 @@ class BatchServing(HttpServing):
     def _read_msgpack_member(self, member: _Member, frame: bytearray | None) -> str:
         if frame is None:  # whole in the socket: exactly this request is read, nothing behind it
             kind, member.request_id, length = protocol.parse_header(_read_now(member.conn, protocol.HEADER_SIZE))
+            member.log_id = accesslog.msgpack_id(member.conn_id, member.request_id)
             body: bytes | memoryview = _read_now(member.conn, length) if length else b""
         else:
             kind, member.request_id, length = protocol.parse_header(bytes(frame[:protocol.HEADER_SIZE]))
+            member.log_id = accesslog.msgpack_id(member.conn_id, member.request_id)
             end = protocol.HEADER_SIZE + length
             body = memoryview(frame)[protocol.HEADER_SIZE:end]
             if len(frame) > end:
                 member.unread = bytes(frame[end:])
+        member.bytes_in = protocol.HEADER_SIZE + len(body)
         if kind != protocol.CALL:
             raise BadRequest("only calls are batched")  # (never sent by the master: it batches calls)
         name, args, kwargs = protocol.decode_call(body)
@@ -131,6 +137,7 @@ class BatchServing(HttpServing):
 
     def _read_http_member(self, member: _Member, frame: bytearray | None, started: float) -> str | None:
         member.request, refused = self._read_http(member.conn, frame, None, started)
+        member.log_id, member.bytes_in = self._http_id, self._http_in
         if refused is not None:
             member.error = refused
             return None
@@ -143,7 +150,7 @@ class BatchServing(HttpServing):
     def _reply(self, member: _Member, expert_name: str, elapsed: float) -> str | None:
         """Write one member's reply (unless its connection broke); returns why to retire, if this worker should."""
         if not member.close:
-            outcome = "ok"
+            outcome, status = "ok", None
             if member.request is not None or isinstance(member.error, tuple):  # HTTP
                 if isinstance(member.error, tuple):
                     response, keep_alive, outcome = member.error
@@ -151,8 +158,9 @@ class BatchServing(HttpServing):
                     result = member.error if member.error is not None else member.call[0]  # type: ignore[index]
                     response, keep_alive, outcome = self._http_reply(member.request, result)  # type: ignore[arg-type]
                 # No patience: a slow reader's rest goes to the master, and its batch mates are not kept waiting.
-                member.close, member.unsent = self._deliver(member.conn, response, "HTTP", patience=0.0)
+                member.close, member.unsent = self._deliver(member.conn, response, member.log_id, patience=0.0)
                 member.close = member.close or not keep_alive
+                status, target = accesslog.status_of(response), accesslog.target_of("call", expert_name or None)
             else:
                 if member.error is None:
                     try:
@@ -160,11 +168,16 @@ class BatchServing(HttpServing):
                     except RemoteError as exc:
                         member.error = exc
                 if member.error is not None:
+                    member.error.request_id = member.log_id
                     reply_kind, reply = _ERROR, protocol.pack(member.error.to_wire())
                     outcome = member.error.code
                 frame = protocol.pack_header(reply_kind, member.request_id, len(reply)) + reply
                 member.close, member.unsent = self._deliver(member.conn, frame, member.request_id, patience=0.0)
+                response, target = frame, expert_name or None
             self.recorder.record(expert_name or None, outcome, elapsed)
+            if self._access is not None:  # (a member's time is the batch's: one call served them all)
+                self._access.write(member.log_id, accesslog.peer_of(member.conn), "http" if status else "msgpack",
+                                   target, outcome, status, elapsed, member.bytes_in, len(response))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("batch member %d %s %.3f ms %s", member.request_id, expert_name, elapsed * 1000, outcome)
         return self._after_request()

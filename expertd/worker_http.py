@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from expertd import http, protocol, stage_timer
+from expertd import accesslog, http, protocol, stage_timer
 from expertd.calls import Answering, _safe_str
 from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
@@ -31,6 +32,8 @@ class HttpServing(Answering):
 
     _stop_requested: bool
     _reclaim_signalled: bool
+    _http_id: str  # the request id of the HTTP request in hand (its X-Request-Id, or one made here)
+    _http_in: int  # ... and its size in bytes, once read
 
     if TYPE_CHECKING:  # the Worker's, for the reader and type checkers
         def _start_lingering(self, conn_id: int, conn: socket.socket, served: int) -> None: ...
@@ -122,9 +125,13 @@ class HttpServing(Answering):
         Raises ConnectionLost, RequestTimeout or OSError when the connection broke.
         """
         board, timeout = self.board, self.config.timeout
+        # The id made for a request that brings no X-Request-Id: its number goes on the scoreboard, so that
+        # the master names it too if the request times out or its worker dies (accesslog.generated_id).
+        number = _random_bits(32) or 1
+        self._http_id, self._http_in = accesslog.generated_id(number), 0
         try:
             if frame is not None:  # gathered by the master
-                board.begin(started, timeout, 0, "")
+                board.begin(started, timeout, number, "")
                 raw: bytes | bytearray = frame
             else:
                 if isinstance(peeked, _PeekedHttp):
@@ -135,12 +142,15 @@ class HttpServing(Answering):
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 limit = self._timeouts.get(framing.expert)  # (None: a pipeline's target, whose plan says)
-                board.begin(started, self.config.expert_timeout(framing.expert or "") if limit is None else limit, 0,
-                            framing.expert or "")
+                board.begin(started, self.config.expert_timeout(framing.expert or "") if limit is None else limit,
+                            number, framing.expert or "")
                 raw = protocol.recv_exact(conn, framing.size)
-            return http.parse_request(raw), None
+            self._http_in = len(raw)
+            request = http.parse_request(raw, self._http_id)
+            self._http_id = request.request_id  # type: ignore[assignment]  (the caller's, if it sent one)
+            return request, None
         except http.HttpRefusal as refusal:
-            return None, (*http.error_response(None, refusal), refusal.code)
+            return None, (*http.error_response(None, refusal, request_id=self._http_id), refusal.code)
 
     def _serve_http(self, conn: socket.socket, frame: bytearray | None, peeked: _PeekedHttp | bytes | None,
                     started: float) -> tuple[bool, memoryview | None]:
@@ -151,15 +161,16 @@ class HttpServing(Answering):
             return self._give_up(exc)
         if refused is not None:
             response, keep_alive, outcome = refused
-            expert = None
+            expert = target = None
         else:
             assert request is not None
             expert = request.expert
+            target = accesslog.target_of(request.route, expert)
             if http.is_pipeline(request.route, expert, self.experts):
                 request = request._replace(route="pipeline")  # (POST /opinion/a,b: the reply is the pipeline's)
                 response, keep_alive, outcome = self._http_pipeline(request, started)
                 elapsed = time.monotonic() - started
-                delivered = self._http_delivered(conn, response, keep_alive, expert, started, outcome)
+                delivered = self._http_delivered(conn, response, keep_alive, target, started, outcome)
                 self._count_pipeline(  # type: ignore[attr-defined]  (it and its experts, once the reply is out)
                     expert if expert in self.config.pipelines else AD_HOC, outcome, elapsed)
                 return delivered
@@ -178,7 +189,7 @@ class HttpServing(Answering):
                 result = exc
             response, keep_alive, outcome = self._http_reply(request, result)
         self.recorder.record(expert, outcome, time.monotonic() - started)
-        return self._http_delivered(conn, response, keep_alive, expert, started, outcome)
+        return self._http_delivered(conn, response, keep_alive, target, started, outcome)
 
     def _http_pipeline(self, request: http.Request, started: float) -> tuple[bytes, bool, str]:
         """Run a pipeline request: (response, keep-alive, outcome: ok, expert_errors, timeout or an error code)."""
@@ -192,13 +203,17 @@ class HttpServing(Answering):
         response, keep_alive, code = self._http_reply(request, result)
         return response, keep_alive, outcome if code == "ok" else code
 
-    def _http_delivered(self, conn: socket.socket, response: bytes, keep_alive: bool, expert: str | None,
+    def _http_delivered(self, conn: socket.socket, response: bytes, keep_alive: bool, target: str | None,
                         started: float, outcome: str) -> tuple[bool, memoryview | None]:
-        close, unsent = self._deliver(conn, response, "HTTP")
+        close, unsent = self._deliver(conn, response, self._http_id)
+        if self._access is not None:
+            self._access.write(self._http_id, accesslog.peer_of(conn), "http", target, outcome,
+                               accesslog.status_of(response),
+                               time.monotonic() - started, self._http_in, len(response))
         if close:
             return close, unsent
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("HTTP %s %.3f ms %s", expert or "-", (time.monotonic() - started) * 1000, outcome)
+            log.debug("HTTP %s %.3f ms %s", target or "-", (time.monotonic() - started) * 1000, outcome)
         return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
 
 
@@ -236,6 +251,7 @@ class HttpServing(Answering):
         return error if hint is None else http.with_hint(error, hint)
 
 
+_random_bits = random.getrandbits  # (reseeded in every forked process by the random module itself)
 _PEEK = 4096
 
 
