@@ -34,6 +34,10 @@ log = logging.getLogger("expertd.worker")  # the worker's own logger: its lines 
 # Experts' failures, logged with their tracebacks: each worker's own (made before fork, kept per process).
 FAILURE_LOG = Throttle(log)
 _LOGGED_MESSAGE = 500  # an exception's message past this many characters is cut in the log (the reply has it all)
+# The request in hand, for an expert's failure line (see _failure): (the msgpack connection's serial, the
+# frame's id), or (an HTTP request's id, None); a batch's is its first member's.  Two stores a request, so
+# that the id is formatted only when a failure is logged.
+IN_HAND: list = ["-", None]
 
 
 class Answering:
@@ -60,6 +64,7 @@ class Answering:
         board = self.board
         expert_name = None
         label: str | None = AD_HOC  # (a pipeline's, for its metrics)
+        IN_HAND[0], IN_HAND[1] = self._conn_id, request_id
         if _TIMER_AT[0] and kind != _PIPELINE:
             stage_timer.off()  # (a pipeline's timer, left running for the next: nothing else may see SIGALRM)
         try:
@@ -280,8 +285,10 @@ def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException)
     # The operator's trace of it (the caller has the traceback too): rate-limited per expert and exception
     # type, so that an expert failing on every call writes a line group per interval and a count, not a flood.
     message = failed.message if len(failed.message) <= _LOGGED_MESSAGE else failed.message[:_LOGGED_MESSAGE] + "..."
-    FAILURE_LOG.warning("expert %s failed: %s", expert.name, message, cause=(expert.name, failed.remote_type),
-                        detail=failed.remote_traceback)
+    request = IN_HAND[0] if IN_HAND[1] is None else accesslog.msgpack_id(*IN_HAND)
+    FAILURE_LOG.warning("expert %s failed (request %s): %s", expert.name, request, message,
+                        cause=(expert.name, failed.remote_type), detail=failed.remote_traceback,
+                        extra={"request_id": request})
     return failed
 
 

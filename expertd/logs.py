@@ -57,8 +57,9 @@ class Throttle:
         self._windows: dict[Hashable, _Window] = {}
         self._next_flush = float("inf")
 
-    def warning(self, msg: str, *args: object, cause: Hashable = None, detail: str | None = None) -> None:
-        self.log(logging.WARNING, msg, *args, cause=cause, detail=detail)
+    def warning(self, msg: str, *args: object, cause: Hashable = None, detail: str | None = None,
+                extra: dict | None = None) -> None:
+        self.log(logging.WARNING, msg, *args, cause=cause, detail=detail, extra=extra)
 
     def info(self, msg: str, *args: object, cause: Hashable = None) -> None:
         self.log(logging.INFO, msg, *args, cause=cause)
@@ -66,11 +67,13 @@ class Throttle:
     def error(self, msg: str, *args: object, cause: Hashable = None) -> None:
         self.log(logging.ERROR, msg, *args, cause=cause)
 
-    def log(self, level: int, msg: str, *args: object, cause: Hashable = None, detail: str | None = None) -> None:
+    def log(self, level: int, msg: str, *args: object, cause: Hashable = None, detail: str | None = None,
+            extra: dict | None = None) -> None:
         """Log ``msg % args`` unless a line of the same cause went out less than ``interval`` ago.
 
         ``detail`` (a traceback, say) follows the line on lines of its own when it goes out; the
-        count of those left out is one line, without it.
+        count of those left out is one line, without it.  ``extra`` goes with the line written (a
+        request's id, for the JSON log), not with the count.
         """
         if not self.logger.isEnabledFor(level):
             return
@@ -88,9 +91,9 @@ class Throttle:
             self._windows[key] = _Window(until=now + self.interval)
             self._next_flush = min(self._next_flush, now + self.interval)
             if detail:
-                self.logger.log(level, msg + "\n%s", *args, detail.rstrip("\n"))
+                self.logger.log(level, msg + "\n%s", *args, detail.rstrip("\n"), extra=extra)
             else:
-                self.logger.log(level, msg, *args)
+                self.logger.log(level, msg, *args, extra=extra)
             return
         window.left_out += 1
         window.level, window.msg, window.args = level, msg, args

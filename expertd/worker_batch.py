@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from expertd import accesslog, http, ipc, protocol, stage_timer
 from expertd.batches import call_batch
-from expertd.calls import _failure, _pack_result
+from expertd.calls import IN_HAND, _failure, _pack_result
 from expertd.errors import BadRequest, ConnectionLost, RemoteError, RequestTimeout
 from expertd.worker_http import HttpServing
 
@@ -88,6 +88,7 @@ class BatchServing(HttpServing):
             self.board.begin(started, self._timeouts.get(expert_name, self.config.timeout),
                              callers[0].request_id if callers else 0, expert_name)
             if callers:
+                IN_HAND[0], IN_HAND[1] = callers[0].log_id, None  # (an expert's failure line names the first)
                 if expert is not None and expert.batched:
                     try:
                         results = call_batch(expert, [member.call for member in callers], _failure)  # type: ignore[misc]

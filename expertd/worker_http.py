@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from expertd import accesslog, http, protocol, stage_timer
-from expertd.calls import Answering, _safe_str
+from expertd.calls import IN_HAND, Answering, _safe_str
 from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
 
@@ -148,6 +148,7 @@ class HttpServing(Answering):
             self._http_in = len(raw)
             request = http.parse_request(raw, self._http_id)
             self._http_id = request.request_id  # type: ignore[assignment]  (the caller's, if it sent one)
+            IN_HAND[0], IN_HAND[1] = self._http_id, None
             return request, None
         except http.HttpRefusal as refusal:
             return None, (*http.error_response(None, refusal, request_id=self._http_id), refusal.code)

@@ -3,13 +3,14 @@ debug is not drowned by libraries, and the latency histogram resolves fast exper
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, UnixHTTPConnection, wait_until
+from conftest import ROOT, UnixHTTPConnection, wait_until
 
 EXPERTS = {"echo": "testexperts:echo", "boom": "testexperts:boom", "spin": "logexperts:spin",
            "fails": "logexperts:fails", "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
@@ -85,21 +86,36 @@ def test_no_summary_line_when_it_is_off(make_daemon):
 
 def test_a_failing_expert_logs_its_traceback_once_per_exception_type_then_a_count(make_daemon):
     daemon = make_daemon(EXPERTS, workers=1)
+    first: dict[str, str] = {}  # exception kind -> the request id the client was told on its first failure
     with daemon.client() as client:
         for _ in range(100):
             for kind in ("value", "key"):
-                with pytest.raises(Exception, match="Error"):
+                with pytest.raises(Exception, match="Error") as raised:
                     client.call("fails", kind)
+                first.setdefault(kind, raised.value.request_id)
     assert daemon.stop() == 0  # (the worker writes the counts of what it left out as it exits)
     log = daemon.log
-    for error, line in (("ValueError: bad value", "the ValueError line"), ("KeyError: 'no such key'",
-                                                                            "the KeyError line")):
-        assert log.count(f"expert fails failed: {error}") == 2, log
-        assert f"expert fails failed: {error}\nTraceback (most recent call last):" in log
-        assert log.count(f"expert fails failed: {error} (99 more like this in the last 10s)") == 1
+    for kind, error, line in (("value", "ValueError: bad value", "the ValueError line"),
+                              ("key", "KeyError: 'no such key'", "the KeyError line")):
+        failed = re.escape("expert fails failed (request ") + r"[\w-]+" + re.escape(f"): {error}")
+        assert len(re.findall(failed + "\n", log)) == 1, log  # the line written at once...
+        assert len(re.findall(failed + re.escape(" (99 more like this in the last 10s)"), log)) == 1, log  # a count
+        # ... names the request the client was told about, and comes with its traceback.
+        assert f"expert fails failed (request {first[kind]}): {error}\nTraceback (most recent call last):" in log
         # The traceback names the expert's file and line, once.
         assert len(re.findall(r'File ".*logexperts\.py", line \d+, in fails\n.*' + line, log)) == 1, log
     assert "[WARNING] expertd.worker: expert fails failed" in log
+
+
+def test_an_experts_failure_in_the_json_log_carries_the_request_id_its_caller_was_told(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1, log_format="json")
+    with daemon.client() as client, pytest.raises(Exception, match="ValueError") as raised:
+        client.call("fails", "value")
+    assert wait_until(lambda: "expert fails failed" in daemon.log)
+    entries = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
+    failure = next(entry for entry in entries if "expert fails failed" in entry["message"])
+    assert failure["level"] == "warning" and failure["request_id"] == raised.value.request_id
+    assert "Traceback (most recent call last)" in failure["message"] + failure.get("exception", "")
 
 
 def test_debug_shows_the_experts_own_lines_not_the_libraries_debug(make_daemon):
