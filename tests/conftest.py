@@ -253,6 +253,18 @@ def channel():
     worker_end.close()
 
 
+def metrics_samples(daemon: Daemon) -> dict[str, float]:
+    """GET /metrics over the daemon's socket: each sample line's name and labels -> its value."""
+    conn = UnixHTTPConnection(daemon.socket)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def open_fds() -> set[int]:
     """The descriptors open in this process (found without opening one, as listing /proc/self/fd would)."""
     found = set()
@@ -265,4 +277,5 @@ def open_fds() -> set[int]:
     return found
 
 
-__all__ = ["Daemon", "UnixHTTPConnection", "open_fds", "raw_connection", "run_expertd", "wait_until", "write_config"]
+__all__ = ["Daemon", "UnixHTTPConnection", "metrics_samples", "open_fds", "raw_connection", "run_expertd", "wait_until",
+           "write_config"]

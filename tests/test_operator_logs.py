@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, UnixHTTPConnection, wait_until
+from conftest import ROOT, wait_until
+from conftest import metrics_samples as metrics
 
 EXPERTS = {"echo": "testexperts:echo", "boom": "testexperts:boom", "spin": "logexperts:spin",
            "fails": "logexperts:fails", "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
@@ -18,16 +19,6 @@ SUMMARY = re.compile(r"last \d+s: (\d+) requests(?: \(([^)]*)\))?"
                      r"(?:, median ([\d.]+) ms, 99th percentile ([\d.]+) ms)?")
 
 
-def metrics(daemon) -> dict[str, float]:
-    """GET /metrics: each sample's name and labels -> its value."""
-    conn = UnixHTTPConnection(daemon.socket)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def requests_total(daemon) -> int:

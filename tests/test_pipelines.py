@@ -23,7 +23,8 @@ import pytest
 from expertd import protocol
 from expertd.client import Client
 
-from conftest import Daemon, UnixHTTPConnection, raw_connection, run_expertd, wait_until, write_config
+from conftest import Daemon, raw_connection, run_expertd, wait_until, write_config
+from conftest import metrics_samples as metrics
 
 EXPERTS = {
     "language": "docexperts:language",
@@ -81,16 +82,6 @@ def timed(sock: socket.socket, target: str, document: dict) -> tuple[float, dict
     return time.monotonic() - began, value
 
 
-def metrics(daemon: Daemon) -> dict[str, float]:
-    """GET /metrics over the daemon's socket: each sample line's name and labels -> its value."""
-    conn = UnixHTTPConnection(daemon.socket)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def status(daemon: Daemon) -> dict:
