@@ -26,7 +26,7 @@ from expertd.batches import call_batch
 from expertd.config import Config
 from expertd.errors import BadRequest, BadResult, ExpertFailed, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.loader import LoadedExpert
-from expertd.logs import Throttle
+from expertd.logs import Throttle, one_line
 from expertd.metrics import AD_HOC, Recorder
 from expertd.scoreboard import SlotWriter
 
@@ -284,7 +284,8 @@ def _failure(expert: LoadedExpert, args: list, kwargs: dict, exc: BaseException)
         return failed  # (a pipeline's stage ran out of time: its caller gets a timeout, not a failure)
     # The operator's trace of it (the caller has the traceback too): rate-limited per expert and exception
     # type, so that an expert failing on every call writes a line group per interval and a count, not a flood.
-    message = failed.message if len(failed.message) <= _LOGGED_MESSAGE else failed.message[:_LOGGED_MESSAGE] + "..."
+    message = one_line(failed.message if len(failed.message) <= _LOGGED_MESSAGE
+                       else failed.message[:_LOGGED_MESSAGE] + "...")  # (it may quote a client's input)
     request = IN_HAND[0] if IN_HAND[1] is None else accesslog.msgpack_id(*IN_HAND)
     FAILURE_LOG.warning("expert %s failed (request %s): %s", expert.name, request, message,
                         cause=(expert.name, failed.remote_type), detail=failed.remote_traceback,

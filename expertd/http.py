@@ -38,6 +38,7 @@ import h11
 
 from expertd import accesslog
 from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError, UnknownExpert
+from expertd.http_hints import route_hint, with_hint  # noqa: F401  (re-exported: the HTTP front's words)
 from expertd.pipelines import ON_ERROR
 from expertd.protocol import MAX_CONTAINERS, MAX_MAP_ITEMS
 
@@ -206,7 +207,7 @@ def admit(head: Head, *, tcp: bool, token: str, public_health: bool = False) -> 
     http_listen it needs the bearer token, or without one a local Host, except
     GET /health and /metrics with ``public_health`` (load balancers, Prometheus).
     """
-    if not tcp or (public_health and head.route in PUBLIC_HEALTH_ROUTES and head.method == "GET"):
+    if not tcp or (public_health and head.route in PUBLIC_HEALTH_ROUTES and head.method in ("GET", "HEAD")):
         return
     if token:
         if not token_accepted(head.authorization, token):
@@ -441,34 +442,6 @@ def respond(request: Request | None, status: int, body: bytes, content_type: str
         data += connection.send(h11.Data(data=body))
     data += connection.send(h11.EndOfMessage())
     return data, connection.our_state is not h11.MUST_CLOSE
-
-
-def route_hint(route: str, name: str, body: Any, batched: bool, takes_one: bool) -> str | None:
-    """What to say after a ``bad_request`` of ``POST /ROUTE/NAME`` whose body suggests another route, or None.
-
-    A document (an object) sent to ``/call/NAME`` of an expert that takes one
-    argument is passed as keyword arguments: ``/opinion/NAME`` is what was
-    meant.  An array sent to ``/call/NAME`` of a batched expert is that many
-    arguments, not that many items: ``/map/NAME`` is for many items.  (Only
-    a failed call is looked at: successful ones cost nothing more.)
-    """
-    if route != "call":
-        return None
-    if isinstance(body, dict) and takes_one and not batched:
-        return (f"{name} takes one document: POST /opinion/{name} with the document as the body adds its opinion "
-                f"to it; POST /call/{name} passes an object's keys as keyword arguments (send [DOCUMENT] to pass "
-                "it as the one argument)")
-    if isinstance(body, list) and batched and len(body) != 1:
-        return (f"{name} is batched and takes one item a call: POST /call/{name} with [ITEM], or POST /map/{name} "
-                f"with the JSON array of items to have many at once")
-    return None
-
-
-def with_hint(error: RemoteError, hint: str) -> RemoteError:
-    """``error`` with ``hint`` after its message (the same class and expert)."""
-    hinted = type(error)(f"{error.message}; {hint}", remote_type=error.remote_type, expert=error.expert)
-    hinted.code = error.code
-    return hinted
 
 
 def error_status(error: RemoteError) -> int:

@@ -35,6 +35,15 @@ from expertd.metrics import CallCounts, quantile
 
 DEFAULT_INTERVAL = 10.0
 _MAX_CAUSES = 256  # past this many causes at once, causes fall back to their message template
+# Line breaks and other control characters, escaped in text a client may have chosen (an expert's exception
+# message can quote its input): a forged line must not read as a record of its own.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+DETAIL_PREFIX = "  | "  # before each line of a detail (a traceback): no continuation line can pass for a record
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and control characters escaped: one log line, whatever a client sent."""
+    return text.translate(_CONTROLS)
 
 
 @dataclass
@@ -71,9 +80,9 @@ class Throttle:
             extra: dict | None = None) -> None:
         """Log ``msg % args`` unless a line of the same cause went out less than ``interval`` ago.
 
-        ``detail`` (a traceback, say) follows the line on lines of its own when it goes out; the
-        count of those left out is one line, without it.  ``extra`` goes with the line written (a
-        request's id, for the JSON log), not with the count.
+        ``detail`` (a traceback, say) follows the line on lines of its own when it goes out, each
+        after DETAIL_PREFIX; the count of those left out is one line, without it.  ``extra`` goes
+        with the line written (a request's id, for the JSON log), not with the count.
         """
         if not self.logger.isEnabledFor(level):
             return
@@ -91,7 +100,8 @@ class Throttle:
             self._windows[key] = _Window(until=now + self.interval)
             self._next_flush = min(self._next_flush, now + self.interval)
             if detail:
-                self.logger.log(level, msg + "\n%s", *args, detail.rstrip("\n"), extra=extra)
+                lines = "\n".join(DETAIL_PREFIX + one_line(line) for line in detail.rstrip("\n").split("\n"))
+                self.logger.log(level, msg + "\n%s", *args, lines, extra=extra)
             else:
                 self.logger.log(level, msg, *args, extra=extra)
             return

@@ -7,7 +7,7 @@ import pytest
 from test_http import request
 
 from expertd.errors import BadRequest
-from expertd.http import route_hint, with_hint
+from expertd.http_hints import route_hint, with_hint
 
 from conftest import UnixHTTPConnection
 

@@ -95,7 +95,7 @@ def test_a_detail_goes_with_the_line_written_at_once_not_with_the_count(throttle
         throttle.warning("expert %s failed: %s", "f", i, cause=("f", "ValueError"), detail="Traceback ...\n  line 3\n")
     clock.now += 10
     throttle.flush()
-    assert lines() == ["expert f failed: 0\nTraceback ...\n  line 3",
+    assert lines() == ["expert f failed: 0\n  | Traceback ...\n  |   line 3",
                        "expert f failed: 2 (2 more like this in the last 10s)"]
 
 

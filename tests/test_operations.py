@@ -325,6 +325,7 @@ def test_public_health_serves_health_and_metrics_without_the_token_and_nothing_e
                      public_health="yes", public_status="no")
     foreground(ops, config)
     assert _http(port, "GET", "/health") == 200
+    assert _http(port, "HEAD", "/health") == 200  # (HEAD works wherever GET does: docs/http.md)
     assert _http(port, "GET", "/metrics") == 200
     assert _http(port, "GET", "/experts") == 401
     assert _http(port, "POST", "/call/add") == 401

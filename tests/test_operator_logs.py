@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from itertools import takewhile
 
 import pytest
 
@@ -14,7 +15,8 @@ from conftest import ROOT, wait_until
 from conftest import metrics_samples as metrics
 
 EXPERTS = {"echo": "testexperts:echo", "boom": "testexperts:boom", "spin": "logexperts:spin",
-           "fails": "logexperts:fails", "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
+           "fails": "logexperts:fails", "quotes": "logexperts:quotes",
+           "chatty": "logexperts:chatty", "imports": "logexperts:imports_libraries"}
 SUMMARY = re.compile(r"last \d+s: (\d+) requests(?: \(([^)]*)\))?"
                      r"(?:, median ([\d.]+) ms, 99th percentile ([\d.]+) ms)?")
 
@@ -92,10 +94,27 @@ def test_a_failing_expert_logs_its_traceback_once_per_exception_type_then_a_coun
         assert len(re.findall(failed + "\n", log)) == 1, log  # the line written at once...
         assert len(re.findall(failed + re.escape(" (99 more like this in the last 10s)"), log)) == 1, log  # a count
         # ... names the request the client was told about, and comes with its traceback.
-        assert f"expert fails failed (request {first[kind]}): {error}\nTraceback (most recent call last):" in log
+        assert f"expert fails failed (request {first[kind]}): {error}\n  | Traceback (most recent call last):" in log
         # The traceback names the expert's file and line, once.
         assert len(re.findall(r'File ".*logexperts\.py", line \d+, in fails\n.*' + line, log)) == 1, log
     assert "[WARNING] expertd.worker: expert fails failed" in log
+
+
+def test_a_client_cannot_forge_log_lines_through_an_experts_exception_message(make_daemon):
+    daemon = make_daemon(EXPERTS, workers=1)
+    forged = "2026-11-26 10:44:01,482 [3015] [INFO] expertd.master: FORGED"
+    with daemon.client() as client, pytest.raises(Exception, match="client said"):
+        client.call("quotes", f"hello\n{forged}\r\x1b[31m")
+    assert wait_until(lambda: "expert quotes failed" in daemon.log)
+    lines = daemon.log.splitlines()
+    assert not [line for line in lines if line.startswith(forged[:20])], daemon.log  # no line passes for a record
+    failure = next(line for line in lines if "expert quotes failed" in line)
+    assert failure.endswith(f"ValueError: client said: hello\\n{forged}\\r\\x1b[31m"), failure  # escaped, whole
+    assert "\x1b" not in daemon.log  # (no terminal escapes either)
+    # Every line of the traceback after it is marked as such: the forged text only ever follows the mark.
+    traceback = list(takewhile(lambda line: line.startswith("  | "), lines[lines.index(failure) + 1:]))
+    assert traceback[0] == "  | Traceback (most recent call last):"
+    assert traceback[-2:] == ["  | ValueError: client said: hello", f"  | {forged}\\r\\x1b[31m"], traceback
 
 
 def test_an_experts_failure_in_the_json_log_carries_the_request_id_its_caller_was_told(make_daemon):

@@ -19,6 +19,11 @@ def fails(kind="value"):
     raise ValueError("bad value")  # the ValueError line
 
 
+def quotes(text):
+    """Raise with the caller's text in the message (as many experts do: "cannot judge {text!r}")."""
+    raise ValueError("client said: " + text)
+
+
 def chatty():
     """Log at debug on libraries' loggers and on its own."""
     logging.getLogger("h5py._conv").debug("h5py debug: creating converter from 7 to 5")
