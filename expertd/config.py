@@ -40,7 +40,7 @@ from expertd.settings import (  # (re-exported: the table is part of what config
     SETTINGS,
     Setting,
 )
-from expertd.settings_types import OPTIONAL_PATH, PATH, PATHS, _Invalid
+from expertd.settings_types import ACCESS_LOG_PATH, OPTIONAL_PATH, PATH, PATHS, _Invalid
 from expertd.tokens import resolve_token
 
 MAX_PLANS = 1024  # Config.plan's memo is cleared past this: targets come from clients
@@ -248,13 +248,13 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
     for name, setting in _MAIN_KEYS.items():
         if overrides and overrides.get(name) is not None:
             value = _parse_setting(setting, overrides[name], f"command line {setting.flag}:")
-            if setting.type is PATH or (setting.type is OPTIONAL_PATH and value):
+            if setting.type is PATH or (setting.type in (OPTIONAL_PATH, ACCESS_LOG_PATH) and value not in ("", "-")):
                 value = os.path.abspath(value)
         else:
             raw = main.get(name, setting.default)
             value = _parse_setting(setting, raw, f"{path}: [{MAIN_SECTION}]")
-            if setting.type is PATH or (setting.type is OPTIONAL_PATH and value):
-                value = _resolve(value, base_dir)
+            if setting.type is PATH or (setting.type in (OPTIONAL_PATH, ACCESS_LOG_PATH) and value not in ("", "-")):
+                value = _resolve(value, base_dir)  # (relative to the config file, as every path in it)
             elif setting.type is PATHS:
                 value = [_resolve(item, base_dir) for item in value]
         setattr(config, name, value)

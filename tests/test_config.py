@@ -136,3 +136,12 @@ def test_access_and_connection_settings(short_dir):
                                           public_status="no", max_connections_per_uid="20")))
     assert (config.control_uids, config.control_gids, config.public_status) == ([0, 4242], [0], False)
     assert config.max_connections_per_uid == 20
+
+
+@pytest.mark.parametrize(("written", "expected"), [("logs/access.log", "{dir}/logs/access.log"), ("-", "-"), ("", "")])
+def test_a_relative_access_log_is_relative_to_the_config_file_like_every_path_in_it(short_dir, written, expected):
+    from expertd.config import load_config
+
+    config = short_dir / "access.conf"
+    config.write_text(f"[expertd]\naccess_log = {written}\n[expert:add]\nfunction = testexperts:add\n")
+    assert load_config(str(config)).access_log == expected.format(dir=short_dir)
