@@ -125,7 +125,7 @@ def test_an_experts_failure_in_the_json_log_carries_the_request_id_its_caller_wa
     entries = [json.loads(line) for line in daemon.log.splitlines() if line.startswith("{")]
     failure = next(entry for entry in entries if "expert fails failed" in entry["message"])
     assert failure["level"] == "warning" and failure["request_id"] == raised.value.request_id
-    assert "Traceback (most recent call last)" in failure["message"] + failure.get("exception", "")
+    assert "\n  | Traceback (most recent call last):\n" in failure["message"]  # (as documented: docs/logging.md)
 
 
 def test_debug_shows_the_experts_own_lines_not_the_libraries_debug(make_daemon):
