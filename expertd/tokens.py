@@ -20,6 +20,7 @@ No state: :func:`resolve_token` is a function of its arguments.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 
 from expertd.errors import ConfigError
@@ -60,7 +61,12 @@ def resolve_token(token: str, token_file: str, where: str, base_dir: str,
         except ValueError as exc:
             raise ConfigError(f"{where} token_file = {token_file}: {exc}") from None
         try:
-            with open(path, "rb") as handle:
+            # O_NONBLOCK: a FIFO (or a device) planted at the path must not hang start-up or a reload.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"{where} token_file = {token_file}: {path} is not a regular file; give the "
+                                      "path of a file that holds the token")
                 data = handle.read(_MAX_TOKEN_FILE + 1)
         except OSError as exc:
             raise ConfigError(f"{where} token_file = {token_file}: cannot read {path}: {exc.strerror}; check the "

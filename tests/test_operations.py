@@ -348,6 +348,14 @@ def test_an_unreadable_token_file_stops_start_up_with_one_line(short_dir):
     assert f"token_file = missing-token: cannot read {short_dir}/missing-token: No such file" in done.stderr
 
 
+def test_a_token_file_that_is_a_fifo_stops_start_up_at_once_with_one_line(short_dir):
+    os.mkfifo(short_dir / "token-fifo")  # (opened without O_NONBLOCK, it would wait for a writer forever)
+    config = write_config(short_dir, {"add": "testexperts:add"}, token_file="token-fifo")
+    done = run_expertd("--config", str(config), "--socket", str(short_dir / "t.sock"), timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "is not a regular file" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("token, token_file, environ, files, outcome", [
     ("", "", {}, {}, ""),
     ("", "", {"EXPERTD_TOKEN": TOKEN}, {}, TOKEN),
