@@ -188,6 +188,19 @@ def test_a_request_whose_worker_died_has_the_same_id_in_the_access_log_the_error
     assert wait_until(lambda: f"while serving request {line['request_id']}" in daemon.log), daemon.log
 
 
+def test_a_reply_the_caller_left_before_is_logged_under_the_request_id_of_its_access_line(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket))
+        sock.sendall(protocol.encode_frame(protocol.CALL, 7, msgpack.packb(["slow", [0.3], {}])))
+        time.sleep(0.1)  # (the worker has it)
+    (line,) = access_lines(log, 1)
+    assert line["request_id"].endswith("-7") and line["expert"] == "slow"
+    assert wait_until(lambda: "could not deliver the reply" in daemon.log), daemon.log
+    assert f"could not deliver the reply to request {line['request_id']}: " in daemon.log, daemon.log
+
+
 # ------------------------------------------------------------------------------------------ HTTP
 def test_http_requests_get_lines_in_json_with_status_and_their_request_id(make_daemon, short_dir):
     log = short_dir / "access.log"
@@ -458,3 +471,11 @@ def test_an_access_line_is_formatted_as_documented(json_format, target, status, 
 ])
 def test_a_tcp_peer_is_its_address_and_port(address, peer):
     assert accesslog.tcp_peer(address) == peer
+
+
+@pytest.mark.parametrize(("kind", "label"), [
+    (protocol.PING, "(ping)"), (protocol.STATUS, "(status)"), (protocol.LIST, "(list)"), (protocol.RELOAD, "(reload)"),
+    (protocol.STOP, "(stop)"), (protocol.SCALE, "(scale)")])
+def test_a_request_that_names_no_expert_is_named_by_its_kind(kind, label):
+    assert protocol.KIND_LABELS[kind] == label
+    assert protocol.KIND_NAMES[kind] == label[1:-1].upper()  # (one table: the refusals' "may not send STOP")
