@@ -42,6 +42,7 @@ class AccessLog:
         self.path = path
         self.json = json_format
         if path == "-":
+            # (The same plain write on stderr: a pipe whose reader lags blocks the writer, see docs/logging.md.)
             self.fd = 2
         else:
             self.fd = open_log_fd(path)
