@@ -142,9 +142,11 @@ class HttpServing(Answering):
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 limit = self._timeouts.get(framing.expert)  # (None: a pipeline's target, whose plan says)
+                # Before begin: a master that sees the request begin sees its route (it never saw a request
+                # taken while lingering: its access line names the route from here).
+                board.http_route(framing.route)
                 board.begin(started, self.config.expert_timeout(framing.expert or "") if limit is None else limit,
                             number, framing.expert or "")
-                board.http_route(framing.route)  # (the master never saw a request taken while lingering)
                 raw = protocol.recv_exact(conn, framing.size)
             self._http_in = len(raw)
             request = http.parse_request(raw, self._http_id)
