@@ -42,6 +42,7 @@ class AccessLog:
         self.path = path
         self.json = json_format
         if path == "-":
+            # (The same plain write on stderr: a pipe whose reader lags blocks the writer, see docs/logging.md.)
             self.fd = 2
         else:
             self.fd = open_log_fd(path)
@@ -151,7 +152,10 @@ def new_number() -> int:
 def peer_of(sock: Any) -> str:
     """Who is at the other end of a connection: ``uid=U,pid=P`` on a Unix socket (SO_PEERCRED), else HOST:PORT."""
     try:
-        if sock.family == socket.AF_UNIX:
+        # The kernel's word, not ``sock.family``: a worker wraps every connection handed to it as AF_UNIX
+        # (one object type, nothing asked per request), http_listen's TCP ones too.  Asked only when the
+        # access log is on, one system call a line.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_UNIX:
             pid, uid, _gid = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                  _CREDENTIALS.size))
             return unix_peer(uid, pid)

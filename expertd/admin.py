@@ -24,7 +24,7 @@ from expertd import __version__, http, protocol
 from expertd.backoff import Quarantines
 from expertd.connections import QUEUED
 from expertd.errors import AccessDenied, BadRequest, UnknownExpert
-from expertd.framing import KIND_NAMES, READ_KINDS
+from expertd.framing import READ_KINDS
 from expertd.logs import Summary, Throttle
 from expertd.metrics import Metrics
 from expertd.pool import BOOTING, LINGERING, Pool, WorkerSlot
@@ -73,7 +73,7 @@ class Admin:
             return None
         else:
             setting = "control requests need root, the daemon's user, or control_uids / control_gids"
-        name = KIND_NAMES.get(kind, f"0x{kind:02x}")
+        name = protocol.KIND_NAMES.get(kind, f"0x{kind:02x}")
         self.throttle.warning("control: refused %s from uid %d (pid %d): not in control_uids or control_gids",
                               name, uid, pid, cause=("control refused", uid))
         return AccessDenied(f"uid {uid} may not send {name} to this expertd ({setting}); "

@@ -114,7 +114,7 @@ class Answering:
             if kind != _PIPELINE:
                 outcome = "ok"
         except RemoteError as exc:
-            exc.request_id = f"{self._conn_id}-{request_id}"  # (accesslog.msgpack_id: matched to the logs' lines)
+            exc.request_id = accesslog.msgpack_id(self._conn_id, request_id)  # (matched to the logs' lines)
             reply_kind, reply = _ERROR, protocol.pack(exc.to_wire())
             outcome = exc.code
         if kind == _CALL or kind == _MAP:  # (a MAP counts as one request of its expert, whatever its items did)
@@ -127,11 +127,11 @@ class Answering:
             self._count_pipeline(label, outcome, elapsed)  # type: ignore[attr-defined]
         if self._access is not None:
             self._access.write(accesslog.msgpack_id(self._conn_id, request_id), accesslog.peer_of(conn), "msgpack",
-                               expert_name if expert_name is not None else _KIND_NAMES.get(kind), outcome, None,
+                               expert_name if expert_name is not None else _KIND_LABELS.get(kind), outcome, None,
                                time.monotonic() - started, _HEADER_SIZE + len(body), _HEADER_SIZE + len(reply))
         if self._debug and not close:
             log.debug("request %d %s %.3f ms %s", request_id,
-                      expert_name or {protocol.PING: "(ping)"}.get(kind, "?"),
+                      expert_name or _KIND_LABELS.get(kind, "?"),
                       (time.monotonic() - started) * 1000, outcome)
         return close, unsent
 
@@ -162,12 +162,19 @@ class Answering:
 
     def _deliver(self, conn: socket.socket, reply: bytes, request: object,
                  patience: float | None = None) -> tuple[bool, memoryview | None]:
-        """Write a reply: (close, the part the client did not take within ``patience`` (default: a moment))."""
+        """Write a reply: (close, the part the client did not take within ``patience`` (default: a moment)).
+
+        ``request``: its log id, or a msgpack frame's id on this worker's connection (made a log id only here,
+        should the write fail: the hot path formats nothing).
+        """
         self.board.writing()  # from here on, an error frame from the master would corrupt the stream
         try:
             unsent = _send_briefly(conn, reply, _WRITE_PATIENCE if patience is None else patience)
         except OSError as exc:
-            self._throttle.info("could not deliver the reply to request %s: %s", request, exc)
+            if request.__class__ is int:
+                request = accesslog.msgpack_id(self._conn_id, request)  # type: ignore[arg-type]
+            self._throttle.log(logging.INFO, "could not deliver the reply to request %s: %s", request, exc,
+                               extra={"request_id": request})
             return True, None
         if unsent is None:
             self.board.end()  # else it stays "writing" until the master has the rest
@@ -327,7 +334,7 @@ def _safe_traceback(exc: BaseException) -> str:
 _HEADER, _HEADER_SIZE, _MAGIC, _VERSION = protocol.HEADER, protocol.HEADER_SIZE, protocol.MAGIC, protocol.VERSION
 _CALL, _MAP, _RESULT, _ERROR = protocol.CALL, protocol.MAP, protocol.RESULT, protocol.ERROR
 _PIPELINE = protocol.PIPELINE
-_KIND_NAMES = {protocol.PING: "(ping)"}  # the access log's target for a request that names no expert
+_KIND_LABELS = protocol.KIND_LABELS  # the access log's target for a request that names no expert (PING)
 _TIMER_AT = stage_timer.ALARM_AT
 _ITEM_OK, _ITEM_FAILED = protocol.ITEM_OK, protocol.ITEM_FAILED
 _NOW = int(socket.MSG_DONTWAIT)  # (a plain int, as in expertd.worker)

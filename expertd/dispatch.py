@@ -358,6 +358,11 @@ class Dispatcher(BatchDispatching, Losses):
             slot.reclaim_sent = False
             self.lingering.add(slot)
             conn.to(CONN_LINGERING)
+            # What the master knew of its last request says nothing of the next ones, which the worker
+            # reads itself (if one dies with its worker, the scoreboard tells what it was: see
+            # Losses._request_of, which also zeroes frame_size; zeroed here, it would make the
+            # connection look new to accept's eviction of idle connections).
+            conn.http_id = conn.http_target = None
             # Its requests are the worker's now: an edge per request would wake the master for nothing.
             self.table.epoll.modify(conn.fd, ET_QUIET)
             if slot.leaving is not None or self.queue or slot.next_conn is not None or serving.stopping:

@@ -84,10 +84,10 @@ class Losses:
         # The expert whose call the worker died in (a served one only: names come from clients).
         # The name the worker decoded (on the scoreboard) over the master's hint from the header.
         blamed = (expert or (None if lingering else slot.conn.expert)) if serving else None  # type: ignore[union-attr]
+        lost = self._request_of(slot, lingering, request_id, expert) if serving else "-"
         if slot.leaving is not None:
             log.debug("worker %d (pid %d) %s (%s)", slot.number, slot.pid, how, slot.leaving)
         elif serving:
-            lost = lost_request_id(slot.conn, request_id, lingering)  # type: ignore[arg-type]
             log.error("worker %d (pid %d) %s while serving request %s", slot.number, slot.pid, how, lost,
                       extra={"request_id": lost})
         elif not self.serving.stopping:
@@ -107,10 +107,7 @@ class Losses:
                 self.table.rest(conn, self.serving.now)
                 self.table.recheck.append(conn)
             else:
-                log_id = lost_request_id(conn, request_id, lingering)
-                if lingering:
-                    conn.request_id, conn.expert = request_id, expert or None
-                self._answer_lost_request(conn, slot, how, writing, log_id, began or conn.queued_at)
+                self._answer_lost_request(conn, slot, how, writing, lost, began or conn.queued_at)
         slot.to(GONE)
         return blamed
 
@@ -138,6 +135,26 @@ class Losses:
             self.table.fail(conn, WorkerLost(f"the worker serving this request {how}; the request can be retried"),
                             started=started, log_id=log_id)
 
+    def _request_of(self, slot: WorkerSlot, lingering: bool, request_id: int, expert: str) -> str:
+        """The log id of the request ``slot``'s worker held when it died or timed out (its own access line is
+        never written), ``request_id`` and ``expert`` as the scoreboard shows them.
+
+        A request the worker took itself while lingering, which the master never saw, is recorded on the
+        connection as the worker wrote it on the scoreboard: a msgpack frame's id; an HTTP request's route
+        and own X-Request-Id, or else the number of the id the worker made for it; its size is not known (0).
+        """
+        conn = slot.conn
+        assert conn is not None
+        if lingering:
+            conn.request_id, conn.expert, conn.frame_size = request_id, expert or None, 0
+            if conn.speaks == "http":
+                route, caller_id = self.scoreboard.http_request(slot.board, request_id)
+                conn.http_id = caller_id or (accesslog.generated_id(request_id) if request_id else None)
+                conn.http_target = accesslog.target_of(route, expert or None) if route else None
+        elif conn.speaks == "http" and conn.http_id is None and request_id:
+            conn.http_id = accesslog.generated_id(request_id)  # (the id the worker made: its lines name it)
+        return ConnectionTable.log_id(conn)
+
     # ------------------------------------------------------------- timeouts
     def expire(self, now: float) -> None:
         """Kill workers past their request's timeout (busy: by the master's deadline; lingering: by the scoreboard)."""
@@ -150,12 +167,11 @@ class Losses:
             self.next_deadline = min((slot.deadline for slot in self.pool.workers.values()
                                       if slot.state == WORKER_BUSY), default=_NEVER)
         for slot in list(self.lingering):
-            began, timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
+            began, timeout = self.scoreboard.read(slot.board)[:2]
             # The scoreboard is read without a lock; as a second line of defence against a
             # read that overlapped a write, act only on a request seen overdue at two scans.
             if began and timeout > 0 and now > began + timeout:
                 if slot.overdue == began and slot.conn is not None:
-                    slot.conn.request_id, slot.conn.expert = request_id, expert or None
                     self._time_out(slot)
                 slot.overdue = began
             else:
@@ -164,24 +180,13 @@ class Losses:
     def _time_out(self, slot: WorkerSlot) -> None:
         conn = slot.conn
         assert conn is not None
-        lost = lost_request_id(conn, self.scoreboard.read(slot.board)[2], slot.state == LINGERING)
+        _began, _timeout, request_id, _writing, expert = self.scoreboard.read(slot.board)
+        lost = self._request_of(slot, slot.state == LINGERING, request_id, expert)
         log.error("worker %d (pid %d) exceeded the %gs timeout of %s (request %s); killing and replacing it",
                   slot.number, slot.pid, self.serving.config.expert_timeout(conn.expert or ""),
                   conn.expert or "(request)", lost, extra={"request_id": lost})
         self.pool.leave(slot, "timed out", override=True)
         self.kill_and_reap(slot)
-
-
-def lost_request_id(conn: Connection, board_request_id: int, lingering: bool) -> str:
-    """The log id of the request a worker held when it died or timed out (the worker's access line is never
-    written): the master's own record of it, or for one served on a lingering connection (which the master did
-    not see) what the worker wrote on the scoreboard: the frame's id, or the number of the id it made for an
-    HTTP request (one that brought its own X-Request-Id is then named by that number: see docs/logging.md)."""
-    if conn.speaks == "http":
-        if conn.http_id is not None and not lingering:
-            return conn.http_id
-        return accesslog.generated_id(board_request_id) if board_request_id else "-"
-    return accesslog.msgpack_id(conn.conn_id, board_request_id if lingering else conn.request_id)
 
 
 def still_unread(conn: Connection) -> bool:

@@ -25,8 +25,6 @@ MSGPACK, HTTP = "msgpack", "http"
 # kind (RELOAD, STOP, SCALE, any added later) needs control_uids / control_gids.
 READ_KINDS = frozenset({protocol.STATUS, protocol.LIST})
 MASTER_KINDS = protocol.CONTROL_KINDS | {protocol.LIST}  # answered by the master, never a worker
-KIND_NAMES = {protocol.STATUS: "STATUS", protocol.LIST: "LIST", protocol.RELOAD: "RELOAD", protocol.STOP: "STOP",
-              protocol.SCALE: "SCALE"}
 BAD_MAGIC = ("bad frame magic: this socket speaks the expertd protocol (expertd --help-topic protocol) and HTTP "
              "(expertd --help-topic http)")
 

@@ -350,7 +350,7 @@ class Intake:
             refusal.request_id = self.table.log_id(conn)
             reply = protocol.encode_error(request_id, refusal)
             if accesslog.LOG is not None:
-                self.table.log_access(conn, refusal.request_id, refusal.code, reply, target=_control_name(kind))
+                self.table.log_access(conn, refusal.request_id, refusal.code, reply, target=_label(kind))
             self.table.answer(conn, reply)
             return
         if kind == protocol.RELOAD:
@@ -365,7 +365,7 @@ class Intake:
             return
         frame = protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply))
         if accesslog.LOG is not None:
-            self.table.log_access(conn, self.table.log_id(conn), "ok", frame, target=_control_name(kind))
+            self.table.log_access(conn, self.table.log_id(conn), "ok", frame, target=_label(kind))
         self.table.send_reply(conn, frame)
         if after is not None:
             after()
@@ -404,10 +404,6 @@ class Intake:
                 self.table.close(conn)
 
 
-def _control_name(kind: int) -> str:
-    """What the access log names for a request of the master's (status, list, reload...)."""
-    return f"({_KIND_NAMES.get(kind, kind)})"
-
-
-_KIND_NAMES = {protocol.LIST: "list", protocol.STATUS: "status", protocol.RELOAD: "reload", protocol.STOP: "stop",
-               protocol.SCALE: "workers"}
+def _label(kind: int) -> str:
+    """What the access log names a request of the master's: "(status)", "(reload)"... (see protocol.KIND_LABELS)."""
+    return protocol.KIND_LABELS.get(kind, "(?)")

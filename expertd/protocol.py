@@ -50,6 +50,11 @@ STOP = 0x12
 SCALE = 0x13
 CONTROL_KINDS = frozenset({STATUS, RELOAD, STOP, SCALE})
 REQUEST_KINDS = frozenset({CALL, PING, LIST, MAP, PIPELINE}) | CONTROL_KINDS
+# Each request kind's name, as the daemon's messages say it ("uid 1000 may not send STOP").
+KIND_NAMES = {CALL: "CALL", PING: "PING", LIST: "LIST", MAP: "MAP", PIPELINE: "PIPELINE", STATUS: "STATUS",
+              RELOAD: "RELOAD", STOP: "STOP", SCALE: "SCALE"}
+# What the logs name a request that names no expert (the access log's target, a debug line): "(ping)", "(stop)"...
+KIND_LABELS = {kind: f"({name.lower()})" for kind, name in KIND_NAMES.items()}
 # Reply kinds (daemon -> client).
 RESULT = 0x80
 ERROR = 0x81

@@ -282,7 +282,7 @@ class Reloads:
             frame = protocol.encode_frame(protocol.RESULT, request_id, protocol.pack(reply))
             if accesslog.LOG is not None:
                 self.table.log_access(conn, accesslog.msgpack_id(conn.conn_id, request_id),
-                                      "ok", frame, target="(reload)")
+                                      "ok", frame, target=protocol.KIND_LABELS[protocol.RELOAD])
             self.table.answer(conn, frame)
 
     # ----------------------------------------------------------- parents

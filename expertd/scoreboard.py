@@ -4,7 +4,9 @@ An anonymous shared memory map created by the master before it forks any
 worker (so every worker inherits the same pages).  The master writes how many
 requests are waiting; each worker writes, in its own slot, the request it is
 serving, when it began and its timeout, and whether it has begun writing the
-reply.  Reading or writing it is a memory access, not a system call, which is
+reply; for an HTTP request, its route and the caller's own X-Request-Id (the
+master names a request a lingering worker took itself by them, should the
+worker die or time out).  Reading or writing it is a memory access, not a system call, which is
 what lets a worker serve a connection's next request directly (see
 :mod:`expertd.worker`, "lingering") while the master still enforces timeouts
 and knows whether an error frame may be sent.
@@ -26,13 +28,20 @@ _HEADER = struct.Struct("=Id")  # requests waiting in the master's queue; linger
 _PAUSED = struct.Struct("=d")
 _COUNT = struct.Struct("=I")
 # began (monotonic, 0 = idle), timeout, request id, writing, expert, requests served by the worker in
-# all, next connection waiting in the worker's channel
-_SLOT = struct.Struct("=ddIB47sIB7x")
+# all, next connection waiting in the worker's channel; then, HTTP only: the request's route, and the caller's
+# X-Request-Id with the request number it belongs to (a stale one, of an earlier request, shows another number)
+_SLOT = struct.Struct("=ddIB47sIB7x8sI64s4x")
+_SERVING = struct.Struct("=ddIB47s")  # the slot's first fields (see read)
 _REQUESTS = struct.Struct("=I")
 _BEGAN = struct.Struct("=d")
 _TAIL = struct.Struct("=dIB47s")
 _REQUESTS_AT = 68
 _NEXT_AT = 72
+_ROUTE_AT = 80
+_CALLER_AT = 88
+_CALLER = struct.Struct("=I64s")
+ROUTE_SIZE = 8  # bytes of an HTTP route's name ("pipeline" is the longest)
+CALLER_ID_SIZE = 64  # the longest X-Request-Id kept (accesslog.request_id_of): a slot holds it whole
 _IDLE = _BEGAN.pack(0.0)
 MAX_SLOTS = 4096
 EXPERT_SIZE = 47  # bytes of an expert's name kept in a slot
@@ -73,8 +82,17 @@ class Scoreboard:
 
     def read(self, slot: int) -> tuple[float, float, int, bool, str]:
         """``(began, timeout, request_id, writing, expert)``; began is 0.0 when the worker is not serving."""
-        began, timeout, request_id, writing, expert, _requests, _next = _SLOT.unpack_from(self._map, self._offset(slot))
+        began, timeout, request_id, writing, expert = _SERVING.unpack_from(self._map, self._offset(slot))
         return began, timeout, request_id, bool(writing), expert.rstrip(b"\0").decode("utf-8", "replace")
+
+    def http_request(self, slot: int, request_id: int) -> tuple[str | None, str | None]:
+        """``(route, caller's id)`` of the HTTP request ``request_id`` (the scoreboard's request number) the
+        worker in ``slot`` serves, as far as it wrote them: None for what it did not (yet)."""
+        offset = self._offset(slot)
+        route = self._map[offset + _ROUTE_AT : offset + _ROUTE_AT + ROUTE_SIZE].rstrip(b"\0").decode("ascii", "replace")
+        number, caller = _CALLER.unpack_from(self._map, offset + _CALLER_AT)
+        caller_id = caller.rstrip(b"\0").decode("ascii", "replace") if number == request_id and caller[0] else None
+        return route or None, caller_id
 
     def slot(self, slot: int) -> SlotWriter:
         """The writer a worker uses for its own slot."""
@@ -93,7 +111,7 @@ class Scoreboard:
 class SlotWriter:
     """One worker's slot, written by that worker on every request (so: no lookups on the way)."""
 
-    __slots__ = ("_began", "_expert", "_map", "_next", "_requests", "_tail", "_writing")
+    __slots__ = ("_began", "_caller", "_expert", "_map", "_next", "_requests", "_route", "_tail", "_writing")
 
     def __init__(self, shared: mmap.mmap, offset: int) -> None:
         self._map = shared
@@ -103,6 +121,8 @@ class SlotWriter:
         self._expert = slice(offset + 21, offset + 21 + EXPERT_SIZE)
         self._next = offset + _NEXT_AT
         self._requests = slice(offset + _REQUESTS_AT, offset + _REQUESTS_AT + 4)
+        self._route = slice(offset + _ROUTE_AT, offset + _ROUTE_AT + ROUTE_SIZE)
+        self._caller = slice(offset + _CALLER_AT, offset + _CALLER_AT + _CALLER.size)
 
     def begin(self, began: float, timeout: float, request_id: int, expert: str) -> None:
         """The worker took a request out of its socket (or the master's frame)."""
@@ -110,6 +130,18 @@ class SlotWriter:
         # timeout too.
         self._map[self._tail] = _TAIL.pack(timeout, request_id, 0, expert.encode("utf-8", "replace")[:47])
         self._map[self._began] = _BEGAN.pack(began)
+
+    def http_route(self, route: str) -> None:
+        """The HTTP request in hand came on ``route`` ("call", "opinion"...): its access line names it."""
+        self._map[self._route] = route.encode("ascii", "replace")[:ROUTE_SIZE].ljust(ROUTE_SIZE, b"\0")
+
+    def caller_id(self, request_id: int, caller_id: str) -> None:
+        """The HTTP request ``request_id`` (its number on the scoreboard) brought its own X-Request-Id.
+
+        Written only for those: the request number tells the master whether what it reads is this
+        request's (requests without one of their own are named by their number).
+        """
+        self._map[self._caller] = _CALLER.pack(request_id, caller_id.encode("ascii", "replace")[:CALLER_ID_SIZE])
 
     def running(self, expert: bytes) -> None:
         """The request in hand runs ``expert`` now (a pipeline's, one after another): a crash is charged to it.

@@ -173,7 +173,7 @@ class BatchServing(HttpServing):
                     reply_kind, reply = _ERROR, protocol.pack(member.error.to_wire())
                     outcome = member.error.code
                 frame = protocol.pack_header(reply_kind, member.request_id, len(reply)) + reply
-                member.close, member.unsent = self._deliver(member.conn, frame, member.request_id, patience=0.0)
+                member.close, member.unsent = self._deliver(member.conn, frame, member.log_id, patience=0.0)
                 response, target = frame, expert_name or None
             self.recorder.record(expert_name or None, outcome, elapsed)
             if self._access is not None:  # (a member's time is the batch's: one call served them all)

@@ -142,12 +142,17 @@ class HttpServing(Answering):
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 limit = self._timeouts.get(framing.expert)  # (None: a pipeline's target, whose plan says)
+                # Before begin: a master that sees the request begin sees its route (it never saw a request
+                # taken while lingering: its access line names the route from here).
+                board.http_route(framing.route)
                 board.begin(started, self.config.expert_timeout(framing.expert or "") if limit is None else limit,
                             number, framing.expert or "")
                 raw = protocol.recv_exact(conn, framing.size)
             self._http_in = len(raw)
             request = http.parse_request(raw, self._http_id)
-            self._http_id = request.request_id  # type: ignore[assignment]  (the caller's, if it sent one)
+            if request.request_id != self._http_id:  # the caller's own: the master must name it so too
+                self._http_id = request.request_id  # type: ignore[assignment]
+                board.caller_id(number, self._http_id)
             IN_HAND[0], IN_HAND[1] = self._http_id, None
             return request, None
         except http.HttpRefusal as refusal:

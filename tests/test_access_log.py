@@ -27,6 +27,7 @@ from test_batching import free_port, in_one_batch, post, tagged
 
 from expertd import accesslog, protocol
 from expertd.errors import ExpertFailed, FrameTooLarge, RequestTimeout, UnknownExpert, WorkerLost
+from expertd.scoreboard import Scoreboard
 
 from conftest import ROOT, UnixHTTPConnection, run_expertd, wait_until, write_config
 
@@ -187,6 +188,19 @@ def test_a_request_whose_worker_died_has_the_same_id_in_the_access_log_the_error
     assert wait_until(lambda: f"while serving request {line['request_id']}" in daemon.log), daemon.log
 
 
+def test_a_reply_the_caller_left_before_is_logged_under_the_request_id_of_its_access_line(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket))
+        sock.sendall(protocol.encode_frame(protocol.CALL, 7, msgpack.packb(["slow", [0.3], {}])))
+        time.sleep(0.1)  # (the worker has it)
+    (line,) = access_lines(log, 1)
+    assert line["request_id"].endswith("-7") and line["expert"] == "slow"
+    assert wait_until(lambda: "could not deliver the reply" in daemon.log), daemon.log
+    assert f"could not deliver the reply to request {line['request_id']}: " in daemon.log, daemon.log
+
+
 # ------------------------------------------------------------------------------------------ HTTP
 def test_http_requests_get_lines_in_json_with_status_and_their_request_id(make_daemon, short_dir):
     log = short_dir / "access.log"
@@ -234,6 +248,84 @@ def test_http_requests_get_lines_in_json_with_status_and_their_request_id(make_d
         entry = json.loads(line)
         assert {"time", "level", "pid", "logger", "message"} <= set(entry), line
         assert TIME.match(entry["time"]), line
+
+
+def test_http_calls_a_worker_answers_on_http_listen_name_the_callers_address(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    port = free_port()
+    make_daemon(access_log=log, http_listen=f"127.0.0.1:{port}", token=TOKEN, workers=1, linger="2s")
+    tcp = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # The first call is handed to the worker; the second comes on the connection the worker kept.
+    for numbers in ([2, 3], [4, 5]):
+        answer, body = http_exchange(tcp, "POST", "/call/add", json.dumps(numbers).encode(), auth)
+        assert answer.status == 200 and json.loads(body) == sum(numbers)
+    local_port = tcp.sock.getsockname()[1]
+    tcp.close()
+    lines = access_lines(log, 2)
+    assert [(line["expert"], line["code"], line["status"]) for line in lines] == [("/call/add", "ok", 200)] * 2
+    assert [line["peer"] for line in lines] == [f"127.0.0.1:{local_port}"] * 2
+
+
+def test_a_callers_request_id_survives_its_worker_dying_on_a_kept_http_connection(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1, linger="2s")
+    unix = UnixHTTPConnection(daemon.socket)
+    first, _ = http_exchange(unix, "POST", "/map/add", b"[1, 2]")
+    assert first.status == 200
+    # The worker lingers on the connection: it, not the master, reads the next request.
+    died, body = http_exchange(unix, "POST", "/call/kill_worker", b"[]", {"X-Request-Id": "my-caller-id"})
+    unix.close()
+    assert died.status >= 500 and json.loads(body)["error"]["code"] == "worker_lost", body
+    assert died.getheader("X-Request-Id") == "my-caller-id"
+    _, line = access_lines(log, 2)
+    assert (line["request_id"], line["expert"], line["code"]) == ("my-caller-id", "/call/kill_worker", "worker_lost")
+    assert line["bytes_in"] == 0  # (the master did not see this request: its size is not known)
+    assert wait_until(lambda: "while serving request my-caller-id" in daemon.log), daemon.log
+
+
+def test_a_request_without_an_id_dying_on_a_kept_http_connection_is_named_by_the_id_it_was_given(
+        make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1, linger="2s")
+    unix = UnixHTTPConnection(daemon.socket)
+    first, _ = http_exchange(unix, "POST", "/call/add", b"[1, 2]", {"X-Request-Id": "the-first-one"})
+    assert first.status == 200
+    died, _ = http_exchange(unix, "POST", "/call/kill_worker", b"[]")
+    unix.close()
+    made = died.getheader("X-Request-Id")
+    assert made and made != "the-first-one"
+    _, line = access_lines(log, 2)
+    assert (line["request_id"], line["expert"], line["code"]) == (made, "/call/kill_worker", "worker_lost")
+    assert wait_until(lambda: f"while serving request {made}" in daemon.log), daemon.log
+
+
+def test_a_callers_request_id_survives_a_timeout_on_a_kept_http_connection(make_daemon, short_dir):
+    log = short_dir / "access.log"
+    daemon = make_daemon(access_log=log, workers=1, linger="2s", timeout="0.5s")
+    unix = UnixHTTPConnection(daemon.socket)
+    first, _ = http_exchange(unix, "POST", "/call/add", b"[1, 2]", {"X-Request-Id": "the-first-one"})
+    assert first.status == 200
+    slow, _ = http_exchange(unix, "POST", "/call/slow", b"[10]", {"X-Request-Id": "my-slow-id"})
+    unix.close()
+    assert slow.status == 504 and slow.getheader("X-Request-Id") == "my-slow-id"
+    _, line = access_lines(log, 2)
+    assert (line["request_id"], line["expert"], line["code"]) == ("my-slow-id", "/call/slow", "timeout")
+    assert wait_until(lambda: "timeout of slow (request my-slow-id)" in daemon.log), daemon.log
+
+
+def test_the_scoreboard_names_a_callers_id_only_for_the_request_it_came_with():
+    board = Scoreboard(2)
+    writer = board.slot(1)
+    writer.begin(1.0, 5.0, 77, "fib")
+    assert board.http_request(1, 77) == (None, None)  # (nothing written yet)
+    writer.http_route("opinion")
+    writer.caller_id(77, "c" * 64)
+    assert board.http_request(1, 77) == ("opinion", "c" * 64)
+    writer.begin(2.0, 5.0, 78, "fib")  # the next request, without an id of its own: the old one is not its
+    writer.http_route("call")
+    assert board.http_request(1, 78) == ("call", None)
+    assert board.read(1) == (2.0, 5.0, 78, False, "fib") and board.http_request(0, 0) == (None, None)
 
 
 def test_http_bytes_in_and_out_are_what_went_over_the_socket(make_daemon, short_dir):
@@ -379,3 +471,11 @@ def test_an_access_line_is_formatted_as_documented(json_format, target, status, 
 ])
 def test_a_tcp_peer_is_its_address_and_port(address, peer):
     assert accesslog.tcp_peer(address) == peer
+
+
+@pytest.mark.parametrize(("kind", "label"), [
+    (protocol.PING, "(ping)"), (protocol.STATUS, "(status)"), (protocol.LIST, "(list)"), (protocol.RELOAD, "(reload)"),
+    (protocol.STOP, "(stop)"), (protocol.SCALE, "(scale)")])
+def test_a_request_that_names_no_expert_is_named_by_its_kind(kind, label):
+    assert protocol.KIND_LABELS[kind] == label
+    assert protocol.KIND_NAMES[kind] == label[1:-1].upper()  # (one table: the refusals' "may not send STOP")

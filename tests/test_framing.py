@@ -190,7 +190,7 @@ def test_status_and_list_with_no_body_are_a_header_alone(kind):
 @pytest.mark.parametrize("kind", [protocol.RELOAD, protocol.STOP, protocol.SCALE])
 def test_control_kinds_are_the_masters_and_need_more_than_read_access(kind):
     assert kind in framing.MASTER_KINDS and kind not in framing.READ_KINDS
-    assert kind in framing.KIND_NAMES
+    assert kind in protocol.KIND_NAMES
 
 
 @pytest.mark.parametrize("kind", [0x00, 0x06, 0x0F, 0x14, 0x42, protocol.RESULT, protocol.ERROR, 0xFF])
