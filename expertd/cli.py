@@ -40,7 +40,7 @@ from expertd.cli_documents import (
 )
 from expertd.cli_lines import document_lines
 from expertd.client import Client, default_socket
-from expertd.errors import ConnectError, ExpertdError, RemoteError
+from expertd.errors import ConnectError, ExpertdError, RemoteError, RequestTimeout
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -198,7 +198,12 @@ _POLL = 0.1  # seconds between looks at the daemon while reload or stop waits
 
 def _cmd_reload(client: Client, options: argparse.Namespace) -> int:
     deadline = time.monotonic() + options.timeout
-    reply = client.reload()  # answered once the new generation has loaded, or failed to
+    try:
+        reply = client.reload()  # answered once the new generation has loaded, or failed to
+    except RequestTimeout:  # (the daemon answers a failed load with last_reload: this is our own wait)
+        print(f"expertctl: no reply to the reload within --timeout ({options.timeout:g}s): expertd may still be "
+              f"loading, and the reload may yet succeed; `expertctl status` shows how it goes", file=sys.stderr)
+        return EXIT_TIMEOUT
     number = reply.get("reload")  # (None from a daemon older than the wait)
     last = reply.get("last_reload") or {}
     if reply.get("reloading"):
@@ -301,8 +306,9 @@ def _document_options(command: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.",
                                      epilog="`expertctl COMMAND --help` explains a command and its arguments. Exit "
-                                            "status: 0 done, 1 an error of the daemon, an expert or the input, 2 a "
-                                            "bad command line, 3 no daemon reached.")
+                                            "status: 0 done, 1 an error of the daemon, an expert or the input (or a "
+                                            "failed reload), 2 a bad command line, 3 no daemon reached, 4 reload "
+                                            "or stop not ended within --timeout.")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     parser.add_argument("--socket", "-s", metavar="PATH",
                         help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")
