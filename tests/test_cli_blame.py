@@ -102,3 +102,28 @@ def test_expertctl_help_lists_every_exit_status_timed_out_too():
 
     text = " ".join(build_parser().format_help().split())
     assert "3 no daemon reached, 4 reload or stop not ended within --timeout" in text
+
+
+def test_the_progress_line_counts_bytes_read_as_the_inputs_size_does(make_daemon, short_dir):
+    """Non-ASCII documents: the share read ends at 100% of the file's bytes (not short of it, as characters were)."""
+    import io
+
+    from expertd.cli_documents import STOP, Progress, Tally, input_size
+    from expertd.cli_lines import _Stream
+    from expertd.cli_windows import window_lines
+
+    daemon = make_daemon(EXPERTS)
+    path = short_dir / "docs.jsonl"
+    path.write_text("".join(json.dumps({"n": n, "text": "é€😀" * 20}, ensure_ascii=False) + "\n" for n in range(30)),
+                    encoding="utf-8")
+    size = path.stat().st_size
+    for stream in ("windows", "pipeline"):
+        with open(path, encoding="utf-8") as source, daemon.client() as client:
+            progress = Progress(io.StringIO(), input_size(source))
+            assert progress.total == size
+            if stream == "windows":
+                window_lines(client, ["tlen"], {"tlen"}, 4, source, io.StringIO(), 2, Tally(STOP, progress))
+            else:
+                _Stream(client, "echo", {"on_error": "stop"}, Tally(STOP, progress), 2, progress).run(source,
+                                                                                                       io.StringIO())
+        assert (stream, progress.count, progress.taken) == (stream, 30, size)
