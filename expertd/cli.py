@@ -35,12 +35,12 @@ from expertd.cli_documents import (
     dumps,
     load_document,
     one_document,
-    plural,
     stages_of,
 )
 from expertd.cli_lines import document_lines
 from expertd.client import Client, default_socket
 from expertd.errors import ConnectError, ExpertdError, RemoteError, RequestTimeout
+from expertd.text import interval_summary, plural
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -152,11 +152,7 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     print(f"experts: {', '.join(status['experts'])}")
     last = status.get("last_interval")  # (the log summary's last interval; an older daemon sends none)
     if last:
-        outcomes = ", ".join(f"{code}: {count}" for code, count in last["outcomes"].items())
-        latency = (f", median {last['median_ms']:.3f} ms, 99th percentile {last['p99_ms']:.3f} ms"
-                   if last["median_ms"] is not None else "")
-        print(f"last {last['seconds']:.0f}s: {last['requests']} requests" + (f" ({outcomes})" if outcomes else "")
-              + latency + (f", {last['pipeline_requests']} pipeline requests" if last["pipeline_requests"] else ""))
+        print(interval_summary(last))  # (the words of the summary's log line)
     for quarantine in status.get("quarantined", ()):  # (an older daemon sends none)
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
               f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "

@@ -20,6 +20,7 @@ import time
 
 from expertd.client import Client
 from expertd.errors import ProtocolError, RemoteError, error_from_wire
+from expertd.text import plural
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -242,10 +243,6 @@ class Tally:
             return (f"expertctl: {self.with_errors} of {plural(self.written, 'document')} written with errors "
                     f"(under errors.NAME)")
         return None
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _clock(seconds: float) -> str:
