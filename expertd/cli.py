@@ -283,7 +283,8 @@ _FAILURES = (" An expert's failure stops the document where it failed (on_error 
              "line (skip; the exit status is then 1), or is written with its errors (record: a line that is not "
              "a JSON object becomes {\"errors\": {\"_input\": {code, message, line}}}, a document refused as a "
              "whole gets errors._request). A count of the documents skipped or written with errors ends "
-             "stderr. Failures that are no document's own (unknown names, a lost daemon) stop it either way. "
+             "stderr. Failures that are no document's own (unknown names, a bad target, a lost daemon) stop it either "
+             "way, with one line. "
              "With --lines, a progress line (with the share read and the time left when stdin is a file) is "
              "shown when stderr is a terminal and stdout is not.")
 
