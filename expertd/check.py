@@ -30,6 +30,7 @@ from expertd import protocol, runtimes
 from expertd.config import Config
 from expertd.errors import ExpertLoadError
 from expertd.loader import LoadedExpert, describe_exception, run_after_fork
+from expertd.text import plural
 
 
 def trial_worker(config: Config, experts: dict[str, LoadedExpert]) -> list[str]:
@@ -110,8 +111,7 @@ def _child(config: Config, experts: dict[str, LoadedExpert], pipe: int) -> int:
         return 0
     models = len(next(iter(experts.values())).models) if experts else 0
     hooks = len({id(e.after_fork) for e in experts.values() if e.after_fork is not None})
-    say("ok", f"trial worker: {models} model{'s' * (models != 1)} loaded, {hooks} after_fork "
-              f"hook{'s' * (hooks != 1)} ran")
+    say("ok", f"trial worker: {plural(models, 'model')} loaded, {plural(hooks, 'after_fork hook')} ran")
     called, untried = [], []
     for name, expert in experts.items():
         if not expert.example:

@@ -35,12 +35,12 @@ from expertd.cli_documents import (
     dumps,
     load_document,
     one_document,
-    plural,
     stages_of,
 )
 from expertd.cli_lines import document_lines
 from expertd.client import Client, default_socket
-from expertd.errors import ConnectError, ExpertdError, RemoteError
+from expertd.errors import ConnectError, ExpertdError, RemoteError, RequestTimeout
+from expertd.text import interval_summary, plural
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -152,11 +152,7 @@ def _cmd_status(client: Client, options: argparse.Namespace) -> int:
     print(f"experts: {', '.join(status['experts'])}")
     last = status.get("last_interval")  # (the log summary's last interval; an older daemon sends none)
     if last:
-        outcomes = ", ".join(f"{code}: {count}" for code, count in last["outcomes"].items())
-        latency = (f", median {last['median_ms']:.3f} ms, 99th percentile {last['p99_ms']:.3f} ms"
-                   if last["median_ms"] is not None else "")
-        print(f"last {last['seconds']:.0f}s: {last['requests']} requests" + (f" ({outcomes})" if outcomes else "")
-              + latency + (f", {last['pipeline_requests']} pipeline requests" if last["pipeline_requests"] else ""))
+        print(interval_summary(last))  # (the words of the summary's log line)
     for quarantine in status.get("quarantined", ()):  # (an older daemon sends none)
         print(f"quarantined: {quarantine['expert']} (its calls kept killing workers) until "
               f"{time.strftime('%H:%M:%S', time.localtime(quarantine['until']))}, "
@@ -198,7 +194,12 @@ _POLL = 0.1  # seconds between looks at the daemon while reload or stop waits
 
 def _cmd_reload(client: Client, options: argparse.Namespace) -> int:
     deadline = time.monotonic() + options.timeout
-    reply = client.reload()  # answered once the new generation has loaded, or failed to
+    try:
+        reply = client.reload()  # answered once the new generation has loaded, or failed to
+    except RequestTimeout:  # (the daemon answers a failed load with last_reload: this is our own wait)
+        print(f"expertctl: no reply to the reload within --timeout ({options.timeout:g}s): expertd may still be "
+              f"loading, and the reload may yet succeed; `expertctl status` shows how it goes", file=sys.stderr)
+        return EXIT_TIMEOUT
     number = reply.get("reload")  # (None from a daemon older than the wait)
     last = reply.get("last_reload") or {}
     if reply.get("reloading"):
@@ -282,7 +283,8 @@ _FAILURES = (" An expert's failure stops the document where it failed (on_error 
              "line (skip; the exit status is then 1), or is written with its errors (record: a line that is not "
              "a JSON object becomes {\"errors\": {\"_input\": {code, message, line}}}, a document refused as a "
              "whole gets errors._request). A count of the documents skipped or written with errors ends "
-             "stderr. Failures that are no document's own (unknown names, a lost daemon) stop it either way. "
+             "stderr. Failures that are no document's own (unknown names, a bad target, a lost daemon) stop it either "
+             "way, with one line. "
              "With --lines, a progress line (with the share read and the time left when stdin is a file) is "
              "shown when stderr is a terminal and stdout is not.")
 
@@ -301,8 +303,9 @@ def _document_options(command: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertctl", description="Call experts served by expertd.",
                                      epilog="`expertctl COMMAND --help` explains a command and its arguments. Exit "
-                                            "status: 0 done, 1 an error of the daemon, an expert or the input, 2 a "
-                                            "bad command line, 3 no daemon reached.")
+                                            "status: 0 done, 1 an error of the daemon, an expert or the input (or a "
+                                            "failed reload), 2 a bad command line, 3 no daemon reached, 4 reload "
+                                            "or stop not ended within --timeout.")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     parser.add_argument("--socket", "-s", metavar="PATH",
                         help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")

@@ -20,6 +20,7 @@ import time
 
 from expertd.client import Client
 from expertd.errors import ProtocolError, RemoteError, error_from_wire
+from expertd.text import plural
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
 if TYPE_CHECKING:
@@ -136,14 +137,34 @@ ON_ERROR = (STOP, SKIP, RECORD)
 
 # Errors that are one document's own (its line, its experts' failures, its size): with --on-error skip or
 # record the stream goes on past them.  Any other (an unknown name, access denied, a lost daemon) would
-# fail every document alike, and stops the stream whatever --on-error says.
-_DOCUMENT_CODES = frozenset({"expert_failed", "bad_result", "timeout", "frame_too_large", "bad_request",
-                             "worker_lost"})
+# fail every document alike, and stops the stream whatever --on-error says.  The one list of them: the
+# PIPELINE streams (cli_lines) and the MAP windows (cli_windows) both decide by it.
+DOCUMENT_CODES = frozenset({"expert_failed", "bad_result", "timeout", "frame_too_large", "bad_request",
+                            "worker_lost"})
 
 
-def is_documents_own(error: BaseException) -> bool:
-    """Whether ``error`` is one document's own (see _DOCUMENT_CODES), not the stream's."""
-    return isinstance(error, InputError) or (isinstance(error, RemoteError) and error.code in _DOCUMENT_CODES)
+def is_documents_own(error: BaseException, target: str | None = None) -> bool:
+    """Whether ``error`` is one document's own (see DOCUMENT_CODES), not the stream's.
+
+    ``target``: the request's target, when ``error`` answered a request as a
+    whole.  A bad request is then the document's own only if it names one of
+    the target's experts: one that names no expert, or the whole target (its
+    syntax, an unknown option), would be every document's, and is the
+    stream's.  (Decided by what the error says it concerns, never by its text.)
+    """
+    if isinstance(error, InputError):
+        return True
+    if not isinstance(error, RemoteError) or error.code not in DOCUMENT_CODES:
+        return False
+    return not (target is not None and error.code == "bad_request" and error.expert in (None, target))
+
+
+def stream_error(error: BaseException, target: str) -> StreamStopped | None:
+    """What stops the stream when ``error``, answering a request for ``target`` as a whole, is not a
+    document's own (whatever --on-error says); None when it is one document's."""
+    if is_documents_own(error, target) or not is_documents_own(error):
+        return None  # (the document's own, or an error that no document would own anyway)
+    return StreamStopped(describe(error), error)
 
 
 def describe(error: BaseException) -> str:
@@ -202,6 +223,8 @@ class Tally:
 
     def stop(self, lineno: int | None, error: BaseException) -> StreamStopped:
         """The exception that stops the stream at ``error`` (at ``lineno``, when it is that document's own)."""
+        if isinstance(error, StreamStopped):  # (decided where it came: see stream_error)
+            return error
         if lineno is None or not is_documents_own(error):
             return StreamStopped(describe(error), error)
         return StreamStopped(f"{at_line(lineno, error)}; stopped there, {plural(self.written, 'document')} written "
@@ -220,10 +243,6 @@ class Tally:
             return (f"expertctl: {self.with_errors} of {plural(self.written, 'document')} written with errors "
                     f"(under errors.NAME)")
         return None
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _clock(seconds: float) -> str:

@@ -50,6 +50,7 @@ from expertd.cli_documents import (
     pipeline_options,
     recorded,
     stages_of,
+    stream_error,
 )
 from expertd.cli_windows import batched_experts, window_lines
 from expertd.client import Client
@@ -212,7 +213,8 @@ class _Stream:
         number = self.read
         self.read += 1
         self.linenos[number] = lineno
-        self.progress.taken += len(text) + 1
+        # Bytes, as the input's size counts them (a str line, with its newline: an in-process caller's).
+        self.progress.taken += len(text) + 1 if isinstance(text, bytes) else len(text.encode(errors="replace"))
         where = f"stdin line {lineno}"
         try:
             sent, came = outgoing(load_document(text, where), where)
@@ -321,7 +323,8 @@ class _Stream:
                 entry[3] += 1
                 self._lost(link, None, first=number)  # (the daemon closes after it: the rest go again too)
                 return
-            self._finish(number, error)
+            # (A bad target or option is every document's: it stops the stream, with one line.)
+            self._finish(number, stream_error(error, self.target) or error)
             return
         if kind != protocol.RESULT:
             raise ProtocolError(f"unknown reply kind 0x{kind:02x}")

@@ -22,6 +22,7 @@ from expertd.cli_documents import (
     is_documents_own,
     load_document,
     recorded,
+    stream_error,
 )
 from expertd.client import Client
 from expertd.errors import ExpertdError, RemoteError
@@ -30,10 +31,6 @@ TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here a
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import IO, Any
-
-# Errors of one expert, written under errors.NAME with --on-error record.
-_EXPERT_ERRORS = ("expert_failed", "bad_request", "bad_result", "timeout")
-
 
 def batched_experts(client: Client, names: list[str], window: int | None) -> tuple[set[str], int]:
     """Which of ``names`` take their documents in MAP requests, and how many documents a window holds."""
@@ -62,7 +59,7 @@ def window_lines(client: Client, names: list[str], batched: set[str], size: int,
 
     def numbered() -> Iterator[tuple[int, str]]:
         for n, line in enumerate(source, 1):
-            progress.taken += len(line)
+            progress.taken += len(line.encode(errors="replace"))  # (bytes, as the input's size counts them)
             if line.strip():
                 yield n, line
 
@@ -125,8 +122,11 @@ def _window_opinions(client: Client, names: list[str], batched: set[str], lines:
             break
         if name in batched:
             try:
-                results: list[Any] = client.map(name, [documents[place] for place in live])
+                results: list[Any] = _map_split(client, name, [documents[place] for place in live])
             except ExpertdError as exc:  # the request as a whole: the window's first document did not get through
+                stopped = stream_error(exc, name)
+                if stopped is not None:
+                    raise stopped from None  # (every document's: the stream stops, after the windows before)
                 results = [exc] * (len(live) if on_error != STOP and is_documents_own(exc) else 1)
         else:
             results = []
@@ -142,7 +142,9 @@ def _window_opinions(client: Client, names: list[str], batched: set[str], lines:
             where = f"stdin line {lines[place][0]}"
             try:
                 if isinstance(result, ExpertdError):  # (a failed item's place holds its error)
-                    if record and _recordable(result):
+                    # An error naming the expert is written under errors.NAME; one naming none (a document
+                    # too large) refused the document as a whole: under errors._request, as a pipeline's.
+                    if record and getattr(result, "expert", None) and is_documents_own(result):
                         _add_error(document, name, result, where)  # type: ignore[arg-type]
                         recorded_any[place] = True
                         continue
@@ -170,8 +172,23 @@ def _window_opinions(client: Client, names: list[str], batched: set[str], lines:
     return outcomes
 
 
-def _recordable(error: ExpertdError) -> bool:
-    return isinstance(error, RemoteError) and error.code in _EXPERT_ERRORS
+def _map_split(client: Client, name: str, documents: list[dict]) -> list[Any]:
+    """``documents`` through batched expert ``name`` in one MAP request, or in halves while it is too large.
+
+    A window too large for the daemon's max_frame is no document's fault
+    while each of its documents fits alone: it is split, and split again, and
+    only a document too large on its own gets the error (in its place in the
+    results, as a failed item's).  Any other error of a request is raised.
+    """
+    try:
+        return client.map(name, documents)
+    except RemoteError as exc:
+        if exc.code != "frame_too_large":
+            raise
+        if len(documents) == 1:
+            return [exc]
+    half = len(documents) // 2
+    return _map_split(client, name, documents[:half]) + _map_split(client, name, documents[half:])
 
 
 def _add_opinion(document: dict, name: str, result: Any, where: str) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from expertd.metrics import CallCounts, quantile
+from expertd.text import interval_summary, plural
 
 DEFAULT_INTERVAL = 10.0
 _MAX_CAUSES = 256  # past this many causes at once, causes fall back to their message template
@@ -190,17 +191,4 @@ def summary_line(figures: dict, connections: int) -> str | None:
     """The summary's log line for ``figures`` (:func:`summary_figures`); None when nothing was served."""
     if not figures["requests"] and not figures["pipeline_requests"]:
         return None
-    outcomes = ", ".join(f"{count} {code}" for code, count in figures["outcomes"].items())
-    text = f"last {figures['seconds']:.0f}s: {figures['requests']} requests"
-    if outcomes:
-        text += f" ({outcomes})"
-    if figures["median_ms"] is not None:
-        text += f", median {figures['median_ms']:.3f} ms, 99th percentile {figures['p99_ms']:.3f} ms"
-    if figures["pipeline_requests"]:
-        text += f", {figures['pipeline_requests']} pipeline requests"
-    return text + f", {connections} connections open"
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 worker``, ``2 workers``: a count with its noun, for messages."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+    return f"{interval_summary(figures)}, {plural(connections, 'connection')} open"

@@ -16,8 +16,8 @@ from expertd import __version__
 from expertd.config import SETTINGS, load_config
 from expertd.errors import ConfigError, ExpertLoadError
 from expertd.listener import ListenerError
-from expertd.logs import plural
 from expertd.runtimes import quiet_library_loggers
+from expertd.text import plural
 
 DEFAULT_CONFIG = "/etc/expertd.conf"
 EXIT_CONFIG = 2

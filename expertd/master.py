@@ -13,10 +13,9 @@ keeps idle and slow clients from pinning workers:
 * when every worker is busy, each gets its next connection ahead, so that it
   need not wait a round trip through the master between requests.
 
-N workers thus serve any number of connected clients fairly, in arrival
-order.  Because the master knows which request each worker holds, a worker
-that dies mid-request still gets its caller a ``worker_lost`` error reply
-instead of a hang.
+N workers thus serve any number of connected clients fairly, in arrival order.  Because the master
+knows which request each worker holds, a worker that dies mid-request still gets its caller a
+``worker_lost`` error reply instead of a hang.
 
 The parts, each passed what it needs when it is made (see ``__init__``):
 :mod:`~expertd.accept` lets connections in, :mod:`~expertd.intake` examines
@@ -51,13 +50,14 @@ from expertd.generation import become_subreaper
 from expertd.intake import Intake
 from expertd.listener import Listener, bind_tcp
 from expertd.logfile import reopen_log_files
-from expertd.logs import Summary, Throttle, plural
+from expertd.logs import Summary, Throttle
 from expertd.metrics import Metrics
 from expertd.notify import Notifier
 from expertd.pool import Pool, WorkerSlot, describe_status
 from expertd.reloads import Reloads
 from expertd.scoreboard import MAX_SLOTS, Scoreboard
 from expertd.serving import Serving
+from expertd.text import plural
 
 log = logging.getLogger("expertd.master")
 

@@ -30,10 +30,10 @@ from expertd.config import Config
 from expertd.connections import WAITING, Connection, ConnectionTable
 from expertd.errors import ConfigError
 from expertd.generation import FAILED, KEEPALIVE, LOADED, RETIRED, SERVING, Generation
-from expertd.logs import plural
 from expertd.notify import Notifier
 from expertd.pool import Pool, describe_status
 from expertd.serving import Serving
+from expertd.text import plural
 
 log = logging.getLogger("expertd.master")
 

@@ -449,7 +449,8 @@ def test_expertctl_status_shows_the_log_summarys_last_interval(h, capsys):
 
     assert h.admin.status()["last_interval"]["requests"] == 4
     assert cli._cmd_status(Client(), argparse.Namespace(json=False)) == 0
-    assert re.search(r"^last 6\ds: 4 requests \(ok: 3, expert_failed: 1\), median 0.038 ms, 99th percentile 0.050 ms$",
+    # (the same words as the summary's log line: "3 ok", not "ok: 3")
+    assert re.search(r"^last 6\ds: 4 requests \(3 ok, 1 expert_failed\), median 0.038 ms, 99th percentile 0.050 ms$",
                      capsys.readouterr().out, re.M)
 
 

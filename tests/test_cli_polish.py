@@ -10,7 +10,7 @@ import pytest
 
 from expertd import __version__
 from expertd.cli import build_parser
-from expertd.cli_documents import plural
+from expertd.text import plural
 
 from conftest import BIN, EXAMPLES, run_expertd, write_config
 

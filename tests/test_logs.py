@@ -171,6 +171,14 @@ def test_the_summary_writes_the_intervals_differences_and_keeps_them_for_status(
     assert len(caplog.records) == 1 and summary.figures["requests"] == 0
 
 
+def test_the_summary_line_says_one_in_the_singular():
+    figures = {"seconds": 60.0, "requests": 1, "outcomes": {"ok": 1}, "median_ms": None, "p99_ms": None,
+               "pipeline_requests": 1}
+    assert summary_line(figures, 1) == "last 60s: 1 request (1 ok), 1 pipeline request, 1 connection open"
+    assert summary_line({**figures, "requests": 0, "outcomes": {}}, 0) == \
+        "last 60s: 0 requests, 1 pipeline request, 0 connections open"
+
+
 def test_a_summary_that_is_off_reads_nothing():
     reads = []
     summary = Summary(logging.getLogger("test.summary"), 0.0, lambda: reads.append(1), Clock())
@@ -181,5 +189,5 @@ def test_a_summary_that_is_off_reads_nothing():
 def test_the_summary_line_names_pipelines_and_leaves_out_latency_when_none_was_timed():
     figures = {"seconds": 60.0, "requests": 2, "outcomes": {"overloaded": 2}, "median_ms": None, "p99_ms": None,
                "pipeline_requests": 7}
-    assert summary_line(figures, 1) == "last 60s: 2 requests (2 overloaded), 7 pipeline requests, 1 connections open"
+    assert summary_line(figures, 1) == "last 60s: 2 requests (2 overloaded), 7 pipeline requests, 1 connection open"
     assert summary_line({**figures, "requests": 0, "outcomes": {}, "pipeline_requests": 0}, 1) is None
