@@ -46,6 +46,10 @@ def trial_worker(config: Config, experts: dict[str, LoadedExpert]) -> list[str]:
         try:
             os.close(read_end)
             code = _child(config, experts, write_end)
+        except BaseException as exc:  # (not the experts' hooks, whose failures _child says: one line all the same)
+            os.write(write_end, f"fail {' '.join(describe_exception(exc).split())}\n".encode(
+                "utf-8", "replace"))
+            code = 0
         finally:
             os._exit(code)
     os.close(write_end)
