@@ -90,6 +90,13 @@ B ?= HEAD
 bench-ab: $(VENV)/.installed-bench
 	$(BIN)/python bench/ab.py $(A) $(B)
 
+# REF=c439e1b make bench-instructions: instructions per request in a worker, counted by callgrind (noise-free;
+# needs valgrind), for this tree and REF if given (bench/instructions.py).
+REF ?=
+.PHONY: bench-instructions
+bench-instructions: $(VENV)/.installed-bench
+	$(BIN)/python bench/instructions.py $(if $(REF),--ref $(REF))
+
 # SOAK_SECONDS=300 make soak: load with chaos (workers SIGKILLed at random), every answer checked.
 SOAK_SECONDS ?= 300
 .PHONY: soak
