@@ -68,6 +68,12 @@ class ExpertSpec:
     timeout: float | None = None  # None: the [expertd] timeout
     max_batch: int | None = None  # None: auto (DEFAULT_MAX_BATCH for a batched expert, else 1)
     batch_delay: float = 0.002
+    path: str = ""  # firefly_routes: the URL path serving it; "" means /NAME (see route_path)
+
+    @property
+    def route_path(self) -> str:
+        """The URL path of its Firefly route."""
+        return self.path or "/" + self.name
 
 
 class Config:
@@ -100,6 +106,8 @@ class Config:
     token: str  # the token in force: token, token_file's content or $EXPERTD_TOKEN (expertd.tokens)
     token_file: str
     public_health: bool
+    firefly_routes: bool
+    allow_origins: str
     max_depth: int
     max_args: int
     idle_timeout: float

@@ -32,6 +32,7 @@ from expertd.settings_types import (
     MODULES,
     ON_ERROR_MODE,
     OPTIONAL_PATH,
+    ORIGINS,
     PATH,
     PATHS,
     PER_UID,
@@ -41,6 +42,7 @@ from expertd.settings_types import (
     THREADS,
     TOKEN,
     TOKEN_FILE,
+    URL_PATH,
     USERS,
     _int_at_least,
     _Type,
@@ -232,6 +234,15 @@ SETTINGS: tuple[Setting, ...] = (
             "yes serves GET /health and GET /metrics on http_listen without the token (and whatever "
             "public_status says), for load balancers' health checks and Prometheus; every other request there "
             "still needs the token."),
+    Setting("firefly_routes", MAIN_SECTION, BOOL, "no",
+            "Also serve Firefly's HTTP protocol (expertd --help-topic firefly): POST PATH with a JSON object of "
+            "keyword arguments for each expert's path, GET / with the functions' metadata, Authorization: Token "
+            "TOKEN beside Bearer, and Firefly's error bodies ({\"error\": MESSAGE}; 400, 403, 404, 422, 500). The "
+            "native routes stay available beside them. yes when the config is Firefly's YAML or Firefly's command "
+            "line (expertd module.function ...)."),
+    Setting("allow_origins", MAIN_SECTION, ORIGINS, "",
+            "Firefly routes: the origins allowed to call them from a browser (CORS; Firefly's --allow-origins), "
+            "* for any; empty allows none (no CORS headers are sent)."),
     Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
             "Directory where model experts' files are prepared (converted for the serving runtime, weights "
             "laid out once for every worker to map) and kept, by content hash, across restarts and reloads. "
@@ -252,6 +263,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Model experts: the most input rows one call may carry; more get a bad_request error. A runtime keeps "
             "the memory of the largest batch it has run, so this bounds what one caller can make every worker "
             "hold. (expertd.Model takes max_rows= likewise.)"),
+    Setting("path", "expert", URL_PATH, "",
+            "With firefly_routes: the URL path that serves this expert (Firefly's path); empty means /NAME."),
     Setting("timeout", "expert", DURATION, "",
             "Longest a request to this expert may run; empty means the [expertd] timeout."),
     Setting("max_batch", "expert", MAX_BATCH, "auto",

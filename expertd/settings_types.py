@@ -252,6 +252,18 @@ def _parse_token(raw: str) -> str:
     return value
 
 
+def _parse_url_path(raw: str) -> str:
+    value = raw.strip()
+    if value and (not value.startswith("/") or value == "/" or not value.isprintable() or " " in value
+                  or "?" in value or "#" in value):
+        raise _Invalid("expected a URL path such as /square: starting with /, not / alone, no spaces, ? or #")
+    return value
+
+
+def _parse_origins(raw: str) -> str:
+    return ", ".join(_parse_words(raw.replace(",", " ")))  # (the Access-Control-Allow-Origin value, as Firefly's)
+
+
 def _parse_text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -287,4 +299,6 @@ LOG_FORMAT = _Type("text or json", _parse_log_format)
 ACCESS_LOG_PATH = _Type("path, - for stderr, or empty for none", str.strip)
 ON_ERROR_MODE = _Type(" or ".join(ON_ERROR), _parse_on_error)
 TOKEN = _Type("secret text (16+ characters), or empty", _parse_token)
+URL_PATH = _Type("URL path (/NAME), or empty", _parse_url_path)
+ORIGINS = _Type("origins separated by commas, * for any, or empty", _parse_origins)
 TOKEN_FILE = _Type("path, credential:NAME, or empty", str.strip)  # (read by expertd.tokens)
