@@ -26,11 +26,25 @@ import configparser
 import difflib
 import ipaddress
 import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from expertd.config_docs import render_markdown as _render_markdown
 from expertd.errors import BadRequest, ConfigError, UnknownExpert
+from expertd.firefly_config import (
+    COMMAND_LINE,
+    FUNCTIONS,
+    Sections,
+    Where,
+    from_command_line,
+    is_yaml,
+    read_yaml,
+    short_token_warning,
+    user_socket,
+)
 from expertd.pipelines import EXPERT_NAME, NAME_RULE, PIPELINE_PREFIX, PipelineSpec, Plan, load_pipelines, plan_of
 from expertd.settings import (  # (re-exported: the table is part of what config means)
     DEFAULT_MAX_BATCH,
@@ -133,7 +147,9 @@ class Config:
     prepare_timeout: float
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = path  # the config file's absolute path, or "command line" (Firefly's: expertd module.function)
+        self.where: Where = _ini_where(path)  # (section, key) -> where a key was written, for error messages
+        self.warnings: list[str] = []  # logged at start (a short Firefly token)
         self.experts: dict[str, ExpertSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}  # [pipeline:NAME] sections, nested ones expanded
         self._plans: dict[str, Plan] = {}  # target -> its plan (see plan)
@@ -185,19 +201,32 @@ def _suggest(word: str, choices: list[str]) -> str:
     return "known settings: " + ", ".join(sorted(choices))
 
 
-def _parse_setting(setting: Setting, raw: str, where: str) -> Any:
+def _parse_setting(setting: Setting, raw: str, where: str, parse: Callable[[str], Any] | None = None) -> Any:
     try:
-        return setting.type.parse(raw)
+        return (parse or setting.type.parse)(raw)
     except _Invalid as exc:
-        raise ConfigError(f"{where} {setting.name} = {raw.strip()!r}: {exc}") from None
+        raise ConfigError(f"{where} = {raw.strip()!r}: {exc}") from None
 
 
-def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
-    """Read, validate and return the configuration in ``path``.
+def _firefly_token(raw: str) -> str:
+    """A token from Firefly's config or -t: any length (Firefly's docs use abcd1234), warned about in main."""
+    value = raw.strip()
+    if value and (not value.isprintable() or " " in value):
+        raise _Invalid("a token is printable text with no spaces")
+    return value
 
-    ``overrides`` maps setting names to raw strings from the command line;
-    they win over the file and are parsed by the same rules.
-    """
+
+def _ini_where(path: str) -> Where:
+    def where(section: str, key: str | None = None) -> str:
+        return f"{path}: [{section}]" + (f" {key}" if key else "")
+
+    return where
+
+
+_YAML_LINE = re.compile(r"\s*(---|- |[A-Za-z_][\w.-]*\s*:(\s|$))")  # (Firefly's "functions:", "token: x", "- item")
+
+
+def _read_ini(path: str) -> Sections:
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     parser.optionxform = str  # keep keys as written so misspellings are reported exactly
     try:
@@ -207,60 +236,100 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except configparser.MissingSectionHeaderError as exc:
+        # configparser says "File contains no section headers"; say what the line is and what to do.
+        hint = ("it looks like YAML: name Firefly's YAML config .yml or .yaml" if _YAML_LINE.match(exc.line)
+                else f"start the file with [{MAIN_SECTION}]")
+        raise ConfigError(f"{path}: line {exc.lineno}: {exc.line.strip()!r} is outside any section; {hint}") from None
     except configparser.Error as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"{path}: {message}") from None
-
-    base_dir = os.path.dirname(os.path.abspath(path))
-    config = Config(os.path.abspath(path))
     if MAIN_SECTION not in parser:
         raise ConfigError(f"{path}: no [{MAIN_SECTION}] section; start the file with [{MAIN_SECTION}]")
+    return {section: dict(parser.items(section)) for section in parser.sections()}
 
+
+def load_config(path: str, overrides: Mapping[str, str | None] | None = None) -> Config:
+    """Read, validate and return the configuration in ``path``.
+
+    ``overrides`` maps setting names to raw strings from the command line;
+    they win over the file and are parsed by the same rules.  A ``.yml`` or
+    ``.yaml`` file is Firefly's config; overrides with ``functions`` (and
+    ``path`` :data:`~expertd.firefly_config.COMMAND_LINE`) are Firefly's
+    command line (:mod:`expertd.firefly_config`).  All three are validated by
+    :func:`build_config`.
+    """
+    overrides = overrides or {}
+    cwd = os.getcwd()  # (expertd never changes directory: on reload this is still the directory it started in)
+    socket = user_socket(os.geteuid(), os.environ, tempfile.gettempdir())
+    if overrides.get(FUNCTIONS):
+        sections, where = from_command_line((overrides[FUNCTIONS] or "").split(), cwd, socket)
+        return build_config(sections, where, COMMAND_LINE, cwd, overrides, firefly=True)
+    if is_yaml(path):
+        sections, where = read_yaml(path, cwd, socket)
+        return build_config(sections, where, path, os.path.dirname(os.path.abspath(path)), overrides, firefly=True)
+    return build_config(_read_ini(path), _ini_where(path), path, os.path.dirname(os.path.abspath(path)), overrides)
+
+
+def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: str, base_dir: str,
+                 overrides: Mapping[str, str | None], firefly: bool = False) -> Config:
+    """Validate raw sections (``{section: {key: text}}``, from any format) into a :class:`Config`.
+
+    ``where(section, key)`` names a key for error messages; relative paths are
+    relative to ``base_dir``; ``firefly`` accepts a short token (warned about).
+    """
+    config = Config(path if path == COMMAND_LINE else os.path.abspath(path))
+    config.where = where
     pipelines: dict[str, dict[str, Any]] = {}  # validated together, once every expert is known
-    for section in parser.sections():
+    for section, items in sections.items():
         if section == MAIN_SECTION:
             continue
         if not section.startswith((EXPERT_PREFIX, PIPELINE_PREFIX)):
-            raise ConfigError(f"{path}: [{section}]: unknown section; use [{MAIN_SECTION}], one "
+            raise ConfigError(f"{where(section, None)}: unknown section; use [{MAIN_SECTION}], one "
                               f"[{EXPERT_PREFIX}NAME] per expert and one [{PIPELINE_PREFIX}NAME] per pipeline")
         kind, _, name = section.partition(":")
         if not EXPERT_NAME.match(name):
-            raise ConfigError(f"{path}: [{section}]: bad {kind} name {name!r}; {NAME_RULE}")
+            raise ConfigError(f"{where(section, None)}: bad {kind} name {name!r}; {NAME_RULE}")
         keys = _PIPELINE_KEYS if kind == "pipeline" else _EXPERT_KEYS
         values = {}
-        for key, raw in parser.items(section):
+        for key, raw in items.items():
             if key not in keys:
-                raise ConfigError(f"{path}: [{section}] {key}: unknown setting; {_suggest(key, list(keys))}")
+                raise ConfigError(f"{where(section, key)}: unknown setting; {_suggest(key, list(keys))}")
             if raw.strip() or keys[key].default is None:  # an empty optional key means its default
-                values[key] = _parse_setting(keys[key], raw, f"{path}: [{section}]")
+                values[key] = _parse_setting(keys[key], raw, where(section, key))
         if kind == "pipeline":
             pipelines[name] = values
             continue
         if "function" in values and "model" in values:
-            raise ConfigError(f"{path}: [{section}]: both function and model are set; keep one")
+            raise ConfigError(f"{where(section, None)}: both function and model are set; keep one")
         if "function" not in values and "model" not in values:
-            raise ConfigError(
-                f"{path}: [{section}]: no function or model; add 'function = module:function' or 'model = PATH'"
-            )
+            raise ConfigError(f"{where(section, None)}: no function or model; add 'function = module:function' or "
+                              "'model = PATH'")
         if "model" in values:
             values["model"] = _resolve(values["model"], base_dir)
         elif "max_rows" in values:
-            raise ConfigError(f"{path}: [{section}] max_rows: only model experts take it; remove it (a Python "
+            raise ConfigError(f"{where(section, 'max_rows')}: only model experts take it; remove it (a Python "
                               "expert passes max_rows= to expertd.Model)")
-        config.experts[name] = ExpertSpec(name=name, **values)
+        spec = ExpertSpec(name=name, **values)
+        for other in config.experts.values():
+            if other.route_path == spec.route_path:
+                raise ConfigError(f"{where(section, 'path')} = {spec.route_path!r}: expert {other.name} has that "
+                                  "path already; give each expert its own path")
+        config.experts[name] = spec
 
-    main = parser[MAIN_SECTION]
+    main = sections.get(MAIN_SECTION, {})
     for key in main:
         if key not in _MAIN_KEYS:
-            raise ConfigError(f"{path}: [{MAIN_SECTION}] {key}: unknown setting; {_suggest(key, list(_MAIN_KEYS))}")
+            raise ConfigError(f"{where(MAIN_SECTION, key)}: unknown setting; {_suggest(key, list(_MAIN_KEYS))}")
     for name, setting in _MAIN_KEYS.items():
-        if overrides and overrides.get(name) is not None:
-            value = _parse_setting(setting, overrides[name], f"command line {setting.flag}:")
+        lenient = _firefly_token if firefly and name == "token" else None  # (Firefly's tokens may be short)
+        if overrides.get(name) is not None:
+            value = _parse_setting(setting, overrides[name] or "", f"command line {setting.flag}: {name}", lenient)
             if setting.type is PATH or (setting.type in (OPTIONAL_PATH, ACCESS_LOG_PATH) and value not in ("", "-")):
                 value = os.path.abspath(value)
         else:
             raw = main.get(name, setting.default)
-            value = _parse_setting(setting, raw, f"{path}: [{MAIN_SECTION}]")
+            value = _parse_setting(setting, raw or "", where(MAIN_SECTION, name), lenient)
             if setting.type is PATH or (setting.type in (OPTIONAL_PATH, ACCESS_LOG_PATH) and value not in ("", "-")):
                 value = _resolve(value, base_dir)  # (relative to the config file, as every path in it)
             elif setting.type is PATHS:
@@ -269,13 +338,19 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
 
     if len(os.fsencode(config.socket)) > MAX_SOCKET_PATH:
         raise ConfigError(
-            f"{path}: [{MAIN_SECTION}] socket = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
+            f"{where(MAIN_SECTION, 'socket')} = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
             f"Unix sockets allow at most {MAX_SOCKET_PATH}; choose a shorter path"
         )
-    config.token = resolve_token(config.token, config.token_file, f"{path}: [{MAIN_SECTION}]", base_dir)
+    token_given = config.token
+    config.token = resolve_token(config.token, config.token_file, where(MAIN_SECTION, None), base_dir)
+    if firefly and token_given:
+        warning = short_token_warning(token_given, "command line -t" if overrides.get("token") else
+                                      where(MAIN_SECTION, "token"))
+        if warning:
+            config.warnings.append(warning)
     if config.http_listen is not None and not config.token and not is_loopback(config.http_listen[0]):
         raise ConfigError(
-            f"{path}: [{MAIN_SECTION}] http_listen = {config.http_listen[0]}:{config.http_listen[1]}: "
+            f"{where(MAIN_SECTION, 'http_listen')} = {config.http_listen[0]}:{config.http_listen[1]}: "
             "not a loopback address, and no token is set; set token or token_file (clients send Authorization: "
             "Bearer TOKEN) or listen on 127.0.0.1"
         )

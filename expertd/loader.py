@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from expertd import runtimes
-from expertd.config import MAIN_SECTION, Config, ExpertSpec
+from expertd.config import EXPERT_PREFIX, MAIN_SECTION, Config, ExpertSpec
 from expertd.errors import ExpertLoadError
 from expertd.expert import hooks_of
 from expertd.model import Model, collect, model_expert
@@ -160,13 +160,13 @@ def preload_libraries(config: Config) -> None:
     for directory in reversed(config.pythonpath):
         if not os.path.isdir(directory):
             raise ExpertLoadError(
-                f"{config.path}: [{MAIN_SECTION}] pythonpath: {directory} is not a directory; fix or remove it"
+                f"{config.where(MAIN_SECTION, 'pythonpath')}: {directory} is not a directory; fix or remove it"
             )
         if directory not in sys.path:
             sys.path.insert(0, directory)
     runtimes.set_native_log_level(config.tf_log_level)
     for module in config.preload:
-        _import(module, f"{config.path}: [{MAIN_SECTION}] preload")
+        _import(module, config.where(MAIN_SECTION, "preload"))
 
 
 def load_experts(config: Config, keepalive: Callable[[], None] | None = None) -> dict[str, LoadedExpert]:
@@ -180,17 +180,17 @@ def load_experts(config: Config, keepalive: Callable[[], None] | None = None) ->
     for spec in config.experts.values():
         if spec.model:
             model = Model(spec.model, name=spec.name, max_rows=spec.max_rows, _register=False)
-            served.append((model, f"{config.path}: [expert:{spec.name}] model = {spec.model}"))
+            served.append((model, f"{config.where(EXPERT_PREFIX + spec.name, 'model')} = {spec.model}"))
             experts[spec.name] = LoadedExpert(
                 name=spec.name, reference=f"model:{spec.model}", function=model_expert(spec.name, model),
                 signature=None, summary="", before_fork=None, after_fork=None, batched=True,
                 max_batch=config.max_batch(spec.name, True), batch_delay=spec.batch_delay)
             continue
-        where = f"{config.path}: [expert:{spec.name}] function = {spec.function}"
+        where = f"{config.where(EXPERT_PREFIX + spec.name, 'function')} = {spec.function}"
         function = _resolve(spec, where)
         hooks = hooks_of(function)
         if not hooks.batched and spec.max_batch is not None and spec.max_batch > 1:
-            raise ExpertLoadError(f"{config.path}: [expert:{spec.name}] max_batch = {spec.max_batch}: "
+            raise ExpertLoadError(f"{config.where(EXPERT_PREFIX + spec.name, 'max_batch')} = {spec.max_batch}: "
                                   f"{spec.function} is not a batched expert; declare it @expert(batched=True) "
                                   "or remove max_batch")
         doc = inspect.getdoc(function) or ""

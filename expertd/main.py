@@ -15,6 +15,7 @@ import sys
 from expertd import __version__
 from expertd.config import SETTINGS, load_config
 from expertd.errors import ConfigError, ExpertLoadError
+from expertd.firefly_config import COMMAND_LINE, FUNCTIONS
 from expertd.listener import ListenerError
 from expertd.runtimes import quiet_library_loggers
 from expertd.text import plural
@@ -23,21 +24,31 @@ DEFAULT_CONFIG = "/etc/expertd.conf"
 EXIT_CONFIG = 2
 EXIT_EXPERT = 3
 DEFAULT_DAEMON_LOG = "expertd.log"  # --daemon without --log-file: this file in the socket's directory
+FIREFLY_FLAGS = {"http_listen": ("-b", "--bind"), "token": ("-t",)}  # Firefly's names for our settings' flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expertd",
-        description="Serve Python experts from a prefork worker daemon over a Unix socket.",
+        usage="%(prog)s [--config FILE | [-b HOST:PORT] [-t TOKEN] module.function ...] [options]",
+        description="Serve Python experts from a prefork worker daemon over a Unix socket. The config is an INI "
+                    "file, or Firefly's YAML config (a .yml or .yaml file), or Firefly's command line: functions "
+                    "named module.function, each served as its last part (funcs.square as square, at /square), "
+                    "with Firefly's HTTP routes on 127.0.0.1:8000 unless -b says otherwise (expertd --help-topic "
+                    "firefly).",
         epilog="Every setting is described in `expertd --help-topic config`; `expertd --help-topic` lists the "
                "other pages (experts, protocol, http...). Signals: TERM/INT stop gracefully, QUIT stops at "
                "once, HUP reloads config and experts, TTIN/TTOU add or remove a worker, USR1 reopens the log file.",
     )
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("functions", nargs="*", metavar="module.function",
+                        help="Firefly's command line: serve these functions with no config file (not with --config)")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help=f"configuration file, INI or Firefly's YAML (.yml, .yaml) (default: {DEFAULT_CONFIG}, "
+                             "unless functions are named)")
     for setting in SETTINGS:
         if setting.cli:
-            parser.add_argument(setting.flag, dest=setting.name, metavar=setting.name.upper(),
+            parser.add_argument(*FIREFLY_FLAGS.get(setting.name, ()), setting.flag, dest=setting.name,
+                                metavar=setting.name.upper(),
                                 help=f"{setting.help} Overrides [expertd] {setting.name} ({setting.type.name}).")
     parser.add_argument("--check", action="store_true",
                         help="load the config, import the experts and run their before_fork hooks, then their "
@@ -92,15 +103,27 @@ def _setup_logging(level: str, log_file: str | None, log_format: str = "text") -
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # (Firefly's functions may come before or after options)
     if args.help_topic is not None:
         return _help_topic(args.help_topic)
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS if s.cli}
+    path = args.config or DEFAULT_CONFIG
+    if args.functions:  # Firefly's command line: the functions are the config, rebuilt from it on reload
+        if args.config:
+            print(f"expertd: both --config {args.config} and functions ({' '.join(args.functions)}) are given; "
+                  "name the functions in the config file, or drop --config", file=sys.stderr)
+            return EXIT_CONFIG
+        overrides[FUNCTIONS] = " ".join(args.functions)
+        path = COMMAND_LINE
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(path, overrides)
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.firefly_routes and config.http_listen and not args.check:  # (as Firefly prints its URL)
+        host, port = config.http_listen
+        print(f"expertd: serving http://{f'[{host}]' if ':' in host else host}:{port}/ and the Unix socket "
+              f"{config.socket}", flush=True)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     log_file = args.log_file
     if args.daemon and not args.check and not log_file:
@@ -121,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"expertd: cannot open log file {log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     quiet_library_loggers(config.quiet_loggers, config.log_level)  # (before any expert's import logs)
+    for warning in config.warnings:
+        logging.getLogger("expertd").warning("%s", warning)
     access_fds: list[int] = []
     if config.access_log and not args.check:
         from expertd.accesslog import open_access_log

@@ -221,7 +221,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Bearer token that HTTP requests on http_listen must send (Authorization: Bearer TOKEN). "
             "Keep the config file unreadable to others, or use token_file. The Unix socket is guarded by its file "
             "mode, socket_group and allow_uids instead. With neither token nor token_file set, the environment "
-            "variable EXPERTD_TOKEN is the token, if set. A new token takes effect on reload (HUP)."),
+            "variable EXPERTD_TOKEN is the token, if set. A new token takes effect on reload (HUP).",
+            cli=True),
     Setting("token_file", MAIN_SECTION, TOKEN_FILE, "",
             "Read the token from this file (the token alone; surrounding whitespace is ignored) instead of "
             "writing it in the config: at start, where a missing or unreadable file stops start-up with one line, "
@@ -242,7 +243,8 @@ SETTINGS: tuple[Setting, ...] = (
             "line (expertd module.function ...)."),
     Setting("allow_origins", MAIN_SECTION, ORIGINS, "",
             "Firefly routes: the origins allowed to call them from a browser (CORS; Firefly's --allow-origins), "
-            "* for any; empty allows none (no CORS headers are sent)."),
+            "* for any; empty allows none (no CORS headers are sent).",
+            cli=True),
     Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
             "Directory where model experts' files are prepared (converted for the serving runtime, weights "
             "laid out once for every worker to map) and kept, by content hash, across restarts and reloads. "

@@ -43,7 +43,7 @@ PYTHONPATH = f"pythonpath = {ROOT / 'examples'} {ROOT / 'tests' / 'experts'}\n"
         ("[expertd]\n[experts:fib]\nfunction = a:b\n", 2, "[experts:fib]: unknown section"),
         ("[expertd]\n", 2, "no [expert:NAME] sections"),
         (GOOD_EXPERT, 2, "no [expertd] section"),
-        ("workers = 2\n", 2, "File contains no section headers"),
+        ("workers = 2\n", 2, "line 1: 'workers = 2' is outside any section; start the file with [expertd]"),
         ("[expertd]\n[expertd]\n", 2, "already exists"),
         ("[expertd]\n" + PYTHONPATH + "[expert:x]\nfunction = nosuchmodule:f\n", 3,
          "[expert:x] function = nosuchmodule:f: no module named 'nosuchmodule'"),
