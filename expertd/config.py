@@ -260,8 +260,9 @@ def load_config(path: str, overrides: Mapping[str, str | None] | None = None) ->
     :func:`build_config`.
     """
     overrides = overrides or {}
-    cwd = os.getcwd()  # (expertd never changes directory: on reload this is still the directory it started in)
-    socket = user_socket(os.geteuid(), os.environ, tempfile.gettempdir())
+    if overrides.get(FUNCTIONS) or is_yaml(path):
+        cwd = os.getcwd()  # (expertd never changes directory: on reload this is still the directory it started in)
+        socket = user_socket(os.geteuid(), os.environ, tempfile.gettempdir())
     if overrides.get(FUNCTIONS):
         sections, where = from_command_line((overrides[FUNCTIONS] or "").split(), cwd, socket)
         return build_config(sections, where, COMMAND_LINE, cwd, overrides, firefly=True)

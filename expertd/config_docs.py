@@ -44,6 +44,10 @@ def render_markdown(settings: Iterable[Any], sections: Sequence[tuple[str, str]]
         "an unknown section or an expert that fails to import stops start-up with one line naming",
         "the file, section and key, and a non-zero exit status.",
         "",
+        "Firefly's YAML config (a `.yml` or `.yaml` file) and Firefly's command line",
+        "(`expertd module.function ...`) are read into these same settings and checked by the",
+        "same rules (`expertd --help-topic firefly`).",
+        "",
     ]
     for section, title in sections:
         lines += [f"## `{title}`", ""]

@@ -200,6 +200,14 @@ def from_command_line(functions: list[str], cwd: str, socket: str) -> tuple[Sect
     return sections, _command_line_where
 
 
+def serving_line(config: Any) -> str:
+    """Where a daemon serves, for the line printed at start (as Firefly prints ``http://127.0.0.1:8000/``)."""
+    if config.http_listen is None:
+        return f"the Unix socket {config.socket}"
+    host, port = config.http_listen
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/ and the Unix socket {config.socket}"
+
+
 def short_token_warning(token: str, where: str) -> str | None:
     """The warning for a Firefly token shorter than expertd asks of its own (accepted, for a drop-in)."""
     if not token or len(token) >= 16:

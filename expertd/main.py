@@ -15,7 +15,7 @@ import sys
 from expertd import __version__
 from expertd.config import SETTINGS, load_config
 from expertd.errors import ConfigError, ExpertLoadError
-from expertd.firefly_config import COMMAND_LINE, FUNCTIONS
+from expertd.firefly_config import COMMAND_LINE, FUNCTIONS, serving_line
 from expertd.listener import ListenerError
 from expertd.runtimes import quiet_library_loggers
 from expertd.text import plural
@@ -120,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if config.firefly_routes and config.http_listen and not args.check:  # (as Firefly prints its URL)
-        host, port = config.http_listen
-        print(f"expertd: serving http://{f'[{host}]' if ':' in host else host}:{port}/ and the Unix socket "
-              f"{config.socket}", flush=True)
+    if config.firefly_routes and not args.check:  # (as Firefly prints its URL)
+        print(f"expertd: serving {serving_line(config)}", flush=True)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     log_file = args.log_file
     if args.daemon and not args.check and not log_file:
