@@ -121,6 +121,23 @@ def _kind(value: Any) -> str:
                                                                                        f"{value!r}")
 
 
+def _unique_keys_loader(yaml: Any) -> type:
+    """yaml.SafeLoader refusing a key given twice in one mapping (it keeps the last; the INI reader refuses too)."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key} is set twice (first on line {seen[key]}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
+
+
 def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
     """Read Firefly's YAML config into sections; ConfigError (one line naming file and key) if it is not one.
 
@@ -132,21 +149,24 @@ def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
 
     try:
         with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
+            text = handle.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    # An INI file named .yml fails below; say why rather than leave a YAML parser's complaint alone.
+    hint = (" (a .yml/.yaml file is read as Firefly's YAML config; name an INI config .conf)"
+            if re.match(r"\s*\[\w[^\]\n]*\]\s*$", text.split("\n", 1)[0]) else "")
+    try:
+        document = yaml.load(text, Loader=_unique_keys_loader(yaml))  # (a SafeLoader: builds plain data only)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(f"{path}: {at}not valid YAML: {' '.join(str(problem).split())} (a .yml/.yaml file is read "
-                          "as Firefly's YAML config; name an INI config .conf)") from None
+        raise ConfigError(f"{path}: {at}not valid YAML: {' '.join(str(problem).split())}{hint}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected Firefly's config, a mapping with functions: (and token:), found "
-                          f"{_kind(document)} (a .yml/.yaml file is read as Firefly's YAML config; name an INI "
-                          "config .conf)")
+                          f"{_kind(document)}{hint}")
     for key in document:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{path}: {key}: unknown key; a Firefly config has {', '.join(_TOP_KEYS)} (expertd's "

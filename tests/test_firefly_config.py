@@ -84,8 +84,11 @@ GOOD_FUNCTIONS = "functions:\n  square:\n    function: funcs.square\n"
     ("[expertd]\nworkers = 2\n", "config.yml: line 2, column 1: not valid YAML: expected '<document start>', but "
                                  "found '<scalar>' (a .yml/.yaml file is read as Firefly's YAML config; name an INI "
                                  "config .conf)"),
-    ("- funcs.square\n", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found a list "
-                         "(a .yml/.yaml file is read as Firefly's YAML config; name an INI config .conf)"),
+    ("functions:\n  square:\n    function: funcs.square\n  square:\n    function: funcs.cube\n",
+     "config.yml: line 4, column 3: not valid YAML: square is set twice (first on line 2); keep one"),
+    ("- funcs.square\n", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found a list"),
+    ("[expertd]\n", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found a list (a "
+                    ".yml/.yaml file is read as Firefly's YAML config; name an INI config .conf)"),
     ("", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found nothing"),
     ("token: a b c d\n" + GOOD_FUNCTIONS, "config.yml: token = 'a b c d': a token is printable text with no spaces"),
     ("token: abcd1234\nexpertd:\n  token: abcd1234\n" + GOOD_FUNCTIONS,
