@@ -176,7 +176,10 @@ def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
     if document.get("token") is not None:
         if "token" in main:
             raise ConfigError(f"{path}: token: set both here and as {MAIN_SECTION}.token; keep one")
-        main["token"] = _values({"token": document["token"]}, path, "")["token"]
+        token = document["token"]
+        if not isinstance(token, (str, int)) or isinstance(token, bool):
+            raise ConfigError(f"{path}: token: expected the token as text, found {_kind(token)}")
+        main["token"] = str(token)
         top.add("token")
     functions = document.get("functions")
     if not isinstance(functions, dict) or not functions:

@@ -91,6 +91,7 @@ GOOD_FUNCTIONS = "functions:\n  square:\n    function: funcs.square\n"
                     ".yml/.yaml file is read as Firefly's YAML config; name an INI config .conf)"),
     ("", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found nothing"),
     ("token: a b c d\n" + GOOD_FUNCTIONS, "config.yml: token = 'a b c d': a token is printable text with no spaces"),
+    ("token: [abcd1234]\n" + GOOD_FUNCTIONS, "config.yml: token: expected the token as text, found a list"),
     ("token: abcd1234\nexpertd:\n  token: abcd1234\n" + GOOD_FUNCTIONS,
      "config.yml: token: set both here and as expertd.token; keep one"),
     ("expertd:\n  wokers: 2\n" + GOOD_FUNCTIONS,
