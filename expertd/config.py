@@ -311,12 +311,7 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
         elif "max_rows" in values:
             raise ConfigError(f"{where(section, 'max_rows')}: only model experts take it; remove it (a Python "
                               "expert passes max_rows= to expertd.Model)")
-        spec = ExpertSpec(name=name, **values)
-        for other in config.experts.values():
-            if other.route_path == spec.route_path:
-                raise ConfigError(f"{where(section, 'path')} = {spec.route_path!r}: expert {other.name} has that "
-                                  "path already; give each expert its own path")
-        config.experts[name] = spec
+        config.experts[name] = ExpertSpec(name=name, **values)
 
     main = sections.get(MAIN_SECTION, {})
     for key in main:
@@ -360,7 +355,30 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
             f"{path}: no [{EXPERT_PREFIX}NAME] sections; add one per expert, with function = module:function"
         )
     config.pipelines = load_pipelines(pipelines, path, config.experts)
+    check_route_paths(config.experts, where)
     return config
+
+
+NATIVE_PREFIXES = ("/call/", "/opinion/", "/map/", "/pipeline/")  # expertd's own POST routes
+
+
+def check_route_paths(experts: Mapping[str, ExpertSpec], where: str | Where) -> None:
+    """Refuse two experts on one Firefly path, or a path under one of expertd's own routes.
+
+    ConfigError naming the file (``where``: its path, or a source's naming function), the expert and its path.
+    """
+    name_of = _ini_where(where) if isinstance(where, str) else where
+    taken: dict[str, str] = {}
+    # Each default path (/NAME) is its own; a clash is always an explicit path's, which the message names.
+    for name, spec in sorted(experts.items(), key=lambda item: bool(item[1].path)):
+        route = spec.route_path
+        here = f"{name_of(EXPERT_PREFIX + name, 'path')} = {route}"
+        if route.startswith(NATIVE_PREFIXES):
+            raise ConfigError(f"{here}: under {route[:route.index('/', 1) + 1]}, one of expertd's own routes; "
+                              "choose another path")
+        if route in taken:
+            raise ConfigError(f"{here}: already the path of expert {taken[route]}; give each expert its own path")
+        taken[route] = name
 
 
 def render_markdown() -> str:

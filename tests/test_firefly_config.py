@@ -74,9 +74,13 @@ GOOD_FUNCTIONS = "functions:\n  square:\n    function: funcs.square\n"
      "config.yml: functions: expected a mapping of names to {function: module.function}, found nothing"),
     ("functions:\n  square: funcs.square\n", "config.yml: functions.square: expected a mapping of settings"),
     ("functions:\n  square:\n    function: funcs.square\n    path: /x\n  cube:\n    function: funcs.cube\n"
-     "    path: /x\n", "config.yml: functions.cube.path = '/x': expert square has that path already"),
+     "    path: /x\n", "config.yml: functions.cube.path = /x: already the path of expert square; give each expert its "
+                      "own path"),
     ("functions:\n  cube:\n    function: funcs.cube\n    path: /square\n  square:\n    function: funcs.square\n",
-     "config.yml: functions.square.path = '/square': expert cube has that path already"),
+     "config.yml: functions.cube.path = /square: already the path of expert square"),
+    ("functions:\n  square:\n    function: funcs.square\n    path: /call/square\n",
+     "config.yml: functions.square.path = /call/square: under /call/, one of expertd's own routes; choose another "
+     "path"),
     ("functions:\n  bad name:\n    function: funcs.square\n", "config.yml: functions.bad name: bad expert name"),
     ("functions:\n  square:\n    function: {module: funcs}\n",
      "config.yml: functions.square.function: expected a value (text, a number, yes/no or a list), found a mapping"),
