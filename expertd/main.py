@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         overrides[FUNCTIONS] = " ".join(args.functions)
         path = COMMAND_LINE
+    elif not args.config and not os.path.lexists(DEFAULT_CONFIG):
+        print(f"expertd: no config: {DEFAULT_CONFIG} does not exist; give --config FILE (INI, or Firefly's YAML "
+              "config.yml) or the functions to serve (expertd module.function ...)", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = load_config(path, overrides)
     except ConfigError as exc:

@@ -232,6 +232,14 @@ def test_firefly_command_line_and_a_config_together_are_refused(tmp_path):
                            "in the config file, or drop --config\n")
 
 
+@pytest.mark.skipif(Path("/etc/expertd.conf").exists(), reason="this machine has a system config")
+def test_neither_a_config_nor_functions_says_how_to_give_either():
+    done = run_expertd()
+    assert done.returncode == 2
+    assert done.stderr == ("expertd: no config: /etc/expertd.conf does not exist; give --config FILE (INI, or "
+                           "Firefly's YAML config.yml) or the functions to serve (expertd module.function ...)\n")
+
+
 class FireflyDaemon(Daemon):
     """expertd started as a Firefly user starts firefly: its own argv, in the directory of their code."""
 
