@@ -324,6 +324,12 @@ def test_the_containerfile_builds_in_one_stage_and_runs_from_a_slim_one():
     assert "-slim" in _final_stage()[0][1]
 
 
+def test_both_stages_are_the_same_python_so_that_the_venv_runs_where_it_is_copied():
+    build, runtime = (stage[0][1].split()[0] for stage in _stages())
+    assert build.replace("-${DEBIAN}", "") == runtime.replace("-slim-${DEBIAN}", "")
+    assert "${PYTHON_VERSION}" in build and "${DEBIAN}" in build and "${DEBIAN}" in runtime
+
+
 def test_the_final_stage_runs_as_a_fixed_non_root_user():
     users = [arguments for instruction, arguments in _final_stage() if instruction == "USER"]
     assert users, "no USER: the image would run as root"
@@ -377,6 +383,7 @@ def test_the_images_own_config_loads(tmp_path, monkeypatch):
     assert config.socket == "/run/expertd/socket/expertd.sock"
     environment = [arguments for instruction, arguments in _final_stage() if instruction == "ENV"]
     assert f"EXPERTD_SOCKET={config.socket}" in " ".join(environment), "kubectl exec ... expertctl finds it"
+    assert ("EXPOSE", str(config.http_listen[1])) in _final_stage()
 
 
 def test_the_build_context_leaves_out_venvs_caches_and_the_history():
