@@ -24,10 +24,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from expertd.client import Client
 from expertd.config import load_config
 from expertd.errors import ConfigError
 
 from conftest import EXAMPLES, Daemon, run_expertd, write_config
+from users import as_user, local_user, needs_root
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -392,15 +394,30 @@ def test_the_build_context_leaves_out_venvs_caches_and_the_history():
 
 
 # ----------------------------------------------------------------------------- the socket layout, for real
-def test_a_socket_directory_expertd_creates_under_a_sticky_tmpfs_serves(short_dir):
-    """A memory emptyDir's root: root-owned (or ours) and sticky; expertd makes the socket's own directory."""
+def _call_fib_as(uid: int, gid: int, groups: tuple[int, ...], socket: Path) -> str:
+    client = Client(str(socket))  # (made before the fork: the child keeps what root imported)
+    return as_user(uid, gid, lambda: client.call("fib", 5), groups=groups)
+
+
+@needs_root
+def test_the_sidecars_socket_layout_serves_the_application_through_the_pods_group(short_dir):
+    """The pod, for real but for the kubelet: a memory emptyDir's root, expertd's own directory under it, the
+    socket given the fsGroup, and an application of another uid that has the fsGroup as a supplementary group.
+    """
+    _, fs_group = local_user("xd-alice")  # (any group that is not the application's own)
+    app_uid, app_gid = local_user("xd-bob")
     shared = short_dir / "run"
     shared.mkdir()
-    os.chmod(shared, 0o3777)  # what a memory emptyDir with fsGroup looks like: sticky, setgid, writable by all
-    config = write_config(short_dir, {"fib": "fibs:fib"})
-    daemon = Daemon(config, shared / "socket" / "expertd.sock", workers=1).start()
+    os.chown(shared, 0, fs_group)
+    os.chmod(shared, 0o3777)  # a memory emptyDir with fsGroup: root's, sticky, setgid, writable by all
+    os.chmod(short_dir, 0o755)
+    socket = shared / "socket" / "expertd.sock"
+    config = write_config(short_dir, {"fib": "fibs:fib"}, socket_group=fs_group, socket_mode="0660")
+    daemon = Daemon(config, socket, workers=1).start()
     try:
-        assert daemon.client().call("fib", 5) == 8
+        assert _call_fib_as(app_uid, app_gid, (app_gid, fs_group), socket) == "8"
+        # Without the pod's group the socket's mode keeps the caller out: the group is what lets it in.
+        assert "ConnectError: permission denied" in _call_fib_as(app_uid, app_gid, (app_gid,), socket)
         assert stat.S_IMODE(os.lstat(shared / "socket").st_mode) & 0o022 == 0
     finally:
         daemon.stop()
