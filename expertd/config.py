@@ -11,6 +11,12 @@ expanded by :mod:`expertd.pipelines`).  Relative paths in the file are relative 
 Every problem is reported as one :class:`~expertd.errors.ConfigError` line
 naming the file, the section, the key and what to do.
 
+Firefly's YAML config (a ``.yml``/``.yaml`` file) and Firefly's command line
+(``expertd module.function ...``) are read by :mod:`expertd.firefly_config` into
+the same raw sections the INI file is read into; :func:`build_config` validates
+all three by one set of rules, and each error names the key as its source
+writes it (``[expert:x] function``, ``functions.x.function``).
+
 This module holds :class:`Config` and the file's loading and validation; the
 settings table is :mod:`expertd.settings` (:data:`SETTINGS`, re-exported
 here), and the value types it declares its settings with (sizes, durations,
