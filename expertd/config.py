@@ -27,6 +27,7 @@ import difflib
 import ipaddress
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from expertd.config_docs import render_markdown as _render_markdown
@@ -137,6 +138,18 @@ class Config:
         self.experts: dict[str, ExpertSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}  # [pipeline:NAME] sections, nested ones expanded
         self._plans: dict[str, Plan] = {}  # target -> its plan (see plan)
+
+    @cached_property
+    def firefly(self) -> Any:
+        """Firefly's routes (:class:`expertd.firefly.Routes`) with firefly_routes = yes, else None.
+
+        Built at its first request (read on every HTTP request: once built, an attribute like the others).
+        """
+        if not self.firefly_routes:
+            return None
+        from expertd.firefly import Routes  # (only with firefly_routes: `python -m expertd.config` stays light)
+
+        return Routes.of(self)
 
     def max_batch(self, name: str, batched: bool) -> int:
         """The most calls of expert ``name`` one batch may hold (1: not batched)."""
@@ -284,7 +297,27 @@ def load_config(path: str, overrides: dict[str, str] | None = None) -> Config:
             f"{path}: no [{EXPERT_PREFIX}NAME] sections; add one per expert, with function = module:function"
         )
     config.pipelines = load_pipelines(pipelines, path, config.experts)
+    check_route_paths(config.experts, path)
     return config
+
+
+NATIVE_PREFIXES = ("/call/", "/opinion/", "/map/", "/pipeline/")  # expertd's own POST routes
+
+
+def check_route_paths(experts: dict[str, ExpertSpec], where: str) -> None:
+    """Refuse two experts on one Firefly path, or a path under one of expertd's own routes (ConfigError naming
+    ``where``, the expert's section and key)."""
+    taken: dict[str, str] = {}
+    # Each default path (/NAME) is its own; a clash is always an explicit path's, which the message names.
+    for name, spec in sorted(experts.items(), key=lambda item: bool(item[1].path)):
+        route = spec.route_path
+        here = f"{where}: [{EXPERT_PREFIX}{name}] path = {route}"
+        if route.startswith(NATIVE_PREFIXES):
+            raise ConfigError(f"{here}: under {route[:route.index('/', 1) + 1]}, one of expertd's own routes; "
+                              "choose another path")
+        if route in taken:
+            raise ConfigError(f"{here}: already the path of expert {taken[route]}; give each expert its own path")
+        taken[route] = name
 
 
 def render_markdown() -> str:
