@@ -42,6 +42,7 @@ INDEX = "firefly_index"  # GET /: the master answers with the functions' metadat
 PREFLIGHT = "firefly_options"  # OPTIONS PATH or /: the master answers 200, empty
 MISSING = "firefly_missing"  # no function there (its expert field holds the path, for the 404's message)
 MASTER_ROUTES = frozenset({INDEX, PREFLIGHT})
+CALL_TARGET = f"/{CALL}/"  # (accesslog.target_of a call: the master's failures of one take Firefly's shape too)
 ROUTES = frozenset({CALL, INDEX, PREFLIGHT, MISSING})
 
 _NATIVE_GETS = frozenset(http.MASTER_ROUTES.values())  # GET /health stays the health check; POST /health may call
@@ -185,6 +186,17 @@ def reply(request: http.Request, result: Any, cors: tuple[tuple[str, str], ...])
     status = result.status if isinstance(result, FireflyInputError) else http.error_status(result)
     headers = (*cors, ("Retry-After", "1")) if result.retryable else cors
     return (*http.respond(request, status, http.dumps({"error": result.message}), headers=headers), result.code)
+
+
+def refusal_of(error: RemoteError | http.HttpRefusal) -> http.HttpRefusal:
+    """The master's error for a Firefly call in flight (a timeout, a lost worker, a quarantine), in Firefly's
+    shape with the same status; a refusal already in that shape as it is."""
+    if isinstance(error, FireflyRefusal):
+        return error
+    if isinstance(error, http.HttpRefusal):
+        return FireflyRefusal(error.status, error.code, error.message, close=error.close, headers=error.headers)
+    return FireflyRefusal(http.error_status(error), error.code, error.message,
+                          headers=(("Retry-After", "1"),) if error.retryable else ())
 
 
 def metadata(expert: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ EXPERTS = {
     "raw_bytes": "fireflyexperts:raw_bytes",
     "doubled": "fireflyexperts:doubled",
     "health_check": {"function": "fireflyexperts:square", "path": "/health"},  # POST /health: a function
+    "nap": {"function": "fireflyexperts:nap", "timeout": "0.5s"},
 }
 
 
@@ -233,6 +234,15 @@ def test_keep_alive_request_ids_metrics_and_the_access_log_cover_firefly_calls(s
     assert wait_until(lambda: "ff-call-2" in access.read_text())
     line = next(line for line in access.read_text().splitlines() if "ff-call-2" in line)
     assert "/firefly/greet" in line and " 200 " in line
+
+
+def test_the_daemons_own_errors_for_a_call_in_flight_take_firefly_shape_too(tcp, client):
+    status, _, reply = ask(tcp, "POST", "/nap", {"seconds": 5})  # killed past its timeout, by the master
+    assert status == 504 and set(reply) == {"error"} and isinstance(reply["error"], str)
+    assert "timeout" in reply["error"]
+    with pytest.raises(firefly.client.FireflyError, match="Oops"):  # (what Firefly's client says of a 504)
+        client.nap(seconds=5)
+    assert client.nap(seconds=0) == 0
 
 
 def test_bad_requests_never_kill_the_daemon(served, tcp):

@@ -1,5 +1,7 @@
 """Functions as a Firefly user serves them (tests/test_firefly_*.py): named arguments, docstrings, defaults."""
 
+import time
+
 from expertd import expert
 
 
@@ -39,3 +41,9 @@ def odd_default(when=_SENTINEL, limit=10**30, ratio=float("inf"), tags=("a", "b"
 def doubled(items):
     """A batched expert: each call is one item of the list."""
     return [2 * item for item in items]
+
+
+def nap(seconds):
+    """Sleeps (past its timeout, in the tests)."""
+    time.sleep(seconds)
+    return seconds
