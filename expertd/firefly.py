@@ -159,9 +159,8 @@ def call_arguments(request: http.Request, expert: Any) -> tuple[list, dict]:
         raise BadRequest(NO_BODY, expert=request.expert)
     value = http.json_body(request.body)
     if not isinstance(value, dict):
-        kind = "an array" if isinstance(value, list) else "a " + type(value).__name__
-        raise FireflyInputError(422, f"the body must be a JSON object of named arguments, not {kind} (Firefly "
-                                "functions take named arguments only)", expert=request.expert)
+        raise FireflyInputError(422, f"the body must be a JSON object of named arguments, not {http.json_type(value)} "
+                                "(Firefly functions take named arguments only)", expert=request.expert)
     signature = getattr(expert, "signature", None)
     if signature is not None and not expert.batched:  # (a batched function's signature takes the whole batch)
         try:

@@ -308,11 +308,11 @@ def call_arguments(request: Request) -> tuple[list, dict]:
     value = json_body(request.body)
     if request.route == "opinion":
         if not isinstance(value, dict):
-            raise BadRequest(f"the document must be a JSON object, not {_json_type(value)}", expert=request.expert)
+            raise BadRequest(f"the document must be a JSON object, not {json_type(value)}", expert=request.expert)
         # The reply adds to the document's opinions: a document where that cannot be done is refused
         # before the expert runs (the caller's error, not the expert's result).
         if "opinions" in value and not isinstance(value["opinions"], dict):
-            raise BadRequest(f"the document's 'opinions' is {_json_type(value['opinions'])}, not an object",
+            raise BadRequest(f"the document's 'opinions' is {json_type(value['opinions'])}, not an object",
                              expert=request.expert)
         return [value], {}
     if isinstance(value, list):
@@ -320,17 +320,17 @@ def call_arguments(request: Request) -> tuple[list, dict]:
     if isinstance(value, dict):
         return [], value
     raise BadRequest(f"the body must be a JSON array (positional arguments) or object (keyword arguments), "
-                     f"not {_json_type(value)}", expert=request.expert)
+                     f"not {json_type(value)}", expert=request.expert)
 
 
 def pipeline_request(request: Request) -> tuple[dict, dict]:
     """The document and options of a pipeline request (BadRequest when they are not usable)."""
     document = json_body(request.body)
     if not isinstance(document, dict):
-        raise BadRequest(f"the document must be a JSON object, not {_json_type(document)}", expert=request.expert)
+        raise BadRequest(f"the document must be a JSON object, not {json_type(document)}", expert=request.expert)
     for key in ("opinions", "errors"):  # (the pipeline adds to them: the caller's error, found before any expert runs)
         if key in document and not isinstance(document[key], dict):
-            raise BadRequest(f"the document's {key!r} is {_json_type(document[key])}, not an object",
+            raise BadRequest(f"the document's {key!r} is {json_type(document[key])}, not an object",
                              expert=request.expert)
     if request.on_error is None:
         return document, {}
@@ -345,7 +345,7 @@ def map_items(request: Request) -> list:
     value = json_body(request.body)
     if not isinstance(value, list):
         raise BadRequest(f"the body of POST /map/NAME must be a JSON array of items (one call's argument each), "
-                         f"not {_json_type(value)}", expert=request.expert)
+                         f"not {json_type(value)}", expert=request.expert)
     if len(value) > MAX_MAP_ITEMS:
         raise BadRequest(f"{len(value)} items in one map; the limit is {MAX_MAP_ITEMS}: send them in several "
                          "requests", expert=request.expert)
@@ -365,7 +365,7 @@ def json_body(body: bytes) -> Any:
         raise BadRequest(f"the body is not valid JSON: {message}") from None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
@@ -382,7 +382,7 @@ def result_body(request: Request, result: Any) -> bytes:
         document = json.loads(request.body)
         opinions = document.setdefault("opinions", {})
         if not isinstance(opinions, dict):
-            raise BadRequest(f"the document's 'opinions' is {_json_type(opinions)}, not an object",
+            raise BadRequest(f"the document's 'opinions' is {json_type(opinions)}, not an object",
                              expert=request.expert)
         opinions[request.expert] = result
         result = document

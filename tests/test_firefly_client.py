@@ -276,6 +276,26 @@ def _requests(daemon: Daemon, expert: str) -> float:
     return next((float(line[len(wanted):]) for line in text.splitlines() if line.startswith(wanted)), 0.0)
 
 
+def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_master(make_daemon):
+    port = free_port()
+    make_daemon({"square": "fireflyexperts.square", "greet": "fireflyexperts.greet"}, workers=1, linger="2s",
+                http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:  # one connection: after the first call, its worker keeps it and takes what it may serve itself
+        for n in range(4):
+            assert ask(conn, "POST", "/square", {"n": n})[::2] == (200, n * n)
+        assert ask(conn, "POST", "/greet", {"nom": "x"})[::2] == (422, {"error": "missing a required argument: "
+                                                                                 "'name'"})
+        assert ask(conn, "GET", "/")[0] == 200  # (the master's)
+        assert ask(conn, "OPTIONS", "/square", token=None)[::2] == (200, b"")
+        assert ask(conn, "POST", "/call/square", [3])[::2] == (200, 9)
+        assert ask(conn, "POST", "/square", {"n": 5})[::2] == (200, 25)
+        assert ask(conn, "POST", "/square", {"n": 5}, token="wrong-token-of-enough-length")[::2] == \
+            (403, {"error": "Invalid auth token"})
+    finally:
+        conn.close()
+
+
 # ------------------------------------------------------------------------------ off, and bad configs
 def test_without_firefly_routes_no_firefly_path_exists(make_daemon):
     port = free_port()

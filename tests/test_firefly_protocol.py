@@ -156,7 +156,7 @@ def test_a_call_takes_the_json_object_as_named_arguments(body, function, kwargs)
     (b'{}', "application/json", greet, 422, "missing a required argument: 'name'"),
     (b"[3]", "application/json", square, 422, "the body must be a JSON object of named arguments, not an array "
                                               "(Firefly functions take named arguments only)"),
-    (b"3", "application/json", square, 422, "the body must be a JSON object of named arguments, not a int "
+    (b"3", "application/json", square, 422, "the body must be a JSON object of named arguments, not a number "
                                             "(Firefly functions take named arguments only)"),
     (b"{nope", "application/json", square, 400, "the body is not valid JSON: Expecting property name enclosed in "
                                                 "double quotes: line 1 column 2 (char 1)"),
