@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -292,6 +293,27 @@ def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_mast
         assert ask(conn, "POST", "/square", {"n": 5})[::2] == (200, 25)
         assert ask(conn, "POST", "/square", {"n": 5}, token="wrong-token-of-enough-length")[::2] == \
             (403, {"error": "Invalid auth token"})
+    finally:
+        conn.close()
+
+
+def test_a_reload_serves_the_new_paths_and_get_root_lists_them(make_daemon):
+    port = free_port()
+    daemon = make_daemon({"square": "fireflyexperts.square"}, workers=1, http_listen=f"127.0.0.1:{port}",
+                         token=TOKEN, firefly_routes="yes")
+    daemon.config.write_text(daemon.config.read_text() + "[expert:total]\nfunction = fireflyexperts:total\n"
+                             "path = /sum\n")
+    daemon.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "generation 2" in daemon.log and daemon.log.count(" ready in ") >= 2, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        assert wait_until(lambda: ask(conn, "POST", "/sum", {"values": [2, 3]})[::2] == (200, 5), timeout=20)
+        assert ask(conn, "GET", "/")[2]["functions"]["total"]["path"] == "/sum"
+        # A reload to a config with a bad path is refused in one line; the daemon serves on.
+        daemon.config.write_text(daemon.config.read_text().replace("path = /sum", "path = /square"))
+        daemon.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "[expert:total] path = /square: already the path of expert square" in daemon.log)
+        assert ask(conn, "POST", "/sum", {"values": [1]})[::2] == (200, 1)
     finally:
         conn.close()
 
