@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from expertd import __version__, http, protocol
+from expertd import __version__, firefly, http, protocol
 from expertd.backoff import Quarantines
 from expertd.connections import QUEUED
 from expertd.errors import AccessDenied, BadRequest, UnknownExpert
@@ -139,7 +139,10 @@ class Admin:
     # ------------------------------------------------------------- HTTP GETs
     def http_get(self, route: str, uid: int, gid: int, groups: frozenset[int], pid: int,
                  tcp: bool) -> tuple[int, bytes, str]:
-        """GET /health, /experts or /metrics: (status, body, content type); AccessDenied if the peer may not."""
+        """GET /health, /experts or /metrics, Firefly's GET / and preflights: (status, body, content type);
+        AccessDenied if the peer may not."""
+        if route == firefly.PREFLIGHT:  # (it says nothing, and a browser's carries no credentials)
+            return 200, b"", firefly.PREFLIGHT_TYPE
         public = tcp and route in http.PUBLIC_HEALTH_ROUTES and self.serving.config.public_health
         if not (public or self.serving.access().reads(uid, gid, groups)):
             self.throttle.warning("refused GET /%s from uid %d (pid %d): public_status = no", route, uid, pid,
@@ -151,6 +154,8 @@ class Admin:
             return self.health()
         if route == "experts":
             return 200, http.dumps(self.listing()), http.JSON_TYPE
+        if route == firefly.INDEX:
+            return 200, http.dumps(firefly.index(self.serving.experts, self.serving.config.firefly)), http.JSON_TYPE
         return 200, self.metrics_text().encode("utf-8"), http.METRICS_TYPE
 
     def health(self) -> tuple[int, bytes, str]:

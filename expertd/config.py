@@ -36,6 +36,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from expertd.config_docs import render_markdown as _render_markdown
@@ -159,6 +160,18 @@ class Config:
         self.experts: dict[str, ExpertSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}  # [pipeline:NAME] sections, nested ones expanded
         self._plans: dict[str, Plan] = {}  # target -> its plan (see plan)
+
+    @cached_property
+    def firefly(self) -> Any:
+        """Firefly's routes (:class:`expertd.firefly.Routes`) with firefly_routes = yes, else None.
+
+        Built at its first request (read on every HTTP request: once built, an attribute like the others).
+        """
+        if not self.firefly_routes:
+            return None
+        from expertd.firefly import Routes  # (only with firefly_routes: `python -m expertd.config` stays light)
+
+        return Routes.of(self)
 
     def max_batch(self, name: str, batched: bool) -> int:
         """The most calls of expert ``name`` one batch may hold (1: not batched)."""

@@ -31,7 +31,7 @@ import socket
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from expertd import accesslog, http, protocol
+from expertd import accesslog, firefly, http, protocol
 from expertd.access import NO_PEER
 from expertd.errors import Overloaded, RemoteError
 from expertd.logs import Throttle
@@ -212,6 +212,8 @@ class ConnectionTable:
         log_id = log_id or self.log_id(conn)
         if conn.speaks == "http":
             drain(conn.sock)
+            if conn.http_target is not None and conn.http_target.startswith(firefly.CALL_TARGET):
+                error = firefly.refusal_of(error)  # (a timeout, a lost worker, a quarantine: in Firefly's shape)
             reply = http.error_response(None, error, request_id=log_id)[0]
         else:
             if isinstance(error, RemoteError):

@@ -49,7 +49,7 @@ from collections.abc import Callable
 
 import msgpack
 
-from expertd import ipc
+from expertd import firefly, ipc
 from expertd.config import Config
 from expertd.errors import ExpertLoadError
 from expertd.metrics import Metrics
@@ -306,8 +306,11 @@ class _Parent:
         except ExpertLoadError as exc:
             self._send(FAILED + str(exc).encode("utf-8", "replace")[:_MAX_FAILURE])
             return 3
-        described = ipc.write_memfd("expertd-experts",
-                                    msgpack.packb({name: expert.describe() for name, expert in experts.items()}))
+        descriptions = {name: expert.describe() for name, expert in experts.items()}
+        if self.config.firefly_routes:  # the master answers Firefly's GET / from each function's doc and parameters
+            for name, expert in experts.items():
+                descriptions[name]["firefly"] = firefly.metadata(expert)
+        described = ipc.write_memfd("expertd-experts", msgpack.packb(descriptions))
         try:
             socket.send_fds(self.control, [LOADED], [described])
         except OSError:

@@ -47,9 +47,9 @@ JSON_TYPE = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SERVER = "expertd"
 
-# The master answers these itself; calls go to a worker.
-MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}
-WORKER_ROUTES = {"call", "opinion", "map", "pipeline"}
+MASTER_ROUTES = {"/health": "health", "/experts": "experts", "/metrics": "metrics"}  # (the master answers them)
+_NATIVE_PREFIXES = {"call", "opinion", "map", "pipeline"}  # POST /PREFIX/NAME
+WORKER_ROUTES = {*_NATIVE_PREFIXES, "firefly"}  # ("firefly": a Firefly function's path, see expertd.firefly)
 ON_ERROR_HEADER = b"x-expertd-on-error"  # a pipeline's on_error for this request: stop or continue
 REQUEST_ID_HEADER = b"x-request-id"  # the caller's id for the request (logs), returned in the response
 
@@ -69,12 +69,16 @@ class HttpRefusal(Exception):
         self.close = close  # the stream cannot be trusted past this request
         self.headers = headers
 
+    def body(self) -> bytes:  # (expertd.firefly's refusals have Firefly's shape)
+        return error_body(self.code, self.message)
+
 
 class Head(NamedTuple):
     """What the master needs of a request: framing, route and credentials."""
 
     method: str
-    route: str  # "call", "opinion", "map", "pipeline", "health", "experts", "metrics", or "" (no such path)
+    route: str  # "call", "opinion", "map", "pipeline", "health", "experts", "metrics", a Firefly one, "" (none)
+
     expert: str | None  # the expert, or for a pipeline the target (a pipeline's name, or stages 'a,b+c')
     head_size: int
     body_size: int
@@ -98,11 +102,12 @@ def could_be_http(prefix: bytes) -> bool:
     return any(method.startswith(prefix) for method in _METHODS)
 
 
-def scan_head(data: bytes) -> Head | None:
+def scan_head(data: bytes, firefly: Any = None) -> Head | None:
     """Frame a request from its first bytes; None while its head is still arriving.
 
     Raises HttpRefusal for what cannot be framed: a malformed head, a chunked
-    body, a head over MAX_HEAD.  (The body's size is :func:`check_route`'s.)
+    body, a head over MAX_HEAD.  (The body's size is :func:`check_route`'s.)  ``firefly``
+    (:class:`expertd.firefly.Routes`, with firefly_routes) routes the paths that are not expertd's own.
     """
     if not (looks_like_http(data) or (len(data) < 4 and could_be_http(data))):
         raise HttpRefusal(400, "bad_request", "not an HTTP request (this address speaks HTTP only)", close=True)
@@ -141,6 +146,8 @@ def scan_head(data: bytes) -> Head | None:
             request_id = accesslog.request_id_of(value)
     body_size = body_size or 0
     route, expert = _route(target)
+    if firefly is not None:
+        route, expert = firefly.route(method, target, route, expert)
     return Head(method, route, expert, end.end(), body_size, expects_continue, authorization, host, request_id)
 
 
@@ -151,7 +158,7 @@ def _route(target: str) -> tuple[str, str | None]:
     if path in MASTER_ROUTES:
         return MASTER_ROUTES[path], None
     parts = path.split("/")
-    if len(parts) == 3 and parts[0] == "" and parts[1] in WORKER_ROUTES and parts[2]:
+    if len(parts) == 3 and parts[0] == "" and parts[1] in _NATIVE_PREFIXES and parts[2]:
         return parts[1], parts[2]
     return "", None
 
@@ -234,11 +241,11 @@ def check_local_origin(head: Head) -> None:
 
 
 def token_accepted(authorization: bytes | None, token: str) -> bool:
-    """Whether an Authorization header carries ``Bearer <token>`` (compared in constant time)."""
+    """Whether an Authorization header carries ``Bearer <token>`` or Firefly's ``Token <token>`` (constant time)."""
     if authorization is None:
         return False
     scheme, _, credentials = authorization.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token.encode())
+    return scheme.lower() in (b"bearer", b"token") and hmac.compare_digest(credentials.strip(), token.encode())
 
 
 class Request(NamedTuple):
@@ -251,10 +258,11 @@ class Request(NamedTuple):
     connection: h11.Connection
     on_error: str | None = None  # the X-Expertd-On-Error header (pipelines)
     request_id: str | None = None  # X-Request-Id if valid (accesslog.request_id_of), else one the daemon made
+    content_type: bytes = b""  # (read for Firefly routes only: they refuse file uploads)
 
 
-def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = None) -> Request:
-    """Parse exactly one request (as framed by :func:`scan_head`); HttpRefusal if h11 disagrees.
+def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = None, firefly: Any = None) -> Request:
+    """Parse exactly one request (framed by :func:`scan_head`, the same ``firefly``); HttpRefusal if h11 disagrees.
 
     Its ``request_id`` is its X-Request-Id if valid, else ``made_id`` (the daemon's own).
     """
@@ -278,29 +286,33 @@ def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = Non
             raise HttpRefusal(400, "bad_request", "the request does not match its framing", close=True)
     except h11.RemoteProtocolError as exc:
         raise HttpRefusal(400, "bad_request", f"malformed HTTP request: {exc}", close=True) from None
-    route, expert = _route(event.target.decode("ascii", "replace"))
+    target, method = event.target.decode("ascii", "replace"), event.method.decode("ascii", "replace")
+    route, expert = _route(target)
     on_error = request_id = None
     for name, value in event.headers:
         if name == ON_ERROR_HEADER:
             on_error = value.decode("latin-1")
         elif name == REQUEST_ID_HEADER:
             request_id = accesslog.request_id_of(value)
-    return Request(event.method.decode("ascii", "replace"), route, expert, bytes(body), connection, on_error,
-                   request_id or made_id)
+    if firefly is None:
+        return Request(method, route, expert, bytes(body), connection, on_error, request_id or made_id)
+    route, expert = firefly.route(method, target, route, expert)
+    content_type = next((value for name, value in event.headers if name == b"content-type"), b"")
+    return Request(method, route, expert, bytes(body), connection, on_error, request_id or made_id, content_type)
 
 
 def call_arguments(request: Request) -> tuple[list, dict]:
     """The expert's arguments from a request's JSON body (BadRequest when it is not usable)."""
     if request.route == "map":  # (many calls: see map_items)
         raise BadRequest("POST /map/NAME is many calls; it cannot be answered as one", expert=request.expert)
-    value = _json_body(request.body)
+    value = json_body(request.body)
     if request.route == "opinion":
         if not isinstance(value, dict):
-            raise BadRequest(f"the document must be a JSON object, not {_json_type(value)}", expert=request.expert)
+            raise BadRequest(f"the document must be a JSON object, not {json_type(value)}", expert=request.expert)
         # The reply adds to the document's opinions: a document where that cannot be done is refused
         # before the expert runs (the caller's error, not the expert's result).
         if "opinions" in value and not isinstance(value["opinions"], dict):
-            raise BadRequest(f"the document's 'opinions' is {_json_type(value['opinions'])}, not an object",
+            raise BadRequest(f"the document's 'opinions' is {json_type(value['opinions'])}, not an object",
                              expert=request.expert)
         return [value], {}
     if isinstance(value, list):
@@ -308,17 +320,17 @@ def call_arguments(request: Request) -> tuple[list, dict]:
     if isinstance(value, dict):
         return [], value
     raise BadRequest(f"the body must be a JSON array (positional arguments) or object (keyword arguments), "
-                     f"not {_json_type(value)}", expert=request.expert)
+                     f"not {json_type(value)}", expert=request.expert)
 
 
 def pipeline_request(request: Request) -> tuple[dict, dict]:
     """The document and options of a pipeline request (BadRequest when they are not usable)."""
-    document = _json_body(request.body)
+    document = json_body(request.body)
     if not isinstance(document, dict):
-        raise BadRequest(f"the document must be a JSON object, not {_json_type(document)}", expert=request.expert)
+        raise BadRequest(f"the document must be a JSON object, not {json_type(document)}", expert=request.expert)
     for key in ("opinions", "errors"):  # (the pipeline adds to them: the caller's error, found before any expert runs)
         if key in document and not isinstance(document[key], dict):
-            raise BadRequest(f"the document's {key!r} is {_json_type(document[key])}, not an object",
+            raise BadRequest(f"the document's {key!r} is {json_type(document[key])}, not an object",
                              expert=request.expert)
     if request.on_error is None:
         return document, {}
@@ -330,17 +342,17 @@ def pipeline_request(request: Request) -> tuple[dict, dict]:
 
 def map_items(request: Request) -> list:
     """The items of a ``POST /map/NAME`` request: its body, a JSON array (BadRequest when it is not usable)."""
-    value = _json_body(request.body)
+    value = json_body(request.body)
     if not isinstance(value, list):
         raise BadRequest(f"the body of POST /map/NAME must be a JSON array of items (one call's argument each), "
-                         f"not {_json_type(value)}", expert=request.expert)
+                         f"not {json_type(value)}", expert=request.expert)
     if len(value) > MAX_MAP_ITEMS:
         raise BadRequest(f"{len(value)} items in one map; the limit is {MAX_MAP_ITEMS}: send them in several "
                          "requests", expert=request.expert)
     return value
 
 
-def _json_body(body: bytes) -> Any:
+def json_body(body: bytes) -> Any:
     if not body.strip():
         raise BadRequest("the request has no body; send JSON (curl -d '[5]' or -d '{\"n\": 5}')")
     # An empty array is two bytes of JSON and ~60 of Python: bound the containers as msgpack bodies are.
@@ -353,7 +365,7 @@ def _json_body(body: bytes) -> Any:
         raise BadRequest(f"the body is not valid JSON: {message}") from None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
@@ -370,7 +382,7 @@ def result_body(request: Request, result: Any) -> bytes:
         document = json.loads(request.body)
         opinions = document.setdefault("opinions", {})
         if not isinstance(opinions, dict):
-            raise BadRequest(f"the document's 'opinions' is {_json_type(opinions)}, not an object",
+            raise BadRequest(f"the document's 'opinions' is {json_type(opinions)}, not an object",
                              expert=request.expert)
         opinions[request.expert] = result
         result = document
@@ -467,7 +479,7 @@ def error_response(request: Request | None, error: RemoteError | HttpRefusal,
                    close: bool = False, request_id: str | None = None) -> tuple[bytes, bool]:
     """The response for a refusal or a daemon error (``request_id``: the X-Request-Id when there is no request)."""
     if isinstance(error, HttpRefusal):
-        return respond(request, error.status, error_body(error.code, error.message), headers=error.headers,
+        return respond(request, error.status, error.body(), headers=error.headers,
                        close=close or error.close, request_id=request_id)
     headers = (("Retry-After", "1"),) if error.retryable else ()
     body = dumps({"error": error_object(error)})
@@ -481,7 +493,8 @@ _STATUS_BY_CODE = {
 }
 _REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+    405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+    422: "Unprocessable Content", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    503: "Service Unavailable", 504: "Gateway Timeout",
 }
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -36,6 +36,7 @@ from expertd.connections import (
     ConnectionTable,
 )
 from expertd.errors import AccessDenied, BadRequest, Overloaded, Quarantined, RemoteError
+from expertd.firefly import MASTER_ROUTES as FIREFLY_MASTER_ROUTES
 from expertd.framing import BAD_MAGIC, HTTP, MASTER_KINDS, frame_of, http_refusal, sniff
 from expertd.metrics import Metrics
 from expertd.serving import Serving
@@ -160,15 +161,16 @@ class Intake:
         """An HTTP request: refuse, answer here (GETs), or queue for a worker once it is whole."""
         conn.http_id = conn.http_target = None  # (the last request's: the logs must not name this one so)
         conn.frame_size = 0
+        config = self.serving.config
         try:
-            request = http.scan_head(head)
+            request = http.scan_head(head, config.firefly)
             if request is None and len(head) == PEEK_SIZE:  # a long head: look further, once it grew
                 queued = protocol.queued_bytes(conn.fd)
                 if queued <= conn.head_scanned:
                     return
                 conn.head_scanned = queued
                 head = conn.sock.recv(http.MAX_HEAD, PEEK_NOW)
-                request = http.scan_head(head)
+                request = http.scan_head(head, config.firefly)
             if request is None:
                 self._mark_partial(conn)
                 return
@@ -184,9 +186,9 @@ class Intake:
         pipeline = http.is_pipeline(request.route, request.expert, self.serving.experts)
         conn.whole_batch = request.route == "map" or pipeline
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
-        config = self.serving.config
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
-                               max_frame=config.max_frame, plan=config.plan, public_health=config.public_health)
+                               max_frame=config.max_frame, plan=config.plan, public_health=config.public_health,
+                               firefly=config.firefly)
         if refusal is None and self.quarantines.entries:
             quarantined = self._quarantined(request.expert, pipeline)
             if quarantined is not None:
@@ -373,10 +375,12 @@ class Intake:
             self.table.recheck.append(conn)  # a request pipelined behind this one: look in the main loop
 
     def _answer_http(self, conn: Connection, route: str) -> None:
-        """GET /health, /experts and /metrics, answered here: they need no worker."""
+        """GET /health, /experts and /metrics (and Firefly's GET / and preflights), answered here: they need no
+        worker."""
+        firefly = self.serving.config.firefly
         try:
             raw = conn.sock.recv(conn.frame_size, socket.MSG_DONTWAIT)  # whole in the socket: checked
-            request = http.parse_request(raw, self.table.log_id(conn))
+            request = http.parse_request(raw, self.table.log_id(conn), firefly)
         except OSError:
             self.table.close(conn)
             return
@@ -391,7 +395,8 @@ class Intake:
             reply, keep_alive = http.error_response(request, refused)
             code = refused.code
         else:
-            reply, keep_alive = http.respond(request, status, body, content_type)
+            headers = firefly.cors if firefly is not None and route in FIREFLY_MASTER_ROUTES else ()
+            reply, keep_alive = http.respond(request, status, body, content_type, headers)
             code = "ok" if status < 400 else "unhealthy"  # (/health's 503)
         if accesslog.LOG is not None:
             self.table.log_access(conn, request.request_id or "-", code, reply)

@@ -142,9 +142,7 @@ class BatchServing(HttpServing):
         if refused is not None:
             member.error = refused
             return None
-        args, kwargs = http.call_arguments(member.request)
-        protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
-        member.call = (args, kwargs)
+        member.call = self._http_call(member.request)
         return member.request.expert or ""
 
     # ------------------------------------------------------------- answering
@@ -161,7 +159,9 @@ class BatchServing(HttpServing):
                 # No patience: a slow reader's rest goes to the master, and its batch mates are not kept waiting.
                 member.close, member.unsent = self._deliver(member.conn, response, member.log_id, patience=0.0)
                 member.close = member.close or not keep_alive
-                status, target = accesslog.status_of(response), accesslog.target_of("call", expert_name or None)
+                status = accesslog.status_of(response)
+                target = accesslog.target_of(member.request.route if member.request is not None else "call",
+                                             expert_name or None)
             else:
                 if member.error is None:
                     try:

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from expertd import accesslog, http, protocol, stage_timer
+from expertd import accesslog, firefly, http, protocol, stage_timer
 from expertd.calls import IN_HAND, Answering, _safe_str
 from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
@@ -85,7 +85,7 @@ class HttpServing(Answering):
     def _peek_http(self, conn: socket.socket, head: bytes, tcp: bool) -> _PeekedHttp | str:
         # Only a whole call that the master would pass on as it is: the same checks as the master's.
         try:
-            framing = http.scan_head(head)
+            framing = http.scan_head(head, self.config.firefly)
             if framing is None:
                 return "expired"
             http.admit(framing, tcp=tcp, token=self.config.token)
@@ -138,7 +138,7 @@ class HttpServing(Answering):
                     head, framing = peeked
                 else:
                     head = peeked if peeked and _HEAD_END in peeked else conn.recv(http.MAX_HEAD, _PEEK_NOW)
-                    framing = http.scan_head(head)
+                    framing = http.scan_head(head, self.config.firefly)
                 if framing is None:
                     raise http.HttpRefusal(400, "bad_request", "incomplete request head", close=True)
                 limit = self._timeouts.get(framing.expert)  # (None: a pipeline's target, whose plan says)
@@ -149,7 +149,7 @@ class HttpServing(Answering):
                             number, framing.expert or "")
                 raw = protocol.recv_exact(conn, framing.size)
             self._http_in = len(raw)
-            request = http.parse_request(raw, self._http_id)
+            request = http.parse_request(raw, self._http_id, self.config.firefly)
             if request.request_id != self._http_id:  # the caller's own: the master must name it so too
                 self._http_id = request.request_id  # type: ignore[assignment]
                 board.caller_id(number, self._http_id)
@@ -188,7 +188,10 @@ class HttpServing(Answering):
                     protocol.check_shape(items, {}, len(items), self.config.max_depth)
                     result = self._map(expert or "", items)
                 else:
-                    args, kwargs = http.call_arguments(request)
+                    if request.route == "firefly":  # (inline, not _http_call: a call frame less per request)
+                        args, kwargs = firefly.call_arguments(request, self.experts.get(expert or ""))  # type: ignore[attr-defined]
+                    else:
+                        args, kwargs = http.call_arguments(request)
                     protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
                     result = self._invoke(expert or "", args, kwargs)
             except RemoteError as exc:
@@ -223,8 +226,19 @@ class HttpServing(Answering):
         return not keep_alive, unsent  # (with unsent bytes, the master closes once it has written them)
 
 
+    def _http_call(self, request: http.Request) -> tuple[list, dict]:
+        """The arguments of a call (``POST /call/NAME``, or a Firefly path's); RemoteError if they are not usable."""
+        if request.route == "firefly":
+            args, kwargs = firefly.call_arguments(request, self.experts.get(request.expert or ""))  # type: ignore[attr-defined]
+        else:
+            args, kwargs = http.call_arguments(request)
+        protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+        return args, kwargs
+
     def _http_reply(self, request: http.Request, result: Any) -> tuple[bytes, bool, str]:
         """The response to ``request`` whose call returned ``result`` (a RemoteError: it failed)."""
+        if request.route == "firefly":  # (Firefly's shapes: {"error": MESSAGE}, its statuses)
+            return firefly.reply(request, result, self.config.firefly.cors)
         if isinstance(result, BadRequest):  # (perhaps the wrong route: the error says which is meant)
             result = self._hinted(request, result)
         if not isinstance(result, RemoteError):
