@@ -349,3 +349,77 @@ def test_firefly_command_line_does_not_read_the_system_config(short_dir):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("expertd: command line: OK, 1 expert: square\n")
+
+
+# ------------------------------------------------- Firefly's own client against expertd started Firefly's two ways
+FIREFLY_DOCS_FUNCS = '''def square(n):
+    """Returns the square of a number."""
+    return n ** 2
+
+
+def cube(n):
+    return n ** 3
+
+
+def predict(a):
+    if len(a) != 2:
+        raise ValueError(f"expected 2 features, got {len(a)}")
+    return int(a[0] < a[1])
+'''
+FIREFLY_DOCS_CONFIG = '''# config.yml, as in Firefly's documentation
+version: 1.0
+token: "abcd1234"
+functions:
+  square:
+    path: "/square"
+    function: "funcs.square"
+  cube:
+    path: "/cube"
+    function: "funcs.cube"
+  predict:
+    path: "/predict"
+    function: "funcs.predict"
+'''
+
+
+@pytest.mark.parametrize("started", ["firefly -c config.yml", "firefly -t TOKEN funcs.square ..."])
+def test_fireflys_own_client_works_unchanged_against_expertd_started_as_firefly_is(short_dir, firefly_daemons,
+                                                                                   started):
+    """Every call Firefly's documentation shows, by firefly-python 0.1.15's own client, with only 'firefly'
+    changed to 'expertd' in the command line (plus -b: the tests' port, not Firefly's default 8000)."""
+    import firefly
+    from firefly.validator import ValidationError
+
+    (short_dir / "funcs.py").write_text(FIREFLY_DOCS_FUNCS)
+    (short_dir / "config.yml").write_text(FIREFLY_DOCS_CONFIG)
+    port = free_port()
+    if started.startswith("firefly -c"):
+        firefly_daemons("-c", "config.yml", "-b", f"127.0.0.1:{port}")
+    else:
+        firefly_daemons("-b", f"127.0.0.1:{port}", "--token", SHORT_TOKEN, "funcs.square", "funcs.cube",
+                        "funcs.predict")
+    url = f"http://127.0.0.1:{port}/"
+
+    client = firefly.Client(url, auth_token=SHORT_TOKEN)
+    assert client.square(n=4) == 16
+    assert client.cube(n=3) == 27
+    assert client.predict(a=[5, 8]) == 1
+    assert client.square.__doc__ == "Returns the square of a number."
+    with pytest.raises(ValidationError, match="missing a required argument: 'n'"):
+        client.square(m=4)
+    with pytest.raises(firefly.client.FireflyError, match="^ValueError: expected 2 features, got 3$"):
+        client.predict(a=[1, 2, 3])
+    with pytest.raises(firefly.client.FireflyError, match="Requested function not found"):
+        client.call_func("cubed", n=2)  # (a path GET / does not list: Firefly's client tries /cubed)
+    with pytest.raises(firefly.client.FireflyError, match="403"):
+        firefly.Client(url, auth_token="not-abcd1234").square(n=4)
+
+    # curl -d '{"n": 4}' -H "Authorization: Token abcd1234" http://127.0.0.1:PORT/square, as Firefly's docs
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/square", body=b'{"n": 4}', headers={"Authorization": f"Token {SHORT_TOKEN}"})
+    response = conn.getresponse()
+    assert (response.status, json.loads(response.read())) == (200, 16)
+    conn.request("POST", "/square", body=b'{"n": 4}')
+    response = conn.getresponse()
+    assert (response.status, json.loads(response.read())) == (403, {"error": "Invalid auth token"})
+    conn.close()
