@@ -90,13 +90,14 @@ def write_config(directory: Path, experts: dict[str, str], **settings: str) -> P
 
 
 @contextmanager
-def expertd(directory: Path, config: Path, workers: int):
+def expertd(directory: Path, config: Path, workers: int, extra: tuple[str, ...] = (), cwd: Path | None = None):
     sock = directory / f"e{workers}-{time.monotonic_ns() % 10**6}.sock"
     log_path = sock.with_suffix(".log")
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([PYTHON, "-m", "expertd", "--config", str(config), "--socket", str(sock),
-                                 "--workers", str(workers), "--log-level", "info"], stdout=log, stderr=log)
+                                 "--workers", str(workers), "--log-level", "info", *extra], stdout=log, stderr=log,
+                                cwd=cwd)
     try:
         while "expertd ready" not in log_path.read_text():
             if proc.poll() is not None or time.monotonic() - started > 120:
@@ -153,6 +154,15 @@ def firefly(ff_python: Path, workers: int | None = None):
 
 
 @contextmanager
+def expertd_firefly_mode(directory: Path, workers: int):
+    """expertd started from Firefly's own YAML (bench/firefly/config.yml) as a Firefly user would: its URL."""
+    port = free_port()
+    with expertd(directory, BENCH / "firefly" / "config.yml", workers, ("--http-listen", f"127.0.0.1:{port}"),
+                 cwd=ROOT / "examples"):
+        yield f"http://127.0.0.1:{port}/"
+
+
+@contextmanager
 def floor_server(directory: Path):
     sock = directory / "floor.sock"
     proc = subprocess.Popen([PYTHON, str(BENCH / "floor_server.py"), str(sock)], stdout=subprocess.PIPE)
@@ -197,12 +207,16 @@ def measure_one_shot(cfg: dict, daemon, ff_url: str, ff_python: Path) -> dict:
     return results
 
 
+FIREFLY_MODE_ROW = "expertd started from Firefly's config.yml (2 workers), Firefly's client"
+
+
 def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> dict:
     """The headline: one persistent client calling square in a loop, interleaved A B C D."""
     results = {"expertd (2 workers)": [], "expertd HTTP/JSON, keep-alive (2 workers)": [], "raw-socket floor": [],
-               "Firefly server": [], "Firefly on gunicorn (2)": []}
+               "Firefly server": [], "Firefly on gunicorn (2)": [], FIREFLY_MODE_ROW: []}
     with expertd(directory, square_config, 2) as daemon, floor_server(directory) as floor, \
-            firefly(ff_python) as ff_url, firefly(ff_python, 2) as gunicorn_url:
+            firefly(ff_python) as ff_url, firefly(ff_python, 2) as gunicorn_url, \
+            expertd_firefly_mode(directory, 2) as expertd_ff_url:
         for _ in range(cfg["rounds"]):
             results["expertd (2 workers)"].append(load(PYTHON, "expertd", daemon.sock, 1, cfg["seconds"])["p50_us"])
             results["expertd HTTP/JSON, keep-alive (2 workers)"].append(
@@ -211,6 +225,7 @@ def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_confi
             results["Firefly server"].append(load(ff_python, "firefly", ff_url, 1, cfg["seconds"])["p50_us"])
             results["Firefly on gunicorn (2)"].append(
                 load(ff_python, "firefly", gunicorn_url, 1, cfg["seconds"])["p50_us"])
+            results[FIREFLY_MODE_ROW].append(load(ff_python, "firefly", expertd_ff_url, 1, cfg["seconds"])["p50_us"])
     return results
 
 
@@ -257,9 +272,11 @@ def measure_hotpath() -> dict:
 def measure_grid(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> list[dict]:
     rows = []
     for workers in cfg["workers"]:
-        with expertd(directory, square_config, workers) as daemon, firefly(ff_python, workers) as gunicorn_url:
+        with expertd(directory, square_config, workers) as daemon, firefly(ff_python, workers) as gunicorn_url, \
+                expertd_firefly_mode(directory, workers) as expertd_ff_url:
             for clients in cfg["clients"]:
                 for system, python, kind, target in (("expertd", PYTHON, "expertd", daemon.sock),
+                                                     ("expertd in Firefly mode", ff_python, "firefly", expertd_ff_url),
                                                      ("Firefly on gunicorn", ff_python, "firefly", gunicorn_url)):
                     result = load(python, kind, target, clients, cfg["seconds"])
                     rows.append({"system": system, "workers": workers, **result})
@@ -337,12 +354,12 @@ def plots(data: dict, directory: Path) -> list[str]:
     written.append("latency_by_method.png")
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for system in ("expertd", "Firefly on gunicorn", "Firefly server"):
+    for system in ("expertd", "expertd in Firefly mode", "Firefly on gunicorn", "Firefly server"):
         for workers in sorted({r["workers"] for r in data["grid"] if r["system"] == system}):
             rows = [r for r in data["grid"] if r["system"] == system and r["workers"] == workers]
             label = system if system == "Firefly server" else f"{system}, {workers} workers"
             ax.plot([r["clients"] for r in rows], [r["throughput"] for r in rows], marker="o", label=label,
-                    linestyle="-" if system == "expertd" else "--")
+                    linestyle="-" if system.startswith("expertd") else "--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent clients")
@@ -420,6 +437,10 @@ def markdown(data: dict, quick: bool) -> str:
     out += [
             f"| ≥ 10× faster than Firefly | {firefly_us:.0f} µs vs {expertd_us:.0f} µs = "
             f"{firefly_us / expertd_us:.1f}× | {verdict(firefly_us >= 10 * expertd_us)} |",
+            *([f"| Firefly's own client, unchanged: expertd started from Firefly's config.yml vs Firefly's server "
+               f"| {median(seq[FIREFLY_MODE_ROW]):.0f} µs vs {firefly_us:.0f} µs = "
+               f"{firefly_us / median(seq[FIREFLY_MODE_ROW]):.1f}× faster | (drop-in, #18: no target) |"]
+              if seq.get(FIREFLY_MODE_ROW) else []),
             f"| one-shot `expertctl` ≤ 3× `python -c pass` | {ctl:.1f} ms vs {py:.1f} ms = {ctl / py:.2f}× "
             f"| {verdict(ctl <= 3 * py)} |",
             f"| one-shot `expertctl opinion` ≥ 50× faster than the fresh TensorFlow process | {fresh:.0f} ms vs "
@@ -462,6 +483,11 @@ def markdown(data: dict, quick: bool) -> str:
             "| server | µs per call | × floor |", "| --- | --- | --- |"]
     for name, values in seq.items():
         out.append(f"| {name} | {spread(values)} | {median(values) / floor_us:.2f}× |")
+    if seq.get(FIREFLY_MODE_ROW):
+        out += ["", "The last row is a Firefly user's first day: `expertd -c config.yml` on Firefly's own YAML "
+                "(bench/firefly/config.yml) and `firefly.Client` unchanged. Firefly's client opens a new TCP "
+                "connection and sends `GET /` metadata once, then one `requests.post` per call, so that row carries "
+                "the client's own cost; the rows above it compare servers with their best clients."]
     if place:
         out += ["", "The same round trip with the server's processes pinned to one CPU and the client on that CPU "
                 "or the other (unpinned, the scheduler's placement moves the floor between these two): "
