@@ -1,0 +1,357 @@
+"""The client's HTTP transport: ``Client("http://host:port", token=...)`` calls a daemon on another machine.
+
+State it owns: each remote client's URL parts, token and TLS context, and its
+pool of keep-alive HTTP(S) connections (the pool list and its fork handling
+are :class:`expertd.client.Client`'s; here each entry is an
+``http.client.HTTPConnection``).
+
+It speaks the daemon's HTTP/JSON API (docs/http.md) to its ``http_listen``,
+with the methods and exceptions of the Unix-socket client::
+
+    client = Client("https://experts.example.com", token=os.environ["EXPERTD_TOKEN"])
+    client.fib(5)                       # POST /call/fib  [5]
+    client.map("fib", [5, 6])           # POST /map/fib   [5, 6]
+    client.pipeline("moderation", doc)  # POST /pipeline/moderation
+
+:class:`HttpTransport` is a mixin: :mod:`expertd.client` puts it in front of
+``Client`` the first time a URL is given, so that importing the client costs
+nothing of http.client, ssl and json, and this module imports nothing of the
+client's (no import circle).  Standard library + msgpack only, as the client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket as _socket
+import ssl
+from urllib.parse import quote, urlsplit
+
+from expertd.errors import (
+    ConnectError,
+    ConnectionLost,
+    LocalOnly,
+    Overloaded,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    ShuttingDown,
+    Unauthorized,
+    error_from_wire,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+TOKEN_ENV = "EXPERTD_TOKEN"  # (the daemon's fallback for its own token too: one name on both sides)
+_JSON = "application/json"
+_ON_ERROR_HEADER = "X-Expertd-On-Error"
+
+
+class _Stale(Exception):
+    """The server closed a pooled connection before any byte of the reply: the request was not served."""
+
+
+class HttpTransport:
+    """The methods of ``Client`` that travel over HTTP; the rest (pool, fork, close, attribute calls) is Client's.
+
+    ``token`` is sent as ``Authorization: Bearer TOKEN`` (default: ``$EXPERTD_TOKEN``;
+    none when both are unset or empty). ``ssl_context`` verifies an ``https://``
+    server (default: ``ssl.create_default_context()``, the system's CAs; for a
+    private CA, ``ssl.create_default_context(cafile=...)``).
+    """
+
+    socket_path: str
+    timeout: float | None
+    connect_timeout: float
+    retries: int
+    pool_size: int
+    _pool: list
+
+    def __init__(self, socket: str | None = None, *, token: str | None = None, ssl_context: Any = None,
+                 **options: Any) -> None:
+        super().__init__(socket, **options)  # type: ignore[call-arg]  (Client's: timeouts, retries, pool)
+        self.url = self.socket_path
+        parts = urlsplit(self.url)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("a URL for Client carries no credentials: pass the token as token= (or $EXPERTD_TOKEN)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{self.url!r}: a daemon's URL has no query or fragment; use http://HOST:PORT[/PREFIX]")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{self.url!r}: the port is not a number from 0 to 65535") from None
+        if not parts.hostname:
+            raise ValueError(f"{self.url!r} names no host; use http://HOST:PORT (the daemon's http_listen)")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = port or (443 if self._tls else 80)
+        self._prefix = parts.path.rstrip("/")  # behind a proxy that serves the daemon under a path
+        if self._tls and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        self._ssl_context = ssl_context
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self._headers = {"Content-Type": _JSON, "Accept": _JSON}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+
+    # ----------------------------------------------------------- public API
+    def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``expert`` with positional or keyword arguments (not both: a JSON body is an array or an object)."""
+        if args and kwargs:
+            raise TypeError(f"over HTTP ({self.url}) {expert} takes positional or keyword arguments, not both: "
+                            "the body of POST /call/NAME is a JSON array or object (docs/http.md); "
+                            "pass them all by name, or call it on the daemon's Unix socket")
+        return self._post("call", expert, kwargs if kwargs else list(args))
+
+    def map(self, expert: str, items: Any, *, raise_first: bool = False) -> list:
+        """As the socket client's map: one result per item, a failed item's error in its place."""
+        entries = self._post("map", expert, list(items))
+        if not isinstance(entries, list):
+            raise ProtocolError(f"expertd at {self.url} answered a map with {type(entries).__name__}, not a list")
+        outcomes = [_entry_outcome(entry) for entry in entries]
+        if raise_first:
+            for outcome in outcomes:
+                if isinstance(outcome, RemoteError):
+                    raise outcome
+        return outcomes
+
+    def opinion(self, expert: str, document: Any) -> Any:
+        """The expert's opinion on ``document``, as on the socket: ``POST /call/NAME [document]``.
+
+        (Not ``POST /opinion/NAME``, which answers with the whole document: the
+        opinion alone is what this method returns, and the document would
+        travel back for nothing.)
+        """
+        return self._post("call", expert, [document])
+
+    def _pipeline(self, target: str, document: dict, on_error: str | None) -> dict:
+        headers = None if on_error is None else {_ON_ERROR_HEADER: on_error}
+        return self._post("pipeline", target, document, headers)
+
+    def predict(self, expert: str, inputs: Any, *, arrays: bool | None = None) -> Any:
+        """Run model expert ``expert`` on a batch of rows, as the socket client does, the rows as JSON.
+
+        numpy inputs travel as nested lists (JSON has no raw arrays); the
+        outputs come back as numpy arrays (numpy's default dtype for the
+        numbers: float64, int64) when ``arrays`` is true, the default for
+        numpy inputs, else as nested lists.  For large batches, the Unix
+        socket's raw arrays are much cheaper.
+        """
+        def is_array(value: Any) -> bool:
+            return hasattr(value, "__array_interface__") and hasattr(value, "tolist")
+
+        if arrays is None:
+            arrays = is_array(inputs) or (isinstance(inputs, dict) and any(map(is_array, inputs.values())))
+        outputs = self._post("call", expert, [inputs])
+        if not arrays:
+            return outputs
+        import numpy  # (the caller asked for arrays, so it has numpy)
+
+        if isinstance(outputs, dict):
+            return {name: numpy.asarray(rows) for name, rows in outputs.items()}
+        return numpy.asarray(outputs)
+
+    def ping(self) -> dict:
+        """``GET /health``: ``{"status": "ok", "workers_ready", "workers_wanted", "generation", "stopping"}``.
+
+        (The socket's ping answers from a worker, with its pid; over HTTP the
+        daemon's master answers.)  No worker ready raises ``Overloaded``, a
+        stopping daemon ``ShuttingDown``.
+        """
+        return self._http_request("GET", "/health", None, None)
+
+    def experts(self) -> list[dict]:
+        """``GET /experts``: the served experts, then the named pipelines, as on the socket."""
+        return self._http_request("GET", "/experts", None, None)
+
+    def status(self) -> dict:
+        raise _local_only("status", self.url)
+
+    def reload(self) -> dict:
+        raise _local_only("reload", self.url)
+
+    def stop(self) -> dict:
+        raise _local_only("stop", self.url)
+
+    def set_workers(self, count: int) -> dict:
+        raise _local_only("set_workers", self.url)
+
+    def __repr__(self) -> str:
+        return f"Client(url={self.url!r})"  # (never the token)
+
+    # ------------------------------------------------------------ internals
+    def _post(self, route: str, name: str, value: Any, headers: dict | None = None) -> Any:
+        try:
+            body = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                              default=_to_json).encode("utf-8")
+        except ValueError as exc:
+            raise ValueError(f"the arguments cannot be sent as JSON: {exc}") from None
+        return self._http_request("POST", f"/{route}/{quote(name, safe=',+')}", body, headers)
+
+    def _http_request(self, method: str, path: str, body: bytes | None, extra: dict | None) -> Any:
+        headers = self._headers if extra is None else {**self._headers, **extra}
+        path = self._prefix + path
+        stale_retry = True
+        lost_retries = self.retries
+        while True:
+            try:
+                conn, reused = self._pool.pop(), True  # (atomic: see Client._request)
+            except IndexError:
+                conn, reused = self._connect(), False
+            try:
+                status, response, data = self._round_trip(conn, method, path, body, headers)
+            except _Stale as exc:
+                conn.close()
+                if reused and stale_retry:
+                    stale_retry = False  # the daemon closed idle connections: the others are as stale
+                    self.close()  # type: ignore[attr-defined]
+                    continue
+                raise ConnectionLost(f"expertd at {self.url} closed the connection before replying: {exc}") from None
+            except BaseException:
+                conn.close()
+                raise
+            if response.will_close or len(self._pool) >= self.pool_size:
+                conn.close()
+            else:
+                self._pool.append(conn)
+            if status == 200:
+                try:
+                    return json.loads(data)
+                except ValueError as exc:
+                    raise ProtocolError(f"expertd at {self.url} answered {path} with a body that is not JSON: "
+                                        f"{exc}") from None
+            error = self._error(status, response, data, path)
+            if error.retryable and lost_retries > 0:
+                lost_retries -= 1
+                continue
+            raise error
+
+    def _round_trip(self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
+                    headers: dict) -> tuple[int, http.client.HTTPResponse, bytes]:
+        try:
+            conn.request(method, path, body, headers)
+        except TimeoutError:
+            raise RequestTimeout(f"sending to expertd at {self.url} timed out after {self.timeout}s") from None
+        except OSError as exc:
+            # The daemon may have refused the request (a body over max_frame) and closed: its reply may be readable.
+            early = self._early_reply(conn)
+            if early is None:
+                raise _Stale(exc.strerror or str(exc)) from None
+            return early
+        try:
+            response = conn.getresponse()
+        except http.client.RemoteDisconnected:  # closed before the status line: the request was not served
+            raise _Stale("closed with no reply") from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise _Stale(exc.strerror or str(exc)) from None
+        except TimeoutError:
+            raise RequestTimeout(f"no reply from expertd at {self.url} within {self.timeout}s") from None
+        except http.client.HTTPException as exc:
+            raise ProtocolError(f"{self.url} did not answer in HTTP/1.1: {exc!r:.200}") from None
+        try:
+            data = response.read()
+        except TimeoutError:
+            raise RequestTimeout(f"no reply from expertd at {self.url} within {self.timeout}s") from None
+        except (http.client.IncompleteRead, ConnectionError) as exc:
+            raise ConnectionLost(f"expertd at {self.url} closed the connection mid-reply: {exc!r:.200}") from None
+        return response.status, response, data
+
+    @staticmethod
+    def _early_reply(conn: http.client.HTTPConnection) -> tuple[int, http.client.HTTPResponse, bytes] | None:
+        if conn.sock is None:
+            return None
+        try:
+            conn.sock.settimeout(0.5)
+            response = conn.getresponse()
+            return response.status, response, response.read()
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def _error(self, status: int, response: http.client.HTTPResponse, data: bytes, path: str) -> RemoteError:
+        """The exception the socket client would raise for this error reply."""
+        request_id = response.getheader("X-Request-Id")
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = None
+        wire = payload.get("error") if isinstance(payload, dict) else None
+        if status == 401:
+            sent = "the token was not accepted" if "Authorization" in self._headers else "no token was sent"
+            error: RemoteError = Unauthorized(f"expertd at {self.url} refused the request: {sent}; pass "
+                                              f"Client(url, token=...) or set ${TOKEN_ENV}")
+        elif isinstance(wire, dict):
+            error = error_from_wire(wire)
+        elif path.endswith("/health") and isinstance(payload, dict):  # /health's 503: not an error object
+            cls = ShuttingDown if payload.get("stopping") else Overloaded
+            error = cls(f"expertd at {self.url} has no worker ready ({payload.get('workers_ready')} of "
+                        f"{payload.get('workers_wanted')})")
+        elif status == 502:
+            error = RemoteError(f"the proxy in front of {self.url} answered 502 Bad Gateway: it cannot reach the "
+                                "daemon behind it (is the daemon running?)")
+        elif status == 504:
+            error = RequestTimeout(f"the proxy in front of {self.url} answered 504 Gateway Timeout: the daemon "
+                                   "behind it did not answer in the proxy's time")
+        else:
+            raise ProtocolError(f"{self.url} answered {status} {response.reason} to {path} without expertd's JSON "
+                                f"error (is it an expertd http_listen?): {data[:120]!r}")
+        if request_id:
+            error.request_id = request_id
+        return error
+
+    def _connect(self) -> http.client.HTTPConnection:
+        where = f"{self._host}:{self._port}"
+        if self._tls:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.connect_timeout, context=self._ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except ConnectionRefusedError:
+            message = f"nothing is listening on {where}: is the daemon running, with http_listen = {where}?"
+        except _socket.gaierror as exc:
+            message = f"cannot resolve the host {self._host!r}: {exc.strerror or exc}"
+        except ssl.SSLCertVerificationError as exc:
+            message = (f"the TLS certificate of {where} is not trusted ({exc.verify_message}); for a private CA pass "
+                       "ssl_context=ssl.create_default_context(cafile=CA_FILE)")
+        except ssl.SSLError as exc:
+            message = f"the TLS handshake with {where} failed ({exc.reason}): does it serve https:// there?"
+        except TimeoutError:
+            message = f"connecting to {where} timed out after {self.connect_timeout}s: is the address reachable?"
+        except OSError as exc:
+            message = f"cannot connect to {where}: {exc.strerror or exc}"
+        else:
+            conn.sock.settimeout(self.timeout)  # from here on, each wait for reply bytes (as on the socket)
+            return conn
+        conn.close()
+        raise ConnectError(message, self.url)
+
+
+def _entry_outcome(entry: Any) -> Any:
+    """One item of a map's reply: its result, or its error as the exception the socket client puts there."""
+    if isinstance(entry, dict):
+        if "result" in entry:
+            return entry["result"]
+        if isinstance(entry.get("error"), dict):
+            return error_from_wire(entry["error"])
+    raise ProtocolError(f"a map's outcome is {{'result': ...}} or {{'error': {{...}}}}, not {entry!r:.200}")
+
+
+def _to_json(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars: as the daemon's replies do
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError("bytes cannot be sent as JSON over HTTP; send text, or call the daemon on its Unix socket")
+    raise TypeError(f"values of type {type(value).__module__}.{type(value).__qualname__} cannot be sent as JSON")
+
+
+def _local_only(verb: str, url: str) -> LocalOnly:
+    return LocalOnly(f"{verb} is not served over HTTP ({url}): control is for local users on the daemon's Unix "
+                     "socket (expertctl on its machine); over HTTP, ping() is GET /health, and GET /metrics has "
+                     "the workers' state")
