@@ -29,6 +29,7 @@ import ssl
 from urllib.parse import quote, urlsplit
 
 from expertd.errors import (
+    BadRequest,
     ConnectError,
     ConnectionLost,
     LocalOnly,
@@ -99,11 +100,13 @@ class HttpTransport:
 
     # ----------------------------------------------------------- public API
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Call ``expert`` with positional or keyword arguments (not both: a JSON body is an array or an object)."""
+        """Call ``expert`` with positional or keyword arguments (not both: BadRequest; a JSON body is an array or
+        an object)."""
         if args and kwargs:
-            raise TypeError(f"over HTTP ({self.url}) {expert} takes positional or keyword arguments, not both: "
-                            "the body of POST /call/NAME is a JSON array or object (docs/http.md); "
-                            "pass them all by name, or call it on the daemon's Unix socket")
+            # (BadRequest, as for arguments that do not fit: a request that cannot be sent is the caller's error)
+            raise BadRequest(f"over HTTP ({self.url}) an expert takes positional or keyword arguments, not both: "
+                             "the body of POST /call/NAME is a JSON array or object (expertd --help-topic http); "
+                             "pass them all by name, or call it on the daemon's Unix socket", expert=expert)
         return self._post("call", expert, kwargs if kwargs else list(args))
 
     def map(self, expert: str, items: Any, *, raise_first: bool = False) -> list:

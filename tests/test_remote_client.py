@@ -25,6 +25,7 @@ EXPERTS = {
     **DEFAULT_EXPERTS,
     "textstats": "textstats:opinion",
     "document_length": "testexperts:document_length",
+    "rows_doubled": "testexperts:rows_doubled",
     "sleepy": {"function": "testexperts:slow", "timeout": "1s"},
     "pipeline:moderation": {"stages": "keywords, textstats"},
     "pipeline:strict": {"stages": "boom, textstats", "on_error": "stop"},
@@ -104,6 +105,14 @@ def test_remote_pipelines_and_opinions_return_the_document_as_on_the_socket(remo
         client.pipeline("strict", doc, on_error="sometimes")
 
 
+def test_remote_predict_sends_rows_as_json_and_returns_arrays_for_array_inputs(client):
+    np = pytest.importorskip("numpy")
+    assert client.predict("rows_doubled", [[1, 2], [3, 4]]) == [[2, 4], [6, 8]]
+    outputs = client.predict("rows_doubled", np.array([[0.5, 1.5]], dtype=np.float32))
+    assert isinstance(outputs, np.ndarray) and outputs.tolist() == [[1.0, 3.0]]
+    assert client.predict("rows_doubled", np.array([[1, 2]]), arrays=False) == [[2, 4]]
+
+
 def test_remote_ping_is_the_daemons_health(client):
     health = client.ping()
     assert health["status"] == "ok" and health["workers_ready"] >= 1 and health["stopping"] is False
@@ -117,8 +126,9 @@ def test_control_verbs_are_refused_locally_with_a_named_error(client):
 
 
 def test_positional_and_named_arguments_at_once_are_a_clear_error(client):
-    with pytest.raises(TypeError, match="positional or keyword arguments, not both"):
+    with pytest.raises(errors.BadRequest, match="positional or keyword arguments, not both") as both:
         client.add(1, b=2)
+    assert both.value.expert == "add"
     with pytest.raises(TypeError, match="bytes cannot be sent as JSON"):
         client.echo(b"raw")
 
@@ -190,6 +200,25 @@ def test_no_daemon_at_the_address_raises_connect_error(monkeypatch):
         Client(f"http://127.0.0.1:{port}", token=TOKEN).fib(5)
     with pytest.raises(ValueError, match="token="):
         Client(f"http://user:{TOKEN}@127.0.0.1:{port}")
+
+
+def test_a_body_over_max_frame_raises_frame_too_large_and_the_client_goes_on(make_daemon):
+    port = free_port()
+    make_daemon(EXPERTS, http_listen=f"127.0.0.1:{port}", token=TOKEN, max_frame="64K")
+    client = Client(f"http://127.0.0.1:{port}", token=TOKEN)
+    assert client.fib(3) == 3
+    for size in (100_000, 8_000_000):  # (the larger one is refused while it is still being sent)
+        with pytest.raises(errors.FrameTooLarge, match="exceeds max_frame"):
+            client.echo("x" * size)
+    assert client.fib(4) == 5
+
+
+def test_a_url_with_a_path_prefix_sends_it_before_each_route(remote):
+    # (behind a proxy that serves the daemon under /expertd; here nothing strips it, so the daemon says no such path)
+    with pytest.raises(errors.RemoteError, match="no such path") as wrong:
+        Client(remote.url + "/expertd", token=TOKEN).fib(5)
+    assert wrong.value.code == "not_found" and type(wrong.value) is errors.RemoteError
+    assert Client(remote.url + "/", token=TOKEN).fib(5) == 8
 
 
 def test_a_lost_worker_is_retried_as_on_the_socket(remote, client):
@@ -357,6 +386,12 @@ def test_expertctl_calls_a_remote_daemon_given_its_url(remote):
     done = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "call", "fib", "10"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "89"), done.stderr
+    pong = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "ping"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert pong.returncode == 0 and pong.stdout.startswith(f"pong from {remote.url}: 2 of 2 workers ready"), pong
+    listed = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "list"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and "rows_doubled" in listed.stdout, listed
     refused = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "status"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode != 0 and "status is not served over HTTP" in refused.stderr
