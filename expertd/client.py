@@ -90,7 +90,8 @@ class Client:
 
     def __new__(cls, socket: str | None = None, *args: Any, **options: Any) -> Client:
         # The transport is chosen once, here: a call on the Unix socket pays nothing for the choice.
-        if cls is Client and (socket or default_socket()).startswith(("http://", "https://")):
+        where = socket or default_socket()
+        if cls is Client and isinstance(where, str) and where.startswith(("http://", "https://")):
             return object.__new__(_http_client_class())
         return object.__new__(cls)
 

@@ -96,6 +96,9 @@ class HttpTransport:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._headers = {"Content-Type": _JSON, "Accept": _JSON}
         if token:
+            if not (token.isascii() and token.isprintable()) or " " in token:
+                # (http.client's own complaint would quote the header, token included)
+                raise ValueError("the token must be printable ASCII without spaces (check token= or $EXPERTD_TOKEN)")
             self._headers["Authorization"] = f"Bearer {token}"
 
     # ----------------------------------------------------------- public API
@@ -287,6 +290,8 @@ class HttpTransport:
                                               f"Client(url, token=...) or set ${TOKEN_ENV}")
         elif isinstance(wire, dict):
             error = error_from_wire(wire)
+        elif isinstance(wire, str):  # Firefly's {"error": "MESSAGE"} (firefly_routes): its 403 is a token refused
+            error = (Unauthorized if status == 403 else RemoteError)(wire)
         elif path.endswith("/health") and isinstance(payload, dict):  # /health's 503: not an error object
             cls = ShuttingDown if payload.get("stopping") else Overloaded
             error = cls(f"expertd at {self.url} has no worker ready ({payload.get('workers_ready')} of "

@@ -133,6 +133,22 @@ def test_positional_and_named_arguments_at_once_are_a_clear_error(client):
         client.echo(b"raw")
 
 
+def test_the_remote_client_works_the_same_on_a_daemon_serving_fireflys_routes_too(make_daemon):
+    port = free_port()
+    make_daemon({"fib": "fibs:fib", "boom": "testexperts:boom", "keywords": "keywords:opinion",
+                 "textstats": "textstats:opinion", "pipeline:moderation": {"stages": "keywords, textstats"}},
+                http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    client = Client(f"http://127.0.0.1:{port}", token=TOKEN)
+    assert client.fib(10) == client.fib(n=10) == 89 and client.map("fib", [5, "x"])[0] == 8
+    assert client.pipeline("moderation", {"text": "idiot"})["opinions"]["keywords"]["flagged"] == ["idiot"]
+    with pytest.raises(errors.ExpertFailed):
+        client.boom()
+    with pytest.raises(errors.UnknownExpert):
+        client.nope()
+    with pytest.raises(errors.Unauthorized):
+        Client(f"http://127.0.0.1:{port}", token="not-the-token-0123456789").fib(5)
+
+
 # ------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("expert, args, kwargs, cls, remote_type", [
@@ -189,6 +205,9 @@ def test_a_missing_or_wrong_token_raises_unauthorized_saying_to_pass_token(remot
     assert refused.value.code == "unauthorized" and isinstance(refused.value, errors.RemoteError)
     assert "not-the-token" not in str(refused.value) and "not-the-token" not in repr(wrong)
     assert TOKEN not in repr(Client(remote.url, token=TOKEN))
+    with pytest.raises(ValueError, match="printable ASCII") as unsendable:
+        Client(remote.url, token="line\nbreak-token")
+    assert "break-token" not in str(unsendable.value)
     # The environment's token, as the daemon reads it, when none is passed:
     monkeypatch.setenv("EXPERTD_TOKEN", TOKEN)
     assert Client(remote.url).fib(7) == 21
