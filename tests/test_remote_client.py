@@ -211,6 +211,8 @@ def test_a_missing_or_wrong_token_raises_unauthorized_saying_to_pass_token(remot
     # The environment's token, as the daemon reads it, when none is passed:
     monkeypatch.setenv("EXPERTD_TOKEN", TOKEN)
     assert Client(remote.url).fib(7) == 21
+    monkeypatch.setenv("EXPERTD_SOCKET", remote.url)  # (where Client() and expertctl look when given nothing)
+    assert Client().fib(8) == 34
 
 
 def test_no_daemon_at_the_address_raises_connect_error(monkeypatch):
@@ -456,4 +458,8 @@ def test_expertctl_calls_a_remote_daemon_given_its_url(remote):
     refused = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "status"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode != 0 and "status is not served over HTTP" in refused.stderr
+    streamed = subprocess.run([str(BIN / "expertctl"), "--socket", remote.url, "opinion", "--lines", "keywords"],
+                              input='{"text": "idiot"}\n', capture_output=True, text=True, env=env, timeout=60)
+    assert streamed.returncode != 0 and streamed.stderr.count("\n") == 1
+    assert "--lines streams over the daemon's Unix socket, not over HTTP" in streamed.stderr
     assert TOKEN not in refused.stderr
