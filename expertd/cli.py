@@ -91,6 +91,9 @@ def _documents(client: Client, options: argparse.Namespace, names: list[str] | N
     """``opinion`` and ``pipeline``: a document on stdin, or JSON Lines, through one request per document."""
     on_error = options.on_error or (RECORD if options.keep_going else STOP)
     if options.lines:
+        if client.socket_path.startswith(("http://", "https://")):  # (the stream pipelines msgpack frames)
+            raise InputError(f"--lines streams over the daemon's Unix socket, not over HTTP ({client.socket_path}): "
+                             "run it on the daemon's machine, or send the documents one per expertctl call")
         return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, on_error,
                               getattr(options, "window", None))
     target = pipeline if names is None else stages_of(names)
@@ -121,6 +124,10 @@ def _cmd_ping(client: Client, options: argparse.Namespace) -> int:
     started = time.perf_counter()
     info = client.ping()
     elapsed = (time.perf_counter() - started) * 1000
+    if "pid" not in info:  # a remote daemon's GET /health: its master answers, with no worker's pid
+        print(f"pong from {client.socket_path}: {info.get('workers_ready')} of {info.get('workers_wanted')} workers "
+              f"ready, generation {info.get('generation')}, {elapsed:.2f} ms")
+        return 0
     print(f"pong from worker {info['worker']} (pid {info['pid']}), expertd {info['version']}, {elapsed:.2f} ms")
     return 0
 
@@ -308,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "or stop not ended within --timeout.")
     parser.add_argument("--version", action="version", version=f"expertd {__version__}")
     parser.add_argument("--socket", "-s", metavar="PATH",
-                        help=f"daemon socket (default: $EXPERTD_SOCKET or {default_socket()})")
+                        help=f"daemon socket, or a remote daemon's http_listen as http(s)://HOST:PORT with its "
+                             f"token in $EXPERTD_TOKEN (default: $EXPERTD_SOCKET or {default_socket()})")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="how long to wait for each reply (default: 60; for reload, as long as the daemon's "
                              "reload_timeout lets loading take)")

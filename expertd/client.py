@@ -16,6 +16,11 @@ included) the child drops the inherited pool and opens its own connections;
 a fork made behind Python's back (a C library calling fork() and then running
 Python in the child) skips that hook, and must not reuse a Client made before it.
 
+``Client("http://host:port", token=...)`` (or ``https://``) calls a daemon on
+another machine over its HTTP/JSON API (``http_listen``), with the same methods
+and error classes: see :mod:`expertd.client_http` and docs/client.md.  That
+transport, and http.client, ssl and json with it, is imported only then.
+
 Retries (see docs/protocol.md): a call is sent again, once, on a fresh
 connection when a pooled connection turns out to have been closed by the
 daemon before any reply byte arrived (the request was never served), and,
@@ -77,8 +82,18 @@ class Client:
     ``timeout`` bounds each wait for reply bytes (None waits for ever);
     ``connect_timeout`` bounds connecting; ``retries`` is how many more attempts
     a call gets after a lost worker (0 for experts with side effects);
-    ``pool_size`` is how many idle connections are kept.
+    ``pool_size`` is how many idle connections are kept.  A ``socket`` that is
+    an ``http://`` or ``https://`` URL makes a remote client (expertd.client_http),
+    which also takes ``token`` (else ``$EXPERTD_TOKEN``) and ``ssl_context``;
+    on a Unix socket, which asks for no token, they are ignored.
     """
+
+    def __new__(cls, socket: str | None = None, *args: Any, **options: Any) -> Client:
+        # The transport is chosen once, here: a call on the Unix socket pays nothing for the choice.
+        where = socket or default_socket()
+        if cls is Client and isinstance(where, str) and where.startswith(("http://", "https://")):
+            return object.__new__(_http_client_class())
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -88,6 +103,8 @@ class Client:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         retries: int = 1,
         pool_size: int = 8,
+        token: str | None = None,  # (the remote client's: see __new__)
+        ssl_context: object = None,
     ) -> None:
         self.socket_path = socket or default_socket()
         self.timeout = timeout
@@ -417,6 +434,17 @@ class Client:
 
 
 _clients: WeakSet[Client] = WeakSet()
+_http_client: type | None = None
+
+
+def _http_client_class() -> type:
+    """Client with the HTTP transport's methods on top, made on first use (client_http imports nothing of ours)."""
+    global _http_client
+    if _http_client is None:
+        from expertd.client_http import HttpTransport
+
+        _http_client = type("HttpClient", (HttpTransport, Client), {"__module__": __name__})
+    return _http_client
 
 
 def _reset_clients_after_fork() -> None:

@@ -158,6 +158,17 @@ class ShuttingDown(RemoteError):
     retryable = True
 
 
+class Unauthorized(RemoteError):
+    """The daemon's http_listen refused the request: no token, or not its token (pass Client(url, token=...))."""
+
+    code = "unauthorized"
+
+
+class LocalOnly(ExpertdError):
+    """A request the client will not send over HTTP: control (status, reload, stop, set_workers) is for local
+    users on the daemon's Unix socket, by design."""
+
+
 _BY_CODE: dict[str, type[RemoteError]] = {
     cls.code: cls
     for cls in (
@@ -173,6 +184,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
         Overloaded,
         Quarantined,
         ShuttingDown,
+        Unauthorized,
     )
 }
 
@@ -193,6 +205,8 @@ def error_from_wire(payload: object) -> RemoteError:
         remote_traceback=payload.get("traceback"),
         expert=payload.get("expert"),
     )
+    if cls is RemoteError:
+        error.code = str(payload.get("code", "error"))  # (a code this side does not know: kept, for the caller)
     request_id = payload.get("request_id")
     if isinstance(request_id, str):
         error.request_id = request_id

@@ -32,7 +32,7 @@ def test_help_topic_with_no_name_lists_the_pages_and_an_unknown_one_is_a_usage_e
     assert "Configuration reference" in listed.stdout
     unknown = run_expertd("--help-topic", "nope")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
-    assert unknown.stderr.startswith("expertd: no help topic 'nope'; the topics: config, ")
+    assert unknown.stderr.startswith("expertd: no help topic 'nope'; the topics: client, config, ")
 
 
 def _strings(path) -> list[str]:

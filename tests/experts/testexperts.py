@@ -153,3 +153,8 @@ def _slow_boot():
 def slow_boot():
     """Answers after a worker that took a second to start."""
     return "up"
+
+
+def rows_doubled(rows):
+    """Model-like: one output row per input row, each number doubled (Client.predict over HTTP)."""
+    return [[2 * x for x in row] for row in rows]
