@@ -261,7 +261,10 @@ def _parse_url_path(raw: str) -> str:
 
 
 def _parse_origins(raw: str) -> str:
-    return ", ".join(_parse_words(raw.replace(",", " ")))  # (the Access-Control-Allow-Origin value, as Firefly's)
+    origins = _parse_words(raw.replace(",", " "))
+    if not all(origin.isascii() and origin.isprintable() for origin in origins):
+        raise _Invalid("origins are ASCII, e.g. https://app.example.com (xn-- for other scripts) or *")
+    return ", ".join(origins)  # (the Access-Control-Allow-Origin value, as Firefly's)
 
 
 def _parse_text(raw: str) -> str:
