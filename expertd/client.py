@@ -46,9 +46,9 @@ from expertd.errors import (
     ConnectionLost,
     ExpertdError,
     ProtocolError,
-    RemoteError,
     RequestTimeout,
     error_from_wire,
+    raise_first_failure,
 )
 
 TYPE_CHECKING = False  # typing costs milliseconds to import; annotations here are strings
@@ -142,9 +142,7 @@ class Client:
         """
         outcomes = protocol.map_outcomes(self._request(_MAP, _pack([expert, list(items)])))
         if raise_first:
-            for outcome in outcomes:
-                if isinstance(outcome, RemoteError):
-                    raise outcome
+            raise_first_failure(outcomes)
         return outcomes
 
     def opinion(self, expert: str, document: Any) -> Any:

@@ -43,6 +43,7 @@ from expertd.errors import (
     ShuttingDown,
     Unauthorized,
     error_from_wire,
+    raise_first_failure,
 )
 
 TYPE_CHECKING = False
@@ -130,9 +131,7 @@ class HttpTransport:
             raise ProtocolError(f"expertd at {self.url} answered a map with {type(entries).__name__}, not a list")
         outcomes = [_entry_outcome(entry) for entry in entries]
         if raise_first:
-            for outcome in outcomes:
-                if isinstance(outcome, RemoteError):
-                    raise outcome
+            raise_first_failure(outcomes)
         return outcomes
 
     def opinion(self, expert: str, document: Any) -> Any:

@@ -194,6 +194,13 @@ def error_for_code(code: str) -> type[RemoteError]:
     return _BY_CODE.get(code, RemoteError)
 
 
+def raise_first_failure(outcomes: list) -> None:
+    """Raise the first item's error among a map's outcomes (``Client.map(..., raise_first=True)``)."""
+    for outcome in outcomes:
+        if isinstance(outcome, RemoteError):
+            raise outcome
+
+
 def error_from_wire(payload: object) -> RemoteError:
     """Rebuild the exception carried by an error reply's body."""
     if not isinstance(payload, dict):

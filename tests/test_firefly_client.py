@@ -18,7 +18,7 @@ import firefly
 import pytest
 from firefly.validator import ValidationError
 
-from conftest import Daemon, UnixHTTPConnection, run_expertd, wait_until, write_config
+from conftest import Daemon, metrics_samples, run_expertd, wait_until, write_config
 
 TOKEN = "s3cret-token-for-the-firefly-tests"
 EXPERTS = {
@@ -267,14 +267,7 @@ def test_bad_requests_never_kill_the_daemon(served, tcp):
 
 
 def _requests(daemon: Daemon, expert: str) -> float:
-    conn = UnixHTTPConnection(daemon.socket)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    wanted = f'expertd_requests_total{{expert="{expert}"}} '
-    return next((float(line[len(wanted):]) for line in text.splitlines() if line.startswith(wanted)), 0.0)
+    return metrics_samples(daemon).get(f'expertd_requests_total{{expert="{expert}"}}', 0.0)
 
 
 def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_master(make_daemon):

@@ -407,7 +407,7 @@ def test_fireflys_own_client_works_unchanged_against_expertd_started_as_firefly_
     assert client.square.__doc__ == "Returns the square of a number."
     with pytest.raises(ValidationError, match="missing a required argument: 'n'"):
         client.square(m=4)
-    with pytest.raises(firefly.client.FireflyError, match="^ValueError: expected 2 features, got 3$"):
+    with pytest.raises(firefly.client.FireflyError, match=r"^ValueError: expected 2 features, got 3$"):
         client.predict(a=[1, 2, 3])
     with pytest.raises(firefly.client.FireflyError, match="Requested function not found"):
         client.call_func("cubed", n=2)  # (a path GET / does not list: Firefly's client tries /cubed)
