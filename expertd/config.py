@@ -61,7 +61,7 @@ from expertd.settings import (  # (re-exported: the table is part of what config
     SETTINGS,
     Setting,
 )
-from expertd.settings_types import ACCESS_LOG_PATH, OPTIONAL_PATH, PATH, PATHS, _Invalid
+from expertd.settings_types import ACCESS_LOG_PATH, OPTIONAL_PATH, PATH, PATHS, TOKEN, _Invalid
 from expertd.tokens import resolve_token
 
 MAX_PLANS = 1024  # Config.plan's memo is cleared past this: targets come from clients
@@ -224,7 +224,12 @@ def _parse_setting(setting: Setting, raw: str, where: str, parse: Callable[[str]
     try:
         return (parse or setting.type.parse)(raw)
     except _Invalid as exc:
-        raise ConfigError(f"{where} = {raw.strip()!r}: {exc}") from None
+        # A secret is never echoed: error lines reach terminals, journals and CI logs.
+        shown = f"(the token given, {len(raw.strip())} characters)" if setting.type is TOKEN else repr(raw.strip())
+        raise ConfigError(f"{where} = {shown}: {exc}") from None
+
+
+_FIREFLY_FLAGS = {"token": "-t/--token", "http_listen": "-b/--bind"}  # (as a Firefly user typed them)
 
 
 def _firefly_token(raw: str) -> str:
@@ -279,14 +284,12 @@ def load_config(path: str, overrides: Mapping[str, str | None] | None = None) ->
     :func:`build_config`.
     """
     overrides = overrides or {}
-    if overrides.get(FUNCTIONS) or is_yaml(path):
-        cwd = os.getcwd()  # (expertd never changes directory: on reload this is still the directory it started in)
-        socket = user_socket(os.geteuid(), os.environ, tempfile.gettempdir())
+    cwd = os.getcwd()  # (expertd never changes directory: on reload this is still the directory it started in)
     if overrides.get(FUNCTIONS):
-        sections, where = from_command_line((overrides[FUNCTIONS] or "").split(), cwd, socket)
+        sections, where = from_command_line((overrides[FUNCTIONS] or "").split(), cwd)
         return build_config(sections, where, COMMAND_LINE, cwd, overrides, firefly=True)
     if is_yaml(path):
-        sections, where = read_yaml(path, cwd, socket)
+        sections, where = read_yaml(path, cwd)
         return build_config(sections, where, path, os.path.dirname(os.path.abspath(path)), overrides, firefly=True)
     return build_config(_read_ini(path), _ini_where(path), path, os.path.dirname(os.path.abspath(path)), overrides)
 
@@ -339,7 +342,8 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
     for name, setting in _MAIN_KEYS.items():
         lenient = _firefly_token if firefly and name == "token" else None  # (Firefly's tokens may be short)
         if overrides.get(name) is not None:
-            value = _parse_setting(setting, overrides[name] or "", f"command line {setting.flag}: {name}", lenient)
+            flag = _FIREFLY_FLAGS.get(name, setting.flag) if firefly else setting.flag
+            value = _parse_setting(setting, overrides[name] or "", f"command line {flag}: {name}", lenient)
             if setting.type is PATH or (setting.type in (OPTIONAL_PATH, ACCESS_LOG_PATH) and value not in ("", "-")):
                 value = os.path.abspath(value)
         else:
@@ -351,6 +355,9 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
                 value = [_resolve(item, base_dir) for item in value]
         setattr(config, name, value)
 
+    if firefly and "socket" not in sections.get(MAIN_SECTION, {}) and overrides.get("socket") is None:
+        port = config.http_listen[1] if config.http_listen is not None else None  # (one socket per Firefly port)
+        config.socket = user_socket(os.geteuid(), os.environ, tempfile.gettempdir(), port)
     if len(os.fsencode(config.socket)) > MAX_SOCKET_PATH:
         raise ConfigError(
             f"{where(MAIN_SECTION, 'socket')} = {config.socket!r}: path is {len(os.fsencode(config.socket))} bytes, "
@@ -364,11 +371,10 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
         if warning:
             config.warnings.append(warning)
     if config.http_listen is not None and not config.token and not is_loopback(config.http_listen[0]):
-        raise ConfigError(
-            f"{where(MAIN_SECTION, 'http_listen')} = {config.http_listen[0]}:{config.http_listen[1]}: "
-            "not a loopback address, and no token is set; set token or token_file (clients send Authorization: "
-            "Bearer TOKEN) or listen on 127.0.0.1"
-        )
+        how = ("give a token (-t TOKEN, or token: in the YAML; clients send Authorization: Token TOKEN)" if firefly
+               else "set token or token_file (clients send Authorization: Bearer TOKEN)")
+        raise ConfigError(f"{where(MAIN_SECTION, 'http_listen')} = {config.http_listen[0]}:{config.http_listen[1]}: "
+                          f"not a loopback address, and no token is set; {how} or listen on 127.0.0.1")
     if not config.experts:
         raise ConfigError(
             f"{path}: no [{EXPERT_PREFIX}NAME] sections; add one per expert, with function = module:function"

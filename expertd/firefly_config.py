@@ -53,29 +53,33 @@ def derive_name(reference: str) -> str:
     return reference.rsplit(".", 1)[-1]
 
 
-def user_socket(euid: int, environ: Mapping[str, str], tmpdir: str) -> str:
+def user_socket(euid: int, environ: Mapping[str, str], tmpdir: str, port: int | None) -> str:
     """Where a Firefly-started daemon puts its Unix socket when the config does not say.
 
-    Root: expertd's default.  Anyone else cannot create /run/expertd: the
-    user's runtime directory ($XDG_RUNTIME_DIR, private to the user), else a
-    directory of the user's own under the temporary directory, named by uid
+    Named by its HTTP port (``expertd-8000.sock``), so that several daemons
+    started the Firefly way on one host (one per port, as Firefly servers
+    run) each get their own, and none takes a system daemon's default socket.
+    Root: beside expertd's default.  Anyone else cannot create /run/expertd:
+    the user's runtime directory ($XDG_RUNTIME_DIR, private to the user), else
+    a directory of the user's own under the temporary directory, named by uid
     (the socket-directory checks refuse it, with one line, if another user
     made it first).
     """
+    name = f"expertd-{port}.sock" if port else "expertd.sock"
     if euid == 0:
-        return DEFAULT_SOCKET
+        return os.path.join(os.path.dirname(DEFAULT_SOCKET), name)
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     if runtime.startswith("/"):
-        return os.path.join(runtime, "expertd", "expertd.sock")
-    return os.path.join(tmpdir, f"expertd-{euid}", "expertd.sock")
+        return os.path.join(runtime, "expertd", name)
+    return os.path.join(tmpdir, f"expertd-{euid}", name)
 
 
-def firefly_defaults(main: dict[str, str], directories: list[str], socket: str) -> None:
-    """Fill in what a Firefly source means where its ``expertd`` settings leave it unsaid."""
+def firefly_defaults(main: dict[str, str], directories: list[str]) -> None:
+    """Fill in what a Firefly source means where its ``expertd`` settings leave it unsaid (the socket: see
+    :func:`user_socket`, named once the address is known)."""
     main.setdefault("firefly_routes", "yes")
     main.setdefault("http_listen", FIREFLY_ADDRESS)
     main.setdefault("pythonpath", " ".join(dict.fromkeys(directories)))  # (once each, in order)
-    main.setdefault("socket", socket)
 
 
 def _scalar(value: Any) -> str | None:
@@ -121,13 +125,20 @@ def _kind(value: Any) -> str:
                                                                                        f"{value!r}")
 
 
+MAX_MERGED_KEYS = 10_000  # a mapping's keys after merge keys (<<) are expanded: merges of merges grow exponentially
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 def _unique_keys_loader(yaml: Any) -> type:
-    """yaml.SafeLoader refusing a key given twice in one mapping (it keeps the last; the INI reader refuses too)."""
+    """yaml.SafeLoader refusing a key given twice in one mapping (it keeps the last; the INI reader refuses too),
+    reading numbers and dates as the text written, and bounding what merge keys expand to."""
 
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: dict[Any, int] = {}
             for key_node, _value in node.value:
+                if key_node.tag == _MERGE:  # (merged keys may be overridden: that is what merging is for)
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, (str, int, float, bool)) and key in seen:
                     raise yaml.constructor.ConstructorError(
@@ -135,15 +146,25 @@ def _unique_keys_loader(yaml: Any) -> type:
                 seen[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep)
 
+        def flatten_mapping(self, node: Any) -> None:
+            super().flatten_mapping(node)  # (recursive through this method: every level is bounded)
+            if len(node.value) > MAX_MERGED_KEYS:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"merge keys (<<) expand to over {MAX_MERGED_KEYS} keys", node.start_mark)
+
+    for tag in ("int", "float", "timestamp"):  # (a token or a name is what was written, not YAML 1.1's number)
+        UniqueKeys.add_constructor(f"tag:yaml.org,2002:{tag}", lambda loader, node: loader.construct_scalar(node))
     return UniqueKeys
 
 
-def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
+def read_yaml(path: str, cwd: str) -> tuple[Sections, Where]:
     """Read Firefly's YAML config into sections; ConfigError (one line naming file and key) if it is not one.
 
     ``cwd`` (the working directory at start) and the file's directory go on
-    pythonpath unless the ``expertd`` map sets it; ``socket`` is the socket
-    unless it sets that (see :func:`user_socket`).
+    pythonpath unless the ``expertd`` map sets it.  Scalars are read as the
+    text written (``token: 0x1F`` is the token ``0x1F``, not a number; YAML 1.1
+    would read it as 31), except yes/no and nothing; merge keys (``<<: *base``)
+    work as in ``yaml.safe_load``.
     """
     import yaml  # (only for a YAML file: the INI path and the client never load it)
 
@@ -177,9 +198,10 @@ def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
         if "token" in main:
             raise ConfigError(f"{path}: token: set both here and as {MAIN_SECTION}.token; keep one")
         token = document["token"]
-        if not isinstance(token, (str, int)) or isinstance(token, bool):
-            raise ConfigError(f"{path}: token: expected the token as text, found {_kind(token)}")
-        main["token"] = str(token)
+        if not isinstance(token, str):  # (yes, no, on, off... are YAML's booleans: a token must be quoted)
+            raise ConfigError(f"{path}: token: expected the token as text, found {_kind(token)}; quote it "
+                              "(token: \"...\")")
+        main["token"] = token
         top.add("token")
     functions = document.get("functions")
     if not isinstance(functions, dict) or not functions:
@@ -188,11 +210,13 @@ def read_yaml(path: str, cwd: str, socket: str) -> tuple[Sections, Where]:
     sections: Sections = {MAIN_SECTION: main}
     for name, spec in functions.items():
         where = f"{path}: functions.{name}"
+        if not isinstance(name, str):  # (on:, yes:, null: are YAML's booleans and nothing, not names)
+            raise ConfigError(f"{where}: a function's name must be text, found {_kind(name)}; quote it")
         values = _values(spec, where, "settings (function: module.function, path: /NAME)")
         if "function" not in values and "model" not in values:
             raise ConfigError(f"{where}: no function; add function: module.function")
         sections[f"{EXPERT_PREFIX}{name}"] = values
-    firefly_defaults(main, [os.path.dirname(os.path.abspath(path)), cwd], socket)
+    firefly_defaults(main, [os.path.dirname(os.path.abspath(path)), cwd])
     return sections, _yaml_where(path, top)
 
 
@@ -203,7 +227,7 @@ def _command_line_where(section: str, key: str | None = None) -> str:
     return f"{COMMAND_LINE}: {name}" + (f" {key}" if key and key != "function" else "")
 
 
-def from_command_line(functions: list[str], cwd: str, socket: str) -> tuple[Sections, Where]:
+def from_command_line(functions: list[str], cwd: str) -> tuple[Sections, Where]:
     """Firefly's command line (``expertd funcs.square ...``) as sections; ConfigError for a bad one."""
     if not functions:
         raise ConfigError(f"{COMMAND_LINE}: no functions; name them as module.function, e.g. expertd funcs.square")
@@ -219,7 +243,7 @@ def from_command_line(functions: list[str], cwd: str, socket: str) -> tuple[Sect
                               f"/{name} (Firefly names a function by its last part); use a config file to name "
                               "them apart")
         sections[section] = {"function": reference}
-    firefly_defaults(sections[MAIN_SECTION], [cwd], socket)
+    firefly_defaults(sections[MAIN_SECTION], [cwd])
     return sections, _command_line_where
 
 

@@ -124,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"expertd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if config.firefly_routes and not args.check:  # (as Firefly prints its URL)
-        print(f"expertd: serving {serving_line(config)}", flush=True)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     log_file = args.log_file
     if args.daemon and not args.check and not log_file:
@@ -239,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 logging.getLogger("expertd").error("cannot write pidfile %s: %s", pidfile, exc.strerror)
         tell_launcher("ready")
+        if config.firefly_routes:  # (as Firefly prints its URL; once the listeners are bound and workers serve)
+            print(f"expertd: serving {serving_line(config)}", flush=True)
 
     master = Master(config, overrides=overrides, on_ready=on_ready)
     try:

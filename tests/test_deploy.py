@@ -360,8 +360,11 @@ def test_the_final_stage_installs_no_compiler_nor_package():
 
 def test_the_entrypoint_reads_the_config_where_the_configmap_is_mounted():
     [entrypoint] = [json.loads(arguments) for instruction, arguments in _final_stage() if instruction == "ENTRYPOINT"]
-    assert entrypoint[:2] == ["/opt/expertd/bin/expertd", "--config"]
-    assert entrypoint[2] == f"{CONFIG_DIR}/expertd.conf"
+    [command] = [json.loads(arguments) for instruction, arguments in _final_stage() if instruction == "CMD"]
+    # expertd is the command and the config its default arguments, so that `docker run IMAGE ARGS` (Firefly's
+    # form: -b ... funcs.square) replaces the config rather than adds to it (expertd refuses both at once).
+    assert entrypoint == ["/opt/expertd/bin/expertd"]
+    assert command == ["--config", f"{CONFIG_DIR}/expertd.conf"]
     for name, deployment in DEPLOYMENTS.items():
         mount = _mounts(_expertd_container(deployment))[CONFIG_DIR]
         assert mount.get("readOnly") is True and "subPath" not in mount, name

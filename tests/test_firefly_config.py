@@ -94,16 +94,24 @@ GOOD_FUNCTIONS = "functions:\n  square:\n    function: funcs.square\n"
     ("[expertd]\n", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found a list (a "
                     ".yml/.yaml file is read as Firefly's YAML config; name an INI config .conf)"),
     ("", "config.yml: expected Firefly's config, a mapping with functions: (and token:), found nothing"),
-    ("token: a b c d\n" + GOOD_FUNCTIONS, "config.yml: token = 'a b c d': a token is printable text with no spaces"),
+    ("token: a b c d\n" + GOOD_FUNCTIONS,
+     "config.yml: token = (the token given, 7 characters): a token is printable text with no spaces"),
+    ("token: yes\n" + GOOD_FUNCTIONS, "config.yml: token: expected the token as text, found bool True; quote it"),
+    ("functions:\n  on:\n    function: funcs.square\n",
+     "config.yml: functions.True: a function's name must be text, found bool True; quote it"),
+    ("base: &b {function: funcs.square}\nfunctions:\n  square: *b\n", "config.yml: base: unknown key"),
+    ("expertd:\n  big: &big {" + ", ".join(f"k{i}: 1" for i in range(10_001)) + "}\n  merged: {<<: *big}\n"
+     + GOOD_FUNCTIONS, "not valid YAML: merge keys (<<) expand to over 10000 keys"),
     ("token: [abcd1234]\n" + GOOD_FUNCTIONS, "config.yml: token: expected the token as text, found a list"),
     ("token: abcd1234\nexpertd:\n  token: abcd1234\n" + GOOD_FUNCTIONS,
      "config.yml: token: set both here and as expertd.token; keep one"),
     ("expertd:\n  wokers: 2\n" + GOOD_FUNCTIONS,
      "config.yml: expertd.wokers: unknown setting; did you mean 'workers'?"),
     ("expertd:\n  workers: two\n" + GOOD_FUNCTIONS, "config.yml: expertd.workers = 'two': not a whole number"),
-    ("expertd: 4\n" + GOOD_FUNCTIONS, "config.yml: expertd: expected a mapping of expertd settings, found int 4"),
+    ("expertd: 4\n" + GOOD_FUNCTIONS, "config.yml: expertd: expected a mapping of expertd settings, found str '4'"),
     ("expertd:\n  http_listen: 0.0.0.0:8000\n" + GOOD_FUNCTIONS,
-     "config.yml: expertd.http_listen = 0.0.0.0:8000: not a loopback address, and no token is set"),
+     "config.yml: expertd.http_listen = 0.0.0.0:8000: not a loopback address, and no token is set; give a token "
+     "(-t TOKEN, or token: in the YAML; clients send Authorization: Token TOKEN)"),
 ])
 def test_a_firefly_config_with_an_error_is_one_line_naming_the_file_and_the_key(tmp_path, text, expected):
     path = _yaml(tmp_path, text)
@@ -175,7 +183,7 @@ def test_command_line_settings_override_a_firefly_config(tmp_path):
 def test_a_short_token_is_still_refused_in_an_ini_config(tmp_path):
     path = tmp_path / "expertd.conf"
     path.write_text("[expertd]\ntoken = abcd1234\n[expert:square]\nfunction = funcs.square\n")
-    with pytest.raises(ConfigError, match=r"\[expertd\] token = 'abcd1234': a token needs at least 16"):
+    with pytest.raises(ConfigError, match=r"\[expertd\] token = \(the token given, 8 characters\): a token needs at least 16"):
         load_config(str(path))
 
 
@@ -214,14 +222,53 @@ def test_a_bad_firefly_command_line_is_one_line(functions, expected):
     assert str(caught.value).startswith(expected)
 
 
-@pytest.mark.parametrize("euid, environ, expected", [
-    (0, {"XDG_RUNTIME_DIR": "/run/user/0"}, "/run/expertd/expertd.sock"),  # root: expertd's default
-    (1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}, "/run/user/1000/expertd/expertd.sock"),
-    (1000, {}, "/tmp/expertd-1000/expertd.sock"),  # a directory of the user's own in the temp dir
-    (1000, {"XDG_RUNTIME_DIR": "relative"}, "/tmp/expertd-1000/expertd.sock"),
+@pytest.mark.parametrize("euid, environ, port, expected", [
+    (0, {"XDG_RUNTIME_DIR": "/run/user/0"}, 8000, "/run/expertd/expertd-8000.sock"),  # root: beside the default
+    (1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}, 8001, "/run/user/1000/expertd/expertd-8001.sock"),
+    (1000, {}, 8000, "/tmp/expertd-1000/expertd-8000.sock"),  # a directory of the user's own in the temp dir
+    (1000, {"XDG_RUNTIME_DIR": "relative"}, 8000, "/tmp/expertd-1000/expertd-8000.sock"),
+    (1000, {}, None, "/tmp/expertd-1000/expertd.sock"),  # (no http_listen)
 ])
-def test_a_firefly_daemon_started_by_a_user_puts_its_socket_where_the_user_may(euid, environ, expected):
-    assert user_socket(euid, environ, "/tmp") == expected
+def test_a_firefly_daemon_started_by_a_user_puts_its_socket_where_the_user_may(euid, environ, port, expected):
+    assert user_socket(euid, environ, "/tmp", port) == expected
+
+
+def test_two_daemons_started_the_firefly_way_on_two_ports_get_two_sockets(tmp_path, monkeypatch):
+    """Firefly servers run one per port; expertd started their way must not take one socket for all (nor the
+    system daemon's default)."""
+    monkeypatch.chdir(tmp_path)
+    one = load_config(COMMAND_LINE, {FUNCTIONS: "funcs.square", "http_listen": "127.0.0.1:8001"})
+    two = load_config(COMMAND_LINE, {FUNCTIONS: "funcs.square", "http_listen": "127.0.0.1:8002"})
+    assert one.socket != two.socket and one.socket.endswith("expertd-8001.sock")
+    assert "/run/expertd/expertd.sock" not in (one.socket, two.socket)
+    given = load_config(COMMAND_LINE, {FUNCTIONS: "funcs.square", "socket": str(tmp_path / "x.sock")})
+    assert given.socket == str(tmp_path / "x.sock")
+
+
+def test_yaml_numbers_dates_and_merge_keys_read_as_a_firefly_user_wrote_them(tmp_path):
+    path = _yaml(tmp_path, "token: 0x1F2E3D4C5B6A7980\nfunctions:\n  square: &base\n    function: funcs.square\n"
+                 "    timeout: 5s\n  cube:\n    <<: *base\n    function: funcs.cube\n")
+    config = load_config(str(path))
+    assert config.token == "0x1F2E3D4C5B6A7980"  # (YAML 1.1 would make it 2246800662264969600)
+    assert config.experts["cube"].function == "funcs.cube" and config.experts["cube"].timeout == 5.0
+    assert config.experts["square"].function == "funcs.square"
+    assert load_config(str(_yaml(tmp_path, "token: 12:30\n" + GOOD_FUNCTIONS))).token == "12:30"  # (not 750)
+
+
+@pytest.mark.parametrize("source", ["yaml", "command line", "ini"])
+def test_a_bad_token_is_never_echoed_in_the_error(tmp_path, source):
+    secret = "hunter2 zebra-quokka-walrus"
+    if source == "yaml":
+        argv = ["-c", str(_yaml(tmp_path, f"token: {secret}\n" + GOOD_FUNCTIONS))]
+    elif source == "ini":
+        (tmp_path / "e.conf").write_text(f"[expertd]\ntoken = {secret}\n[expert:square]\nfunction = funcs.square\n")
+        argv = ["-c", str(tmp_path / "e.conf")]
+    else:
+        argv = ["-t", secret, "funcs.square"]
+    done = run_expertd(*argv, "--check")
+    assert done.returncode == 2, done.stderr
+    assert "hunter2" not in done.stderr and "quokka" not in done.stderr, done.stderr
+    assert "(the token given, 27 characters)" in done.stderr, done.stderr
 
 
 def test_firefly_command_line_and_a_config_together_are_refused(tmp_path):
