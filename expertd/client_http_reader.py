@@ -113,7 +113,7 @@ def read_reply(sock: Any, head_only: bool) -> Reply:
         if headers["transfer-encoding"].lower() != "chunked":  # (the client asks for no other coding)
             raise ProtocolError(f"a Transfer-Encoding other than chunked: {headers['transfer-encoding']!r:.60}")
         if "content-length" in headers:  # RFC 9112 6.3: chunked wins, but it "ought to be handled as an error"
-            raise ProtocolError("a reply with both Transfer-Encoding and Content-Length (a smuggling attempt?)")
+            raise ProtocolError("a reply with both Transfer-Encoding and Content-Length: its length is ambiguous")
         parts, total = [], 0
         while size := _chunk_size(reader.until(b"\r\n", _MAX_HEAD)):
             total += size  # (checked before the chunk is read, not after)
