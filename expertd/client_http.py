@@ -17,20 +17,21 @@ with the methods and exceptions of the Unix-socket client::
 nothing of json and ssl (ssl only for https://), and this module imports
 nothing of the client's (no import circle).  Standard library only.
 
-HTTP/1.1 is written and read here rather than with http.client, whose reply
-parsing (the email package's header parser) doubled the client's CPU per call
-(measured on a loopback call: 225 µs with http.client, 106 µs here, kernel
-included): the daemon's replies are simple (Content-Length, no trailers), and
-a proxy's chunked or close-delimited ones are read too.
+HTTP/1.1 is written here, and read by :mod:`expertd.client_http_reader`, rather
+than with http.client, whose reply parsing (the email package's header parser)
+doubled the client's CPU per call (measured on a loopback call: 225 µs with
+http.client, 106 µs here, kernel included).
 """
 
 from __future__ import annotations
 
+import ipaddress  # (free: urllib.parse imports it)
 import json
 import os
 import socket as _socket
 from urllib.parse import quote, urlsplit
 
+from expertd.client_http_reader import Reply, Stale, read_reply
 from expertd.errors import (
     BadRequest,
     ConnectError,
@@ -52,14 +53,8 @@ if TYPE_CHECKING:
 
 TOKEN_ENV = "EXPERTD_TOKEN"  # (the daemon's fallback for its own token too: one name on both sides)
 _JSON = "application/json"
-_READ = 64 * 1024
-_MAX_HEAD = 64 * 1024  # a reply's status line and headers
-_MAX_BODY = 1 << 30  # as the socket client's largest reply
 _ON_ERROR = frozenset({"stop", "continue"})
-
-
-class _Stale(Exception):
-    """The server closed a pooled connection before any byte of the reply: the request was not served."""
+_warned: set[str] = set()  # the hosts warned of a token sent in cleartext
 
 
 class HttpTransport:
@@ -112,6 +107,13 @@ class HttpTransport:
             if not (token.isascii() and token.isprintable()) or " " in token:
                 raise ValueError("the token must be printable ASCII without spaces (check token= or $EXPERTD_TOKEN)")
             self._head += f"Authorization: Bearer {token}\r\n"
+            if not self._tls and not _is_loopback(self._host) and self._host not in _warned:
+                _warned.add(self._host)  # (once per host and process: a program making a Client per call warns once)
+                import warnings
+
+                warnings.warn(f"the token for {self.url} crosses the network in cleartext (http:// to another "
+                              "machine): call https:// on a TLS-terminating proxy in front of the daemon "
+                              "(docs/client.md, TLS)", stacklevel=2)
 
     # ----------------------------------------------------------- public API
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -225,7 +227,7 @@ class HttpTransport:
                 conn, reused = self._connect(), False
             try:
                 reply = self._round_trip(conn, request, method == "HEAD")
-            except _Stale as exc:
+            except Stale as exc:
                 conn.close()
                 if reused and stale_retry:
                     stale_retry = False  # the daemon closed idle connections: the others are as stale
@@ -251,7 +253,7 @@ class HttpTransport:
                 continue
             raise error
 
-    def _round_trip(self, conn: _Connection, request: bytes, head_only: bool) -> _Reply:
+    def _round_trip(self, conn: _Connection, request: bytes, head_only: bool) -> Reply:
         try:
             conn.sock.sendall(request)
         except TimeoutError:
@@ -260,20 +262,24 @@ class HttpTransport:
             # The daemon may have refused the request (a body over max_frame) and closed: its reply may be readable.
             try:
                 conn.sock.settimeout(0.5)
-                return _read_reply(conn.sock, head_only)
-            except (OSError, _Stale, ConnectionLost, ProtocolError):
-                raise _Stale(exc.strerror or str(exc)) from None
+                reply = read_reply(conn.sock, head_only)
+            except (OSError, Stale, ConnectionLost, ProtocolError):
+                raise Stale(exc.strerror or str(exc)) from None
+            finally:
+                conn.sock.settimeout(self.timeout)
+            reply.will_close = True  # (the rest of the request was never sent: the server may read what follows)
+            return reply
         try:
-            return _read_reply(conn.sock, head_only)
+            return read_reply(conn.sock, head_only)
         except TimeoutError:
             raise RequestTimeout(f"no reply from expertd at {self.url} within {self.timeout}s") from None
         except ConnectionLost as exc:
             raise ConnectionLost(f"expertd at {self.url} closed the connection mid-reply: {exc}",
                                  exc.received) from None
-        except (ProtocolError, ValueError) as exc:  # (ValueError: a length that is not a number)
+        except ProtocolError as exc:  # (the connection is closed by the caller: never pooled after a bad reply)
             raise ProtocolError(f"{self.url} did not answer in HTTP/1.1: {exc}") from None
 
-    def _error(self, reply: _Reply, path: str) -> RemoteError:
+    def _error(self, reply: Reply, path: str) -> RemoteError:
         """The exception the socket client would raise for this error reply."""
         status = reply.status
         request_id = reply.headers.get("x-request-id")
@@ -351,106 +357,14 @@ class _Connection:
         self.sock.close()
 
 
-class _Reply:
-    __slots__ = ("body", "headers", "reason", "status", "will_close")
-
-    def __init__(self, status: int, reason: str, headers: dict, body: bytes, will_close: bool) -> None:
-        self.status, self.reason, self.headers, self.body, self.will_close = status, reason, headers, body, will_close
-
-
-class _Reader:
-    """Bytes of one reply as they arrive; whether any arrived (none: the request was never served)."""
-
-    __slots__ = ("data", "received", "sock")
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.data = bytearray()
-        self.received = 0
-
-    def fill(self) -> None:
-        try:
-            chunk = self.sock.recv(_READ)
-        except TimeoutError:
-            raise
-        except OSError as exc:  # (a reset; TLS errors are OSErrors too)
-            if not self.received:
-                raise _Stale(exc.strerror or str(exc)) from None
-            raise ConnectionLost(exc.strerror or str(exc), self.received) from None
-        if not chunk:
-            if not self.received:
-                raise _Stale("closed with no reply")
-            raise ConnectionLost("closed mid-reply", self.received)
-        self.received += len(chunk)
-        self.data += chunk
-
-    def until(self, mark: bytes, limit: int) -> bytes:
-        """The bytes before ``mark`` (consumed with it)."""
-        start = 0
-        while (end := self.data.find(mark, start)) < 0:
-            if len(self.data) > limit:
-                raise ProtocolError(f"a line of the reply is longer than {limit} bytes")
-            start = max(len(self.data) - len(mark) + 1, 0)
-            self.fill()
-        found = bytes(self.data[:end])
-        del self.data[: end + len(mark)]
-        return found
-
-    def exact(self, size: int) -> bytes:
-        while len(self.data) < size:
-            self.fill()
-        found = bytes(self.data[:size])
-        del self.data[:size]
-        return found
-
-
-def _read_reply(sock: Any, head_only: bool) -> _Reply:
-    """Read one HTTP/1.x reply (interim 1xx ones skipped); _Stale when the peer closed before its first byte."""
-    reader = _Reader(sock)
-    while True:
-        lines = reader.until(b"\r\n\r\n", _MAX_HEAD).decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-            raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0]!r:.100}")
-        status = int(code)
-        if status >= 200:
-            break
-    headers = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    connection = headers.get("connection", "").lower()
-    will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-    if head_only or status in (204, 304):
-        body = b""
-    elif "chunked" in headers.get("transfer-encoding", "").lower():  # (a proxy's)
-        parts = []
-        while size := int(reader.until(b"\r\n", _MAX_HEAD).split(b";")[0].strip() or b"x", 16):
-            parts.append(reader.exact(size))
-            reader.exact(2)  # the chunk's CRLF
-            if sum(map(len, parts)) > _MAX_BODY:
-                raise ProtocolError(f"a reply larger than {_MAX_BODY} bytes")
-        while reader.until(b"\r\n", _MAX_HEAD):  # trailers, up to the empty line
-            pass
-        body = b"".join(parts)
-    elif "content-length" in headers:
-        size = int(headers["content-length"])
-        if size > _MAX_BODY:
-            raise ProtocolError(f"a reply of {size} bytes is larger than the client accepts")
-        body = reader.exact(size)
-    else:  # (HTTP/1.0 style: the body ends when the connection does)
-        while True:
-            try:
-                reader.fill()
-            except ConnectionLost:
-                break
-        body, will_close = bytes(reader.data), True
-        reader.data.clear()
-    if reader.data:  # one request in flight: nothing may follow its reply
-        will_close = True
-    return _Reply(status, reason, headers, body, will_close)
+def _is_loopback(host: str) -> bool:
+    """Whether a URL's host (lowercase, no brackets) is this machine: localhost, 127.0.0.0/8, ::1."""
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # (a host name: another machine, as far as the client can tell without resolving it)
+        return False
 
 
 def _entry_outcome(entry: Any) -> Any:
