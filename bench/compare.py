@@ -439,7 +439,8 @@ def markdown(data: dict, quick: bool) -> str:
             f"{firefly_us / expertd_us:.1f}× | {verdict(firefly_us >= 10 * expertd_us)} |",
             *([f"| Firefly's own client, unchanged: expertd started from Firefly's config.yml vs Firefly's server "
                f"| {median(seq[FIREFLY_MODE_ROW]):.0f} µs vs {firefly_us:.0f} µs = "
-               f"{firefly_us / median(seq[FIREFLY_MODE_ROW]):.1f}× faster | (drop-in, #18: no target) |"]
+               f"{firefly_us / median(seq[FIREFLY_MODE_ROW]):.2f}× the speed of Firefly's server | (drop-in, #18: no "
+               "target; its client's own cost sets the pace, §2) |"]
               if seq.get(FIREFLY_MODE_ROW) else []),
             f"| one-shot `expertctl` ≤ 3× `python -c pass` | {ctl:.1f} ms vs {py:.1f} ms = {ctl / py:.2f}× "
             f"| {verdict(ctl <= 3 * py)} |",
@@ -486,8 +487,11 @@ def markdown(data: dict, quick: bool) -> str:
     if seq.get(FIREFLY_MODE_ROW):
         out += ["", "The last row is a Firefly user's first day: `expertd -c config.yml` on Firefly's own YAML "
                 "(bench/firefly/config.yml) and `firefly.Client` unchanged. Firefly's client opens a new TCP "
-                "connection and sends `GET /` metadata once, then one `requests.post` per call, so that row carries "
-                "the client's own cost; the rows above it compare servers with their best clients."]
+                "connection for every call (one `requests.post` each, after one `GET /` for the metadata), and spends "
+                "about 2 ms of its own CPU on each, so that row is mostly the client's cost, and a server can win "
+                "little there; the rows above it compare servers with their best clients. Callers that keep their "
+                "connection (curl with keep-alive, a Rails app's persistent client) get the expertd HTTP/JSON row's "
+                "figure on Firefly's routes too."]
     if place:
         out += ["", "The same round trip with the server's processes pinned to one CPU and the client on that CPU "
                 "or the other (unpinned, the scheduler's placement moves the floor between these two): "
