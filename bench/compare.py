@@ -177,7 +177,7 @@ def floor_server(directory: Path):
 def load(python: Path | str, kind: str, target: str, clients: int, seconds: float,
          name: str = "square", arguments: str | None = None, cpu: int | None = None) -> dict:
     if arguments is None:
-        arguments = '{"n": 3}' if kind == "firefly" else "[3]"
+        arguments = '{"n": 3}' if kind in ("firefly", "keepalive") else "[3]"
     pinned = ["--cpu", str(cpu)] if cpu is not None else []
     done = subprocess.run([str(python), str(BENCH / "loadgen.py"), kind, target, name, arguments,
                            "--clients", str(clients), "--seconds", str(seconds), *pinned],
@@ -208,12 +208,15 @@ def measure_one_shot(cfg: dict, daemon, ff_url: str, ff_python: Path) -> dict:
 
 
 FIREFLY_MODE_ROW = "expertd started from Firefly's config.yml (2 workers), Firefly's client"
+KEEPALIVE_ROWS = ("expertd started from Firefly's config.yml (2 workers), POST /square on a kept-alive connection",
+                  "Firefly server, the same client (it closes each connection: HTTP/1.0)")
 
 
 def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_config: Path) -> dict:
     """The headline: one persistent client calling square in a loop, interleaved A B C D."""
     results = {"expertd (2 workers)": [], "expertd HTTP/JSON, keep-alive (2 workers)": [], "raw-socket floor": [],
-               "Firefly server": [], "Firefly on gunicorn (2)": [], FIREFLY_MODE_ROW: []}
+               "Firefly server": [], "Firefly on gunicorn (2)": [], FIREFLY_MODE_ROW: [],
+               KEEPALIVE_ROWS[0]: [], KEEPALIVE_ROWS[1]: []}
     with expertd(directory, square_config, 2) as daemon, floor_server(directory) as floor, \
             firefly(ff_python) as ff_url, firefly(ff_python, 2) as gunicorn_url, \
             expertd_firefly_mode(directory, 2) as expertd_ff_url:
@@ -226,6 +229,8 @@ def measure_sequential(cfg: dict, directory: Path, ff_python: Path, square_confi
             results["Firefly on gunicorn (2)"].append(
                 load(ff_python, "firefly", gunicorn_url, 1, cfg["seconds"])["p50_us"])
             results[FIREFLY_MODE_ROW].append(load(ff_python, "firefly", expertd_ff_url, 1, cfg["seconds"])["p50_us"])
+            results[KEEPALIVE_ROWS[0]].append(load(PYTHON, "keepalive", expertd_ff_url, 1, cfg["seconds"])["p50_us"])
+            results[KEEPALIVE_ROWS[1]].append(load(PYTHON, "keepalive", ff_url, 1, cfg["seconds"])["p50_us"])
     return results
 
 
@@ -442,6 +447,10 @@ def markdown(data: dict, quick: bool) -> str:
                f"{firefly_us / median(seq[FIREFLY_MODE_ROW]):.2f}× the speed of Firefly's server | (drop-in, #18: no "
                "target; its client's own cost sets the pace, §2) |"]
               if seq.get(FIREFLY_MODE_ROW) else []),
+            *([f"| Firefly's protocol from a client that keeps its connection: expertd vs Firefly's server "
+               f"| {median(seq[KEEPALIVE_ROWS[0]]):.0f} µs vs {median(seq[KEEPALIVE_ROWS[1]]):.0f} µs = "
+               f"{median(seq[KEEPALIVE_ROWS[1]]) / median(seq[KEEPALIVE_ROWS[0]]):.2f}× faster | (no target) |"]
+              if seq.get(KEEPALIVE_ROWS[0]) else []),
             f"| one-shot `expertctl` ≤ 3× `python -c pass` | {ctl:.1f} ms vs {py:.1f} ms = {ctl / py:.2f}× "
             f"| {verdict(ctl <= 3 * py)} |",
             f"| one-shot `expertctl opinion` ≥ 50× faster than the fresh TensorFlow process | {fresh:.0f} ms vs "
@@ -485,13 +494,12 @@ def markdown(data: dict, quick: bool) -> str:
     for name, values in seq.items():
         out.append(f"| {name} | {spread(values)} | {median(values) / floor_us:.2f}× |")
     if seq.get(FIREFLY_MODE_ROW):
-        out += ["", "The last row is a Firefly user's first day: `expertd -c config.yml` on Firefly's own YAML "
-                "(bench/firefly/config.yml) and `firefly.Client` unchanged. Firefly's client opens a new TCP "
+        out += ["", "The row of Firefly's client is a Firefly user's first day: `expertd -c config.yml` on Firefly's "
+                "own YAML (bench/firefly/config.yml) and `firefly.Client` unchanged. Firefly's client opens a new TCP "
                 "connection for every call (one `requests.post` each, after one `GET /` for the metadata), and spends "
                 "about 2 ms of its own CPU on each, so that row is mostly the client's cost, and a server can win "
-                "little there; the rows above it compare servers with their best clients. Callers that keep their "
-                "connection (curl with keep-alive, a Rails app's persistent client) get the expertd HTTP/JSON row's "
-                "figure on Firefly's routes too."]
+                "little there. The two rows after it are Firefly's protocol from a client that keeps its connection "
+                "(curl with keep-alive, a Rails app's persistent client; Python's http.client here), over TCP."]
     if place:
         out += ["", "The same round trip with the server's processes pinned to one CPU and the client on that CPU "
                 "or the other (unpinned, the scheduler's placement moves the floor between these two): "

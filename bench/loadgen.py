@@ -3,6 +3,7 @@
     python loadgen.py expertd SOCKET EXPERT ARGS_JSON --clients C --seconds T
     python loadgen.py http SOCKET EXPERT ARGS_JSON --clients C --seconds T    (expertd's HTTP/JSON front)
     python loadgen.py firefly URL FUNCTION KWARGS_JSON --clients C --seconds T
+    python loadgen.py keepalive URL FUNCTION KWARGS_JSON ...   (Firefly's route, one kept-alive connection)
     python loadgen.py floor SOCKET --clients 1 --seconds T
     ... --cpu N    (clients run on CPU N only)
 
@@ -66,6 +67,29 @@ def _http_caller(target: str, name: str, args: list):
     return call
 
 
+def _keepalive_caller(target: str, name: str, kwargs: dict):
+    """POST /NAME with a JSON object (Firefly's protocol) on one kept-alive connection (http.client), as curl
+    with keep-alive or a Rails app's persistent client calls; a server that closes after each reply (Firefly's
+    HTTP/1.0 one) is connected to again, as such a client would."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(target)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    body = json.dumps(kwargs).encode()
+    headers = {"Content-Type": "application/json"}
+
+    def call():
+        conn.request("POST", f"/{name}", body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(data.decode())
+        return json.loads(data)
+
+    return call
+
+
 def _floor_caller(target: str):
     import msgpack
 
@@ -94,6 +118,8 @@ def _client(options, results) -> None:
         call = _http_caller(options.target, options.name, json.loads(options.arguments))
     elif options.kind == "firefly":
         call = _firefly_caller(options.target, options.name, json.loads(options.arguments))
+    elif options.kind == "keepalive":
+        call = _keepalive_caller(options.target, options.name, json.loads(options.arguments))
     else:
         call = _floor_caller(options.target)
     for _ in range(20):  # warm up: connection, caches
@@ -120,7 +146,7 @@ def _client(options, results) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["expertd", "http", "firefly", "floor"])
+    parser.add_argument("kind", choices=["expertd", "http", "firefly", "keepalive", "floor"])
     parser.add_argument("target")
     parser.add_argument("name", nargs="?", default="square")
     parser.add_argument("arguments", nargs="?", default="[3]")
