@@ -12,6 +12,7 @@ import pytest
 from expertd import __version__, firefly, http
 from expertd.config import ExpertSpec, check_route_paths
 from expertd.errors import BadRequest, ConfigError, ExpertFailed, Overloaded
+from expertd.settings_types import ORIGINS, URL_PATH
 
 ROUTES = firefly.Routes({"/square": "square", "/sum": "total", "/health": "probe"}, "https://app.example")
 TOKEN = "s3cret-token-for-the-firefly-tests"
@@ -297,3 +298,20 @@ def test_firefly_paths_are_checked_when_the_config_loads(paths, problem):
     with pytest.raises(ConfigError) as raised:
         check_route_paths(experts, "x.conf")
     assert str(raised.value).startswith(f"x.conf: {problem}")
+
+
+@pytest.mark.parametrize(("setting", "raw", "parsed"), [
+    (URL_PATH, "/square", "/square"),
+    (URL_PATH, "/café", "/café"),
+    (URL_PATH, "/c%61ll/square", "write the path decoded, without %-escapes (/café, not /caf%C3%A9)"),
+    (URL_PATH, "/100%", "write the path decoded, without %-escapes (/café, not /caf%C3%A9)"),
+    (ORIGINS, "*", "*"),
+    (ORIGINS, "https://a.example,https://b.example", "https://a.example, https://b.example"),
+    (ORIGINS, "*, https://a.example", "* allows every origin: write it alone, or list the origins without it"),
+])
+def test_paths_are_written_decoded_and_star_stands_alone(setting, raw, parsed):
+    try:
+        got = setting.parse(raw)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == parsed
