@@ -247,9 +247,10 @@ def refusal_of(error: RemoteError | http.HttpRefusal, cors: tuple[tuple[str, str
     if isinstance(error, AccessDenied):
         return FireflyRefusal(403, error.code, error.message, headers=cors)
     if isinstance(error, http.HttpRefusal):
-        return FireflyRefusal(error.status, error.code, error.message, close=error.close, headers=error.headers)
+        return FireflyRefusal(error.status, error.code, error.message, close=error.close,
+                              headers=cors + error.headers)
     return FireflyRefusal(http.error_status(error), error.code, error.message,
-                          headers=(("Retry-After", "1"),) if error.retryable else ())
+                          headers=(*cors, ("Retry-After", "1")) if error.retryable else cors)
 
 
 def metadata(expert: Any) -> dict[str, Any]:

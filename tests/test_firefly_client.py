@@ -241,8 +241,9 @@ def test_keep_alive_request_ids_metrics_and_the_access_log_cover_firefly_calls(s
 
 
 def test_the_daemons_own_errors_for_a_call_in_flight_take_firefly_shape_too(tcp, client):
-    status, _, reply = ask(tcp, "POST", "/nap", {"seconds": 5})  # killed past its timeout, by the master
+    status, response, reply = ask(tcp, "POST", "/nap", {"seconds": 5})  # killed past its timeout, by the master
     assert status == 504 and set(reply) == {"error"} and isinstance(reply["error"], str)
+    assert response.getheader("Access-Control-Allow-Origin") == "https://app.example"  # (a page may read it)
     assert "timeout" in reply["error"]
     with pytest.raises(firefly.client.FireflyError, match="Oops"):  # (what Firefly's client says of a 504)
         client.nap(seconds=5)
@@ -275,15 +276,18 @@ def _requests(daemon: Daemon, expert: str) -> float:
 
 def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_master(make_daemon):
     port = free_port()
-    make_daemon({"square": "fireflyexperts.square", "greet": "fireflyexperts.greet", "pid": "testexperts:pid"},
-                workers=2, linger="5s", http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    daemon = make_daemon({"square": "fireflyexperts.square", "greet": "fireflyexperts.greet",
+                          "pid": "testexperts:pid"},
+                         workers=2, linger="5s", http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    assert wait_until(lambda: daemon.log.count("memory after warm-up") == 2)  # (settled: no more start-up work)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:  # one connection: after the first call, its worker keeps it and takes what it may serve itself
-        # The worker that served a call serves the next (handed back to the master after each, they go to
-        # the two workers in turn: see test_linger.py's test_linger_off).  Mostly, not always: lingering pauses
-        # a moment when the master sees a request wait, and a busy machine can make it see one.
+        # The worker that served a call serves the next; handed back to the master after each, they go to
+        # the two workers in turn (no call served by the worker before it: see test_linger.py's
+        # test_linger_off).  Mostly, not always: lingering pauses a moment when the master sees a request
+        # wait, and a busy machine can make it see one.
         pids = [ask(conn, "POST", "/pid", {})[2] for _ in range(31)]
-        assert sum(pid == previous for previous, pid in itertools.pairwise(pids)) >= 20, pids
+        assert sum(pid == previous for previous, pid in itertools.pairwise(pids)) >= 15, pids
         for n in range(4):
             assert ask(conn, "POST", "/square", {"n": n})[::2] == (200, n * n)
             assert ask(conn, "POST", "/squ%61re", {"n": n})[::2] == (200, n * n)  # (decoded as the master does)
