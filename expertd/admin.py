@@ -143,13 +143,18 @@ class Admin:
         AccessDenied if the peer may not."""
         if route == firefly.PREFLIGHT:  # (it says nothing, and a browser's carries no credentials)
             return 200, b"", firefly.PREFLIGHT_TYPE
-        public = tcp and route in http.PUBLIC_HEALTH_ROUTES and self.serving.config.public_health
+        config = self.serving.config
+        public = tcp and route in http.PUBLIC_HEALTH_ROUTES and config.public_health
+        # Firefly's GET / with the token (checked before this): firefly.Client reads it before its first call,
+        # and it lists only what the token's holder may call anyway.
+        public = public or (tcp and route == firefly.INDEX and bool(config.token))
         if not (public or self.serving.access().reads(uid, gid, groups)):
-            self.throttle.warning("refused GET /%s from uid %d (pid %d): public_status = no", route, uid, pid,
+            path = "/" if route == firefly.INDEX else f"/{route}"
+            self.throttle.warning("refused GET %s from uid %d (pid %d): public_status = no", path, uid, pid,
                                   cause=("control refused", uid))
             who = "connections on http_listen" if tcp else f"uid {uid}"
-            raise AccessDenied(f"{who} may not read /{route} (public_status = no: only control_uids / control_gids, "
-                               "root and the daemon's user may)")
+            raise AccessDenied(f"{who} may not read {'GET /' if route == firefly.INDEX else path} (public_status = "
+                               "no: only control_uids / control_gids, root and the daemon's user may)")
         if route == "health":
             return self.health()
         if route == "experts":

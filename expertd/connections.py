@@ -213,7 +213,10 @@ class ConnectionTable:
         if conn.speaks == "http":
             drain(conn.sock)
             if conn.http_target is not None and conn.http_target.startswith(firefly.CALL_TARGET):
-                error = firefly.refusal_of(error)  # (a timeout, a lost worker, a quarantine: in Firefly's shape)
+                # (A timeout, a lost worker, a quarantine: in Firefly's shape, with the CORS headers that need
+                # no Origin: a page reads the error as it reads a result.)
+                routes = self.serving.config.firefly  # (None after a reload that turned firefly_routes off)
+                error = firefly.refusal_of(error, () if routes is None else routes.cors)
             reply = http.error_response(None, error, request_id=log_id)[0]
         else:
             if isinstance(error, RemoteError):

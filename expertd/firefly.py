@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from typing import Any
 from urllib.parse import unquote
 
 import msgpack
 
 from expertd import __version__, http
-from expertd.errors import BadRequest, BadResult, RemoteError
+from expertd.errors import AccessDenied, BadRequest, BadResult, RemoteError
 
 # Head.route of a Firefly request (and what the access log names it by: /firefly/NAME, /firefly_index...).
 CALL = "firefly"  # POST PATH: a worker calls the function (one of http.WORKER_ROUTES)
@@ -73,11 +74,15 @@ class FireflyInputError(BadRequest):
 class Routes:
     """The Firefly paths of a config's experts, and its CORS headers."""
 
-    __slots__ = ("cors", "path_of", "paths")
+    __slots__ = ("cors", "origins", "path_of", "paths")
 
     def __init__(self, paths: dict[str, str], allow_origins: str = "") -> None:
-        self.paths = paths  # URL path -> expert name
+        self.paths = paths  # URL path -> expert name (decoded: a path holds no %, see settings_types)
         self.path_of = {name: path for path, name in paths.items()}
+        listed = allow_origins.replace(",", " ").split()
+        # Several origins: each response names the request's Origin if listed (a browser takes one origin or
+        # *, never a list), so it depends on the request (cors_of).  None: the same headers for all (cors).
+        self.origins = frozenset(origin.encode("ascii") for origin in listed) if len(listed) > 1 else None
         self.cors = cors_headers(allow_origins)
 
     @classmethod
@@ -98,14 +103,32 @@ class Routes:
             return (PREFLIGHT if method == "OPTIONS" else INDEX), None
         return (route, expert) if route else (MISSING, path)
 
+    def cors_of(self, request: http.Request) -> tuple[tuple[str, str], ...]:
+        """The CORS headers of the response to ``request`` (parsed by h11; its Origin read only with several
+        allowed origins)."""
+        if self.origins is None:
+            return self.cors
+        return self.cors_for(header(request, b"origin"))
+
+    def cors_for(self, origin: bytes | None) -> tuple[tuple[str, str], ...]:
+        """With several allowed origins: the request's ``origin`` echoed if it is one of them (exact match),
+        else no Access-Control-Allow-Origin; Vary: Origin either way (caches must keep them apart)."""
+        if self.origins is None:
+            return self.cors
+        if origin is not None and origin in self.origins:
+            return (("Access-Control-Allow-Origin", origin.decode("ascii")), *_CORS_REST, _VARY)
+        return (_VARY,)
+
     def refusal(self, head: http.Head, *, tcp: bool, token: str, experts: dict | set,
-                max_body: int) -> http.HttpRefusal | None:
+                max_body: int, raw: bytes = b"") -> http.HttpRefusal | None:
         """Whether a Firefly request (``head.route`` in ROUTES) is refused by its head alone, and how.
 
         As :func:`expertd.http.admit` for expertd's routes: on http_listen, the
         token (``Token`` or ``Bearer``), or without one a local Host; the Unix
         socket is guarded by its file mode.  A preflight needs no token: a
-        browser never sends credentials with one, and it runs nothing.
+        browser never sends credentials with one, and it runs nothing.  ``raw``: the request's head, read
+        for its Origin with several allowed origins (:class:`expertd.http.Head` does not carry it: the master
+        frames every request, and most never need it).
         """
         route, method = head.route, head.method
         if tcp:
@@ -113,47 +136,75 @@ class Routes:
                 try:
                     http.check_local_origin(head)
                 except http.HttpRefusal as refused:
-                    return self._refused(refused.status, refused.code, refused.message, close=True)
+                    return self._refused(raw, head, refused.status, refused.code, refused.message, close=True)
             elif route != PREFLIGHT and not http.token_accepted(head.authorization, token):
-                return self._refused(403, "unauthorized", "Invalid auth token", close=True)
+                return self._refused(raw, head, 403, "unauthorized", "Invalid auth token", close=True)
         if head.body_size > max_body:
-            return self._refused(413, "frame_too_large", f"request body of {head.body_size} bytes exceeds "
+            return self._refused(raw, head, 413, "frame_too_large", f"request body of {head.body_size} bytes exceeds "
                                  f"max_frame ({max_body} bytes)", close=True)
         if route == MISSING:
-            return self._refused(404, "not_found", f"Not found: {head.expert}")
+            return self._refused(raw, head, 404, "not_found", f"Not found: {head.expert}")
         if route == CALL:
             path = self.path_of.get(head.expert or "", "")
             if method != "POST":
-                return self._refused(405, "method_not_allowed", f"{method} is not allowed on {path}; POST a JSON "
-                                     "object of named arguments", headers=(("Allow", "POST, OPTIONS"),))
+                return self._refused(raw, head, 405, "method_not_allowed", f"{method} is not allowed on {path}; "
+                                     "POST a JSON object of named arguments", headers=(("Allow", "POST, OPTIONS"),))
             if head.expert not in experts:  # (a reload under way: the path's expert is not served yet)
-                return self._refused(404, "unknown_expert", f"Not found: {path}")
+                return self._refused(raw, head, 404, "unknown_expert", f"Not found: {path}")
             return None
         if route == INDEX and method not in ("GET", "HEAD"):
-            return self._refused(405, "method_not_allowed", f"{method} is not allowed on /; use GET",
+            return self._refused(raw, head, 405, "method_not_allowed", f"{method} is not allowed on /; use GET",
                                  headers=(("Allow", "GET, HEAD, OPTIONS"),))
         if head.body_size:
-            return self._refused(400, "bad_request", f"{method} {'/' if route == INDEX else 'here'} takes no body")
+            return self._refused(raw, head, 400, "bad_request",
+                                 f"{method} {'/' if route == INDEX else 'here'} takes no body")
         return None
 
-    def _refused(self, status: int, code: str, message: str, *, close: bool = False,
+    def _refused(self, raw: bytes, head: http.Head, status: int, code: str, message: str, *, close: bool = False,
                  headers: tuple[tuple[str, str], ...] = ()) -> FireflyRefusal:
-        return FireflyRefusal(status, code, message, close=close, headers=self.cors + headers)
+        # (The Origin is looked for only here, in a refusal: an accepted call's head is never searched.)
+        cors = self.cors if self.origins is None else self.cors_for(origin_in(raw[:head.head_size]))
+        return FireflyRefusal(status, code, message, close=close, headers=cors + headers)
+
+
+_CORS_REST = (("Access-Control-Allow-Methods", "GET,POST"),
+              ("Access-Control-Allow-Headers", "Content-Type, Authorization"))
+_VARY = ("Vary", "Origin")
 
 
 def cors_headers(allow_origins: str) -> tuple[tuple[str, str], ...]:
-    """The CORS headers of every Firefly response (none without allowed origins), as Firefly sends them, with
-    Authorization allowed too: a browser may send the token only if the preflight's answer allows it."""
+    """The CORS headers of a Firefly response when they do not depend on the request: none without allowed
+    origins; ``*`` or the one origin allowed, with Authorization allowed too (a browser may send the token
+    only if the preflight's answer allows it).  With several origins, only Vary: Origin (Routes.cors_for adds
+    the rest for a listed Origin): unlike Firefly, which sends the list, which browsers refuse."""
     if not allow_origins:
         return ()
-    return (("Access-Control-Allow-Origin", allow_origins), ("Access-Control-Allow-Methods", "GET,POST"),
-            ("Access-Control-Allow-Headers", "Content-Type, Authorization"))
+    if len(allow_origins.replace(",", " ").split()) > 1:
+        return (_VARY,)
+    return (("Access-Control-Allow-Origin", allow_origins.strip()), *_CORS_REST)
+
+
+def header(request: http.Request, name: bytes) -> bytes | None:
+    """A header of a Firefly request (``name`` in lower case, as h11 gives them), or None."""
+    for field, value in request.headers:
+        if field == name:
+            return value
+    return None
+
+
+_ORIGIN = re.compile(rb"\nOrigin:[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.IGNORECASE)
+
+
+def origin_in(raw: bytes) -> bytes | None:
+    """The Origin header of a request's head (``raw``: its bytes, the head whole), or None."""
+    found = _ORIGIN.search(raw)
+    return None if found is None else found.group(1)
 
 
 def call_arguments(request: http.Request, expert: Any) -> tuple[list, dict]:
     """The keyword arguments of a Firefly call (``([], kwargs)``), checked against the expert's signature as
     Firefly checks them; BadRequest (400, the body is not JSON) or FireflyInputError (415, 422) if unusable."""
-    if request.content_type[:19].lower() == b"multipart/form-data":
+    if (header(request, b"content-type") or b"")[:19].lower() == b"multipart/form-data":
         raise FireflyInputError(415, NO_FILES, expert=request.expert)
     if not request.body.strip():
         raise BadRequest(NO_BODY, expert=request.expert)
@@ -187,15 +238,19 @@ def reply(request: http.Request, result: Any, cors: tuple[tuple[str, str], ...])
     return (*http.respond(request, status, http.dumps({"error": result.message}), headers=headers), result.code)
 
 
-def refusal_of(error: RemoteError | http.HttpRefusal) -> http.HttpRefusal:
-    """The master's error for a Firefly call in flight (a timeout, a lost worker, a quarantine), in Firefly's
-    shape with the same status; a refusal already in that shape as it is."""
+def refusal_of(error: RemoteError | http.HttpRefusal, cors: tuple[tuple[str, str], ...] = ()) -> http.HttpRefusal:
+    """The master's error for a Firefly request (a call in flight: a timeout, a lost worker, a quarantine;
+    GET / refused by public_status = no), in Firefly's shape with the same status, with ``cors``; a refusal
+    already in that shape as it is."""
     if isinstance(error, FireflyRefusal):
         return error
+    if isinstance(error, AccessDenied):
+        return FireflyRefusal(403, error.code, error.message, headers=cors)
     if isinstance(error, http.HttpRefusal):
-        return FireflyRefusal(error.status, error.code, error.message, close=error.close, headers=error.headers)
+        return FireflyRefusal(error.status, error.code, error.message, close=error.close,
+                              headers=cors + error.headers)
     return FireflyRefusal(http.error_status(error), error.code, error.message,
-                          headers=(("Retry-After", "1"),) if error.retryable else ())
+                          headers=(*cors, ("Retry-After", "1")) if error.retryable else cors)
 
 
 def metadata(expert: Any) -> dict[str, Any]:

@@ -80,16 +80,17 @@ _frame = partial(tuple.__new__, Frame)  # (Frame(...) runs a Python __new__: onc
 
 def http_refusal(request: http.Head, *, tcp: bool, token: str, experts: dict | set,
                  max_frame: int, plan: Callable[[str], object] | None = None,
-                 public_health: bool = False, firefly: Any = None) -> http.HttpRefusal | None:
+                 public_health: bool = False, firefly: Any = None, raw: bytes = b"") -> http.HttpRefusal | None:
     """Whether an HTTP request, by its head alone, is refused (and how): admission, route, body.
 
     ``plan`` (:meth:`expertd.config.Config.plan`) checks a pipeline's target
     (``POST /pipeline/NAME``, ``POST /opinion/a,b``): unknown names are 404s.
-    ``firefly`` (:class:`expertd.firefly.Routes`, with firefly_routes) refuses Firefly's routes its own way.
+    ``firefly`` (:class:`expertd.firefly.Routes`, with firefly_routes) refuses Firefly's routes its own way
+    (``raw``: the request's first bytes, where its refusal finds the Origin for CORS).
     (A quarantined expert is refused too, by the caller: that depends on the time.)
     """
     if firefly is not None and request.route in FIREFLY_ROUTES:
-        return firefly.refusal(request, tcp=tcp, token=token, experts=experts, max_body=max_frame)
+        return firefly.refusal(request, tcp=tcp, token=token, experts=experts, max_body=max_frame, raw=raw)
     try:
         http.admit(request, tcp=tcp, token=token, public_health=public_health)
         http.check_route(request, experts, max_frame, plan)

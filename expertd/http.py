@@ -258,7 +258,7 @@ class Request(NamedTuple):
     keep_alive: bool  # the client's wish: HTTP/1.1 without Connection: close (as h11 decides it)
     on_error: str | None = None  # the X-Expertd-On-Error header (pipelines)
     request_id: str | None = None  # X-Request-Id if valid (accesslog.request_id_of), else one the daemon made
-    content_type: bytes = b""  # (read for Firefly routes only: they refuse file uploads)
+    headers: Any = ()  # h11's (lower-case name, value) pairs, with Firefly routes only (file uploads, CORS)
 
 
 def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = None, firefly: Any = None) -> Request:
@@ -300,8 +300,7 @@ def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = Non
     if firefly is None:
         return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id)
     route, expert = firefly.route(method, target, route, expert)
-    content_type = next((value for name, value in event.headers if name == b"content-type"), b"")
-    return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id, content_type)
+    return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id, event.headers)
 
 
 def call_arguments(request: Request) -> tuple[list, dict]:

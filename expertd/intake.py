@@ -37,6 +37,7 @@ from expertd.connections import (
 )
 from expertd.errors import AccessDenied, BadRequest, Overloaded, Quarantined, RemoteError
 from expertd.firefly import MASTER_ROUTES as FIREFLY_MASTER_ROUTES
+from expertd.firefly import refusal_of as firefly_refusal
 from expertd.framing import BAD_MAGIC, HTTP, MASTER_KINDS, frame_of, http_refusal, sniff
 from expertd.metrics import Metrics
 from expertd.serving import Serving
@@ -188,7 +189,7 @@ class Intake:
         queued = len(head) if len(head) >= request.size else protocol.queued_bytes(conn.fd)
         refusal = http_refusal(request, tcp=conn.tcp, token=config.token, experts=self.serving.experts,
                                max_frame=config.max_frame, plan=config.plan, public_health=config.public_health,
-                               firefly=config.firefly)
+                               firefly=config.firefly, raw=head)
         if refusal is None and self.quarantines.entries:
             quarantined = self._quarantined(request.expert, pipeline)
             if quarantined is not None:
@@ -392,10 +393,12 @@ class Intake:
             status, body, content_type = self.admin.http_get(  # type: ignore[attr-defined]
                 route, conn.uid, conn.gid, conn.groups, conn.pid, conn.tcp)
         except AccessDenied as refused:
-            reply, keep_alive = http.error_response(request, refused)
             code = refused.code
+            if firefly is not None and route in FIREFLY_MASTER_ROUTES:  # (GET /: in Firefly's shape, {"error"})
+                refused = firefly_refusal(refused, firefly.cors_of(request))
+            reply, keep_alive = http.error_response(request, refused)
         else:
-            headers = firefly.cors if firefly is not None and route in FIREFLY_MASTER_ROUTES else ()
+            headers = firefly.cors_of(request) if firefly is not None and route in FIREFLY_MASTER_ROUTES else ()
             reply, keep_alive = http.respond(request, status, body, content_type, headers)
             code = "ok" if status < 400 else "unhealthy"  # (/health's 503)
         if accesslog.LOG is not None:

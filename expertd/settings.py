@@ -243,7 +243,8 @@ SETTINGS: tuple[Setting, ...] = (
             "line (expertd module.function ...)."),
     Setting("allow_origins", MAIN_SECTION, ORIGINS, "",
             "Firefly routes: the origins allowed to call them from a browser (CORS; Firefly's --allow-origins), "
-            "* for any; empty allows none (no CORS headers are sent).",
+            "* for any; empty allows none (no CORS headers are sent). With several, an answer names the "
+            "request's Origin when it is listed (exact match), with Vary: Origin.",
             cli=True),
     Setting("model_cache", MAIN_SECTION, OPTIONAL_PATH, "",
             "Directory where model experts' files are prepared (converted for the serving runtime, weights "
@@ -266,7 +267,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the memory of the largest batch it has run, so this bounds what one caller can make every worker "
             "hold. (expertd.Model takes max_rows= likewise.)"),
     Setting("path", "expert", URL_PATH, "",
-            "With firefly_routes: the URL path that serves this expert (Firefly's path); empty means /NAME."),
+            "With firefly_routes: the URL path that serves this expert (Firefly's path), written decoded "
+            "(no %-escapes: requests' paths are decoded before they are matched); empty means /NAME."),
     Setting("timeout", "expert", DURATION, "",
             "Longest a request to this expert may run; empty means the [expertd] timeout."),
     Setting("max_batch", "expert", MAX_BATCH, "auto",

@@ -257,6 +257,8 @@ def _parse_url_path(raw: str) -> str:
     if value and (not value.startswith("/") or value == "/" or not value.isprintable() or " " in value
                   or "?" in value or "#" in value):
         raise _Invalid("expected a URL path such as /square: starting with /, not / alone, no spaces, ? or #")
+    if "%" in value:  # (requests' paths are decoded before routing: /c%61ll/x would be expertd's /call/x)
+        raise _Invalid("write the path decoded, without %-escapes (/café, not /caf%C3%A9)")
     return value
 
 
@@ -264,7 +266,9 @@ def _parse_origins(raw: str) -> str:
     origins = _parse_words(raw.replace(",", " "))
     if not all(origin.isascii() and origin.isprintable() for origin in origins):
         raise _Invalid("origins are ASCII, e.g. https://app.example.com (xn-- for other scripts) or *")
-    return ", ".join(origins)  # (the Access-Control-Allow-Origin value, as Firefly's)
+    if "*" in origins and len(origins) > 1:
+        raise _Invalid("* allows every origin: write it alone, or list the origins without it")
+    return ", ".join(origins)  # (several: each response names the request's Origin if listed, see expertd.firefly)
 
 
 def _parse_text(raw: str) -> str:

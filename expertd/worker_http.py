@@ -238,7 +238,8 @@ class HttpServing(Answering):
     def _http_reply(self, request: http.Request, result: Any) -> tuple[bytes, bool, str]:
         """The response to ``request`` whose call returned ``result`` (a RemoteError: it failed)."""
         if request.route == "firefly":  # (Firefly's shapes: {"error": MESSAGE}, its statuses)
-            return firefly.reply(request, result, self.config.firefly.cors)
+            routes = self.config.firefly  # (the Origin is read only with several allowed origins)
+            return firefly.reply(request, result, routes.cors if routes.origins is None else routes.cors_of(request))
         if isinstance(result, BadRequest):  # (perhaps the wrong route: the error says which is meant)
             result = self._hinted(request, result)
         if not isinstance(result, RemoteError):

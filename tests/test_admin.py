@@ -12,7 +12,7 @@ from collections import deque
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from expertd import cli, http, protocol
+from expertd import cli, firefly, http, protocol
 from expertd.access import NO_PEER
 from expertd.admin import Admin
 from expertd.backoff import Quarantines
@@ -372,6 +372,23 @@ def test_with_public_status_no_another_user_may_not_get(harness, route):
     with pytest.raises(AccessDenied, match=f"connections on http_listen may not read /{route}"):
         h.admin.http_get(route, NO_PEER, NO_PEER, frozenset(), NO_PEER, True)
     assert h.admin.http_get(route, CONTROLLER, 100, frozenset(), 4242, False)[0] in (200, 503)
+
+
+@pytest.mark.parametrize(("token", "uid", "tcp", "refused"), [
+    ("t" * 32, NO_PEER, True, None),  # on http_listen with the token (checked before): firefly.Client's first read
+    ("", NO_PEER, True, "connections on http_listen may not read GET / (public_status = no"),
+    ("t" * 32, OTHER, False, f"uid {OTHER} may not read GET / (public_status = no"),  # (the socket: as before)
+    ("t" * 32, CONTROLLER, False, None),
+])
+def test_with_public_status_no_firefly_get_root_is_read_with_the_token_and_named_as_get_root(
+        harness, token, uid, tcp, refused):
+    h = harness(public_status="no", firefly_routes="yes", **({"token": token} if token else {}))
+    if refused is None:
+        assert _get(h, firefly.INDEX, uid=uid, tcp=tcp)[1]["app"] == "firefly"
+        return
+    with pytest.raises(AccessDenied) as raised:
+        _get(h, firefly.INDEX, uid=uid, tcp=tcp)
+    assert raised.value.message.startswith(refused) and "firefly_index" not in raised.value.message
 
 
 # ---------------------------------------------------------------------------------------- status

@@ -7,7 +7,9 @@ listener); each test asks it what a Firefly user would.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import os
 import shutil
 import signal
 import socket
@@ -18,7 +20,8 @@ import firefly
 import pytest
 from firefly.validator import ValidationError
 
-from conftest import Daemon, metrics_samples, run_expertd, wait_until, write_config
+from conftest import Daemon, UnixHTTPConnection, metrics_samples, run_expertd, wait_until, write_config
+from users import as_user, local_user, needs_root
 
 TOKEN = "s3cret-token-for-the-firefly-tests"
 EXPERTS = {
@@ -238,8 +241,9 @@ def test_keep_alive_request_ids_metrics_and_the_access_log_cover_firefly_calls(s
 
 
 def test_the_daemons_own_errors_for_a_call_in_flight_take_firefly_shape_too(tcp, client):
-    status, _, reply = ask(tcp, "POST", "/nap", {"seconds": 5})  # killed past its timeout, by the master
+    status, response, reply = ask(tcp, "POST", "/nap", {"seconds": 5})  # killed past its timeout, by the master
     assert status == 504 and set(reply) == {"error"} and isinstance(reply["error"], str)
+    assert response.getheader("Access-Control-Allow-Origin") == "https://app.example"  # (a page may read it)
     assert "timeout" in reply["error"]
     with pytest.raises(firefly.client.FireflyError, match="Oops"):  # (what Firefly's client says of a 504)
         client.nap(seconds=5)
@@ -272,12 +276,21 @@ def _requests(daemon: Daemon, expert: str) -> float:
 
 def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_master(make_daemon):
     port = free_port()
-    make_daemon({"square": "fireflyexperts.square", "greet": "fireflyexperts.greet"}, workers=1, linger="2s",
-                http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    daemon = make_daemon({"square": "fireflyexperts.square", "greet": "fireflyexperts.greet",
+                          "pid": "testexperts:pid"},
+                         workers=2, linger="5s", http_listen=f"127.0.0.1:{port}", token=TOKEN, firefly_routes="yes")
+    assert wait_until(lambda: daemon.log.count("memory after warm-up") == 2)  # (settled: no more start-up work)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:  # one connection: after the first call, its worker keeps it and takes what it may serve itself
+        # The worker that served a call serves the next; handed back to the master after each, they go to
+        # the two workers in turn (no call served by the worker before it: see test_linger.py's
+        # test_linger_off).  Mostly, not always: lingering pauses a moment when the master sees a request
+        # wait, and a busy machine can make it see one.
+        pids = [ask(conn, "POST", "/pid", {})[2] for _ in range(31)]
+        assert sum(pid == previous for previous, pid in itertools.pairwise(pids)) >= 15, pids
         for n in range(4):
             assert ask(conn, "POST", "/square", {"n": n})[::2] == (200, n * n)
+            assert ask(conn, "POST", "/squ%61re", {"n": n})[::2] == (200, n * n)  # (decoded as the master does)
         assert ask(conn, "POST", "/greet", {"nom": "x"})[::2] == (422, {"error": "missing a required argument: "
                                                                                  "'name'"})
         assert ask(conn, "GET", "/")[0] == 200  # (the master's)
@@ -288,6 +301,78 @@ def test_a_lingering_worker_serves_firefly_calls_and_leaves_the_rest_to_the_mast
             (403, {"error": "Invalid auth token"})
     finally:
         conn.close()
+
+
+def test_an_encoded_path_is_routed_decoded_by_the_master_and_the_worker_alike(served):
+    port = served[1]
+    for target, expected in (("/squ%61re", b"16"), ("/c%61ll/square", b"16"), ("/s%75m", b"4")):
+        body = b'{"values": [4]}' if target == "/s%75m" else (b"[4]" if "call" in target else b'{"n": 4}')
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # (a new connection: the master)
+            sock.sendall(f"POST {target} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Token {TOKEN}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n" + expected + b"\n"), answer
+
+
+def test_several_allowed_origins_each_get_their_own_cors_answer(make_daemon):
+    port = free_port()
+    make_daemon({"square": "fireflyexperts.square"}, workers=1, http_listen=f"127.0.0.1:{port}", token=TOKEN,
+                firefly_routes="yes", allow_origins="https://a.example, https://b.example")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def cors(method: str, path: str, origin: str | None, token: str | None = TOKEN) -> tuple[int, str | None, str]:
+        status, response, _ = ask(conn, method, path, {"n": 2} if method == "POST" else None, token=token,
+                                  headers={} if origin is None else {"Origin": origin})
+        return status, response.getheader("Access-Control-Allow-Origin"), response.getheader("Vary")
+
+    try:
+        assert cors("OPTIONS", "/square", "https://b.example", token=None) == (200, "https://b.example", "Origin")
+        assert cors("POST", "/square", "https://a.example") == (200, "https://a.example", "Origin")  # (a worker's)
+        assert cors("GET", "/", "https://b.example") == (200, "https://b.example", "Origin")  # (the master's)
+        assert cors("POST", "/square", "https://c.example") == (200, None, "Origin")  # (served; the browser hides it)
+        assert cors("POST", "/square", None) == (200, None, "Origin")
+        assert cors("POST", "/nowhere", "https://a.example") == (404, "https://a.example", "Origin")
+        conn.close()
+        assert cors("POST", "/square", "https://b.example", token="wrong-token-of-enough-length") == \
+            (403, "https://b.example", "Origin")  # (refused by the master, by the head alone)
+    finally:
+        conn.close()
+
+
+def test_firefly_client_works_when_public_status_is_no(make_daemon):
+    port = free_port()
+    make_daemon({"square": "fireflyexperts.square"}, workers=1, http_listen=f"127.0.0.1:{port}", token=TOKEN,
+                firefly_routes="yes", public_status="no")
+    client = firefly.Client(f"http://127.0.0.1:{port}/", auth_token=TOKEN)  # (it reads GET / first)
+    assert client.square(n=3) == 9
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        assert ask(conn, "GET", "/", token=None)[::2] == (403, {"error": "Invalid auth token"})
+        conn.close()
+        status, _, reply = ask(conn, "GET", "/experts")  # (expertd's own reads stay closed, as they were)
+        assert status == 403 and "public_status = no" in reply["error"]["message"]
+    finally:
+        conn.close()
+
+
+@needs_root
+def test_with_public_status_no_get_root_on_the_socket_is_refused_in_firefly_shape(make_daemon, short_dir):
+    os.chmod(short_dir, 0o755)
+    daemon = make_daemon({"square": "fireflyexperts.square"}, workers=1, firefly_routes="yes",
+                         public_status="no", socket_mode="0666")
+    alice = local_user("xd-alice")
+
+    def get_root() -> str:
+        conn = UnixHTTPConnection(daemon.socket)
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        return f"{response.status} {response.read().decode()}"
+
+    refused = as_user(*alice, get_root)
+    assert refused == (f'403 {{"error":"uid {alice[0]} may not read GET / (public_status = no: only control_uids '
+                       '/ control_gids, root and the daemon\'s user may)"}\n'), refused
+    assert get_root().startswith('200 {"app":"firefly"')  # (root, the daemon's user, may)
+    assert f"refused GET / from uid {alice[0]}" in daemon.log
 
 
 def test_a_reload_serves_the_new_paths_and_get_root_lists_them(make_daemon):
@@ -332,6 +417,8 @@ def test_without_firefly_routes_no_firefly_path_exists(make_daemon):
      "[expert:b] path = /a: already the path of expert a; give each expert its own path"),
     ({"a": {"function": "fireflyexperts:square", "path": "/call/a"}},
      "[expert:a] path = /call/a: under /call/, one of expertd's own routes; choose another path"),
+    ({"a": "fireflyexperts:square", "b": {"function": "fireflyexperts:greet", "path": "/c%61ll/a"}},
+     "[expert:b] path = '/c%61ll/a': write the path decoded, without %-escapes (/café, not /caf%C3%A9)"),
 ])
 def test_a_firefly_path_that_collides_is_refused_at_start_in_one_line(short_dir, experts, message):
     config = write_config(short_dir, experts, firefly_routes="yes")

@@ -12,6 +12,7 @@ import pytest
 from expertd import __version__, firefly, http
 from expertd.config import ExpertSpec, check_route_paths
 from expertd.errors import BadRequest, ConfigError, ExpertFailed, Overloaded
+from expertd.settings_types import ORIGINS, URL_PATH
 
 ROUTES = firefly.Routes({"/square": "square", "/sum": "total", "/health": "probe"}, "https://app.example")
 TOKEN = "s3cret-token-for-the-firefly-tests"
@@ -29,6 +30,10 @@ def head(method: str, target: str, *headers: str, body: bytes = b"", routes=ROUT
     ("POST", "/square", firefly.CALL, "square"),
     ("POST", "/sum?x=1", firefly.CALL, "total"),  # (the query is not the path)
     ("POST", "/s%75m", firefly.CALL, "total"),  # (percent-decoded, as Firefly's path_info)
+    ("POST", "/squ%61re", firefly.CALL, "square"),  # (decoded as expertd's own routes are...)
+    ("POST", "/c%61ll/square", "call", "square"),  # (... so an encoded native path stays expertd's)
+    ("POST", "/he%61lth", firefly.CALL, "probe"),
+    ("POST", "/squ%2561re", firefly.MISSING, "/squ%61re"),  # (decoded once, never twice)
     ("GET", "/square", firefly.CALL, "square"),  # (refused later: 405)
     ("OPTIONS", "/square", firefly.PREFLIGHT, "square"),
     ("OPTIONS", "/", firefly.PREFLIGHT, None),
@@ -108,16 +113,47 @@ def test_a_foreign_host_without_a_token_and_big_or_misplaced_bodies_are_refused(
     assert (refusal.status, json.loads(refusal.body())) == (404, {"error": "Not found: /square"})
 
 
-@pytest.mark.parametrize(("origins", "headers"), [
-    ("", ()),
-    ("*", (("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", "GET,POST"),
-           ("Access-Control-Allow-Headers", "Content-Type, Authorization"))),
-    ("https://a.example, https://b.example", (
-        ("Access-Control-Allow-Origin", "https://a.example, https://b.example"),
-        ("Access-Control-Allow-Methods", "GET,POST"), ("Access-Control-Allow-Headers", "Content-Type, Authorization"))),
+ALLOWED = (("Access-Control-Allow-Methods", "GET,POST"),
+           ("Access-Control-Allow-Headers", "Content-Type, Authorization"))
+TWO = "https://a.example, https://b.example"
+
+
+@pytest.mark.parametrize(("origins", "origin", "headers"), [
+    ("", None, ()),
+    ("", b"https://a.example", ()),
+    ("*", None, (("Access-Control-Allow-Origin", "*"), *ALLOWED)),
+    ("*", b"https://x.example", (("Access-Control-Allow-Origin", "*"), *ALLOWED)),
+    ("https://a.example", b"https://x.example", (("Access-Control-Allow-Origin", "https://a.example"), *ALLOWED)),
+    # Several: never the list (browsers refuse it), the request's Origin when listed, exactly.
+    (TWO, b"https://b.example", (("Access-Control-Allow-Origin", "https://b.example"), *ALLOWED, ("Vary", "Origin"))),
+    (TWO, b"https://a.example", (("Access-Control-Allow-Origin", "https://a.example"), *ALLOWED, ("Vary", "Origin"))),
+    (TWO, b"https://c.example", (("Vary", "Origin"),)),
+    (TWO, b"https://a.example.evil", (("Vary", "Origin"),)),
+    (TWO, b"HTTPS://A.EXAMPLE", (("Vary", "Origin"),)),
+    (TWO, b"null", (("Vary", "Origin"),)),
+    (TWO, None, (("Vary", "Origin"),)),
 ])
-def test_cors_headers_follow_allow_origins(origins, headers):
-    assert firefly.cors_headers(origins) == headers
+def test_cors_headers_name_one_allowed_origin_or_star(origins, origin, headers):
+    routes = firefly.Routes({"/square": "square"}, origins)
+    assert routes.cors_for(origin) == headers
+    raw = b"POST /square HTTP/1.1\r\nHost: x\r\n" + (b"" if origin is None else b"Origin: " + origin + b"\r\n")
+    request = http.parse_request(raw + b"Content-Length: 2\r\n\r\n{}", "id-1", routes)
+    assert routes.cors_of(request) == headers  # (a worker's reply and the master's answers)
+    refused = routes.refusal(http.scan_head(raw + b"\r\n", routes), tcp=True, token=TOKEN, experts=EXPERTS,
+                             max_body=10, raw=raw + b"\r\n")
+    assert refused.status == 403 and refused.headers == headers  # (the master's refusals by the head)
+
+
+def test_an_origin_is_read_from_the_head_only():
+    assert firefly.origin_in(b"POST / HTTP/1.1\r\nHost: x\r\norigin:  https://a.example \r\n\r\n") == \
+        b"https://a.example"
+    assert firefly.origin_in(b"POST / HTTP/1.1\r\nX-Origin: https://a.example\r\n\r\n") is None
+    head = b"POST / HTTP/1.1\r\nContent-Length: 30\r\n\r\n"
+    routes = firefly.Routes({"/square": "square"}, TWO)
+    raw = head.replace(b"POST /", b"POST /nowhere") + b"x\nOrigin: https://a.example\r\n"  # (in the body)
+    refused = routes.refusal(http.scan_head(raw, routes), tcp=False, token="", experts=EXPERTS, max_body=100,
+                             raw=raw)
+    assert refused.status == 404 and refused.headers == (("Vary", "Origin"),)
 
 
 # ------------------------------------------------------------------------------------------ calls
@@ -262,3 +298,20 @@ def test_firefly_paths_are_checked_when_the_config_loads(paths, problem):
     with pytest.raises(ConfigError) as raised:
         check_route_paths(experts, "x.conf")
     assert str(raised.value).startswith(f"x.conf: {problem}")
+
+
+@pytest.mark.parametrize(("setting", "raw", "parsed"), [
+    (URL_PATH, "/square", "/square"),
+    (URL_PATH, "/café", "/café"),
+    (URL_PATH, "/c%61ll/square", "write the path decoded, without %-escapes (/café, not /caf%C3%A9)"),
+    (URL_PATH, "/100%", "write the path decoded, without %-escapes (/café, not /caf%C3%A9)"),
+    (ORIGINS, "*", "*"),
+    (ORIGINS, "https://a.example,https://b.example", "https://a.example, https://b.example"),
+    (ORIGINS, "*, https://a.example", "* allows every origin: write it alone, or list the origins without it"),
+])
+def test_paths_are_written_decoded_and_star_stands_alone(setting, raw, parsed):
+    try:
+        got = setting.parse(raw)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == parsed
