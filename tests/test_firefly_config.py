@@ -183,7 +183,8 @@ def test_command_line_settings_override_a_firefly_config(tmp_path):
 def test_a_short_token_is_still_refused_in_an_ini_config(tmp_path):
     path = tmp_path / "expertd.conf"
     path.write_text("[expertd]\ntoken = abcd1234\n[expert:square]\nfunction = funcs.square\n")
-    with pytest.raises(ConfigError, match=r"\[expertd\] token = \(the token given, 8 characters\): a token needs at least 16"):
+    with pytest.raises(ConfigError,
+                       match=r"\[expertd\] token = \(the token given, 8 characters\): a token needs at least 16"):
         load_config(str(path))
 
 
