@@ -113,7 +113,7 @@ class HttpTransport:
 
                 warnings.warn(f"the token for {self.url} crosses the network in cleartext (http:// to another "
                               "machine): call https:// on a TLS-terminating proxy in front of the daemon "
-                              "(docs/client.md, TLS)", stacklevel=2)
+                              "(expertd --help-topic client, section TLS)", stacklevel=2)
 
     # ----------------------------------------------------------- public API
     def call(self, expert: str, /, *args: Any, **kwargs: Any) -> Any:
