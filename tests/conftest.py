@@ -213,6 +213,13 @@ def _title(process: psutil.Process) -> str:
         return ""
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for http_listen)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

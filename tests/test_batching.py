@@ -30,7 +30,7 @@ import pytest
 from expertd import protocol
 from expertd.errors import BadRequest, ExpertFailed, RequestTimeout, WorkerLost
 
-from conftest import EXAMPLES, Daemon, UnixHTTPConnection, run_expertd, wait_until, write_config
+from conftest import EXAMPLES, Daemon, UnixHTTPConnection, free_port, run_expertd, wait_until, write_config
 
 EXPERTS = {"tagged": "batched:tagged", "gate": "batched:gate", "add": "testexperts:add"}
 
@@ -43,12 +43,6 @@ def post(conn: http.client.HTTPConnection, path: str, body: object) -> tuple[int
         return response.status, json.loads(response.read())
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def queued(daemon: Daemon) -> int:

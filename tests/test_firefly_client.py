@@ -20,7 +20,7 @@ import firefly
 import pytest
 from firefly.validator import ValidationError
 
-from conftest import Daemon, UnixHTTPConnection, metrics_samples, run_expertd, wait_until, write_config
+from conftest import Daemon, UnixHTTPConnection, free_port, metrics_samples, run_expertd, wait_until, write_config
 from users import as_user, local_user, needs_root
 
 TOKEN = "s3cret-token-for-the-firefly-tests"
@@ -34,12 +34,6 @@ EXPERTS = {
     "health_check": {"function": "fireflyexperts:square", "path": "/health"},  # POST /health: a function
     "nap": {"function": "fireflyexperts:nap", "timeout": "0.5s"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +22,10 @@ from expertd.config import load_config
 from expertd.errors import ConfigError
 from expertd.firefly_config import COMMAND_LINE, FUNCTIONS, derive_name, user_socket
 
-from conftest import Daemon, run_expertd, wait_until
+from conftest import Daemon, free_port, run_expertd, wait_until
 
 FUNCS = "def square(n):\n    return n * n\n\n\ndef cube(n):\n    return n * n * n\n"
 SHORT_TOKEN = "abcd1234"  # (Firefly's docs' token: shorter than expertd asks of its own)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _yaml(directory: Path, text: str, name: str = "config.yml") -> Path:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from expertd import protocol
 
-from conftest import BIN, ROOT, UnixHTTPConnection, raw_connection, run_expertd, wait_until, write_config
+from conftest import BIN, ROOT, UnixHTTPConnection, free_port, raw_connection, run_expertd, wait_until, write_config
 
 TOKEN = "s3cret-token-for-the-tests"
 
@@ -31,12 +31,6 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: obje
     if response.getheader("Content-Type", "").startswith("application/json"):
         return response.status, response, json.loads(raw)
     return response.status, response, raw.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_curl_calls_an_expert_over_the_unix_socket(daemon):

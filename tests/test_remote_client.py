@@ -18,7 +18,7 @@ import trustme
 from expertd import errors
 from expertd.client import Client
 
-from conftest import BIN, DEFAULT_EXPERTS, metrics_samples, wait_until
+from conftest import BIN, DEFAULT_EXPERTS, free_port, metrics_samples, wait_until
 
 TOKEN = "remote-token-for-the-tests-0123456789"
 EXPERTS = {
@@ -30,12 +30,6 @@ EXPERTS = {
     "pipeline:moderation": {"stages": "keywords, textstats"},
     "pipeline:strict": {"stages": "boom, textstats", "on_error": "stop"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
