@@ -43,6 +43,22 @@ def _firefly_caller(target: str, name: str, kwargs: dict):
     return lambda: function(**kwargs)
 
 
+def _json_poster(conn, path: str, value: object):
+    """A call: POST ``value`` as JSON to ``path`` on the kept-alive ``conn`` (http.client), its JSON reply."""
+    body = json.dumps(value).encode()
+    headers = {"Content-Type": "application/json"}
+
+    def call():
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(data.decode())
+        return json.loads(data)
+
+    return call
+
+
 def _http_caller(target: str, name: str, args: list):
     """expertd's HTTP/JSON front over its Unix socket, one keep-alive connection (http.client)."""
     import http.client
@@ -52,19 +68,7 @@ def _http_caller(target: str, name: str, args: list):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect(target)
 
-    conn = UnixConnection("localhost", timeout=60)
-    body = json.dumps(args).encode()
-    headers = {"Content-Type": "application/json"}
-
-    def call():
-        conn.request("POST", f"/call/{name}", body, headers)
-        response = conn.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise RuntimeError(data.decode())
-        return json.loads(data)
-
-    return call
+    return _json_poster(UnixConnection("localhost", timeout=60), f"/call/{name}", args)
 
 
 def _keepalive_caller(target: str, name: str, kwargs: dict):
@@ -75,19 +79,7 @@ def _keepalive_caller(target: str, name: str, kwargs: dict):
     from urllib.parse import urlsplit
 
     url = urlsplit(target)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    body = json.dumps(kwargs).encode()
-    headers = {"Content-Type": "application/json"}
-
-    def call():
-        conn.request("POST", f"/{name}", body, headers)
-        response = conn.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise RuntimeError(data.decode())
-        return json.loads(data)
-
-    return call
+    return _json_poster(http.client.HTTPConnection(url.hostname, url.port, timeout=60), f"/{name}", kwargs)
 
 
 def _floor_caller(target: str):

@@ -153,9 +153,9 @@ class Config:
     model_cache: str
     prepare_timeout: float
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, where: Where | None = None) -> None:
         self.path = path  # the config file's absolute path, or "command line" (Firefly's: expertd module.function)
-        self.where: Where = _ini_where(path)  # (section, key) -> where a key was written, for error messages
+        self.where: Where = where or _ini_where(path)  # (section, key) -> where a key was written, for messages
         self.warnings: list[str] = []  # logged at start (a short Firefly token)
         self.experts: dict[str, ExpertSpec] = {}
         self.pipelines: dict[str, PipelineSpec] = {}  # [pipeline:NAME] sections, nested ones expanded
@@ -301,8 +301,7 @@ def build_config(sections: Mapping[str, Mapping[str, str]], where: Where, path: 
     ``where(section, key)`` names a key for error messages; relative paths are
     relative to ``base_dir``; ``firefly`` accepts a short token (warned about).
     """
-    config = Config(path if path == COMMAND_LINE else os.path.abspath(path))
-    config.where = where
+    config = Config(path if path == COMMAND_LINE else os.path.abspath(path), where)
     pipelines: dict[str, dict[str, Any]] = {}  # validated together, once every expert is known
     for section, items in sections.items():
         if section == MAIN_SECTION:

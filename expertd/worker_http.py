@@ -188,11 +188,7 @@ class HttpServing(Answering):
                     protocol.check_shape(items, {}, len(items), self.config.max_depth)
                     result = self._map(expert or "", items)
                 else:
-                    if request.route == "firefly":  # (inline, not _http_call: a call frame less per request)
-                        args, kwargs = firefly.call_arguments(request, self.experts.get(expert or ""))  # type: ignore[attr-defined]
-                    else:
-                        args, kwargs = http.call_arguments(request)
-                    protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+                    args, kwargs = self._http_call(request)
                     result = self._invoke(expert or "", args, kwargs)
             except RemoteError as exc:
                 result = exc
