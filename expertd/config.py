@@ -61,7 +61,7 @@ from expertd.settings import (  # (re-exported: the table is part of what config
     SETTINGS,
     Setting,
 )
-from expertd.settings_types import ACCESS_LOG_PATH, OPTIONAL_PATH, PATH, PATHS, TOKEN, _Invalid
+from expertd.settings_types import ACCESS_LOG_PATH, OPTIONAL_PATH, PATH, PATHS, TOKEN, _Invalid, parse_token
 from expertd.tokens import resolve_token
 
 MAX_PLANS = 1024  # Config.plan's memo is cleared past this: targets come from clients
@@ -234,10 +234,7 @@ _FIREFLY_FLAGS = {"token": "-t/--token", "http_listen": "-b/--bind"}  # (as a Fi
 
 def _firefly_token(raw: str) -> str:
     """A token from Firefly's config or -t: any length (Firefly's docs use abcd1234), warned about in main."""
-    value = raw.strip()
-    if value and (not value.isprintable() or " " in value):
-        raise _Invalid("a token is printable text with no spaces")
-    return value
+    return parse_token(raw, min_length=0)
 
 
 def _ini_where(path: str) -> Where:

@@ -30,6 +30,7 @@ from typing import Any
 from expertd.errors import ConfigError
 from expertd.protocol import DEFAULT_SOCKET
 from expertd.settings import EXPERT_PREFIX, MAIN_SECTION
+from expertd.settings_types import MIN_TOKEN_LENGTH, TOKEN_HINT
 
 Sections = dict[str, dict[str, str]]
 Where = Callable[[str, "str | None"], str]  # (section, key or None) -> "FILE: where", for error messages
@@ -40,7 +41,6 @@ FIREFLY_ADDRESS = "127.0.0.1:8000"  # Firefly's default -b
 YAML_SUFFIXES = (".yml", ".yaml")
 _TOP_KEYS = ("version", "token", "functions", MAIN_SECTION)
 _REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.([A-Za-z_][A-Za-z0-9_]*)")
-TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe())'"
 
 
 def is_yaml(path: str) -> bool:
@@ -257,7 +257,7 @@ def serving_line(config: Any) -> str:
 
 def short_token_warning(token: str, where: str) -> str | None:
     """The warning for a Firefly token shorter than expertd asks of its own (accepted, for a drop-in)."""
-    if not token or len(token) >= 16:
+    if not token or len(token) >= MIN_TOKEN_LENGTH:
         return None
     return (f"{where}: the token is {len(token)} characters, short enough to guess; accepted as Firefly accepts "
-            f"it, but make a strong one (16+ characters, e.g. the output of: {TOKEN_HINT})")
+            f"it, but make a strong one ({MIN_TOKEN_LENGTH}+ characters, e.g. the output of: {TOKEN_HINT})")

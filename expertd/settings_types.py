@@ -244,11 +244,16 @@ def _parse_address(raw: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _parse_token(raw: str) -> str:
+MIN_TOKEN_LENGTH = 16  # expertd's own tokens (a Firefly token, accepted as Firefly accepts it, may be shorter)
+TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe())'"
+
+
+def parse_token(raw: str, min_length: int = MIN_TOKEN_LENGTH) -> str:
+    """A token: printable, no spaces, at least ``min_length`` characters (0: Firefly's, any length)."""
     value = raw.strip()
-    if value and (len(value) < 16 or not value.isprintable() or " " in value):
-        raise _Invalid("a token needs at least 16 printable characters and no spaces "
-                       "(e.g. the output of: python -c 'import secrets; print(secrets.token_urlsafe())')")
+    if value and (len(value) < min_length or not value.isprintable() or " " in value):
+        raise _Invalid(f"a token needs at least {min_length} printable characters and no spaces (e.g. the output "
+                       f"of: {TOKEN_HINT})" if min_length else "a token is printable text with no spaces")
     return value
 
 
@@ -305,7 +310,7 @@ STAGES = _Type("stages: NAME + NAME, NAME ...", str.strip)
 LOG_FORMAT = _Type("text or json", _parse_log_format)
 ACCESS_LOG_PATH = _Type("path, - for stderr, or empty for none", str.strip)
 ON_ERROR_MODE = _Type(" or ".join(ON_ERROR), _parse_on_error)
-TOKEN = _Type("secret text (16+ characters), or empty", _parse_token)
+TOKEN = _Type(f"secret text ({MIN_TOKEN_LENGTH}+ characters), or empty", parse_token)
 URL_PATH = _Type("URL path (/NAME), or empty", _parse_url_path)
 ORIGINS = _Type("origins separated by commas, * for any, or empty", _parse_origins)
 TOKEN_FILE = _Type("path, credential:NAME, or empty", str.strip)  # (read by expertd.tokens)
