@@ -91,7 +91,7 @@ def _documents(client: Client, options: argparse.Namespace, names: list[str] | N
     """``opinion`` and ``pipeline``: a document on stdin, or JSON Lines, through one request per document."""
     on_error = options.on_error or (RECORD if options.keep_going else STOP)
     if options.lines:
-        if client.socket_path.startswith(("http://", "https://")):  # (the stream pipelines msgpack frames)
+        if client.remote:  # (the stream pipelines msgpack frames)
             raise InputError(f"--lines streams over the daemon's Unix socket, not over HTTP ({client.socket_path}): "
                              "run it on the daemon's machine, or send the documents one per expertctl call")
         return document_lines(client, names, pipeline, sys.stdin, sys.stdout, options.jobs, on_error,
@@ -124,7 +124,7 @@ def _cmd_ping(client: Client, options: argparse.Namespace) -> int:
     started = time.perf_counter()
     info = client.ping()
     elapsed = (time.perf_counter() - started) * 1000
-    if "pid" not in info:  # a remote daemon's GET /health: its master answers, with no worker's pid
+    if client.remote:  # a remote daemon's GET /health: its master answers, with no worker's pid
         print(f"pong from {client.socket_path}: {info.get('workers_ready')} of {info.get('workers_wanted')} workers "
               f"ready, generation {info.get('generation')}, {elapsed:.2f} ms")
         return 0

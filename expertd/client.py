@@ -88,6 +88,8 @@ class Client:
     on a Unix socket, which asks for no token, they are ignored.
     """
 
+    remote = False  # True for a remote client (an http(s):// URL): see expertd.client_http
+
     def __new__(cls, socket: str | None = None, *args: Any, **options: Any) -> Client:
         # The transport is chosen once, here: a call on the Unix socket pays nothing for the choice.
         where = socket or default_socket()

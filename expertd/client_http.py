@@ -66,6 +66,7 @@ class HttpTransport:
     private CA, ``ssl.create_default_context(cafile=...)``).
     """
 
+    remote = True  # (Client's is False: what expertctl asks to tell the two apart)
     socket_path: str
     timeout: float | None
     connect_timeout: float
