@@ -2,7 +2,7 @@
 
 State it owns: each remote client's URL parts, token and TLS context, and its
 pool of keep-alive HTTP(S) connections (the pool list and its fork handling
-are :class:`expertd.client.Client`'s; here each entry is a :class:`_Connection`).
+are :class:`expertd.client.Client`'s; here each entry is a socket, TLS-wrapped for https://).
 
 It speaks the daemon's HTTP/JSON API (docs/http.md) to its ``http_listen``,
 with the methods and exceptions of the Unix-socket client::
@@ -254,24 +254,24 @@ class HttpTransport:
                 continue
             raise error
 
-    def _round_trip(self, conn: _Connection, request: bytes, head_only: bool) -> Reply:
+    def _round_trip(self, conn: Any, request: bytes, head_only: bool) -> Reply:
         try:
-            conn.sock.sendall(request)
+            conn.sendall(request)
         except TimeoutError:
             raise RequestTimeout(f"sending to expertd at {self.url} timed out after {self.timeout}s") from None
         except OSError as exc:
             # The daemon may have refused the request (a body over max_frame) and closed: its reply may be readable.
             try:
-                conn.sock.settimeout(0.5)
-                reply = read_reply(conn.sock, head_only)
+                conn.settimeout(0.5)
+                reply = read_reply(conn, head_only)
             except (OSError, Stale, ConnectionLost, ProtocolError):
                 raise Stale(exc.strerror or str(exc)) from None
             finally:
-                conn.sock.settimeout(self.timeout)
+                conn.settimeout(self.timeout)
             reply.will_close = True  # (the rest of the request was never sent: the server may read what follows)
             return reply
         try:
-            return read_reply(conn.sock, head_only)
+            return read_reply(conn, head_only)
         except TimeoutError:
             raise RequestTimeout(f"no reply from expertd at {self.url} within {self.timeout}s") from None
         except ConnectionLost as exc:
@@ -314,7 +314,7 @@ class HttpTransport:
             error.request_id = request_id
         return error
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> Any:
         where = f"{self._host}:{self._port}"
         sock = None
         try:
@@ -340,22 +340,10 @@ class HttpTransport:
                     message = f"the TLS handshake with {where} failed ({exc.reason}): does it serve https:// there?"
         else:
             sock.settimeout(self.timeout)  # from here on, each wait for reply bytes (as on the socket)
-            return _Connection(sock)
+            return sock
         if sock is not None:
             sock.close()
         raise ConnectError(message, self.url)
-
-
-class _Connection:
-    """One pooled keep-alive connection (a class of its own so that Client.close and the fork hook can close it)."""
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _is_loopback(host: str) -> bool:

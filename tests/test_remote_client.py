@@ -252,7 +252,7 @@ def test_many_calls_reuse_one_kept_alive_connection(remote, client):
     for n in range(30):
         assert client.add(n, 1) == n + 1
     (conn,) = client._pool
-    mine = conn.sock.getsockname()[1]
+    mine = conn.getsockname()[1]
     assert server_side_peers(remote) == {mine}
 
 
@@ -262,10 +262,10 @@ def test_a_connection_the_daemon_closed_while_idle_is_replaced_transparently(mak
     daemon.port = port
     client = Client(f"http://127.0.0.1:{port}", token=TOKEN)
     assert client.fib(5) == 8
-    first = client._pool[0].sock.getsockname()[1]
+    first = client._pool[0].getsockname()[1]
     assert wait_until(lambda: first not in server_side_peers(daemon), timeout=10)
     assert client.fib(8) == 34  # on a fresh connection, with no error
-    assert client._pool[0].sock.getsockname()[1] != first
+    assert client._pool[0].getsockname()[1] != first
 
 
 def test_concurrent_calls_from_threads_each_get_their_own_answer(client):
@@ -291,12 +291,12 @@ def test_concurrent_calls_from_threads_each_get_their_own_answer(client):
 
 def test_a_forked_child_calls_on_its_own_connection(remote, client):
     assert client.fib(5) == 8
-    parents = client._pool[0].sock.getsockname()[1]
+    parents = client._pool[0].getsockname()[1]
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its answer and its connection's port, and leave without cleanup
         try:
-            answer = (client.fib(10), client._pool[0].sock.getsockname()[1])
+            answer = (client.fib(10), client._pool[0].getsockname()[1])
         except BaseException as exc:  # (reported to the parent)
             answer = (repr(exc), None)
         os.write(write_end, pickle.dumps(answer))
@@ -306,7 +306,7 @@ def test_a_forked_child_calls_on_its_own_connection(remote, client):
         result, childs = pickle.loads(pipe.read())
     os.waitpid(pid, 0)
     assert result == 89 and childs not in (None, parents)
-    assert client.fib(6) == 13 and client._pool[0].sock.getsockname()[1] == parents  # the parent's is untouched
+    assert client.fib(6) == 13 and client._pool[0].getsockname()[1] == parents  # the parent's is untouched
 
 
 # ------------------------------------------------------------------ replies as proxies send them
@@ -477,7 +477,7 @@ def test_a_connection_whose_request_could_not_all_be_sent_is_not_pooled():
         assert client._pool == []
         assert client.fib(7) == 13 and server.connections == 2
         (conn,) = client._pool
-        assert conn.sock.gettimeout() == 5
+        assert conn.gettimeout() == 5
     finally:
         server.close()
 
