@@ -28,7 +28,6 @@ request is refused, so a disagreement can only close a connection.
 from __future__ import annotations
 
 import hmac
-import json
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,7 +35,7 @@ from urllib.parse import unquote
 
 import h11
 
-from expertd import accesslog
+from expertd import accesslog, jsonio
 from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.http_hints import route_hint, with_hint  # noqa: F401  (re-exported: the HTTP front's words)
 from expertd.pipelines import ON_ERROR
@@ -361,7 +360,7 @@ def json_body(body: bytes) -> Any:
     if len(body) > 2 * MAX_CONTAINERS and body.count(b"[") + body.count(b"{") > MAX_CONTAINERS:
         raise BadRequest(f"the body holds more than {MAX_CONTAINERS} arrays and objects")
     try:
-        return json.loads(body)
+        return jsonio.loads(body)
     except (ValueError, RecursionError) as exc:
         message = exc.args[0] if isinstance(exc, ValueError) and exc.args else "nested too deeply"
         raise BadRequest(f"the body is not valid JSON: {message}") from None
@@ -381,7 +380,7 @@ def result_body(request: Request, result: Any) -> bytes:
     if request.route == "opinion":
         # The document as sent, not the expert's argument: an expert may return its argument or
         # change it, and a client of `expertctl opinion` would not see either.
-        document = json.loads(request.body)
+        document = jsonio.loads(request.body)
         opinions = document.setdefault("opinions", {})
         if not isinstance(opinions, dict):
             raise BadRequest(f"the document's 'opinions' is {json_type(opinions)}, not an object",
@@ -416,8 +415,7 @@ def map_body(expert: str | None, outcomes: list) -> bytes:
 
 def dumps(value: Any) -> bytes:
     """Encode a reply; what JSON cannot carry (bytes, NaN) is a ValueError or TypeError naming it."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                      default=_to_json).encode("utf-8") + b"\n"  # a newline, for curl in a terminal
+    return jsonio.dumps(value, _to_json) + b"\n"  # a newline, for curl in a terminal
 
 
 def _to_json(value: Any) -> Any:

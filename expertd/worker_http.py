@@ -228,7 +228,7 @@ class HttpServing(Answering):
             args, kwargs = firefly.call_arguments(request, self.experts.get(request.expert or ""))  # type: ignore[attr-defined]
         else:
             args, kwargs = http.call_arguments(request)
-        protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth)
+        protocol.check_shape(args, kwargs, self.config.max_args, self.config.max_depth, request.body, json=True)
         return args, kwargs
 
     def _http_reply(self, request: http.Request, result: Any) -> tuple[bytes, bool, str]:
