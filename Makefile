@@ -51,7 +51,7 @@ install:
 clean:
 	rm -rf $(VENV) build *.egg-info run .pytest_cache .ruff_cache .hypothesis
 
-.PHONY: bench bench-quick bench-model bench-batching bench-pipelines
+.PHONY: bench bench-quick bench-model bench-batching bench-pipelines bench-peers
 $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --editable '.[tensorflow,bench]' --config-settings editable_mode=compat
 	touch $@ $(VENV)/.installed-run
@@ -59,13 +59,21 @@ $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 # Full comparison (about 22 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
 # (model experts against Keras, bench/models.py, on the MLP that bench-model builds), then
 # BENCHMARKS-batching.md (dynamic batching on against off, bench/batching.py), then
-# BENCHMARKS-pipelines.md (bench/pipelines.py).
+# BENCHMARKS-pipelines.md (bench/pipelines.py), then the model servers (bench-peers, below): about 45 minutes.
 bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/weight_sharing.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/pipelines.py
+	$(BIN)/python bench/peers.py
+
+# expertd against the model servers users would pick instead, gunicorn's dirty arbiters and Ray Serve, on the
+# 192 MiB MLP (about 25 minutes from a fresh clone; not part of make test): each peer in its own venv
+# (bench/.venv-peer-NAME, git-ignored, pinned in bench/peers/NAME/requirements.txt), then the peers section of
+# BENCHMARKS.md and bench/plots/peers_*.png (bench/peers.py; --quick for a smoke run).
+bench-peers: $(VENV)/.installed-bench bench-model
+	$(BIN)/python bench/peers.py
 
 # Dynamic batching alone (about 5 minutes): BENCHMARKS-batching.md, bench/plots/batching-results.json.
 bench-batching: $(VENV)/.installed-bench bench-model

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 import psutil  # noqa: E402
+import sections  # noqa: E402
 from memory import measure_expertd, measure_independent  # noqa: E402
 
 from expertd.client import Client  # noqa: E402
@@ -685,7 +686,7 @@ def main() -> int:
         data["cpu_bound"] = {int(k): v for k, v in data["cpu_bound"].items()}
         data["tensorflow"] = {int(k): v for k, v in data["tensorflow"].items()}
         plots(data, BENCH / "plots")
-        Path(options.output).write_text(markdown(data, options.quick) + "\n")
+        Path(options.output).write_text(sections.carry(Path(options.output), markdown(data, options.quick)))
         return 0
 
     ff_python = ensure_firefly()
@@ -723,7 +724,7 @@ def main() -> int:
 
     plots(data, BENCH / "plots")
     text = markdown(data, options.quick)
-    Path(options.output).write_text(text + "\n")
+    Path(options.output).write_text(sections.carry(Path(options.output), text))  # (peers.py's section kept)
     (BENCH / "plots" / "results.json").write_text(json.dumps(data, indent=1, default=str))
     print(text.split("## 1.")[0])
     print(f"wrote {options.output} and bench/plots/ in {time.monotonic() - started:.0f}s")
