@@ -18,9 +18,10 @@ Kinds of call:
   read 40 KB of floats (the body is made once, outside the window).
 - ``socket``: expertd's own client on its Unix socket, ``Client.predict``
   (numpy arrays as raw bytes on the wire).
-- ``square-raw`` / ``square-dirty`` / ``square-json``: the trivial function,
-  ``POST /square`` with ``7`` (a peer), through a gunicorn dirty worker, or
-  expertd's ``POST /call/square`` with ``[7]``.
+- ``square-raw`` / ``square-dirty`` / ``square-json`` / ``square-socket``: the
+  trivial function, ``POST /square`` with ``7`` (a peer), through a gunicorn
+  dirty worker, expertd's ``POST /call/square`` with ``[7]``, or its client's
+  ``call("square", 7)`` on the socket.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def rows(count: int) -> np.ndarray:
 def make_call(spec: dict, index: int):
     """A function that makes one call and returns (worker pid or None, reply)."""
     kind = spec["kind"]
-    if kind == "socket":
+    if kind in ("socket", "square-socket"):
         sys.path.insert(0, str(ROOT))
         from expertd.client import Client
 
         client = Client(spec["socket"], timeout=120)
+        if kind == "square-socket":
+            return lambda: (None, client.call("square", 7))
         x = rows(spec["rows"])[index:index + 1]
         return lambda: (None, client.predict("mlp", x))
     host, port = spec["url"].rsplit("/", 1)[-1].split(":")

@@ -170,8 +170,7 @@ def markdown(data: dict) -> str:
             memory = (f"{_fmt(f.worker_memory(key, 'uss'), 0)} / {_fmt(f.worker_memory(key, 'pss'), 0)} / "
                       f"{_fmt(f.worker_memory(key, 'rss'), 0)}")
             server = f"{_fmt(f.value(key, 'memory', 'total_pss'), 0)} ({_fmt(f.value(key, 'memory', 'processes'), 0)})"
-            reload = (f"{_fmt(f.value(key, 'reload', 'seconds'), 2)} ({_fmt(f.value(key, 'reload', 'failed'), 0)})"
-                      if f.value(key, "reload", "calls") is not None else "n/a")
+            reload = _reload(f, key)
             out.append(f"| {label} | {latency} | {items} | {memory} | {server} | "
                        f"{_fmt(f.value(key, 'first_answer_s'), 1)} | {reload} |")
     if data.get("expertd_cold_start_s") is not None:
@@ -185,7 +184,8 @@ def markdown(data: dict) -> str:
             "(gunicorn) or by a replica (Ray), and for gunicorn also through a dirty worker (`POST /square-dirty`). "
             "The Firefly and gunicorn rows of section 2 above were measured in another run.", "",
             "| server | route | p50 µs | p99 µs | calls/s |", "| --- | --- | --- | --- | --- |"]
-    routes = {"square-json": "`POST /call/square`", "square-raw": "`POST /square`",
+    routes = {"square-socket": "`Client.call` on the Unix socket (msgpack)", "square-json": "`POST /call/square`",
+              "square-raw": "`POST /square`",
               "square-dirty": "`POST /square-dirty` (through a dirty worker)"}
     for key in f.keys:
         for kind in routes:
@@ -220,19 +220,30 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _reload(f: Figures, key: str) -> str:
+    if f.value(key, "reload", "calls") is None:
+        return "n/a"
+    failed = _fmt(f.value(key, "reload", "failed"), 0)
+    seconds = f.value(key, "reload", "seconds")
+    if seconds is None:  # (no new worker answered within the wait: the reload broke the server)
+        return f"**none answered** ({failed} failed in {f.data['config'].get('reload_wait', 60):g} s)"
+    return f"{seconds:.2f} ({failed})"
+
+
 def reading(f: Figures) -> list[str]:
     """What the figures say, where expertd leads and where it does not, and why (from this run's figures)."""
     data, names, out = f.data, f.data["systems"], []
     memory = data.get("memory", {})
     e4 = memory.get("expertd-batching", {}).get("4", {})
-    g1 = memory.get("gunicorn", {}).get("1", {})
-    if e4 and g1:
+    g4 = memory.get("gunicorn", {}).get("4", {})
+    if e4 and g4:
         out.append(f"- **Memory.** expertd's model workers share one copy of the weights: the model prepared "
                    f"once for LiteRT, its weights in a file every worker maps (XNNPACK's weight cache), so a model "
                    f"worker costs about {_fmt(_med([w['uss'] for w in e4['workers']]), 0)} MiB of its own and four "
                    f"of them, with the master, {e4['total_pss']:,.0f} MiB in all. Each peer's model worker holds "
                    f"its own Keras copy of the weights and TensorFlow's heap "
-                   f"({_fmt(_med([w['uss'] for w in g1['workers']]), 0)} MiB USS in a gunicorn dirty worker), "
+                   f"({_fmt(_med([w['uss'] for w in g4['workers']]), 0)} MiB USS in each of 4 gunicorn dirty "
+                   "workers), "
                    "so their memory grows by that much per worker, and Ray adds its cluster (GCS, raylet, "
                    "dashboard agents, controller, proxy) before the first replica.")
     for key in ("expertd-batching",):
@@ -261,6 +272,20 @@ def reading(f: Figures) -> list[str]:
                    "inside each replica behind its proxy, so each row still pays the proxy's and the replica's "
                    "per-request work on the same two cores. gunicorn's dirty arbiters do not batch: each row "
                    "is one model call.")
+    told = []
+    for key in f.keys:
+        if f.value(key, "reload", "calls") is None:
+            continue
+        seconds, failed = f.value(key, "reload", "seconds"), f.value(key, "reload", "failed") or 0
+        told.append(f"{names[key]} " + (f"never ({failed:,.0f} calls failed)" if seconds is None
+                                        else f"{seconds:.1f} s ({failed:,.0f} failed)"))
+    if told:
+        broken = "gunicorn" in f.keys and f.value("gunicorn", "reload", "seconds") is None
+        out.append("- **Reload** (SIGHUP, a caller calling throughout, to the first answer from a new model "
+                   "worker): " + "; ".join(told) + "." + (
+                       " gunicorn 27.0.1's dirty arbiter, told to reload, stops its new workers while they load "
+                       "the model and serves no model call again until restarted (bench/peers/gunicorn/serve.py's "
+                       "docstring traces it in gunicorn's source)." if broken else ""))
     if f.load("expertd-batching", "http", 16, "items_s") and f.load("expertd-batching", "socket", 16, "items_s"):
         out.append("- **Where expertd does not lead, or not by much.** HTTP with JSON costs expertd what raw bytes "
                    "cost the peers several times over: a row is 42 KB of text to read and its answer 40 KB to "

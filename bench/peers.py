@@ -56,9 +56,9 @@ from peer_servers import Expertd, Peer, installed_versions, measure_reload, peer
 MODEL = BENCH / "models" / "mlp192.keras"
 RESULTS = BENCH / "plots" / "peers-results.json"
 QUICK = {"rounds": 1, "seconds": 3.0, "square_seconds": 1.0, "clients": [1, 8, 16], "memory_workers": [1, 2, 4],
-         "keras_seconds": 3.0}
+         "keras_seconds": 3.0, "reload_wait": 60}
 FULL = {"rounds": 2, "seconds": 6.0, "square_seconds": 2.0, "clients": [1, 8, 16], "memory_workers": [1, 2, 4],
-        "keras_seconds": 6.0}
+        "keras_seconds": 6.0, "reload_wait": 60}
 WORKERS = 2
 TOLERANCE = 1e-3  # (LiteRT's and TensorFlow's float32 sums differ from numpy's in the 5th digit)
 
@@ -155,12 +155,13 @@ def measure_round(cfg: dict, system, workdir: Path, expected: np.ndarray) -> dic
                 print(f"    {transport} {clients:>2} callers: {load['items_s']:7.1f} items/s, "
                       f"p50 {load['p50_ms'] or 0:7.2f} ms, errors {load['errors']}", flush=True)
         for kind in system.square_kinds:
-            load = peer_load.run({"kind": kind, "seconds": cfg["square_seconds"], "url": running.url}, 1)
+            load = peer_load.run({"kind": kind, "seconds": cfg["square_seconds"], "url": running.url,
+                                  "socket": running.socket}, 1)
             load.pop("replies")
             out["square"][kind] = load
         out["memory"] = running.memory()
         if system.can_reload:
-            out["reload"] = measure_reload(running)
+            out["reload"] = measure_reload(running, cfg["reload_wait"])  # (last: a reload may break a peer)
     finally:
         running.stop()
     return out
