@@ -60,6 +60,7 @@ import urllib.request
 
 VARIANTS = ("default", "haproxy", "batch", "haproxy-batch")
 APP = "peer"
+SHUTDOWN_S = 15.0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +153,33 @@ def reap(started: dict[int, int], grace_s: float = 3.0) -> None:
         grace_s = 3.0
 
 
+def replica_pids() -> set[str]:
+    """The pids of the live replica actors, from the GCS's actor table (ray.util.state needs the dashboard)."""
+    from ray._private import state
+
+    return {
+        str(actor["Pid"])
+        for actor in state.actors(actor_state_name="ALIVE").values()
+        if actor.get("ActorClassName", "").startswith("ServeReplica:")
+    }
+
+
+def reload(port: int, application, stop: threading.Event) -> None:
+    """Roll out a new version of the app; return when a replica that was not there before answers /predict.
+
+    serve.run() itself returns only once the old replicas have stopped, which in the haproxy variants is 30 s
+    after the new ones serve (the direct-ingress drain period): it runs on in a thread meanwhile.
+    """
+    from ray import serve
+
+    old = replica_pids()
+    threading.Thread(
+        target=serve.run, args=(application(),), kwargs={"name": APP, "route_prefix": "/"}, daemon=True
+    ).start()
+    while not stop.is_set() and wait_answered(port) in old:
+        time.sleep(0.05)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # Our stdout is for `ready` / `reloaded` only: keep a handle on it and point fd 1 (inherited by every
@@ -201,32 +229,27 @@ def main(argv: list[str] | None = None) -> int:
         handle_signals()
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(application(), name=APP, route_prefix="/")
-        pids = {wait_answered(args.port)}
+        wait_answered(args.port)
         say("ready")
         while not stop.is_set():
             if hup.wait(0.2):
                 hup.clear()
-                if stop.is_set():
-                    break
-                serve.run(application(), name=APP, route_prefix="/")
-                # serve.run returns once every replica is of the new version (the old ones are stopping and no
-                # longer sent requests); wait for an answer from one of them.
-                pid = wait_answered(args.port)
-                while pid in pids and not stop.is_set():
-                    pid = wait_answered(args.port)
-                pids = {pid}
-                say("reloaded")
+                if not stop.is_set():
+                    reload(args.port, application, stop)
+                    if not stop.is_set():
+                        say("reloaded")
     finally:
         started = descendants(os.getpid())
+        # serve.shutdown() drains the replicas (in the haproxy variants each waits out Serve's 30 s direct-ingress
+        # drain period, RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S); bounded so that SIGTERM ends us in < 30 s.
         print("serve.py: serve.shutdown()", file=sys.stderr, flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            print("serve.py: ray.shutdown()", file=sys.stderr, flush=True)
-            ray.shutdown()
-            print("serve.py: reaping", file=sys.stderr, flush=True)
-            reap(started)
-            print("serve.py: done", file=sys.stderr, flush=True)
+        down = threading.Thread(target=serve.shutdown, daemon=True)
+        down.start()
+        down.join(SHUTDOWN_S)
+        print("serve.py: ray.shutdown()", file=sys.stderr, flush=True)
+        ray.shutdown()
+        reap(started)
+        print("serve.py: done", file=sys.stderr, flush=True)
     return 0
 
 
