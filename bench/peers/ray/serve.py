@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         print("serve.py: ray.shutdown()", file=sys.stderr, flush=True)
         ray.shutdown()
         reap(started)
+        with contextlib.suppress(ChildProcessError):  # collect our children's exit status (no <defunct> left)
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
         print("serve.py: done", file=sys.stderr, flush=True)
     return 0
 
