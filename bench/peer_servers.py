@@ -153,6 +153,7 @@ class System:
     http_kind = "raw"            # peer_load kind for the model over HTTP
     square_kinds: tuple[str, ...] = ("square-raw",)
     can_reload = True
+    reload_wait = 60.0           # seconds to wait for a new worker's first answer
 
     def start(self, workdir: Path, workers: int) -> Running:
         raise NotImplementedError
@@ -195,18 +196,23 @@ class Expertd(System):
     http_kind = "json"
     square_kinds = ("square-json", "square-socket")
 
-    def __init__(self, batching: bool, model: Path, cache: Path) -> None:
-        self.batching = batching
-        self.key = "expertd-batching" if batching else "expertd"
-        self.label = f"expertd, batching {'on' if batching else 'off'}"
+    def __init__(self, batching: bool, model: Path, cache: Path, threads: int = 1) -> None:
+        """``threads`` > 1: one model worker with that many threads, whatever count is asked for (the shape
+        that makes the largest batches: a batch streams the weights from memory once for all its rows)."""
+        self.batching, self.threads = batching, threads
+        self.key = ("expertd-batching" if batching else "expertd") + (f"-1x{threads}" if threads > 1 else "")
+        self.label = f"expertd, batching {'on' if batching else 'off'}" + (
+            f", 1 model worker × {threads} threads" if threads > 1 else "")
         self.model, self.cache = model, cache
+        self.socket_kinds = ("socket",) if batching else ()
 
     def config(self, workdir: Path, workers: int, port: int) -> tuple[Path, str]:
         directory = workdir / f"{self.key}-{workers}-{time.monotonic_ns() % 10**8}"
         directory.mkdir(parents=True)
         sock = str(directory / "expertd.sock")
+        workers = 1 if self.threads > 1 else workers
         lines = ["[expertd]", f"socket = {sock}", f"workers = {workers}", f"http_listen = 127.0.0.1:{port}",
-                 f"model_cache = {self.cache}", "intra_op_threads = 1", "inter_op_threads = 1",
+                 f"model_cache = {self.cache}", f"intra_op_threads = {self.threads}", "inter_op_threads = 1",
                  f"pythonpath = {ROOT / 'examples'}", "log_level = info", "",
                  "[expert:mlp]", f"model = {self.model}", *([] if self.batching else ["max_batch = 1"]), "",
                  "[expert:square]", "function = squares:square"]
@@ -224,7 +230,8 @@ class Expertd(System):
             started = time.monotonic()
             proc = subprocess.Popen([*command, "--config", str(config)], stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL)
-        running = Running(self, proc, f"http://127.0.0.1:{port}", workers, log_path, socket=sock, started=started)
+        running = Running(self, proc, f"http://127.0.0.1:{port}", 1 if self.threads > 1 else workers, log_path,
+                          socket=sock, started=started)
         try:
             self.wait_first_answer(running)
         except BaseException:
@@ -243,8 +250,10 @@ class Expertd(System):
 class Peer(System):
     def __init__(self, peer: str, variant: str | None, label: str, model: Path) -> None:
         self.peer, self.variant, self.label, self.model = peer, variant, label, model
-        self.key = peer if variant is None else f"{peer}-{variant}"
+        self.key = peer if variant in (None, "default") else f"{peer}-{variant}"
         self.square_kinds = ("square-raw", "square-dirty") if peer == "gunicorn" else ("square-raw",)
+        if peer == "gunicorn":  # (its dirty arbiter's reload never completes: bench/peers/gunicorn/serve.py)
+            self.reload_wait = 30.0
 
     def start(self, workdir: Path, workers: int) -> Running:
         python = peer_python(self.peer)
