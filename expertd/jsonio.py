@@ -23,6 +23,8 @@ used only where it provably does, and the standard library decides the rest:
   is kept: orjson writes an enum or a UUID as its value, which the standard
   library refuses (it has no option to pass them on, and looking for them
   would cost what it saves); a msgpack caller still gets ``bad_result``.
+  Subclasses of the built-in types are written by the standard library, and
+  ``default`` runs once per object even when both libraries write a reply.
 
 Floats are written in the shortest form that reads back to the same float, as
 the standard library does; the two differ only in exponents (``1e-5`` for
@@ -41,6 +43,7 @@ except ImportError:  # (a dependency; without it, the standard library alone)
     orjson = None
 
 _ZEROS = bytes.maketrans(b"123456789", b"000000000")
+_DEEP = 900  # containers: a body with fewer cannot nest as deep as the standard library's recursion limit
 _RUN = b"0" * 19
 
 
@@ -56,13 +59,19 @@ def _exact_in_orjson(body: bytes) -> bool:
             return False
         start = masked.find(_RUN, start + len(_RUN))
     return True
+
+
+_BUILTINS = (str, int, float, list, tuple, dict)
 _OPTIONS = 0 if orjson is None else (orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
                                      | orjson.OPT_PASSTHROUGH_SUBCLASS)
 
 
 def loads(body: bytes) -> Any:
     """``json.loads(body)``: the same value, or the same ValueError / RecursionError."""
-    if orjson is not None and _exact_in_orjson(bytes(body)):
+    # (orjson reads 1,024 levels where the standard library stops near its recursion limit: deep bodies, which
+    # max_depth refuses anyway, go to the standard library so that the refusal is the same)
+    if (orjson is not None and type(body) is bytes and body.count(b"[") + body.count(b"{") < _DEEP
+            and _exact_in_orjson(body)):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -74,12 +83,28 @@ def dumps(value: Any, default: Callable[[Any], Any]) -> bytes:
     """Compact UTF-8 JSON of ``value``, as ``json.dumps(value, ensure_ascii=False, allow_nan=False,
     separators=(",", ":"), default=default).encode()`` writes it, or its TypeError / ValueError."""
     if orjson is not None:
+        done: dict[int, tuple[Any, Any]] = {}
+        convert = default
+
+        def once(item: Any) -> Any:  # (the standard library may need the same conversion again: do it once)
+            if isinstance(item, _BUILTINS):  # a subclass: the standard library writes it as its base type
+                raise TypeError("a subclass of a built-in type")
+            key = id(item)
+            if key not in done:
+                done[key] = (item, convert(item))  # (the item kept: its id stays its own meanwhile)
+            return done[key][1]
+
+        def again(item: Any) -> Any:
+            key = id(item)
+            return done[key][1] if key in done else convert(item)
+
         try:
-            body = orjson.dumps(value, default=default, option=_OPTIONS)
+            body = orjson.dumps(value, default=once, option=_OPTIONS)
         except (TypeError, orjson.JSONEncodeError):
             pass  # (the standard library's message, or its answer for what orjson cannot write)
         else:
             if b"null" not in body:  # (NaN written as null, or a None: either way, the standard library decides)
                 return body
+        default = again
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
                       default=default).encode("utf-8")

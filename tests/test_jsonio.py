@@ -36,7 +36,8 @@ BODIES = [
     b'"1234567890123456789012345"',             # digits in a string
 ]
 
-BAD_BODIES = [b"", b"[1]x", b"[1,]", b"{'a': 1}", b'"\xff"', b"[" * 3 + b"]" * 2, b"01", b"-", b"tru"]
+BAD_BODIES = [b"", b"[1]x", b"[1,]", b"{'a': 1}", b'"\xff"', b"[" * 3 + b"]" * 2, b"01", b"-", b"tru",
+              b"[" * 1000 + b"]" * 1000]  # (deeper than the standard library reads; orjson would read it)
 
 
 @pytest.mark.parametrize("body", BODIES, ids=repr)
@@ -106,6 +107,31 @@ def test_enums_and_uuids_are_written_as_their_values_the_one_place_where_the_two
     assert written == b'["red","00000000-0000-0000-0000-000000000001"]'
     with pytest.raises(TypeError):
         stdlib_dumps(Colour.RED)
+
+
+class Counted:
+    """A value whose conversion counts its calls (a tensor's tolist() may be costly, or have effects)."""
+
+    calls = 0
+
+    def tolist(self) -> list:
+        Counted.calls += 1
+        return [Counted.calls, None]
+
+
+class Text(str):
+    def tolist(self) -> list:
+        return ["not this"]
+
+
+def test_a_value_is_converted_once_even_when_the_standard_library_writes_the_reply() -> None:
+    Counted.calls = 0
+    assert jsonio.dumps([Counted()], http._to_json) == b"[[1,null]]"
+    assert Counted.calls == 1
+
+
+def test_a_subclass_of_a_built_in_type_is_written_as_the_standard_library_writes_it() -> None:
+    assert jsonio.dumps([Text("s")], http._to_json) == stdlib_dumps([Text("s")]) == b'["s"]'
 
 
 def test_a_models_row_of_floats_reads_back_to_the_same_float32_values() -> None:

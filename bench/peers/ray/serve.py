@@ -59,8 +59,11 @@ Settings that differ from a bare `ray.init()` / `serve.run()`, and why:
     SIGTERM handler re-installed    after ray.init, whose crash handler (absl's) takes SIGTERM in the driver,
                                     logs it as a crash and arms a 3 s alarm that aborts the process midway
                                     through serve.shutdown().
-Left as Ray sets them: the raylet starts every worker process (controller, proxies, replicas) at nice 15
-(RAY_worker_niceness); OMP_NUM_THREADS=1 in the replicas (from num_cpus=1); token authentication (Ray
+    RAY_worker_niceness=0           the raylet would start every worker process (controller, proxies,
+                                    replicas, and so haproxy) at nice 15; the benchmark's callers run on the
+                                    same 2 cores at nice 0, which would starve Ray in a way that a server whose
+                                    clients are elsewhere is not (expertd and gunicorn run at nice 0).
+Left as Ray sets them: OMP_NUM_THREADS=1 in the replicas (from num_cpus=1); token authentication (Ray
 writes ~/.ray/auth_token on first use); the object store's default size (it is /dev/shm, untouched here).
 TensorFlow's intra-op threads are set to --threads and inter-op to 1 in the replica before the model is built.
 """
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["RAY_worker_niceness"] = "0"  # (read by the raylet: see the docstring)
 
     stop = threading.Event()
     hup = threading.Event()
