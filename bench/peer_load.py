@@ -16,6 +16,8 @@ Kinds of call:
 - ``json``: expertd's HTTP API, ``POST /call/mlp`` with ``{"inputs": [row]}``
   (docs/http.md), the reply read with orjson as a JSON client would
   read 40 KB of floats (the body is made once, outside the window).
+- ``binary``: the same route with the row as raw bytes
+  (``Content-Type: application/octet-stream``, docs/http.md), raw bytes back.
 - ``socket``: expertd's own client on its Unix socket, ``Client.predict``
   (numpy arrays as raw bytes on the wire).
 - ``square-raw`` / ``square-dirty`` / ``square-json`` / ``square-socket``: the
@@ -71,6 +73,8 @@ def make_call(spec: dict, index: int):
                 lambda data: np.frombuffer(data, dtype=np.float32).reshape(-1, WIDTH)),
         "json": ("/call/mlp", json.dumps({"inputs": x.tolist()}).encode(), "application/json",
                  lambda data: np.asarray(read_json(data), dtype=np.float32)),
+        "binary": ("/call/mlp", x.tobytes(), "application/octet-stream",
+                   lambda data: np.frombuffer(data, dtype=np.float32).reshape(-1, WIDTH)),
         "square-raw": ("/square", b"7", "application/json", read_json),
         "square-dirty": ("/square-dirty", b"7", "application/json", read_json),
         "square-json": ("/call/square", b"[7]", "application/json", read_json),

@@ -13,6 +13,8 @@ import sections
 PEERS = ["gunicorn", "ray", "ray-haproxy", "ray-batch", "ray-haproxy-batch"]
 RAY_BATCHED = ["ray-batch", "ray-haproxy-batch"]
 EXPERTD = ["expertd", "expertd-batching", "expertd-batching-1x2"]
+TRANSPORTS = ("http", "json", "socket")  # (peers: http only, raw rows; expertd: raw rows, JSON, its client)
+HOW = {"http": "HTTP, raw rows", "json": "HTTP, JSON", "socket": "its client on the Unix socket"}
 
 
 def _med(values: list) -> float | None:
@@ -56,7 +58,8 @@ class Figures:
         out: dict[str, list[int]] = {}
         for r in self.data["rounds"]:
             for key, result in r.items():
-                loads = [*result.get("http", {}).values(), *result.get("socket", {}).values(),
+                loads = [*result.get("http", {}).values(), *result.get("json", {}).values(),
+                         *result.get("socket", {}).values(),
                          *result.get("square", {}).values()]
                 tally = out.setdefault(key, [0, 0])
                 tally[0] += sum(load["calls"] for load in loads)
@@ -72,7 +75,7 @@ class Figures:
         worst, bad = 0.0, 0
         for r in self.data["rounds"]:
             for result in r.values():
-                for transport in ("http", "socket"):
+                for transport in TRANSPORTS:
                     for load in result.get(transport, {}).values():
                         worst = max(worst, load.get("max_diff", 0.0))
                         bad += load.get("mismatched", 0)
@@ -101,7 +104,8 @@ def targets(f: Figures) -> list[tuple[str, str, bool | None]]:
                     None if ours is None else ours <= peer_p50[best]))
     ray = {k: f.load(k, "http", 16, "items_s") for k in RAY_BATCHED if k in f.keys}
     ray = {k: v for k, v in ray.items() if v is not None}
-    for transport, how in (("socket", "with expertd's client on its socket"), ("http", "over HTTP (JSON)")):
+    for transport, how in (("socket", "expertd's client on its socket"), ("http", "HTTP with raw rows"),
+                           ("json", "HTTP with JSON")):
         # Like for like: 2 model workers of one thread, as every peer; one worker of two threads beside it.
         ours = f.load("expertd-batching", transport, 16, "items_s")
         if not ray or ours is None:
@@ -149,8 +153,9 @@ def markdown(data: dict) -> str:
            "- the model: bench/models/mlp192.keras (bench/make_mlp.py), 192 MiB of float32 weights, 2048 → 4096 → "
            "4096 → 4096 → 2048; every server: 2 model workers (unless said), one TensorFlow thread each",
            "- expertd: a model expert (`model = PATH`, no code; LiteRT, one copy of the weights shared by all "
-           "workers), batching off (`max_batch = 1`) or on (the default); over HTTP `POST /call/mlp` with "
-           "`{\"inputs\": [row]}` (JSON, 42 KB a row), or `Client.predict` on its Unix socket (raw bytes)",
+           "workers), batching off (`max_batch = 1`) or on (the default); over HTTP `POST /call/mlp` with the "
+           "row as 8 KiB of raw float32 (`Content-Type: application/octet-stream`, as the peers take it) or as "
+           "JSON (`{\"inputs\": [row]}`, 42 KB), or `Client.predict` on its Unix socket (msgpack, raw bytes)",
            "- gunicorn 27 dirty arbiters (bench/peers/gunicorn/) and Ray Serve (bench/peers/ray/): Keras in a "
            "`tf.function` in each model worker, rows posted as 8 KiB of raw float32 (`POST /predict`), the "
            "cheapest body they can take",
@@ -175,14 +180,13 @@ def markdown(data: dict) -> str:
                    f"{_fmt(_med([k['p99_ms'] for k in keras]), 2)} | | {_fmt(_med([k['uss'] for k in keras]), 0)} / "
                    f"{_fmt(_med([k['pss'] for k in keras]), 0)} / {_fmt(_med([k['rss'] for k in keras]), 0)} | | | |")
     for key in f.keys:
-        for transport in ("http", "socket"):
+        for transport in TRANSPORTS:
             if not f.has(key, transport):
                 continue
-            label = names[key] + (", Python client on the Unix socket" if transport == "socket" else
-                                  (", HTTP" if key in EXPERTD else ""))
+            label = names[key] + (f", {HOW[transport]}" if key in EXPERTD else "")
             latency = f"{_fmt(f.load(key, transport, 1, 'p50_ms'), 2)} / {_fmt(f.load(key, transport, 1, 'p99_ms'), 2)}"
             items = " / ".join(_fmt(f.load(key, transport, c, "items_s")) for c in clients)
-            if transport == "socket":
+            if transport != "http":
                 out.append(f"| {label} | {latency} | {items} | (as above) | | | |")
                 continue
             memory = (f"{_fmt(f.worker_memory(key, 'uss'), 0)} / {_fmt(f.worker_memory(key, 'pss'), 0)} / "
@@ -268,6 +272,7 @@ def reading(f: Figures) -> list[str]:
     for key in ("expertd-batching",):
         ours = f.load(key, "http", 1, "p50_ms")
         socket = f.load(key, "socket", 1, "p50_ms")
+        json_p50 = f.load(key, "json", 1, "p50_ms")
         keras = _med([k["p50_ms"] for k in data.get("keras") or []])
         peers = {k: f.load(k, "http", 1, "p50_ms") for k in PEERS if k in f.keys}
         peers = {k: v for k, v in peers.items() if v is not None}
@@ -275,7 +280,8 @@ def reading(f: Figures) -> list[str]:
             best = min(peers, key=peers.get)
             lead = "leads" if ours <= peers[best] else "does not lead"
             out.append(f"- **Latency at batch 1.** Keras alone takes {keras:.2f} ms a row here; expertd answers "
-                       f"in {ours:.2f} ms over HTTP with JSON and {_fmt(socket, 2)} ms with its client, the best "
+                       f"in {ours:.2f} ms over HTTP with raw rows, {_fmt(json_p50, 2)} ms with JSON and "
+                       f"{_fmt(socket, 2)} ms with its client, the best "
                        f"peer ({names[best]}) in {peers[best]:.2f} ms: expertd {lead}. The runtimes differ: expertd "
                        "runs the model with LiteRT (XNNPACK), the peers with Keras on TensorFlow, and in one process "
                        "LiteRT takes less time than Keras at batch 1 (BENCHMARKS-models.md measures it), so part "
@@ -313,16 +319,16 @@ def reading(f: Figures) -> list[str]:
                        " gunicorn 27.0.1's dirty arbiter, told to reload, stops its new workers while they load "
                        "the model and serves no model call again until restarted (bench/peers/gunicorn/serve.py's "
                        "docstring traces it in gunicorn's source)." if broken else ""))
-    if f.load("expertd-batching", "http", 16, "items_s") and f.load("expertd-batching", "socket", 16, "items_s"):
-        out.append("- **Where expertd does not lead, or not by much.** HTTP with JSON costs expertd what raw bytes "
-                   "cost the peers several times over: a row is 42 KB of text to read and its answer 40 KB to "
-                   "write. orjson brought the worker's share from 3.1 to 0.4 ms a row (measured alone, "
-                   "docs/http.md), but the master frames 42 KB requests and the caller writes and reads the "
-                   "text too, on the same two cores; the socket client's figures are what a local caller gets. "
-                   "A cold first start converts the model for LiteRT, which the peers never do (see above); "
-                   "later starts load the converted model. The peers can run any Python around the model in the "
-                   "request; expertd's model experts serve a model with no code (a Python expert can wrap "
-                   "`expertd.Model` for pre- and post-processing).")
+    raw16, json16 = f.load("expertd-batching", "http", 16, "items_s"), f.load("expertd-batching", "json", 16, "items_s")
+    if raw16 and json16:
+        out.append(f"- **Where expertd does not lead, or not by much.** JSON costs: with 16 callers expertd serves "
+                   f"{json16:,.0f} rows/s when they send JSON against {raw16:,.0f} as raw bytes. A row is 42 KB "
+                   "of text and its answer 40 KB; orjson brought the worker's share from 3.1 to 0.4 ms a row "
+                   "(measured alone, docs/http.md), but the master frames 42 KB requests and the caller writes "
+                   "and reads the text too, on the same two cores. A cold first start converts the model for "
+                   "LiteRT, which the peers never do (see above); later starts load the converted model. The "
+                   "peers can run any Python around the model in the request; expertd's model experts serve a "
+                   "model with no code (a Python expert can wrap `expertd.Model` for pre- and post-processing).")
     return out or ["(not enough systems in this run for a reading)"]
 
 
@@ -337,12 +343,12 @@ def plots(data: dict, directory: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     clients = data["config"]["clients"]
     for key in f.keys:
-        for transport, style in (("http", "-o"), ("socket", "--s")):
+        for transport, style in (("http", "-o"), ("json", ":^"), ("socket", "--s")):
             if f.has(key, transport):
                 points = [(c, f.load(key, transport, c, "items_s")) for c in clients]
                 points = [(c, y) for c, y in points if y is not None]
                 ax.plot([c for c, _ in points], [y for _, y in points], style,
-                        label=names[key] + (" (socket client)" if transport == "socket" else ""))
+                        label=names[key] + (f" ({HOW[transport]})" if key in EXPERTD else ""))
     ax.set_xlabel("concurrent single-row callers")
     ax.set_ylabel("rows answered per second")
     ax.set_xticks(clients)

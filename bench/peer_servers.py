@@ -197,7 +197,7 @@ class System:
 
 
 class Expertd(System):
-    http_kind = "json"
+    http_kind = "binary"  # (raw float32 rows, as the peers take them; JSON is measured beside it)
     square_kinds = ("square-json", "square-socket")
 
     def __init__(self, batching: bool, model: Path, cache: Path, threads: int = 1) -> None:
@@ -208,7 +208,8 @@ class Expertd(System):
         self.label = f"expertd, batching {'on' if batching else 'off'}" + (
             f", 1 model worker × {threads} threads" if threads > 1 else "")
         self.model, self.cache = model, cache
-        self.socket_kinds = ("socket",) if batching else ()
+        # (JSON for the default shape only, the socket client wherever batching is on: the 30-minute budget)
+        self.more_transports = (("json",) if batching and threads == 1 else ()) + (("socket",) if batching else ())
 
     def config(self, workdir: Path, workers: int, port: int) -> tuple[Path, str]:
         directory = workdir / f"{self.key}-{workers}-{time.monotonic_ns() % 10**8}"

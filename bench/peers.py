@@ -144,12 +144,13 @@ def measure_round(cfg: dict, system, workdir: Path, expected: np.ndarray, reload
     """One system, 2 model workers: start, callers (1, 8, 16), the trivial function, memory, and reload
     (in the first round only: Ray's takes half a minute, and gunicorn's never completes)."""
     print(f"  {system.label} ...", flush=True)
+    began = time.monotonic()
     running = system.start(workdir, WORKERS)
-    out: dict = {"first_answer_s": running.first_answer_s, "http": {}, "socket": {}, "square": {}}
+    out: dict = {"first_answer_s": running.first_answer_s, "http": {}, "json": {}, "socket": {}, "square": {}}
     try:
         transports = [("http", system.http_kind, {"url": running.url})]
-        if running.socket and getattr(system, "socket_kinds", ()):
-            transports.append(("socket", "socket", {"socket": running.socket}))
+        for transport in getattr(system, "more_transports", ()):  # (expertd: JSON over HTTP, its socket client)
+            transports.append((transport, transport, {"url": running.url, "socket": running.socket}))
         for transport, kind, where in transports:
             for clients in cfg["clients"]:
                 load = peer_load.run({"kind": kind, "seconds": cfg["seconds"], **where}, clients)
@@ -169,6 +170,7 @@ def measure_round(cfg: dict, system, workdir: Path, expected: np.ndarray, reload
             # leave the server broken)
     finally:
         running.stop()
+    print(f"    ({time.monotonic() - began:.0f} s)", flush=True)
     return out
 
 

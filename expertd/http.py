@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 import h11
 
-from expertd import accesslog, jsonio
+from expertd import accesslog, http_arrays, jsonio
 from expertd.errors import BadRequest, BadResult, FrameTooLarge, RemoteError, UnknownExpert
 from expertd.http_hints import route_hint, with_hint  # noqa: F401  (re-exported: the HTTP front's words)
 from expertd.pipelines import ON_ERROR
@@ -258,6 +258,7 @@ class Request(NamedTuple):
     on_error: str | None = None  # the X-Expertd-On-Error header (pipelines)
     request_id: str | None = None  # X-Request-Id if valid (accesslog.request_id_of), else one the daemon made
     headers: Any = ()  # h11's (lower-case name, value) pairs, with Firefly routes only (file uploads, CORS)
+    binary: bool = False  # Content-Type: application/octet-stream (a model's rows as bytes: expertd.http_arrays)
 
 
 def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = None, firefly: Any = None) -> Request:
@@ -288,7 +289,7 @@ def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = Non
     target, method = event.target.decode("ascii", "replace"), event.method.decode("ascii", "replace")
     route, expert = _route(target)
     on_error = request_id = None
-    keep_alive = event.http_version >= b"1.1"
+    keep_alive, binary = event.http_version >= b"1.1", False
     for name, value in event.headers:
         if name == b"connection" and b"close" in (token.strip() for token in value.lower().split(b",")):
             keep_alive = False
@@ -296,10 +297,13 @@ def parse_request(raw: bytes | bytearray | memoryview, made_id: str | None = Non
             on_error = value.decode("latin-1")
         elif name == REQUEST_ID_HEADER:
             request_id = accesslog.request_id_of(value)
+        elif name == b"content-type":
+            binary = route == "call" and http_arrays.is_binary(value)
     if firefly is None:
-        return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id)
+        return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id, (), binary)
     route, expert = firefly.route(method, target, route, expert)
-    return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id, event.headers)
+    return Request(method, route, expert, bytes(body), keep_alive, on_error, request_id or made_id, event.headers,
+                   binary and route == "call")
 
 
 def call_arguments(request: Request) -> tuple[list, dict]:

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from expertd import accesslog, firefly, http, protocol, stage_timer
+from expertd import accesslog, firefly, http, http_arrays, protocol, stage_timer
 from expertd.calls import IN_HAND, Answering, _safe_str
 from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
@@ -224,6 +224,9 @@ class HttpServing(Answering):
 
     def _http_call(self, request: http.Request) -> tuple[list, dict]:
         """The arguments of a call (``POST /call/NAME``, or a Firefly path's); RemoteError if they are not usable."""
+        if request.binary:  # (a model's rows as raw bytes: no JSON, no nesting to check)
+            expert = self.experts.get(request.expert or "")  # type: ignore[attr-defined]
+            return http_arrays.call_arguments(request.body, expert, request.expert or "")
         if request.route == "firefly":
             args, kwargs = firefly.call_arguments(request, self.experts.get(request.expert or ""))  # type: ignore[attr-defined]
         else:
@@ -240,12 +243,14 @@ class HttpServing(Answering):
             result = self._hinted(request, result)
         if not isinstance(result, RemoteError):
             try:
-                body = http.result_body(request, result)
+                body, headers = (http_arrays.reply(result) if request.binary
+                                 else (http.result_body(request, result), ()))
             except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
                 result = BadResult(f"{request.expert} returned a value that cannot be sent as JSON: "
                                    f"{_safe_str(exc)}", expert=request.expert)
             else:
-                return (*http.respond(request, 200, body), "ok")
+                return (*http.respond(request, 200, body, http_arrays.OCTET_STREAM if headers else http.JSON_TYPE,
+                                      headers), "ok")
         return (*http.error_response(request, result), result.code)
 
     def _hinted(self, request: http.Request, error: BadRequest) -> RemoteError:

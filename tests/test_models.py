@@ -24,7 +24,7 @@ import pytest
 from expertd import arrays
 from expertd.errors import BadRequest
 
-from conftest import TEST_EXPERTS, Daemon, run_expertd, wait_until, write_config
+from conftest import TEST_EXPERTS, Daemon, UnixHTTPConnection, run_expertd, wait_until, write_config
 
 pytest.importorskip("ai_edge_litert")  # the `tensorflow` extra, installed by `make test`
 
@@ -357,3 +357,80 @@ def test_model_in_a_python_expert_is_prepared_and_loaded_for_it(models, short_di
         assert refused.value.expert == "best"  # the expert called, not the model's file
     finally:
         daemon.kill()
+
+
+def _post_rows(served, expert: str, body: bytes, content_type: str = "application/octet-stream"):
+    conn = UnixHTTPConnection(served.socket, timeout=30)
+    try:
+        conn.request("POST", f"/call/{expert}", body, {"Content-Type": content_type})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("expert", ["mlp", "lite"])
+def test_rows_sent_as_raw_bytes_over_http_come_back_as_raw_bytes(served, models, expert):
+    expected = reference(models, "mlp")
+    x = expected["x"].astype(np.float32)
+    status, headers, body = _post_rows(served, expert, x.tobytes())
+    assert status == 200, body
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["X-Expertd-Dtype"] == "float32"
+    shape = [int(d) for d in headers["X-Expertd-Shape"].split(",")]
+    assert shape == list(expected["y"].shape)
+    answer = np.frombuffer(body, dtype="<f4").reshape(shape)
+    np.testing.assert_allclose(answer, expected["y"], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(answer, served.client().predict(expert, x))  # (the same bytes as the socket's client)
+
+
+@pytest.mark.parametrize(("expert", "body", "message"), [
+    ("mlp", b"\0" * 10, "mlp: the body is 10 bytes, not whole rows of float32[batch, 8] (32 bytes each, "
+                        "little-endian)"),
+    ("multi", b"\0" * 32, "multi takes 2 inputs and gives 2 outputs: an application/octet-stream body carries one"),
+])
+def test_raw_bytes_that_are_not_whole_rows_of_one_input_get_a_one_line_bad_request(served, expert, body, message):
+    status, headers, reply = _post_rows(served, expert, body)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    error = json.loads(reply)["error"]
+    assert error["code"] == "bad_request" and message in error["message"] and "\n" not in error["message"]
+    assert _post_rows(served, "mlp", b"\0" * 64)[0] == 200  # (the daemon serves on)
+
+
+def test_raw_bytes_for_an_expert_that_is_not_a_model_are_refused_with_the_way_to_call_it(short_dir):
+    daemon = start(short_dir, {"echo": "testexperts:echo"}, workers=1)
+    try:
+        status, _, reply = _post_rows(daemon, "echo", b"[1]")
+        assert status == 400
+        assert "echo is not a model expert" in json.loads(reply)["error"]["message"]
+        assert "send JSON" in json.loads(reply)["error"]["message"]
+        assert json.loads(_post_rows(daemon, "echo", b"[1]", "application/json")[2]) == {"args": [1], "kwargs": {}}
+    finally:
+        daemon.kill()
+
+
+def test_raw_and_json_callers_at_once_each_get_their_own_rows_answer(served, models):
+    rows = reference(models, "mlp")["x"].astype(np.float32)
+    expected = served.client().predict("mlp", rows)
+    failures: list[str] = []
+
+    def caller(index: int) -> None:
+        row = rows[index % len(rows)][None, :]
+        for turn in range(5):
+            if (index + turn) % 2:
+                status, _, body = _post_rows(served, "mlp", row.tobytes())
+                answer = np.frombuffer(body, dtype="<f4").reshape(1, -1) if status == 200 else None
+            else:
+                status, _, body = _post_rows(served, "mlp", json.dumps({"inputs": row.tolist()}).encode(),
+                                             "application/json")
+                answer = np.asarray(json.loads(body), dtype=np.float32) if status == 200 else None
+            if answer is None or not np.allclose(answer, expected[index % len(rows)][None, :], atol=1e-6):
+                failures.append(f"caller {index}, turn {turn}: {status} {body[:80]!r}")
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
