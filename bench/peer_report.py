@@ -352,14 +352,8 @@ def plots(data: dict, directory: Path) -> list[Path]:
     ax.set_xlabel("concurrent single-row callers")
     ax.set_ylabel("rows answered per second")
     ax.set_xticks(clients)
-    ax.set_title("192 MiB MLP, 2 model workers, 2 cores")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = directory / "peers_items_by_clients.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    ax.set_title("192 MiB MLP on 2 cores: 2 model workers unless said")
+    written.append(_save(fig, ax, directory / "peers_items_by_clients.png"))
     memory = data.get("memory", {})
     if memory:
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -371,14 +365,19 @@ def plots(data: dict, directory: Path) -> list[Path]:
         ax.set_xticks(sorted({int(n) for by in memory.values() for n in by}))
         ax.set_ylim(bottom=0)
         ax.set_title("192 MiB MLP: total memory by model workers")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = directory / "peers_memory_by_workers.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, directory / "peers_memory_by_workers.png"))
     return written
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(data: dict, report: Path, plot_dir: Path) -> None:

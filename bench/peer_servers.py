@@ -165,6 +165,19 @@ class System:
     def start(self, workdir: Path, workers: int) -> Running:
         raise NotImplementedError
 
+    def reload(self, running: Running) -> None:
+        """Every system here reloads on SIGHUP (expertd's, gunicorn's and bench/peers/ray/serve.py's)."""
+        running.proc.send_signal(signal.SIGHUP)
+
+    def answering(self, running: Running) -> Running:
+        """``running`` once it has answered a model call; stopped if it does not."""
+        try:
+            self.wait_first_answer(running)
+        except BaseException:
+            running.stop()
+            raise
+        return running
+
     def wait_first_answer(self, running: Running, timeout: float = 600) -> None:
         """Poll until a model call answers 200; record the time from the process's start."""
         import http.client
@@ -237,19 +250,11 @@ class Expertd(System):
                                     stdin=subprocess.DEVNULL)
         running = Running(self, proc, f"http://127.0.0.1:{port}", 1 if self.threads > 1 else workers, log_path,
                           socket=sock, started=started)
-        try:
-            self.wait_first_answer(running)
-        except BaseException:
-            running.stop()
-            raise
-        return running
+        return self.answering(running)
 
     def probe(self) -> tuple[bytes, str, dict]:
         return (b'{"inputs": [[' + b",".join([b"0"] * 2048) + b"]]}", "/call/mlp",
                 {"Content-Type": "application/json"})
-
-    def reload(self, running: Running) -> None:
-        running.proc.send_signal(signal.SIGHUP)
 
 
 class Peer(System):
@@ -273,15 +278,7 @@ class Peer(System):
             proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
                                     start_new_session=True)
         running = Running(self, proc, f"http://127.0.0.1:{port}", workers, log_path, started=started)
-        try:
-            self.wait_first_answer(running)
-        except BaseException:
-            running.stop()
-            raise
-        return running
-
-    def reload(self, running: Running) -> None:
-        running.proc.send_signal(signal.SIGHUP)
+        return self.answering(running)
 
 
 def measure_reload(running: Running, seconds: float = 60) -> dict:
