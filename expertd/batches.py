@@ -119,7 +119,10 @@ def _model_batch(expert: LoadedExpert, model: Any, calls: list[Call]) -> list[An
         if isinstance(output, BaseException):
             results[position] = output
         elif arrays:
-            results[position] = encode_outputs(output)
+            try:
+                results[position] = encode_outputs(output)
+            except TypeError as exc:  # (an output dtype arrays cannot carry fails this member, not the batch)
+                results[position] = BadResult(f"{expert.name}: {exc}", expert=expert.name)
         elif isinstance(output, dict):
             results[position] = {key: value.tolist() for key, value in output.items()}
         else:

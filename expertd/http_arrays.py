@@ -39,10 +39,13 @@ def call_arguments(body: bytes, expert: Any, name: str) -> tuple[list, dict]:
                          "send JSON (Content-Type: application/json)", expert=name)
     inputs, outputs = model.inputs, model.outputs
     if len(inputs) != 1 or len(outputs) != 1:
-        raise BadRequest(f"{name} takes {len(inputs)} inputs and gives {len(outputs)} outputs: an {OCTET_STREAM} "
-                         "body carries one input and its answer one output; send JSON ({\"inputs\": {NAME: rows}})",
-                         expert=name)
+        raise BadRequest(f"{name} has {_count(inputs, 'input')} and {_count(outputs, 'output')}: an {OCTET_STREAM} "
+                         "body carries one input and its answer one output; send JSON", expert=name)
     spec = inputs[0]
+    for what in (spec, outputs[0]):
+        if what["dtype"] not in arrays.DTYPES:
+            raise BadRequest(f"{name}: {what['name']!r} is {_described(what)}, which raw bytes cannot carry; "
+                             "send JSON", expert=name)
     row = [int(d) for d in spec["shape"][1:]]
     if any(d < 0 for d in row):
         raise BadRequest(f"{name}: input {spec['name']!r} is {_described(spec)}, whose rows have no fixed size; "
@@ -67,5 +70,9 @@ def reply(result: Any) -> tuple[bytes, tuple[tuple[str, str], ...]]:
 
 
 def _described(spec: dict) -> str:
-    dims = ", ".join(["batch", *("None" if int(d) < 0 else str(d) for d in spec["shape"][1:])])
+    dims = ", ".join(["batch", *("*" if int(d) < 0 else str(d) for d in spec["shape"][1:])])
     return f"{spec['dtype']}[{dims}]"
+
+
+def _count(specs: list, what: str) -> str:
+    return f"{len(specs)} {what}{'' if len(specs) == 1 else 's'}"

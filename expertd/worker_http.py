@@ -226,6 +226,8 @@ class HttpServing(Answering):
         """The arguments of a call (``POST /call/NAME``, or a Firefly path's); RemoteError if they are not usable."""
         if request.binary:  # (a model's rows as raw bytes: no JSON, no nesting to check)
             expert = self.experts.get(request.expert or "")  # type: ignore[attr-defined]
+            if expert is None:  # (gone in a reload since the master framed it)
+                raise self._unknown(request.expert or "")  # type: ignore[attr-defined]
             return http_arrays.call_arguments(request.body, expert, request.expert or "")
         if request.route == "firefly":
             args, kwargs = firefly.call_arguments(request, self.experts.get(request.expert or ""))  # type: ignore[attr-defined]
@@ -246,7 +248,8 @@ class HttpServing(Answering):
                 body, headers = (http_arrays.reply(result) if request.binary
                                  else (http.result_body(request, result), ()))
             except BaseException as exc:  # a result's own tolist() may raise anything; deep nesting too
-                result = BadResult(f"{request.expert} returned a value that cannot be sent as JSON: "
+                result = BadResult(f"{request.expert} returned a value that cannot be sent as "
+                                   f"{'raw bytes' if request.binary else 'JSON'}: "
                                    f"{_safe_str(exc)}", expert=request.expert)
             else:
                 return (*http.respond(request, 200, body, http_arrays.OCTET_STREAM if headers else http.JSON_TYPE,
@@ -256,11 +259,11 @@ class HttpServing(Answering):
     def _hinted(self, request: http.Request, error: BadRequest) -> RemoteError:
         """``error`` with a hint at the route meant, when its request's body suggests another (else as it is)."""
         expert = self.experts.get(request.expert or "")  # type: ignore[attr-defined]
-        if expert is None or request.route != "call":
+        if expert is None or request.route != "call" or request.binary:
             return error
         try:
             body = json.loads(request.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a body nested too deeply was refused for it: no hint)
             return error
         takes_one = False  # (a document expert: one parameter, which one positional argument fills)
         if expert.signature is not None and len(expert.signature.parameters) == 1:

@@ -387,7 +387,7 @@ def test_rows_sent_as_raw_bytes_over_http_come_back_as_raw_bytes(served, models,
 @pytest.mark.parametrize(("expert", "body", "message"), [
     ("mlp", b"\0" * 10, "mlp: the body is 10 bytes, not whole rows of float32[batch, 8] (32 bytes each, "
                         "little-endian)"),
-    ("multi", b"\0" * 32, "multi takes 2 inputs and gives 2 outputs: an application/octet-stream body carries one"),
+    ("multi", b"\0" * 32, "multi has 2 inputs and 2 outputs: an application/octet-stream body carries one"),
 ])
 def test_raw_bytes_that_are_not_whole_rows_of_one_input_get_a_one_line_bad_request(served, expert, body, message):
     status, headers, reply = _post_rows(served, expert, body)
@@ -401,6 +401,12 @@ def test_raw_bytes_that_are_not_whole_rows_of_one_input_get_a_one_line_bad_reque
 def test_raw_bytes_for_an_expert_that_is_not_a_model_are_refused_with_the_way_to_call_it(short_dir):
     daemon = start(short_dir, {"echo": "testexperts:echo"}, workers=1)
     try:
+        # A body nested past what JSON readers can read is refused, raw or JSON, and the worker lives on.
+        pids = [w["pid"] for w in daemon.client().status()["workers"]]
+        for content_type in ("application/octet-stream", "application/json"):
+            status, _, reply = _post_rows(daemon, "echo", b"[" * 5000, content_type)
+            assert status == 400, reply
+        assert [w["pid"] for w in daemon.client().status()["workers"]] == pids
         status, _, reply = _post_rows(daemon, "echo", b"[1]")
         assert status == 400
         assert "echo is not a model expert" in json.loads(reply)["error"]["message"]
@@ -416,6 +422,12 @@ def test_raw_and_json_callers_at_once_each_get_their_own_rows_answer(served, mod
     failures: list[str] = []
 
     def caller(index: int) -> None:
+        try:
+            calls(index)
+        except Exception as exc:  # (a dropped connection: a failure too)
+            failures.append(f"caller {index}: {type(exc).__name__}: {exc}")
+
+    def calls(index: int) -> None:
         row = rows[index % len(rows)][None, :]
         for turn in range(5):
             if (index + turn) % 2:
@@ -433,4 +445,5 @@ def test_raw_and_json_callers_at_once_each_get_their_own_rows_answer(served, mod
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
     assert failures == []
