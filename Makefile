@@ -59,7 +59,7 @@ $(VENV)/.installed-bench: setup.cfg pyproject.toml | $(BIN)/python
 # Full comparison (about 22 minutes): writes BENCHMARKS.md and bench/plots/, then BENCHMARKS-models.md
 # (model experts against Keras, bench/models.py, on the MLP that bench-model builds), then
 # BENCHMARKS-batching.md (dynamic batching on against off, bench/batching.py), then
-# BENCHMARKS-pipelines.md (bench/pipelines.py), then the model servers (bench-peers, below): about 45 minutes.
+# BENCHMARKS-pipelines.md (bench/pipelines.py), then the model servers (bench-peers, below): about 40 minutes.
 bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/weight_sharing.py
@@ -69,7 +69,7 @@ bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/peers.py
 
 # expertd against the model servers users would pick instead, gunicorn's dirty arbiters and Ray Serve, on the
-# 192 MiB MLP (about 25 minutes from a fresh clone; not part of make test): each peer in its own venv
+# 192 MiB MLP (about 19 minutes from a fresh clone; not part of make test): each peer in its own venv
 # (bench/.venv-peer-NAME, git-ignored, pinned in bench/peers/NAME/requirements.txt), then the peers section of
 # BENCHMARKS.md and bench/plots/peers_*.png (bench/peers.py; --quick for a smoke run).
 bench-peers: $(VENV)/.installed-bench bench-model
