@@ -258,9 +258,11 @@ class Expertd(System):
 
 
 class Peer(System):
-    def __init__(self, peer: str, variant: str | None, label: str, model: Path) -> None:
-        self.peer, self.variant, self.label, self.model = peer, variant, label, model
-        self.key = peer if variant in (None, "default") else f"{peer}-{variant}"
+    def __init__(self, peer: str, variant: str | None, label: str, model: Path, threads: int = 1) -> None:
+        """``threads`` > 1: one model worker with that many threads, whatever count is asked for (as Expertd's)."""
+        self.peer, self.variant, self.label, self.model, self.threads = peer, variant, label, model, threads
+        self.key = (peer if variant in (None, "default") else f"{peer}-{variant}") + (
+            f"-1x{threads}" if threads > 1 else "")
         self.square_kinds = ("square-raw", "square-dirty") if peer == "gunicorn" else ("square-raw",)
         if peer == "gunicorn":  # (its dirty arbiter's reload never completes: bench/peers/gunicorn/serve.py)
             self.reload_wait = 30.0
@@ -269,8 +271,9 @@ class Peer(System):
         python = peer_python(self.peer)
         port = free_port()
         log_path = workdir / f"{self.key}-{workers}-{time.monotonic_ns() % 10**8}.log"
+        workers = 1 if self.threads > 1 else workers
         argv = [str(python), str(PEERS / self.peer / "serve.py"), "--port", str(port), "--workers", str(workers),
-                "--model", str(self.model), "--threads", "1",
+                "--model", str(self.model), "--threads", str(self.threads),
                 *([] if self.variant is None else ["--variant", self.variant])]
         with open(log_path, "wb") as log:
             started = time.monotonic()

@@ -72,6 +72,8 @@ def systems(cache: Path) -> dict:
         Peer("ray", "haproxy", "Ray Serve, HAProxy mode", MODEL),
         Peer("ray", "batch", "Ray Serve + @serve.batch", MODEL),
         Peer("ray", "haproxy-batch", "Ray Serve, HAProxy mode + @serve.batch", MODEL),
+        Peer("ray", "haproxy-batch", "Ray Serve, HAProxy mode + @serve.batch, 1 replica × 2 threads", MODEL,
+             threads=2),
     ]}
 
 
@@ -214,7 +216,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds of the 2-worker measurements (default 2)")
     parser.add_argument("--systems", help="comma-separated keys to run (default: all): " + ", ".join(
         ["expertd", "expertd-batching", "expertd-batching-1x2", "gunicorn", "ray", "ray-haproxy", "ray-batch",
-         "ray-haproxy-batch"]))
+         "ray-haproxy-batch", "ray-haproxy-batch-1x2"]))
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"),
                         help="the report whose peers section is written (default BENCHMARKS.md)")
     parser.add_argument("--render", metavar="RESULTS_JSON",

@@ -41,9 +41,9 @@ Settings that differ from a bare `ray.init()` / `serve.run()`, and why:
     include_dashboard=False         Serve does not need it (`serve.run` talks to the controller through Ray;
                                     only `serve deploy`/`serve status`, the REST API and ray.util.state use
                                     the dashboard).  Ray still starts its dashboard agent and runtime-env agent.
-    num_cpus=max(2, 2·N)            Ray's CPUs are logical scheduling slots.  Each replica keeps Serve's
-                                    default reservation of 1 CPU (so Ray sets OMP_NUM_THREADS=1 in it, the
-                                    same as --threads 1), and the node advertises 2·N of them so that N
+    num_cpus=max(2, 2·N·T)          Ray's CPUs are logical scheduling slots.  Each replica reserves T = --threads
+                                    CPUs (Serve's default is 1; Ray sets OMP_NUM_THREADS=T in it, matching
+                                    TensorFlow's T threads), and the node advertises 2·N·T of them so that N
                                     replicas plus the N new ones of a rolling update fit on this 2-core
                                     machine (the controller and proxy reserve none).
     log_to_driver=False             the replicas' logs (one access-log line per request, Serve's default)
@@ -63,7 +63,7 @@ Settings that differ from a bare `ray.init()` / `serve.run()`, and why:
                                     replicas, and so haproxy) at nice 15; the benchmark's callers run on the
                                     same 2 cores at nice 0, which would starve Ray in a way that a server whose
                                     clients are elsewhere is not (expertd and gunicorn run at nice 0).
-Left as Ray sets them: OMP_NUM_THREADS=1 in the replicas (from num_cpus=1); token authentication (Ray
+Left as Ray sets them: OMP_NUM_THREADS=T in the replicas (from num_cpus=T); token authentication (Ray
 writes ~/.ray/auth_token on first use); the object store's default size (it is /dev/shm, untouched here).
 TensorFlow's intra-op threads are set to --threads and inter-op to 1 in the replica before the model is built.
 """
@@ -236,13 +236,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def application():
         return mlp_app.build(
-            args.model, args.threads, args.variant.endswith("batch"), replicas=args.workers, cpus_per_replica=1
+            args.model, args.threads, args.variant.endswith("batch"), replicas=args.workers,
+            cpus_per_replica=args.threads
         )
 
     try:
         ray.init(
             address="local",
-            num_cpus=max(2, 2 * args.workers),
+            num_cpus=max(2, 2 * args.workers * args.threads),
             include_dashboard=False,
             log_to_driver=False,
         )
