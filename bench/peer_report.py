@@ -323,9 +323,10 @@ def reading(f: Figures) -> list[str]:
         broken = "gunicorn" in f.keys and f.value("gunicorn", "reload", "seconds") is None
         out.append("- **Reload** (SIGHUP, a caller calling throughout, to the first answer from a new model "
                    "worker): " + "; ".join(told) + "." + (
-                       " gunicorn 27.0.1's dirty arbiter, told to reload, stops its new workers while they load "
-                       "the model and serves no model call again until restarted (bench/peers/gunicorn/serve.py's "
-                       "docstring traces it in gunicorn's source)." if broken else ""))
+                       " gunicorn 27.0.1's dirty arbiter, told to reload, can stop its new workers while they load "
+                       "the model, and then serves no model call again until restarted: a race, which some runs "
+                       "lose (bench/peers/gunicorn/serve.py's docstring traces it in gunicorn's source)."
+                       if broken else ""))
     raw16, json16 = f.load("expertd-batching", "http", 16, "items_s"), f.load("expertd-batching", "json", 16, "items_s")
     if raw16 and json16:
         out.append(f"- **Where expertd does not lead, or not by much.** JSON costs: with 16 callers expertd serves "

@@ -33,7 +33,8 @@ wants with 1 intra-op thread), ``dirty_timeout`` 300 s, ``keepalive`` 2 s, ``gra
 
 Reload: SIGHUP is forwarded to gunicorn's master, gunicorn's documented reload (what a user would send). It replaces
 the HTTP workers gracefully and forwards SIGHUP to the dirty arbiter, whose own reload (``DirtyArbiter.reload``) is
-broken in 27.0.1: it forks N new dirty workers, and within a second both its own "kill old workers" step (which
+racy in 27.0.1 (it broke in the helper's runs and in one full make bench-peers, and completed in 5 s in another): it
+forks N new dirty workers, and within a second both its own "kill old workers" step (which
 takes ``list(self.workers)[N:]``, i.e. the NEW workers while the old ones are not yet reaped) and the arbiter's
 once-a-second ``manage_workers()`` (which kills the oldest while there are more than N) send SIGTERM: the old workers
 exit at once, the new ones get SIGTERM while their ``init()`` loads the model, so they come up with ``alive = False``,
