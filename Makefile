@@ -69,7 +69,7 @@ bench: $(VENV)/.installed-bench bench-model
 	$(BIN)/python bench/peers.py
 
 # expertd against the model servers users would pick instead, gunicorn's dirty arbiters and Ray Serve, on the
-# 192 MiB MLP (about 19 minutes from a fresh clone; not part of make test): each peer in its own venv
+# 192 MiB MLP (about 21 minutes from a fresh clone; not part of make test): each peer in its own venv
 # (bench/.venv-peer-NAME, git-ignored, pinned in bench/peers/NAME/requirements.txt), then the peers section of
 # BENCHMARKS.md and bench/plots/peers_*.png (bench/peers.py; --quick for a smoke run).
 bench-peers: $(VENV)/.installed-bench bench-model
