@@ -109,3 +109,9 @@ def decode_tree(value: Any) -> Any:
     if isinstance(value, list):
         return [decode_tree(item) for item in value]
     return value
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """An input's or output's dtype and shape as errors and listings show them: ``float32[batch, 8]``."""
+    dims = ", ".join("batch" if i == 0 else ("*" if d < 0 else str(d)) for i, d in enumerate(spec["shape"]))
+    return f"{spec['dtype']}[{dims}]"

@@ -44,18 +44,18 @@ def call_arguments(body: bytes, expert: Any, name: str) -> tuple[list, dict]:
     spec = inputs[0]
     for what in (spec, outputs[0]):
         if what["dtype"] not in arrays.DTYPES:
-            raise BadRequest(f"{name}: {what['name']!r} is {_described(what)}, which raw bytes cannot carry; "
+            raise BadRequest(f"{name}: {what['name']!r} is {arrays.describe_spec(what)}, which raw bytes cannot carry; "
                              "send JSON", expert=name)
     row = [int(d) for d in spec["shape"][1:]]
     if any(d < 0 for d in row):
-        raise BadRequest(f"{name}: input {spec['name']!r} is {_described(spec)}, whose rows have no fixed size; "
-                         "send JSON", expert=name)
+        raise BadRequest(f"{name}: input {spec['name']!r} is {arrays.describe_spec(spec)}, whose rows have no "
+                         "fixed size; send JSON", expert=name)
     import numpy as np  # (only here: a daemon that serves no model never loads it for HTTP)
 
     dtype = np.dtype(spec["dtype"]).newbyteorder("<")
     row_bytes = dtype.itemsize * math.prod(row)
     if row_bytes == 0 or len(body) % row_bytes:
-        raise BadRequest(f"{name}: the body is {len(body)} bytes, not whole rows of {_described(spec)} "
+        raise BadRequest(f"{name}: the body is {len(body)} bytes, not whole rows of {arrays.describe_spec(spec)} "
                          f"({row_bytes} bytes each, little-endian)", expert=name)
     rows = np.frombuffer(body, dtype=dtype).reshape(len(body) // row_bytes, *row)
     return [rows], {"arrays": True}
@@ -67,11 +67,6 @@ def reply(result: Any) -> tuple[bytes, tuple[tuple[str, str], ...]]:
         raise TypeError("a model expert answered with something other than one array")
     dtype, shape, data = result[arrays.KEY]
     return bytes(data), (("X-Expertd-Dtype", dtype), ("X-Expertd-Shape", ",".join(str(d) for d in shape)))
-
-
-def _described(spec: dict) -> str:
-    dims = ", ".join(["batch", *("*" if int(d) < 0 else str(d) for d in spec["shape"][1:])])
-    return f"{spec['dtype']}[{dims}]"
 
 
 def _count(specs: list, what: str) -> str:

@@ -103,8 +103,8 @@ class Model:
 
     def summary(self) -> str:
         """One line for ``expertctl list``: the runtime, inputs and outputs."""
-        inputs = ", ".join(f"{s['name']}: {_describe(s)}" for s in self.inputs)
-        outputs = ", ".join(f"{s['name']}: {_describe(s)}" for s in self.outputs)
+        inputs = ", ".join(f"{s['name']}: {arrays.describe_spec(s)}" for s in self.inputs)
+        outputs = ", ".join(f"{s['name']}: {arrays.describe_spec(s)}" for s in self.outputs)
         return f"model on {self.runtime}: inputs {inputs}; outputs {outputs}"
 
     def _manifest(self) -> dict[str, Any]:
@@ -267,11 +267,6 @@ def _outcome(predict: Any, inputs: Any) -> Any:
         return refused
 
 
-def _describe(spec: dict[str, Any]) -> str:
-    dims = ", ".join("batch" if i == 0 else ("*" if d < 0 else str(d)) for i, d in enumerate(spec["shape"]))
-    return f"{spec['dtype']}[{dims}]"
-
-
 def _dtype(name: str) -> Any:
     found = _dtypes.get(name)
     if found is None:
@@ -298,7 +293,7 @@ def _check_inputs(model: str, specs: list[dict[str, Any]], inputs: Any) -> dict[
             raise BadRequest(f"{model}: inputs are {sorted(given)}; this model takes {expected_names} "
                              "(a dict of batches by input name)")
     else:
-        names = ", ".join(f"{s['name']}: {_describe(s)}" for s in specs)
+        names = ", ".join(f"{s['name']}: {arrays.describe_spec(s)}" for s in specs)
         raise BadRequest(f"{model}: this model takes several inputs; send a dict of batches by name ({names})")
     batch: dict[str, Any] = {}
     rows = None
@@ -329,7 +324,7 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
         message = str(exc) if str(exc).startswith(where) else f"{where}: rows are ragged (rows of different lengths)"
         if "too big" in str(exc):
             message = f"{where}: the array is too big"
-        raise BadRequest(f"{message}; expected {_describe(spec)}") from None
+        raise BadRequest(f"{message}; expected {arrays.describe_spec(spec)}") from None
     if array.size == 0 and array.ndim == 1:  # [] is an empty batch, whatever numpy guessed its dtype to be
         array = np.zeros([0] + [max(d, 0) for d in shape[1:]], expected)
     fits = array.ndim == len(shape) and all(d < 0 or d == g for d, g in zip(shape[1:], array.shape[1:], strict=True))
@@ -337,12 +332,13 @@ def _as_array(model: str, spec: dict[str, Any], value: Any) -> Any:
         return array  # (the common case, checked in one pass)
     if array.dtype.kind not in "biuf" or (expected.kind in "iub" and array.dtype.kind == "f"):
         got = {"f": "floats", "U": "text", "S": "bytes"}.get(array.dtype.kind, "non-numbers")
-        raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {_describe(spec)}")
+        raise BadRequest(f"{where}: got {got} ({array.dtype.name}); expected {arrays.describe_spec(spec)}")
     if expected.kind in "iu" and array.dtype.kind in "iu" and array.size and not _fits(array, expected):
         raise BadRequest(f"{where}: values from {array.min()} to {array.max()} do not fit {expected.name}; "
-                         f"expected {_describe(spec)}")
+                         f"expected {arrays.describe_spec(spec)}")
     if not fits:
-        raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {_describe(spec)} (a batch of rows)")
+        raise BadRequest(f"{where}: got shape {list(array.shape)}; expected {arrays.describe_spec(spec)} "
+                         "(a batch of rows)")
     return np.ascontiguousarray(array, dtype=expected)
 
 

@@ -12,14 +12,13 @@ Worker's lingering and book-keeping methods (``_start_lingering``,
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from expertd import accesslog, firefly, http, http_arrays, protocol, stage_timer
+from expertd import accesslog, firefly, http, http_arrays, jsonio, protocol, stage_timer
 from expertd.calls import IN_HAND, Answering, _safe_str
 from expertd.errors import BadRequest, BadResult, ConnectionLost, RemoteError, RequestTimeout
 from expertd.metrics import AD_HOC
@@ -252,8 +251,8 @@ class HttpServing(Answering):
                                    f"{'raw bytes' if request.binary else 'JSON'}: "
                                    f"{_safe_str(exc)}", expert=request.expert)
             else:
-                return (*http.respond(request, 200, body, http_arrays.OCTET_STREAM if headers else http.JSON_TYPE,
-                                      headers), "ok")
+                return (*http.respond(request, 200, body, http_arrays.OCTET_STREAM if request.binary
+                                      else http.JSON_TYPE, headers), "ok")
         return (*http.error_response(request, result), result.code)
 
     def _hinted(self, request: http.Request, error: BadRequest) -> RemoteError:
@@ -262,7 +261,7 @@ class HttpServing(Answering):
         if expert is None or request.route != "call" or request.binary:
             return error
         try:
-            body = json.loads(request.body)
+            body = jsonio.loads(request.body)
         except (ValueError, RecursionError):  # (a body nested too deeply was refused for it: no hint)
             return error
         takes_one = False  # (a document expert: one parameter, which one positional argument fills)
