@@ -4,8 +4,9 @@
   idle worker gets its descriptor over its channel (:mod:`expertd.ipc`) and
   answers the client itself.
 * **Hand-ahead**: when every worker is busy, a worker busy with a short request
-  gets its next connection at once, waiting in its channel, so that it need not
-  wait a round trip through the master between requests.
+  gets its next connections at once (up to HAND_AHEAD_DEPTH), waiting in its
+  channel, so that it need not wait a round trip through the master between
+  requests.
 * **Linger**: a worker that answered may keep the connection for its next
   request (fewer clients than workers); when requests queue, the master takes
   lingering connections back (**reclaim**: SIGUSR2, answered by a DONE).
@@ -65,6 +66,11 @@ log = logging.getLogger("expertd.master")
 # A busy worker is handed its next connection ahead only while the request in hand is short: an
 # expert whose calls typically take less than this, running for less than this (see _hand_ahead).
 HAND_AHEAD_UNDER = 0.002
+# How many connections may wait in a busy worker's channel.  One is not enough: the master hands the
+# next one ahead when it reads the worker's DONE, and a worker whose request is as short as the
+# master's turn (tens of µs) is then often done before that, and sleeps on its channel until the
+# master gets there.  With two, it always has one in hand while the master refills the other.
+HAND_AHEAD_DEPTH = 2
 _LINGER_PAUSE = 0.1
 _NEVER = float("inf")
 
@@ -93,7 +99,7 @@ class Dispatcher(BatchDispatching, Losses):
         self._ahead: deque[tuple[WorkerSlot, float]] = deque()  # (busy worker, busy since), oldest first
         self.next_deadline = _NEVER  # no busy worker's request times out before this (maybe later)
         self.typical: dict[str, float] = {}  # expert name -> typical duration of a handed-over call (EWMA)
-        self.queued_shown = 0  # the queue length last written to the scoreboard
+        self.queued_shown = 0  # the queue length last written to the scoreboard (when it last crossed zero)
         self.batcher = Batcher(serving, self.typical)
 
     # ------------------------------------------------------------- hand-out
@@ -107,8 +113,8 @@ class Dispatcher(BatchDispatching, Losses):
                     self.reclaim_lingering()
                 if self._ahead:
                     self._hand_ahead()
-        if len(self.queue) != self.queued_shown:
-            self.queued_shown = len(self.queue)
+        if bool(self.queue) != bool(self.queued_shown):  # (workers read only whether any wait: a write per change
+            self.queued_shown = len(self.queue)           # of the count would be a write per request under load)
             self.scoreboard.set_queued(self.queued_shown)
 
     def _hand_out(self) -> None:
@@ -183,8 +189,9 @@ class Dispatcher(BatchDispatching, Losses):
         more clients than workers, that round trip is a large part of each
         request.  Only a request whole in the socket is handed ahead (one the
         master gathered would die with a worker that dies before reaching it;
-        this one goes back to the queue), one per worker, and never to a
-        worker that lingers or is on its way out.
+        this one goes back to the queue), up to HAND_AHEAD_DEPTH per worker
+        (one to each before a second to any), and never to a worker that
+        lingers or is on its way out.
 
         Only a worker busy with a short request gets one: an expert whose
         calls typically take under HAND_AHEAD_UNDER, running for less than
@@ -194,19 +201,19 @@ class Dispatcher(BatchDispatching, Losses):
         """
         if self.quarantines.entries:
             return  # a call queued for a quarantined expert must meet _hand_out's refusal, not a busy worker
-        queue, ahead, now = self.queue, self._ahead, self.serving.now
+        queue, ahead, now, batched = self.queue, self._ahead, self.serving.now, self.batcher.batched()
         while ahead:
             while queue and queue[0].state != QUEUED:
                 queue.popleft()
             if not queue or queue[0].inbuf is not None:
                 return  # (first come, first served: a gathered request waits for an idle worker)
-            if queue[0].expert in self.batcher.batched():
+            if batched and queue[0].expert in batched:
                 return  # (a call of a batched expert waits to go with its company)
             slot, since = ahead.popleft()
             conn = slot.conn
             if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
-                    or conn is None or slot.next_conn is not None or slot.leaving is not None or slot.batch
-                    or slot.channel.fileno() < 0
+                    or conn is None or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
+                    or slot.batch or slot.channel.fileno() < 0
                     or self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) >= HAND_AHEAD_UNDER):
                 continue
             upcoming = queue[0]
@@ -216,15 +223,27 @@ class Dispatcher(BatchDispatching, Losses):
                 return  # the worker is gone (SIGCHLD will tell) or the master is short of resources: it waits
             queue.popleft()
             upcoming.to(BUSY)
-            slot.next_conn = upcoming
-            self.scoreboard.set_next(slot.board, True)
+            slot.upcoming.append(upcoming)
+            if len(slot.upcoming) == 1:
+                self.scoreboard.set_next(slot.board, True)
+            else:
+                continue  # (full: its place in the candidates is given up)
+            ahead.append((slot, since))  # one to each busy worker before a second to any
 
     def _take_next(self, slot: WorkerSlot) -> Connection | None:
-        """The connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""
-        upcoming, slot.next_conn = slot.next_conn, None
-        if upcoming is not None:
+        """The first connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""
+        if not slot.upcoming:
+            return None
+        upcoming = slot.upcoming.popleft()
+        if not slot.upcoming:
             self.scoreboard.set_next(slot.board, False)
         return upcoming
+
+    def _requeue_upcoming(self, slot: WorkerSlot) -> None:
+        """Every connection handed ahead to ``slot``, which will never reach them: first in the queue again."""
+        while slot.upcoming:
+            self._requeue(slot.upcoming.pop())  # (the last first: each goes to the front, so their order stays)
+        self.scoreboard.set_next(slot.board, False)
 
     def _requeue(self, conn: Connection) -> None:
         """A connection handed ahead that its worker never reached: first in the queue again."""
@@ -365,7 +384,7 @@ class Dispatcher(BatchDispatching, Losses):
             conn.http_id = conn.http_target = None
             # Its requests are the worker's now: an edge per request would wake the master for nothing.
             self.table.epoll.modify(conn.fd, ET_QUIET)
-            if slot.leaving is not None or self.queue or slot.next_conn is not None or serving.stopping:
+            if slot.leaving is not None or self.queue or slot.upcoming or serving.stopping:
                 self.reclaim(slot)
             return
         slot.conn = None
@@ -373,11 +392,11 @@ class Dispatcher(BatchDispatching, Losses):
             self.lingering.discard(slot)
             if conn is not None:
                 self.table.epoll.modify(conn.fd, ET_READ)
-        upcoming = self._take_next(slot)
-        if upcoming is not None and retiring:
-            self._requeue(upcoming)  # it exits without reading its channel: the request is still whole in its socket
-        elif upcoming is not None:
-            self._busy(slot, upcoming)  # it goes on with the connection handed ahead at once
+        if retiring:
+            if slot.upcoming:  # it exits without reading its channel: their requests are still whole in their sockets
+                self._requeue_upcoming(slot)
+        elif slot.upcoming:
+            self._busy(slot, self._take_next(slot))  # type: ignore[arg-type]  (it goes on with the next at once)
         if slot.conn is None:
             slot.to(IDLE)
             if retiring:

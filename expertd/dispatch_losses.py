@@ -48,7 +48,7 @@ class Losses:
 
     if TYPE_CHECKING:  # the Dispatcher's
         def read_reports(self, slot: WorkerSlot, drain: bool = True) -> None: ...
-        def _take_next(self, slot: WorkerSlot) -> Connection | None: ...
+        def _requeue_upcoming(self, slot: WorkerSlot) -> None: ...
         def _requeue(self, conn: Connection) -> None: ...
         def _batch_lost(self, slot: WorkerSlot, status: int, how: str, began: bool, writing: bool) -> str | None: ...
 
@@ -63,9 +63,8 @@ class Losses:
             self.idle.remove(slot)
         lingering = slot.state == LINGERING
         self.lingering.discard(slot)
-        upcoming = self._take_next(slot)
-        if upcoming is not None:  # never reached: a worker reports the connection in hand before reading the next
-            self._requeue(upcoming)
+        if slot.upcoming:  # never reached: a worker reports the connection in hand before reading the next
+            self._requeue_upcoming(slot)
         self.metrics.retire(slot.board)
         began, _timeout, request_id, writing, expert = self.scoreboard.read(slot.board)
         if slot.batch:

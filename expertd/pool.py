@@ -34,7 +34,8 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from expertd import ipc
 from expertd.backoff import BACKOFF, QUARANTINED, CrashBackoff, Quarantines
@@ -74,7 +75,8 @@ class WorkerSlot:
     state: str = BOOTING
     ready_at: float | None = None
     conn: Connection | None = None  # the connection it serves (busy) or keeps (lingering)
-    next_conn: Connection | None = None  # handed ahead: waits in its channel until it reports slot.conn
+    # Handed ahead, in order: each waits in its channel until the worker reports the one before it.
+    upcoming: deque[Connection] = field(default_factory=deque)
     # A batch in hand: its members not yet reported, by conn_id (slot.conn is one of them); else None.
     batch: dict[int, Connection] | None = None
     busy_since: float = 0.0

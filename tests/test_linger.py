@@ -12,7 +12,7 @@ import pytest
 from expertd import protocol
 from expertd.errors import RequestTimeout
 
-from conftest import raw_connection, wait_until
+from conftest import metrics_samples, raw_connection, wait_until
 
 EXPERTS = {"add": "testexperts:add", "pid": "testexperts:pid",
            "slow": {"function": "testexperts:slow", "timeout": "1s"}}
@@ -211,23 +211,29 @@ def test_many_clients_on_one_worker_all_get_their_own_answers(make_daemon):
     assert daemon.client().status()["workers"][0]["requests"] >= 1800
 
 
-def _hand_ahead_behind_slow(daemon, seconds: float):
-    """Get the only worker busy with slow(seconds) and a pid() call handed ahead to it.
+def _hand_ahead_behind_slow(daemon, seconds: float, quick: int = 1):
+    """Get the only worker busy with slow(seconds) and ``quick`` pid() calls handed ahead to it.
 
-    Returns the two raw connections (slow's, pid's), replies unread.  Both
-    requests are sent at once, slow's first, so that the second arrives while
-    the first has only just begun (only then is it handed ahead).
+    Returns the raw connections (slow's, then the pid calls', request ids 1, 2, ...), replies
+    unread.  The requests are sent at once, slow's first, so that the others arrive while the
+    first has only just begun (only then are they handed ahead).
     """
+    def all_ahead() -> bool:
+        return (daemon.client().status()["workers"][0]["handed_ahead"]
+                and metrics_samples(daemon)["expertd_queued_requests"] == 0)
+
     for _attempt in range(20):
         warm = daemon.client()
         for _ in range(60):  # slow(0) is quick: the master learns that slow's calls are short
             warm.call("slow", 0)
-        first, second = raw_connection(daemon), raw_connection(daemon)
-        first.sendall(_call(1, "slow", seconds))
-        second.sendall(_call(2, "pid"))
-        if wait_until(lambda: daemon.client().status()["workers"][0]["handed_ahead"], timeout=0.3):
-            return first, second
-        _reply(first), _reply(second)  # (too late to be handed ahead: it was queued; again)
+        conns = [raw_connection(daemon) for _ in range(1 + quick)]
+        conns[0].sendall(_call(1, "slow", seconds))
+        for number, conn in enumerate(conns[1:], 2):
+            conn.sendall(_call(number, "pid"))
+        if wait_until(all_ahead, timeout=0.3):
+            return conns
+        for conn in conns:
+            _reply(conn)  # (too late to be handed ahead: it was queued; again)
     raise AssertionError("the master never handed a connection ahead")
 
 
@@ -250,4 +256,17 @@ def test_a_connection_handed_ahead_to_a_stopping_worker_is_served_by_another(mak
     assert _reply(slow) == (protocol.RESULT, 1, busy_worker)
     kind, _request_id, served_by = _reply(quick)
     assert kind == protocol.RESULT and served_by != busy_worker
+    assert "while serving" not in daemon.log
+
+
+def test_every_connection_handed_ahead_to_a_stopping_worker_is_served_by_another(make_daemon):
+    # Two wait in its channel (dispatch.HAND_AHEAD_DEPTH): both go back to the queue, neither is lost.
+    daemon = make_daemon(EXPERTS, workers=1, linger="0")
+    busy_worker = daemon.client().call("pid")
+    slow, quick, also = _hand_ahead_behind_slow(daemon, 0.9, quick=2)
+    os.kill(busy_worker, signal.SIGTERM)
+    assert _reply(slow) == (protocol.RESULT, 1, busy_worker)
+    for conn, request_id in ((quick, 2), (also, 3)):
+        kind, answered_id, served_by = _reply(conn)
+        assert (kind, answered_id) == (protocol.RESULT, request_id) and served_by != busy_worker
     assert "while serving" not in daemon.log
