@@ -44,7 +44,7 @@ from expertd.admin import Admin
 from expertd.backoff import Quarantines
 from expertd.config import Config
 from expertd.connections import IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
-from expertd.dispatch import Dispatcher
+from expertd.dispatch import HAND_AHEAD_DEPTH, Dispatcher
 from expertd.errors import ShuttingDown
 from expertd.generation import become_subreaper
 from expertd.intake import Intake
@@ -83,7 +83,7 @@ class Master:
         # it) except while nothing a connection sends could be served before a worker reports (see
         # _watch_connections): the master then wakes for workers only, and looks at connections then.
         self._conn_epoll = select.epoll()
-        self._watching = False
+        self._watching, self._look_by = False, 0.0  # (not watching: look at connections by _look_by at the latest)
         self._signals: list[int] = []
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Sockets passed by socket activation: taken now (from the environment, which forked processes then
@@ -93,11 +93,9 @@ class Master:
         self.http_listener = None
         self._stop_deadline: float | None = None
         self._exit_status, self.start_failure = 0, ""  # (why the first generation failed: for --daemon's launcher)
-        self._next_expiry_check = 0.0
-        self._next_housekeeping = 0.0
-        self._next_status = 0.0
+        self._next_expiry_check = self._next_housekeeping = self._next_status = 0.0
         self._short = False  # fewer workers than wanted, and one can be forked (set by _maintain)
-        throttle = Throttle(log)  # for the lines a client can make the master write at will
+        self.throttle = throttle = Throttle(log)  # for the lines a client can make the master write at will
         self.scoreboard = scoreboard = Scoreboard()
         self.metrics = metrics = Metrics(MAX_SLOTS, config.experts, pipelines=config.pipelines)
         quarantines = Quarantines()
@@ -120,7 +118,6 @@ class Master:
         self.intake = Intake(serving, table, queue, admin, quarantines, metrics)
         dispatcher.examine = self.intake.examine  # (a connection handed back may have a request waiting)
         dispatcher.adopt = self.acceptor.adopt  # (a worker's request for help with a pipeline's stage)
-        self.throttle = throttle
 
     # ----------------------------------------------------------------- run
     def load_first_generation(self, keepalive: Callable[[], None] | None = None) -> None:
@@ -157,7 +154,9 @@ class Master:
                 self._watch_connections()
                 events = poll(self._poll_timeout())
                 serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
-                connections = not self._watching  # (not watched: look at them on every wake-up)
+                # Not watched: looked at when the queue runs short of work to hand ahead, or after _UNWATCHED_WAIT.
+                connections = not self._watching and (
+                    len(dispatcher.queue) <= len(pool.workers) * HAND_AHEAD_DEPTH or now >= self._look_by)
                 for fd, _mask in events:
                     if fd in by_channel:
                         # One report per event: the channel is level-triggered, so epoll reports it again
@@ -168,6 +167,7 @@ class Master:
                     else:
                         self._on_other(fd)
                 if connections:
+                    self._look_by = now + _UNWATCHED_WAIT
                     for fd, mask in conn_poll(0):
                         conn = by_fd.get(fd)
                         if conn is not None:  # (else closed by an event before it)
@@ -201,11 +201,11 @@ class Master:
     def _watch_connections(self) -> None:
         """Watch the connections' epoll set, unless nothing they send could be served before a worker reports.
 
-        With requests queued and no worker idle, a request arriving now waits behind
-        them whatever the master does, so the master need not wake for it: it wakes
-        for the workers' reports (which free a worker) and looks at the connections
-        then.  That halves its wake-ups per request under load.  Requests the master
-        answers itself (status, health) wait at most _UNWATCHED_WAIT for that.
+        With requests queued and no worker idle, a request arriving now waits behind them
+        whatever the master does, so the master need not wake for it: it wakes for the workers'
+        reports (which free a worker) and looks at the connections then, once the queue runs short
+        of work to hand ahead (see run).  That halves its wake-ups per request under load.
+        Requests the master answers itself (status, health) wait at most _UNWATCHED_WAIT for that.
         """
         dispatcher = self.dispatcher
         watch = not dispatcher.queue or bool(dispatcher.idle) or self._stop_deadline is not None

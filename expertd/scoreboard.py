@@ -61,6 +61,7 @@ class Scoreboard:
 
     # master side
     def set_queued(self, count: int) -> None:
+        """How many requests wait in the master; written when that crosses zero, which is all workers read."""
         self._map[0:4] = _COUNT.pack(count)
 
     def pause_lingering(self, until: float) -> None:
