@@ -219,7 +219,7 @@ class Admin:
                 "requests": max(slot.requests, self.scoreboard.requests(slot.board)),
                 "age_s": round(now - slot.born, 1),
                 "last_request_age_s": None if slot.last_done is None else round(now - slot.last_done, 3),
-                "handed_ahead": bool(slot.upcoming),  # its next connection waits in its channel
+                "handed_ahead": bool(slot.upcoming),  # connections handed ahead wait in its channel
                 **memory,
             })
         parents, others = [], {"rss": 0, "pss": 0, "uss": 0}  # the generations' parents, then the master

@@ -193,11 +193,13 @@ class Dispatcher(BatchDispatching, Losses):
         (one to each before a second to any), and never to a worker that
         lingers or is on its way out.
 
-        Only a worker busy with a short request gets one: an expert whose
-        calls typically take under HAND_AHEAD_UNDER, running for less than
-        that.  The connection waits for that request to end, even if another
-        worker falls idle first; for short requests that wait is shorter
-        than the round trip it saves, and a long one keeps its queue.
+        Only a worker busy with a short request gets one: a call (not a MAP
+        or a pipeline) of an expert whose calls typically take under
+        HAND_AHEAD_UNDER, running for less than that; a second only when the
+        first handed ahead is short too.  The connection waits for the
+        requests before it to end, even if another worker falls idle first;
+        for short requests that wait is shorter than the round trip it saves,
+        and a long one keeps its queue.
         """
         if self.quarantines.entries:
             return  # a call queued for a quarantined expert must meet _hand_out's refusal, not a busy worker
@@ -213,8 +215,8 @@ class Dispatcher(BatchDispatching, Losses):
             conn = slot.conn
             if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
                     or conn is None or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
-                    or slot.batch or slot.channel.fileno() < 0
-                    or self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) >= HAND_AHEAD_UNDER):
+                    or slot.batch or slot.channel.fileno() < 0 or not self._short(conn)
+                    or (slot.upcoming and not self._short(slot.upcoming[-1]))):  # (it would wait for that one too)
                 continue
             upcoming = queue[0]
             try:
@@ -229,6 +231,10 @@ class Dispatcher(BatchDispatching, Losses):
             else:
                 continue  # (full: its place in the candidates is given up)
             ahead.append((slot, since))  # one to each busy worker before a second to any
+
+    def _short(self, conn: Connection) -> bool:
+        """Whether ``conn``'s request is a call of an expert whose calls typically take under HAND_AHEAD_UNDER."""
+        return not conn.whole_batch and self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) < HAND_AHEAD_UNDER
 
     def _take_next(self, slot: WorkerSlot) -> Connection | None:
         """The first connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""

@@ -154,9 +154,9 @@ class Master:
                 self._watch_connections()
                 events = poll(self._poll_timeout())
                 serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
-                # Not watched: looked at when the queue runs short of work to hand ahead, or after _UNWATCHED_WAIT.
-                connections = not self._watching and (
-                    len(dispatcher.queue) <= len(pool.workers) * HAND_AHEAD_DEPTH or now >= self._look_by)
+                # Not watched: looked at when the queue runs short, replies are being written, or the look is due.
+                connections = not self._watching and (len(dispatcher.queue) <= len(pool.workers) * HAND_AHEAD_DEPTH
+                                                      or table.held_replies or now >= self._look_by)
                 for fd, _mask in events:
                     if fd in by_channel:
                         # One report per event: the channel is level-triggered, so epoll reports it again
@@ -201,11 +201,12 @@ class Master:
     def _watch_connections(self) -> None:
         """Watch the connections' epoll set, unless nothing they send could be served before a worker reports.
 
-        With requests queued and no worker idle, a request arriving now waits behind them
-        whatever the master does, so the master need not wake for it: it wakes for the workers'
-        reports (which free a worker) and looks at the connections then, once the queue runs short
-        of work to hand ahead (see run).  That halves its wake-ups per request under load.
-        Requests the master answers itself (status, health) wait at most _UNWATCHED_WAIT for that.
+        With requests queued and no worker idle, a request arriving now waits behind them whatever the
+        master does, so the master need not wake for it: it wakes for the workers' reports (which free a
+        worker) and looks at the connections then, once the queue runs short of work to hand ahead or
+        replies it holds are being written, and at least every _UNWATCHED_WAIT (a look per wake-up would
+        cost a poll per request).  That halves its wake-ups per request under load.  Requests the master
+        answers itself (status, health), hang-ups and requests arriving in pieces wait at most that long.
         """
         dispatcher = self.dispatcher
         watch = not dispatcher.queue or bool(dispatcher.idle) or self._stop_deadline is not None
@@ -283,7 +284,7 @@ class Master:
         if self.acceptor.refusing:
             timeout = min(timeout, self.acceptor.next_deadline() - now)  # type: ignore[operator]
         if not self._watching:
-            timeout = min(timeout, _UNWATCHED_WAIT)
+            timeout = min(timeout, self._look_by - now)  # (the next look at the connections is due then)
         dispatcher = self.dispatcher
         if dispatcher.batcher.next_wake < now + timeout and dispatcher.idle and dispatcher.queue:
             timeout = dispatcher.batcher.next_wake - now  # a free worker waits for company until then
@@ -380,9 +381,7 @@ class Master:
             slot = self.pool.pop(pid)
             if slot is not None:
                 self._worker_exited(slot, status)
-                continue
-            parent = self.reloads.pop_parent(pid)
-            if parent is not None:
+            elif (parent := self.reloads.pop_parent(pid)) is not None:
                 self.reloads.parent_exited(parent, status)
 
     def _worker_exited(self, slot: WorkerSlot, status: int) -> None:

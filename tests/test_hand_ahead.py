@@ -27,15 +27,17 @@ from expertd.pool import IDLE, Pool, WorkerSlot
 from expertd.scoreboard import Scoreboard
 from expertd.serving import Serving
 
-SHORT = 0.0001  # a typical call of the expert: well under HAND_AHEAD_UNDER
+SHORT = 0.0001  # a typical call of square: well under HAND_AHEAD_UNDER
+LONG = 5.0  # and of slow
 
 
 class Harness:
     def __init__(self, directory, workers: int) -> None:
         path = directory / "expertd.conf"
         path.write_text(f"[expertd]\nsocket = {directory / 'x.sock'}\nworkers = {workers}\n"
-                        "[expert:square]\nfunction = squares:square\n")
-        self.serving = Serving(load_config(str(path)), experts={"square": {"name": "square", "doc": ""}})
+                        "[expert:square]\nfunction = squares:square\n[expert:slow]\nfunction = squares:square\n")
+        self.serving = Serving(load_config(str(path)), experts={"square": {"name": "square", "doc": ""},
+                                                                 "slow": {"name": "slow", "doc": ""}})
         self.serving.now = 100.0
         throttle = Throttle(logging.getLogger("test.hand_ahead"))
         self.epoll = select.epoll()
@@ -49,7 +51,7 @@ class Harness:
         self.dispatcher = Dispatcher(self.serving, self.pool, self.table, self.queue, self.scoreboard,
                                      self.metrics, Quarantines(), on_ready=lambda: None,
                                      kill_and_reap=lambda slot: None, examine=self.examined.append)
-        self.dispatcher.typical["square"] = SHORT
+        self.dispatcher.typical.update(square=SHORT, slow=LONG)
         self.workers = []  # (slot, the worker's end of its channel)
         self._open: list[socket.socket] = []
         for number in range(workers):
@@ -61,12 +63,13 @@ class Harness:
             self.workers.append((slot, theirs))
             self._open += [ours, theirs]
 
-    def request(self):
-        """A client connection whose CALL of square is whole in its socket, queued as intake would."""
+    def request(self, expert: str = "square", whole_batch: bool = False):
+        """A client connection whose CALL of ``expert`` (a MAP: ``whole_batch``) is whole in its socket, queued
+        as intake would."""
         client, served = socket.socketpair()
         self._open += [client, served]
         conn = self.table.add(served, tcp=False, uid=0, gid=0, pid=1, groups=frozenset())
-        conn.speaks, conn.expert = "msgpack", "square"
+        conn.speaks, conn.expert, conn.whole_batch = "msgpack", expert, whole_batch
         conn.to(QUEUED)
         self.queue.append(conn)
         return conn
@@ -159,3 +162,23 @@ def test_a_worker_whose_requests_are_long_is_handed_nothing_ahead(harness):
     conns = [h.request() for _ in range(3)]
     h.dispatcher.dispatch()
     assert h.served(0) == [conns[0].conn_id] and list(h.queue) == conns[1:]
+
+
+def test_nothing_is_handed_ahead_behind_a_long_call_handed_ahead_before_it(harness):
+    # Worker 0 gets slow's call second in its channel: what came after must not wait behind it there,
+    # where another worker falls idle long before it would be reached.
+    h = harness(workers=2)
+    _a, b, slow, d, e = h.request(), h.request(), h.request("slow"), h.request(), h.request()
+    h.dispatcher.dispatch()
+    assert list(h.workers[0][0].upcoming) == [slow] and list(h.workers[1][0].upcoming) == [d, e]
+    h.served(0), h.served(1)
+    h.done(1, b), h.done(1, d), h.done(1, e)
+    assert h.workers[1][0].state == IDLE and not h.queue  # (e went to worker 1, which is free now)
+
+
+def test_nothing_is_handed_ahead_behind_a_map(harness):
+    h = harness(workers=1)
+    first = h.request(whole_batch=True)  # many calls of square in one request: not short, whatever square is
+    rest = [h.request() for _ in range(2)]
+    h.dispatcher.dispatch()
+    assert h.served(0) == [first.conn_id] and list(h.queue) == rest
