@@ -342,12 +342,8 @@ class PipelineServing:
 
     def _count_pipeline(self, label: str | None, outcome: str, seconds: float) -> None:
         """Count a pipeline request (``label``: None for a helper's) and each expert it ran, as a call of it."""
-        record = self.recorder.record
-        for name, code, elapsed in self._ran:
-            record(name, code, elapsed)
+        self.recorder.record_run(self._ran, label, outcome, seconds)
         self._ran.clear()
-        if label is not None:
-            self.recorder.record_pipeline(label, outcome, seconds)
 
     def _pack_pipeline_reply(self, target: str, value: dict, outcome: str) -> tuple[bytes, str]:
         """The reply's body, and the outcome: an opinion that cannot be sent becomes its expert's ``bad_result``
