@@ -65,6 +65,7 @@ PIPELINE_GRACE = 0.5
 _TYPICAL_WEIGHT = 0.25  # how fast the typical duration follows new measurements (an EWMA)
 _HELPER_OPTIONS = {"helper": True}
 _monotonic = time.monotonic
+_pack, _MAX_BODY = protocol.pack, protocol.MAX_BODY
 _SCALARS = frozenset((str, int, float, bool, type(None)))  # results that cannot hold the document
 _SKIPPED = "skipped"
 _getsignal, _SIGALRM = _signal.getsignal, signal.SIGALRM  # (_signal's: signal's wraps the answer in an enum)
@@ -128,6 +129,7 @@ class PipelineServing:
     _ran: list[tuple[str, str, float]]  # the experts the request in hand ran: (name, outcome, seconds), set here
     _timeouts: dict[str, float]  # each expert's own timeout
     _plain: dict[str, PlainExpert]  # the experts a stage calls directly (see plain_experts)
+    _running_field: tuple  # self.board.running_field(), found once
     _plans: dict[str, tuple[Plan, tuple[Run, ...], float]]  # target -> its plan, steps, seconds (see _steps), set here
     board: SlotWriter
 
@@ -159,7 +161,7 @@ class PipelineServing:
         came_with_errors = bool(errors)
         ran = self._ran  # (each expert run counts as a call of it: see _count_pipeline)
         # Where SlotWriter.running writes, written here: a method call per stage costs more than the write.
-        board, expert_field = self.board.running_field()
+        board, expert_field = self._running_field
         found: dict[str, Any] = {}  # expert -> its result or RemoteError, for the stages not written at once
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
@@ -348,9 +350,11 @@ class PipelineServing:
     def _pack_pipeline_reply(self, target: str, value: dict, outcome: str) -> tuple[bytes, str]:
         """The reply's body, and the outcome: an opinion that cannot be sent becomes its expert's ``bad_result``
         error alone (found only when the whole does not pack), not the request's."""
-        try:
-            return _pack_result(target, value), outcome
-        except BadResult:
+        try:  # (_pack_result's work, inlined: it is done on every pipeline request, its failures seldom)
+            body = _pack(value)
+            if len(body) <= _MAX_BODY:
+                return body, outcome
+        except BaseException:  # (_pack_result's catch: it tells what failed, below)
             pass
         opinions, culprits = value.get("opinions", {}), False
         for name in list(opinions):
