@@ -233,10 +233,11 @@ def decode_pipeline(body: bytes | bytearray | memoryview) -> tuple[str, dict, di
     if not isinstance(document, dict):
         raise BadRequest(f"a pipeline's document must be a map (a JSON object), not {type(document).__name__}",
                          expert=target)
-    for key in ("opinions", "errors"):
-        if key in document and not isinstance(document[key], dict):
-            raise BadRequest(f"the document's {key!r} is a {type(document[key]).__name__}, not a map; "
-                             f"the pipeline adds to it", expert=target)
+    if "opinions" in document or "errors" in document:  # (a new document has neither: two tests, not the loop)
+        for key in ("opinions", "errors"):
+            if key in document and not isinstance(document[key], dict):
+                raise BadRequest(f"the document's {key!r} is a {type(document[key]).__name__}, not a map; "
+                                 f"the pipeline adds to it", expert=target)
     if not isinstance(options, dict):
         raise BadRequest(f"a pipeline's options must be a map, not {type(options).__name__}", expert=target)
     return target, document, options
