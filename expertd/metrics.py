@@ -41,6 +41,7 @@ _FIRST_BUCKET = len(OUTCOMES)
 _SUM = _FIRST_BUCKET + len(BUCKETS) + 1
 _RECORD = _SUM + 1  # counters per outcome, per bucket (and +Inf), then the sum of seconds
 _AD_HOC_KEY = PIPELINE_PREFIX + AD_HOC
+_FIRST_BOUND = BUCKETS[0]
 
 
 class Metrics:
@@ -232,6 +233,29 @@ class Recorder:
         """Count a pipeline request (``pipeline``: its name, or AD_HOC)."""
         key = PIPELINE_PREFIX + pipeline
         self.record(key if key in self._index else _AD_HOC_KEY, outcome, seconds)
+
+    def record_run(self, ran: list[tuple[str, str, float]], pipeline: str | None, outcome: str,
+                   seconds: float) -> None:
+        """Count what a pipeline request ran and the request: each of ``ran`` ((expert, outcome, seconds)) as
+        :meth:`record` counts a call, then, unless ``pipeline`` is None (a helper's request), the request as
+        :meth:`record_pipeline` does.
+
+        The same counts in one pass: for a pipeline of cheap experts, a method call per expert cost more
+        than the counting.
+        """
+        counts, sums, base, index = self._counts, self._seconds, self._base, self._index
+        for expert, code, elapsed in ran:
+            record = base + index.get(expert, 0) * _RECORD
+            counts[record + _OUTCOME_INDEX.get(code, _OTHER)] += 1
+            # (bisect_left's answer for anything up to the first bound, without the search: a cheap expert's)
+            counts[record + _FIRST_BUCKET + (bisect_left(BUCKETS, elapsed) if elapsed > _FIRST_BOUND else 0)] += 1
+            sums[record + _SUM] += elapsed
+        if pipeline is not None:
+            found = index.get(PIPELINE_PREFIX + pipeline)
+            record = base + (index.get(_AD_HOC_KEY, 0) if found is None else found) * _RECORD
+            counts[record + _OUTCOME_INDEX.get(outcome, _OTHER)] += 1
+            counts[record + _FIRST_BUCKET + bisect_left(BUCKETS, seconds)] += 1
+            sums[record + _SUM] += seconds
 
 
 # Batched experts' histograms (figures kept by expertd.batching): calls per batch, seconds queued.

@@ -96,6 +96,7 @@ class Worker(BatchServing, PipelineServing):
         self._ran: list[tuple[str, str, float]] = []  # the experts a pipeline ran, counted after its reply
         self._plain = plain_experts(experts)  # (what a pipeline's stage calls directly)
         self._plans: dict = {}  # a pipeline's target -> its plan and steps (see worker_pipeline)
+        self._running_field = self.board.running_field()  # (a pipeline's stages write their running mark there)
 
     def run(self) -> NoReturn:
         """Boot, serve until told to stop, exit.  Never returns."""

@@ -35,7 +35,9 @@ retires).
 
 from __future__ import annotations
 
+import _signal
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -63,8 +65,11 @@ PIPELINE_GRACE = 0.5
 _TYPICAL_WEIGHT = 0.25  # how fast the typical duration follows new measurements (an EWMA)
 _HELPER_OPTIONS = {"helper": True}
 _monotonic = time.monotonic
+_pack, _MAX_BODY = protocol.pack, protocol.MAX_BODY
 _SCALARS = frozenset((str, int, float, bool, type(None)))  # results that cannot hold the document
 _SKIPPED = "skipped"
+_getsignal, _SIGALRM = _signal.getsignal, signal.SIGALRM  # (_signal's: signal's wraps the answer in an enum)
+_ON_ALARM, _REARM_SLACK = stage_timer.HANDLER, stage_timer.REARM_SLACK
 
 
 class PlainExpert(NamedTuple):
@@ -95,6 +100,10 @@ class Step(NamedTuple):
     more: bool  # stages follow it (a timeout's message says so)
 
 
+# A step as the stage loop unpacks it: its index, then Step's fields (a plain tuple: a NamedTuple unpacks slower).
+Run = tuple[int, tuple[str, ...], "str | None", "Callable[[Any], Any] | None", bytes, float, bool]
+
+
 def steps_of(plan: Plan, plain: dict[str, PlainExpert]) -> tuple[Step, ...]:
     """``plan``'s stages as a worker runs them, everything a stage needs found once per plan, not per request."""
     steps = []
@@ -120,17 +129,19 @@ class PipelineServing:
     _ran: list[tuple[str, str, float]]  # the experts the request in hand ran: (name, outcome, seconds), set here
     _timeouts: dict[str, float]  # each expert's own timeout
     _plain: dict[str, PlainExpert]  # the experts a stage calls directly (see plain_experts)
-    _plans: dict[str, tuple[Plan, tuple[Step, ...]]]  # target -> its plan and steps (see _steps), set here
+    _running_field: tuple  # self.board.running_field(), found once
+    _plans: dict[str, tuple[Plan, tuple[Run, ...], float]]  # target -> its plan, steps, seconds (see _steps), set here
     board: SlotWriter
 
-    def _steps(self, target: str) -> tuple[Plan, tuple[Step, ...]]:
-        """``target``'s plan and its steps, made once per target (raises as Config.plan does)."""
+    def _steps(self, target: str) -> tuple[Plan, tuple[Run, ...], float]:
+        """``target``'s plan, steps and time given, made once per target (raises as Config.plan does)."""
         entry = self._plans.get(target)
         if entry is None:
             plan = self.config.plan(target)
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()  # (clients choose the targets: bounded whatever they send)
-            entry = self._plans[target] = (plan, steps_of(plan, self._plain))
+            runs = tuple((index, *step) for index, step in enumerate(steps_of(plan, self._plain)))
+            entry = self._plans[target] = (plan, runs, plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10))
         return entry
 
     def _run_pipeline(self, target: str, document: dict, options: dict,
@@ -142,22 +153,26 @@ class PipelineServing:
         ``timeout``.
         Request-level problems (unknown names, a bad target, bad options) raise RemoteError.
         """
-        plan, steps = self._steps(target)
+        entry = self._plans.get(target)  # (_steps, inlined: it is almost always there)
+        plan, steps, budget = entry if entry is not None else self._steps(target)
         on_error, helper = _options(options, plan.on_error, target) if options else (plan.on_error, False)
         opinions = document.setdefault("opinions", {})
         errors = document.get("errors")
         came_with_errors = bool(errors)
-        ran, running = self._ran, self.board.running  # (each expert run counts as a call of it: see _count_pipeline)
+        ran = self._ran  # (each expert run counts as a call of it: see _count_pipeline)
+        # Where SlotWriter.running writes, written here: a method call per stage costs more than the write.
+        board, expert_field = self._running_field
         found: dict[str, Any] = {}  # expert -> its result or RemoteError, for the stages not written at once
         outcome = "ok"
         stop: str | None = None  # why the stages left are not run
-        deadline = started + plan.timeout - min(PIPELINE_GRACE, plan.timeout / 10)
-        timed = stage_timer.usable()  # (the deadlines: see expertd.stage_timer)
-        arm, meaning = stage_timer.arm, stage_timer.MEANING
+        deadline = started + budget
+        # (The deadlines: see expertd.stage_timer.  Its first test, inlined: the handler is installed.)
+        timed = _getsignal(_SIGALRM) is _ON_ALARM or stage_timer.usable()
+        arm, meaning, alarm_at = stage_timer.arm, stage_timer.MEANING, stage_timer.ALARM_AT
         index = 0  # the stage in hand (the ones before it are written)
         now = _monotonic()  # (a stage begins when the one before it ended)
         try:
-            for index, (stage, name, function, board_name, limit, more) in enumerate(steps):
+            for index, stage, name, function, board_name, limit, more in steps:
                 if stop is not None:
                     for name in stage:
                         _write(document, name, _skipped(name, stop))
@@ -166,10 +181,14 @@ class PipelineServing:
                 if until > deadline:
                     until = deadline
                 if timed:
-                    arm(until, now)
+                    # stage_timer.arm's own test, inlined (a call per stage costs more than it): with stages'
+                    # limits alike, the timer armed for the first stage serves the next ones too.
+                    at = alarm_at[0]
+                    if at > until or until - at > _REARM_SLACK or at <= now:
+                        arm(until, now)
                     meaning[0] = True  # (after arming: a SIGALRM still due from an earlier deadline means nothing)
                 if function is not None:  # (the usual stage: one expert, called here)
-                    running(board_name)  # (a crash now is charged to it, not to the pipeline)
+                    board[expert_field] = board_name  # (SlotWriter.running: a crash now is charged to it)
                     try:
                         result = function(document)
                     except BaseException as exc:  # (its failure is its entry in errors, never a dead worker)
@@ -211,7 +230,7 @@ class PipelineServing:
         except StageTimeout:  # (past the deadline in this module's own code, which may go on: no retiring)
             outcome, late = "timeout", None
             for step in steps[index:]:  # (those before it are written)
-                for name in step.stage:
+                for name in step[1]:
                     if name not in found:
                         found[name] = late = _stage_timeout(name, True) if late is None else _skipped(
                             name, "a stage ran past its timeout")
@@ -325,19 +344,17 @@ class PipelineServing:
 
     def _count_pipeline(self, label: str | None, outcome: str, seconds: float) -> None:
         """Count a pipeline request (``label``: None for a helper's) and each expert it ran, as a call of it."""
-        record = self.recorder.record
-        for name, code, elapsed in self._ran:
-            record(name, code, elapsed)
+        self.recorder.record_run(self._ran, label, outcome, seconds)
         self._ran.clear()
-        if label is not None:
-            self.recorder.record_pipeline(label, outcome, seconds)
 
     def _pack_pipeline_reply(self, target: str, value: dict, outcome: str) -> tuple[bytes, str]:
         """The reply's body, and the outcome: an opinion that cannot be sent becomes its expert's ``bad_result``
         error alone (found only when the whole does not pack), not the request's."""
-        try:
-            return _pack_result(target, value), outcome
-        except BadResult:
+        try:  # (_pack_result's work, inlined: it is done on every pipeline request, its failures seldom)
+            body = _pack(value)
+            if len(body) <= _MAX_BODY:
+                return body, outcome
+        except BaseException:  # (_pack_result's catch: it tells what failed, below)
             pass
         opinions, culprits = value.get("opinions", {}), False
         for name in list(opinions):

@@ -272,6 +272,21 @@ def test_a_pipeline_added_later_is_counted_by_workers_made_after():
     assert {name: entry["requests"] for name, entry in metrics.pipelines([0]).items()} == {AD_HOC: 1, "fresh": 1}
 
 
+@pytest.mark.parametrize("pipeline", ["mod", AD_HOC, "not_a_pipeline", None])
+def test_a_pipelines_counting_in_one_pass_counts_as_a_call_of_each_expert_and_the_request_would(pipeline):
+    ran = [("language", "ok", 0.000004), ("polite", "expert_failed", 0.00001), ("polite", "ok", 0.00003),
+           ("gone", "timeout", 0.2), ("language", "no_such_code", float("nan")), ("language", "ok", 100.0)]
+    one_pass, one_by_one = Metrics(1, ["language", "polite"], pipelines=["mod"]), Metrics(
+        1, ["language", "polite"], pipelines=["mod"])
+    one_pass.recorder(0).record_run(ran, pipeline, "expert_errors", 0.004)
+    recorder = one_by_one.recorder(0)
+    for expert, code, seconds in ran:
+        recorder.record(expert, code, seconds)
+    if pipeline is not None:
+        recorder.record_pipeline(pipeline, "expert_errors", 0.004)
+    assert str(one_pass.totals([0])) == str(one_by_one.totals([0]))  # (str: NaN == NaN)
+
+
 def test_metrics_render_pipeline_requests_by_outcome_and_their_duration_histogram():
     lines = _metrics().render([0, 1], GAUGES).splitlines()
     for line in (
