@@ -228,9 +228,8 @@ class Dispatcher(BatchDispatching, Losses):
             slot.upcoming.append(upcoming)
             if len(slot.upcoming) == 1:
                 self.scoreboard.set_next(slot.board, True)
-            else:
-                continue  # (full: its place in the candidates is given up)
-            ahead.append((slot, since))  # one to each busy worker before a second to any
+            if len(slot.upcoming) < HAND_AHEAD_DEPTH:
+                ahead.append((slot, since))  # one to each busy worker before a second to any
 
     def _short(self, conn: Connection) -> bool:
         """Whether ``conn``'s request is a call of an expert whose calls typically take under HAND_AHEAD_UNDER."""
