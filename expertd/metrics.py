@@ -240,8 +240,8 @@ class Recorder:
         :meth:`record` counts a call, then, unless ``pipeline`` is None (a helper's request), the request as
         :meth:`record_pipeline` does.
 
-        The same counts in one pass: for a pipeline of cheap experts, a method call per expert cost more
-        than the counting.
+        The experts' counts in one pass: for a pipeline of cheap experts, a method call per expert cost more
+        than the counting.  (The request is counted once: by record_pipeline itself.)
         """
         counts, sums, base, index = self._counts, self._seconds, self._base, self._index
         for expert, code, elapsed in ran:
@@ -251,11 +251,7 @@ class Recorder:
             counts[record + _FIRST_BUCKET + (bisect_left(BUCKETS, elapsed) if elapsed > _FIRST_BOUND else 0)] += 1
             sums[record + _SUM] += elapsed
         if pipeline is not None:
-            found = index.get(PIPELINE_PREFIX + pipeline)
-            record = base + (index.get(_AD_HOC_KEY, 0) if found is None else found) * _RECORD
-            counts[record + _OUTCOME_INDEX.get(outcome, _OTHER)] += 1
-            counts[record + _FIRST_BUCKET + bisect_left(BUCKETS, seconds)] += 1
-            sums[record + _SUM] += seconds
+            self.record_pipeline(pipeline, outcome, seconds)
 
 
 # Batched experts' histograms (figures kept by expertd.batching): calls per batch, seconds queued.
