@@ -165,17 +165,25 @@ def test_a_killed_generation_parent_is_replaced_and_workers_are_still_replaced(m
     (parent,) = daemon.generation_parent_pids()
     os.kill(parent, signal.SIGKILL)
     assert wait_until(lambda: daemon.generation_parent_pids() - {parent}, timeout=30)
-    # Generation 2 serves once it has loaded, while generation 1's workers still answer and then retire:
-    # go by the daemon's account of whose worker is whose, not by a count of processes, which can catch
-    # the two old workers just before the two new ones are forked together.
-    assert wait_until(lambda: _only_generation_ready(daemon, 2, count=2), timeout=30)
-    workers = _workers(daemon)[2]
+    assert wait_until(lambda: daemon.client().status()["generation"] == 2, timeout=30)
+    _a_killed_worker_is_replaced(daemon)
+    assert daemon.client().call("add", 1, 1) == 2
+
+
+def _a_killed_worker_is_replaced(daemon) -> None:
+    """Kill one of the serving generation's two workers once they alone serve; see it replaced.
+
+    A generation serves once it has loaded, while the old generation's workers still answer and then
+    retire: this goes by the daemon's account of whose worker is whose, not by a count of processes,
+    which can catch the two old workers just before the two new ones are forked together."""
+    generation = daemon.client().status()["generation"]
+    assert wait_until(lambda: _only_generation_ready(daemon, generation, count=2), timeout=30)
+    workers = _workers(daemon)[generation]
     killed = next(iter(workers))
     os.kill(killed, signal.SIGKILL)
-    assert wait_until(lambda: _only_generation_ready(daemon, 2, count=2) and killed not in _workers(daemon).get(2, ()),
-                      timeout=30)
-    assert len(_workers(daemon)[2] & workers) == 1  # the other worker served on
-    assert daemon.client().call("add", 1, 1) == 2
+    assert wait_until(lambda: _only_generation_ready(daemon, generation, count=2) and
+                      killed not in _workers(daemon).get(generation, ()), timeout=30)
+    assert len(_workers(daemon)[generation] & workers) == 1  # the other worker served on
 
 
 def _workers(daemon) -> dict[object, set[int]]:
@@ -256,9 +264,7 @@ def test_a_lost_generation_parent_whose_replacement_fails_leaves_the_master_idle
     _write(code, "v2")
     daemon.send_signal(signal.SIGHUP)
     assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
-    workers = daemon.wait_workers(2, timeout=30)
-    os.kill(next(iter(workers)), signal.SIGKILL)  # and workers are replaced again
-    assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+    _a_killed_worker_is_replaced(daemon)  # and workers are replaced again
 
 
 def test_a_generation_parent_that_dies_right_after_loading_never_leaves_the_daemon_stuck(make_daemon, short_dir):
@@ -281,9 +287,7 @@ def test_a_generation_parent_that_dies_right_after_loading_never_leaves_the_daem
     _write(code, "v3")
     assert daemon.ctl("reload").returncode == 0
     assert wait_until(lambda: daemon.client().call("version")[0] == "v3", timeout=30)
-    workers = daemon.wait_workers(2, timeout=30)
-    os.kill(next(iter(workers)), signal.SIGKILL)
-    assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+    _a_killed_worker_is_replaced(daemon)
 
 
 def test_a_reload_while_more_than_a_thousand_descriptors_are_open_starts_its_workers(make_daemon, short_dir):
@@ -300,9 +304,7 @@ def test_a_reload_while_more_than_a_thousand_descriptors_are_open_starts_its_wor
         _write(code, "v2")  # the new generation's control socket gets a descriptor past 1023
         assert daemon.ctl("reload").returncode == 0
         assert wait_until(lambda: daemon.client().call("version")[0] == "v2", timeout=30)
-        workers = daemon.wait_workers(2, timeout=30)
-        os.kill(next(iter(workers)), signal.SIGKILL)  # replaced by the same parent, descriptors and all
-        assert wait_until(lambda: len(daemon.worker_pids() - workers) == 1, timeout=30)
+        _a_killed_worker_is_replaced(daemon)  # by the same parent, descriptors and all
         assert daemon.proc.poll() is None
         for sock in held:
             sock.close()
