@@ -156,6 +156,24 @@ def test_connections_a_retiring_worker_never_reached_go_back_first_in_their_orde
     assert not h.workers[0][0].upcoming and not h.scoreboard.slot(0).next_waiting()
 
 
+@pytest.mark.parametrize(("typical", "ahead"), [
+    (SHORT, HAND_AHEAD_DEPTH),  # (0.1 ms each: the depth, not the budget, stops it)
+    (0.0006, 3),  # 0.6 + 0.6 + 0.6 ms wait ahead of the third: under 2 ms; the fourth would wait 2.4
+    (0.0009, 2),
+    (0.0015, 1),  # a second would wait 3 ms
+    (0.0025, 0),  # the call in hand alone is not short
+])
+def test_a_worker_is_handed_only_as_much_ahead_as_is_expected_to_take_under_the_budget(harness, typical, ahead):
+    # What waits ahead of a connection in a worker's channel is expected to take under HAND_AHEAD_UNDER
+    # in all: the deeper hand-ahead that very short calls need never makes a longer one wait long.
+    h = harness(workers=1)
+    h.dispatcher.typical["square"] = typical
+    conns = [h.request() for _ in range(HAND_AHEAD_DEPTH + 2)]
+    h.dispatcher.dispatch()
+    assert h.served(0) == [conn.conn_id for conn in conns[: ahead + 1]]
+    assert list(h.workers[0][0].upcoming) == conns[1 : ahead + 1] and list(h.queue) == conns[ahead + 1 :]
+
+
 def test_a_worker_whose_requests_are_long_is_handed_nothing_ahead(harness):
     h = harness(workers=1)
     h.dispatcher.typical["square"] = 0.5

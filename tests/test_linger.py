@@ -260,7 +260,7 @@ def test_a_connection_handed_ahead_to_a_stopping_worker_is_served_by_another(mak
 
 
 def test_every_connection_handed_ahead_to_a_stopping_worker_is_served_by_another(make_daemon):
-    # Two wait in its channel (dispatch.HAND_AHEAD_DEPTH): both go back to the queue, neither is lost.
+    # Two wait in its channel: both go back to the queue, neither is lost.
     daemon = make_daemon(EXPERTS, workers=1, linger="0")
     busy_worker = daemon.client().call("pid")
     slow, quick, also = _hand_ahead_behind_slow(daemon, 0.9, quick=2)
