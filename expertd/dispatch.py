@@ -4,8 +4,8 @@
   idle worker gets its descriptor over its channel (:mod:`expertd.ipc`) and
   answers the client itself.
 * **Hand-ahead**: when every worker is busy, a worker busy with short requests
-  gets its next connections at once (up to HAND_AHEAD_DEPTH, and only as many
-  as are expected to take under HAND_AHEAD_UNDER in all), waiting in its
+  gets its next connections at once (up to HAND_AHEAD_DEPTH, the second and
+  more only while very short requests wait ahead of them), waiting in its
   channel, so that it need not wait a round trip through the master between
   requests.
 * **Linger**: a worker that answered may keep the connection for its next
@@ -64,20 +64,21 @@ from expertd.serving import Serving
 
 log = logging.getLogger("expertd.master")
 
-# A connection is handed ahead to a busy worker only while what waits ahead of it there (the request
-# in hand and those handed ahead before it) is expected to take less than this in all, the one in
-# hand running for less than this too (see _hand_ahead): it is the most a connection handed ahead may
-# be expected to wait in one worker while another falls idle.
+# A busy worker is handed its next connection ahead only while the request in hand is short: an
+# expert whose calls typically take less than this, running for less than this (see _hand_ahead).
 HAND_AHEAD_UNDER = 0.002
+# A second and further ones only while what waits ahead of the connection there (the request in hand
+# and those handed ahead before it) is expected to take less than this in all: enough to cover the
+# master's turn for very short requests, and never much of a wait for a connection committed to one
+# worker while another may fall idle.
+HAND_AHEAD_BUDGET = 0.0005
 # The most connections that may wait in a busy worker's channel.  One is not enough when requests
 # are as short as the master's turn (tens of µs): the master hands the next one ahead when it reads
 # the worker's DONE, and the worker is often done before that, and sleeps on its channel until the
 # master gets there.  With several it never waits, and the master, woken by one DONE, finds the next
 # ones waiting too and serves them in the same wake-up (16 callers of a 30 µs expert, 1 worker, 2 CPUs:
 # 8 deep served 1.28x the calls/s of 2 deep, with 14% less of the master's CPU per call; see
-# bench/ab_processes.py).
-# The time budget above keeps it shallow for longer requests (a 1.5 ms one gets one ahead), and each
-# connection in a channel is one that a dying worker hands back to the queue.
+# bench/ab_processes.py).  Each connection in a channel is one that a dying worker hands back to the queue.
 HAND_AHEAD_DEPTH = 8
 _LINGER_PAUSE = 0.1
 _NEVER = float("inf")
@@ -201,14 +202,15 @@ class Dispatcher(BatchDispatching, Losses):
         (one to each before a second to any), and never to a worker that
         lingers or is on its way out.
 
-        Only a worker busy with short requests gets one: calls (not a MAP or
-        a pipeline) of experts whose calls typically take so little that what
-        waits ahead of the connection there, the call in hand and those handed
-        ahead before it, is expected to take under HAND_AHEAD_UNDER in all (the
-        call in hand running for less than that too).  The connection waits for
-        the requests before it to end, even if another worker falls idle first;
-        for short requests that wait is shorter than the round trips it saves,
-        and a long one keeps its queue.
+        Only a worker busy with a short request gets one: a call (not a MAP
+        or a pipeline) of an expert whose calls typically take under
+        HAND_AHEAD_UNDER, running for less than that; a second and more only
+        while what waits ahead of the connection there, the call in hand and
+        those handed ahead before it, is expected to take under
+        HAND_AHEAD_BUDGET in all.  The connection waits for the requests
+        before it to end, even if another worker falls idle first; for short
+        requests that wait is shorter than the round trips it saves, and a long
+        one keeps its queue.
         """
         if self.quarantines.entries:
             return  # a call queued for a quarantined expert must meet _hand_out's refusal, not a busy worker
@@ -224,7 +226,8 @@ class Dispatcher(BatchDispatching, Losses):
             conn = slot.conn
             if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
                     or conn is None or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
-                    or slot.batch or slot.channel.fileno() < 0 or self._expected_ahead(slot) >= HAND_AHEAD_UNDER):
+                    or slot.batch or slot.channel.fileno() < 0 or not self._short(conn)
+                    or (slot.upcoming and self._expected_ahead(slot) >= HAND_AHEAD_BUDGET)):
                 continue
             upcoming = queue[0]
             try:
@@ -238,6 +241,10 @@ class Dispatcher(BatchDispatching, Losses):
                 self.scoreboard.set_next(slot.board, True)
             if len(slot.upcoming) < HAND_AHEAD_DEPTH:
                 ahead.append((slot, since))  # one to each busy worker before a second to any
+
+    def _short(self, conn: Connection) -> bool:
+        """Whether ``conn``'s request is a call of an expert whose calls typically take under HAND_AHEAD_UNDER."""
+        return not conn.whole_batch and self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) < HAND_AHEAD_UNDER
 
     def _expected_ahead(self, slot: WorkerSlot) -> float:
         """How long the requests ``slot`` holds (in hand, then handed ahead) are expected to take: what a

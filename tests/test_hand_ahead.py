@@ -27,7 +27,7 @@ from expertd.pool import IDLE, Pool, WorkerSlot
 from expertd.scoreboard import Scoreboard
 from expertd.serving import Serving
 
-SHORT = 0.0001  # a typical call of square: well under HAND_AHEAD_UNDER
+SHORT = 0.00003  # a typical call of square: well under HAND_AHEAD_UNDER, 8 of them under HAND_AHEAD_BUDGET
 LONG = 5.0  # and of slow
 
 
@@ -157,15 +157,16 @@ def test_connections_a_retiring_worker_never_reached_go_back_first_in_their_orde
 
 
 @pytest.mark.parametrize(("typical", "ahead"), [
-    (SHORT, HAND_AHEAD_DEPTH),  # (0.1 ms each: the depth, not the budget, stops it)
-    (0.0006, 3),  # 0.6 + 0.6 + 0.6 ms wait ahead of the third: under 2 ms; the fourth would wait 2.4
-    (0.0009, 2),
-    (0.0015, 1),  # a second would wait 3 ms
-    (0.0025, 0),  # the call in hand alone is not short
+    (SHORT, HAND_AHEAD_DEPTH),  # (the depth, not the budget, stops it)
+    (0.00012, 4),  # the fourth waits for 4 x 0.12 ms: under HAND_AHEAD_BUDGET (0.5 ms); a fifth would wait 0.6
+    (0.0002, 2),
+    (0.0003, 1),  # the first needs only the call in hand to be short
+    (0.0015, 1),
+    (0.0025, 0),  # the call in hand is not short
 ])
-def test_a_worker_is_handed_only_as_much_ahead_as_is_expected_to_take_under_the_budget(harness, typical, ahead):
-    # What waits ahead of a connection in a worker's channel is expected to take under HAND_AHEAD_UNDER
-    # in all: the deeper hand-ahead that very short calls need never makes a longer one wait long.
+def test_a_worker_is_handed_more_than_one_ahead_only_while_they_wait_for_little(harness, typical, ahead):
+    # Beyond the first, what waits ahead of a connection in a worker's channel is expected to take under
+    # HAND_AHEAD_BUDGET in all: the depth that very short calls need never makes a longer one wait long.
     h = harness(workers=1)
     h.dispatcher.typical["square"] = typical
     conns = [h.request() for _ in range(HAND_AHEAD_DEPTH + 2)]
