@@ -226,9 +226,11 @@ class Dispatcher(BatchDispatching, Losses):
             conn = slot.conn
             if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
                     or conn is None or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
-                    or slot.batch or slot.channel.fileno() < 0 or not self._short(conn)
-                    or (slot.upcoming and self._expected_ahead(slot) >= HAND_AHEAD_BUDGET)):
+                    or slot.batch or slot.channel.fileno() < 0):
                 continue
+            in_hand = self._expected(conn)
+            if in_hand >= HAND_AHEAD_UNDER or (slot.upcoming and in_hand + slot.upcoming_expected >= HAND_AHEAD_BUDGET):
+                continue  # (what waits ahead of the next one there: the request in hand, then those handed ahead)
             upcoming = queue[0]
             try:
                 ipc.send_serve(slot.channel, upcoming.conn_id, upcoming.fd, None, upcoming.speaks == "http")
@@ -236,33 +238,28 @@ class Dispatcher(BatchDispatching, Losses):
                 return  # the worker is gone (SIGCHLD will tell) or the master is short of resources: it waits
             queue.popleft()
             upcoming.to(BUSY)
+            upcoming.expected = self._expected(upcoming)
+            slot.upcoming_expected += upcoming.expected
             slot.upcoming.append(upcoming)
             if len(slot.upcoming) == 1:
                 self.scoreboard.set_next(slot.board, True)
-            if len(slot.upcoming) < HAND_AHEAD_DEPTH:
+            if len(slot.upcoming) < HAND_AHEAD_DEPTH and in_hand + slot.upcoming_expected < HAND_AHEAD_BUDGET:
                 ahead.append((slot, since))  # one to each busy worker before a second to any
 
-    def _short(self, conn: Connection) -> bool:
-        """Whether ``conn``'s request is a call of an expert whose calls typically take under HAND_AHEAD_UNDER."""
-        return not conn.whole_batch and self.typical.get(conn.expert or "", HAND_AHEAD_UNDER) < HAND_AHEAD_UNDER
-
-    def _expected_ahead(self, slot: WorkerSlot) -> float:
-        """How long the requests ``slot`` holds (in hand, then handed ahead) are expected to take: what a
-        connection handed ahead to it now would wait for.  A MAP or a pipeline, or an expert not yet
-        timed, counts as HAND_AHEAD_UNDER (never expected short)."""
-        typical = self.typical.get
-        conn = slot.conn
-        expected = HAND_AHEAD_UNDER if conn.whole_batch else typical(conn.expert or "", HAND_AHEAD_UNDER)  # type: ignore[union-attr]
-        for upcoming in slot.upcoming:
-            expected += HAND_AHEAD_UNDER if upcoming.whole_batch else typical(upcoming.expert or "", HAND_AHEAD_UNDER)
-        return expected
+    def _expected(self, conn: Connection) -> float:
+        """How long ``conn``'s request is expected to take: its expert's typical call; HAND_AHEAD_UNDER
+        (never short) for a MAP or a pipeline, or an expert not timed yet."""
+        return HAND_AHEAD_UNDER if conn.whole_batch else self.typical.get(conn.expert or "", HAND_AHEAD_UNDER)
 
     def _take_next(self, slot: WorkerSlot) -> Connection | None:
         """The first connection handed ahead to ``slot``, if any, no longer recorded as waiting there."""
         if not slot.upcoming:
             return None
         upcoming = slot.upcoming.popleft()
-        if not slot.upcoming:
+        if slot.upcoming:
+            slot.upcoming_expected -= upcoming.expected
+        else:
+            slot.upcoming_expected = 0.0  # (exactly: no rounding left over from the sums)
             self.scoreboard.set_next(slot.board, False)
         return upcoming
 
@@ -270,6 +267,7 @@ class Dispatcher(BatchDispatching, Losses):
         """Every connection handed ahead to ``slot``, which will never reach them: first in the queue again."""
         while slot.upcoming:
             self._requeue(slot.upcoming.pop())  # (the last first: each goes to the front, so their order stays)
+        slot.upcoming_expected = 0.0
         self.scoreboard.set_next(slot.board, False)
 
     def _requeue(self, conn: Connection) -> None:

@@ -77,6 +77,7 @@ class WorkerSlot:
     conn: Connection | None = None  # the connection it serves (busy) or keeps (lingering)
     # Handed ahead, in order: each waits in its channel until the worker reports the one before it.
     upcoming: deque[Connection] = field(default_factory=deque)
+    upcoming_expected: float = 0.0  # how long those are expected to take in all (their .expected summed)
     # A batch in hand: its members not yet reported, by conn_id (slot.conn is one of them); else None.
     batch: dict[int, Connection] | None = None
     busy_since: float = 0.0
