@@ -44,7 +44,7 @@ from expertd.admin import Admin
 from expertd.backoff import Quarantines
 from expertd.config import Config
 from expertd.connections import IDLE, PARTIAL, QUEUED, WAITING, Connection, ConnectionTable
-from expertd.dispatch import HAND_AHEAD_DEPTH, Dispatcher
+from expertd.dispatch import Dispatcher
 from expertd.errors import ShuttingDown
 from expertd.generation import become_subreaper
 from expertd.intake import Intake
@@ -154,8 +154,9 @@ class Master:
                 self._watch_connections()
                 events = poll(self._poll_timeout())
                 serving.now = now = monotonic()  # the iteration's clock (see Serving.now)
-                # Not watched: looked at when the queue runs short, replies are being written, or the look is due.
-                connections = not self._watching and (len(dispatcher.queue) <= len(pool.workers) * HAND_AHEAD_DEPTH
+                # Not watched: looked at when the queue runs short (a request per worker or fewer; more may
+                # wait in the workers' channels), replies are being written, or the look is due.
+                connections = not self._watching and (len(dispatcher.queue) <= len(pool.workers)
                                                       or table.held_replies or now >= self._look_by)
                 for fd, _mask in events:
                     if fd in by_channel:
