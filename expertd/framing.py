@@ -65,7 +65,17 @@ def frame_of(head: bytes, max_frame: int) -> Frame:
             protocol.parse_header(head[: protocol.HEADER_SIZE])  # (says which is wrong)
         except protocol.ProtocolError as exc:
             return _frame((0, None, None, 0, BadRequest(str(exc))))
-    expert = protocol.named_hint(kind, head[protocol.HEADER_SIZE:])
+    if kind == _CALL and head[_BODY_AT : _BODY_AT + 1] == b"\x93" and len(head) > _BODY_AT + 1 and (
+            0xA0 <= head[_BODY_AT + 1] <= 0xBF):
+        # What every client sends, [fixstr, args, kwargs], read here: named_hint reads it the same way, and
+        # every other encoding, at three more calls a request.
+        end = _BODY_AT + 2 + (head[_BODY_AT + 1] & 0x1F)
+        try:
+            expert = head[_BODY_AT + 2 : end].decode("utf-8") if len(head) >= end else None
+        except UnicodeDecodeError:
+            expert = None
+    else:
+        expert = protocol.named_hint(kind, head[_BODY_AT:])
     error: RemoteError | None = None
     if kind not in protocol.REQUEST_KINDS:
         error = BadRequest(f"unknown request kind 0x{kind:02x}; see expertd --help-topic protocol")
@@ -75,6 +85,7 @@ def frame_of(head: bytes, max_frame: int) -> Frame:
 
 
 _HEADER_FROM = protocol.HEADER.unpack_from
+_BODY_AT, _CALL = protocol.HEADER_SIZE, protocol.CALL
 _frame = partial(tuple.__new__, Frame)  # (Frame(...) runs a Python __new__: once per request, it shows)
 
 
