@@ -92,7 +92,9 @@ class Connection:
     close_when_written: bool = False  # a reply of the master's that ends the connection
     head_scanned: int = 0  # bytes of a long HTTP head looked at so far (a head is rescanned only as it grows)
     queued_at: float = 0.0  # when its request was queued (whole) for a worker
-    expected: float = 0.0  # handed ahead to a busy worker: how long its request was expected to take then
+    # Handed ahead to a busy worker: how long its request was expected to take then (stale once requeued;
+    # each hand-ahead sets it again).
+    expected: float = 0.0
     in_batch: bool = False  # handed to a worker as a member of a batch (see expertd.batching)
     # Its request is a MAP (or HTTP POST /map/NAME): many calls of one expert already, served by one worker
     # on its own, never gathered into a batch with other calls (see expertd.batching).

@@ -8,7 +8,7 @@ against :data:`TRANSITIONS`:
     =========  ============================================================
     booting    forked, running its after_fork hooks; not READY yet
     idle       ready, waiting in its channel for a connection
-    busy       serving the connection handed to it (and maybe one handed ahead)
+    busy       serving the connection handed to it (and maybe up to HAND_AHEAD_DEPTH handed ahead)
     lingering  answered, and kept the connection to serve its next request itself
     gone       exited and reaped
     =========  ============================================================

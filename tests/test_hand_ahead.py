@@ -3,8 +3,9 @@ as a socket pair, and no daemon.
 
 With every worker busy on short requests, the master hands each one its next
 connections ahead, up to HAND_AHEAD_DEPTH deep, one to each busy worker before
-a second to any.  What a worker never reached goes back to the front of the
-queue in its order.  (tests/test_linger.py drives the same on a real daemon.)
+a second to any, the second and more only while what waits ahead of them is
+expected to take under HAND_AHEAD_BUDGET.  What a worker never reached goes
+back to the front of the queue in its order.  (tests/test_linger.py drives the same on a real daemon.)
 """
 
 from __future__ import annotations
@@ -173,6 +174,21 @@ def test_a_worker_is_handed_more_than_one_ahead_only_while_they_wait_for_little(
     h.dispatcher.dispatch()
     assert h.served(0) == [conn.conn_id for conn in conns[: ahead + 1]]
     assert list(h.workers[0][0].upcoming) == conns[1 : ahead + 1] and list(h.queue) == conns[ahead + 1 :]
+
+
+@pytest.mark.parametrize(("running", "more"), [(0.0001, True), (0.0006, False)])
+def test_a_call_running_past_the_budget_gets_nothing_more_ahead(harness, running, more):
+    # Typically 30 µs, but this one has run for 0.6 ms: maybe one of its rare long ones, so what is
+    # already in its channel is all that waits it out.
+    h = harness(workers=1)
+    first = [h.request() for _ in range(2)]
+    h.dispatcher.dispatch()
+    assert h.served(0) == [conn.conn_id for conn in first]
+    h.serving.now += running
+    later = [h.request() for _ in range(2)]
+    h.dispatcher.dispatch()
+    assert h.served(0) == ([conn.conn_id for conn in later] if more else [])
+    assert list(h.queue) == ([] if more else later)
 
 
 def test_a_worker_whose_requests_are_long_is_handed_nothing_ahead(harness):
