@@ -227,13 +227,13 @@ class Dispatcher(BatchDispatching, Losses):
                 return  # (a call of a batched expert waits to go with its company)
             slot, since = ahead.popleft()
             conn = slot.conn
-            if (slot.state != WORKER_BUSY or slot.busy_since != since or now - since > HAND_AHEAD_UNDER
-                    or conn is None or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
+            if (slot.state != WORKER_BUSY or slot.busy_since != since or conn is None
+                    or len(slot.upcoming) >= HAND_AHEAD_DEPTH or slot.leaving is not None
                     or slot.batch or slot.channel.fileno() < 0):
                 continue
             # What waits ahead of the next one there: the request in hand (what it has run already if that is
             # more than its expert's typical call: a call that runs long may be one of its rare long ones), then
-            # those handed ahead.
+            # those handed ahead.  (A call in hand running for HAND_AHEAD_UNDER or more gets nothing: in_hand.)
             in_hand = max(self._expected(conn), now - since)
             if in_hand >= HAND_AHEAD_UNDER or (slot.upcoming and in_hand + slot.upcoming_expected >= HAND_AHEAD_BUDGET):
                 continue

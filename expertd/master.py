@@ -204,10 +204,10 @@ class Master:
 
         With requests queued and no worker idle, a request arriving now waits behind them whatever the
         master does, so the master need not wake for it: it wakes for the workers' reports (which free a
-        worker) and looks at the connections then, once the queue runs short (a request per worker or
-        fewer) or replies it holds are being written, and at least every _UNWATCHED_WAIT (a look per
-        wake-up would cost a poll per request).  That halves its wake-ups per request under load.  Requests the master
-        answers itself (status, health), hang-ups and requests arriving in pieces wait at most that long.
+        worker) and looks at the connections then, once the queue is down to a request per worker or replies
+        it holds are being written, and at least every _UNWATCHED_WAIT (a look per wake-up would cost a
+        poll per request).  That halves its wake-ups per request under load.  Requests the master answers
+        itself (status, health), hang-ups and requests arriving in pieces wait at most that long.
         """
         dispatcher = self.dispatcher
         watch = not dispatcher.queue or bool(dispatcher.idle) or self._stop_deadline is not None
